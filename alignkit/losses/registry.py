@@ -1,0 +1,165 @@
+"""The loss registry: every objective is a pure function registered by name.
+
+A loss is ``fn(inputs, **hyper_parameters) -> (loss, metrics)`` where ``inputs`` is a
+``SequenceLogps`` (offline views: sft, pairwise, unpaired, listwise) or a ``RolloutLogps``
+(online RL), the hyper-parameters are keyword-only with defaults, ``loss`` is a scalar tensor and
+``metrics`` maps metric names (see DESIGN.md "Names") to detached scalar tensors.
+
+``register_loss`` records, next to the function, what the trainer must provide:
+
+* ``view``: which data the loss consumes: ``"sft"``, ``"pairwise"`` (K=2, slot 0 chosen, slot 1
+  rejected), ``"unpaired"`` (K=1 with a label), ``"listwise"`` (K>=2 with scores) or ``"rollout"``;
+* ``needs_reference``: whether ``ref_logps`` must be filled (a reference model or a cache);
+* ``needs_token_logps``: whether the per-token tensors must be filled (WPO, LD-DPO, ...);
+* ``needs_kl_pairs``: whether ``kl_logps``/``ref_kl_logps`` (mismatched prompt/completion pairs,
+  KTO's batch KL estimate) must be filled.
+
+Hyper-parameter names are read from the signature, so unknown keys in a config are rejected at
+compose time (``check_hparams``). Users may register their own loss from a dotted path
+(``resolve_loss("mypkg.losses:my_loss")``): the function may carry a ``loss_spec`` attribute set by
+``register_loss``; otherwise it is treated as a pairwise loss that needs a reference.
+
+This module holds the contract only; the loss families live in sibling modules, which are imported
+by ``alignkit.losses`` so that importing the package registers them all.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from alignkit.errors import ConfigError
+
+VIEWS = ("sft", "pairwise", "unpaired", "listwise", "rollout")
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence log-probs of a batch of groups, shaped [G, K] (K completions per prompt)."""
+
+    logps: torch.Tensor  # [G, K] summed policy log-probs of each completion's target tokens
+    lengths: torch.Tensor  # [G, K] number of target tokens (float)
+    mask: torch.Tensor  # [G, K] bool, True where the completion exists
+    ref_logps: torch.Tensor | None = None  # [G, K] reference log-probs (no grad)
+    scores: torch.Tensor | None = None  # [G, K] per-completion scores (listwise) / margins
+    labels: torch.Tensor | None = None  # [G, K] 1.0 desirable, 0.0 undesirable (unpaired)
+    token_logps: torch.Tensor | None = None  # [G, K, T] per-token policy log-probs, 0 where masked
+    ref_token_logps: torch.Tensor | None = None  # [G, K, T]
+    token_mask: torch.Tensor | None = None  # [G, K, T] bool
+    token_log_sq_mass: torch.Tensor | None = None  # [G, K, T] log sum_v p(v)^2 per position (WPO weights)
+    kl_logps: torch.Tensor | None = None  # [G] policy log-probs of mismatched (prompt, completion) pairs
+    ref_kl_logps: torch.Tensor | None = None  # [G]
+
+
+@dataclass
+class RolloutLogps:
+    """Token-level tensors of a batch of sampled completions, shaped [S, T] (S = sequences)."""
+
+    logps: torch.Tensor  # [S, T] current policy log-probs of the sampled tokens
+    old_logps: torch.Tensor  # [S, T] log-probs under the sampling policy (no grad)
+    advantages: torch.Tensor  # [S, T] (sequence-level advantages broadcast over tokens)
+    mask: torch.Tensor  # [S, T] bool, True on completion tokens
+    ref_logps: torch.Tensor | None = None  # [S, T] reference log-probs, when a KL term is used
+    values: torch.Tensor | None = None  # [S, T] critic values (PPO value loss)
+    old_values: torch.Tensor | None = None  # [S, T]
+    returns: torch.Tensor | None = None  # [S, T]
+    group_index: torch.Tensor | None = None  # [S] prompt group of each sequence
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    name: str
+    fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    view: str
+    needs_reference: bool
+    needs_token_logps: bool = False
+    needs_kl_pairs: bool = False
+    description: str = ""
+
+    def hparams(self) -> dict[str, Any]:
+        """Keyword-only hyper-parameters with their defaults."""
+        sig = inspect.signature(self.fn)
+        return {
+            p.name: p.default
+            for p in sig.parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register_loss(
+    name: str | None = None,
+    *,
+    view: str,
+    needs_reference: bool,
+    needs_token_logps: bool = False,
+    needs_kl_pairs: bool = False,
+):
+    """Decorator: register ``fn`` under ``name`` (default: the function's name)."""
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+
+    def wrap(fn):
+        key = name or fn.__name__
+        doc = (inspect.getdoc(fn) or "").strip().splitlines()
+        spec = LossSpec(
+            name=key,
+            fn=fn,
+            view=view,
+            needs_reference=needs_reference,
+            needs_token_logps=needs_token_logps,
+            needs_kl_pairs=needs_kl_pairs,
+            description=doc[0] if doc else "",
+        )
+        if key in _REGISTRY and _REGISTRY[key].fn is not fn:
+            raise ValueError(f"loss {key!r} is registered twice")
+        _REGISTRY[key] = spec
+        fn.loss_spec = spec
+        return fn
+
+    return wrap
+
+
+def available_losses() -> dict[str, LossSpec]:
+    import alignkit.losses  # noqa: F401  (registers the built-in families)
+
+    return dict(sorted(_REGISTRY.items()))
+
+
+def resolve_loss(name: str) -> LossSpec:
+    """A registered name, or a dotted path ``pkg.module:function`` / ``pkg.module.function``."""
+    losses = available_losses()
+    if name in losses:
+        return losses[name]
+    if "." in name or ":" in name:
+        module_name, _, attr = name.replace(":", ".").rpartition(".")
+        try:
+            fn = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(
+                f"loss {name!r}: cannot import {attr!r} from module {module_name!r} ({exc}). "
+                "Give a registered loss name or an importable 'package.module:function'."
+            ) from None
+        spec = getattr(fn, "loss_spec", None)
+        return spec or LossSpec(name=name, fn=fn, view="pairwise", needs_reference=True)
+    raise ConfigError(
+        f"unknown loss {name!r}. Valid choices: {', '.join(losses)} "
+        "(or a dotted path 'package.module:function')."
+    )
+
+
+def check_hparams(spec: LossSpec, given: dict[str, Any]) -> None:
+    """Reject hyper-parameters the loss does not take, listing the valid ones."""
+    valid = spec.hparams()
+    unknown = sorted(set(given) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"loss {spec.name!r} takes no hyper-parameter {', '.join(map(repr, unknown))}. "
+            f"Valid: {', '.join(valid) or '(none)'}."
+        )
