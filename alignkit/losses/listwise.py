@@ -1,1 +1,123 @@
-"""(placeholder: filled in by the losses work)"""
+"""Listwise losses (view "listwise": K>=2 completions per prompt with ``scores`` [G, K]).
+
+A completion i is *better* than j when ``scores[i] > scores[j]`` and both exist (``mask``), so
+ragged lists (mask False) and ties (equal scores: no preference either way) need no special data.
+
+* ``lipo``: LiPO-lambda (Liu et al. 2024): sum over better pairs of
+  ``Delta_ij * -log sigmoid(s_i - s_j)``, ``s = beta * (logp - ref_logp)``, with the LambdaLoss
+  weight ``Delta_ij = |2^psi_i - 2^psi_j| * |1/log2(1 + tau_i) - 1/log2(1 + tau_j)|``, ``psi`` the
+  scores and ``tau`` the 1-based rank of each completion under the policy's current ``s``
+  (detached; ties in ``s`` broken by position).
+* ``pro``: PRO / Plackett-Luce (Song et al. 2023): for each completion i with a worse one,
+  ``-log(exp(s_i) / (exp(s_i) + sum over strictly worse j of exp(s_j)))``, ``s = beta * logp/len``
+  (reference-free, length-normalised as in PRO). For a strict ranking this is the Plackett-Luce
+  likelihood of the ranking; tied completions do not compete with each other.
+* ``softmax_dpo``: multi-negative DPO (S-DPO): ``-log softmax`` of the best completion's
+  ``s = beta * (logp - ref_logp)`` against all strictly worse ones; several tied best completions
+  each count once, averaged.
+
+Reduction: each group's sum (pro, lipo) or mean (softmax_dpo) of terms, then the mean over the
+groups that hold at least one strict preference; a batch with none gives a zero loss that still
+carries a graph. Metrics: ``rewards/chosen`` averages ``s`` over the best completions,
+``rewards/rejected`` over the others, ``rewards/accuracy`` is the fraction of better pairs with
+``s_i > s_j``. Any paired loss can also train on listwise data through the data pipeline's pair
+expansion; that lives there, not here.
+
+Left out: PRO's reward-difference temperatures and its SFT term (combine is pairwise-only; add it in
+the data by expanding pairs), and LiPO's other lambda variants.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from alignkit.losses.common import validate_knobs
+from alignkit.losses.registry import SequenceLogps, register_loss
+
+Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def _better(inputs: SequenceLogps) -> torch.Tensor:
+    """[G, K, K] bool: completion i is strictly better than j and both exist."""
+    if inputs.scores is None:
+        raise ValueError("listwise losses need SequenceLogps.scores; the trainer must fill them.")
+    both = inputs.mask.unsqueeze(-1) & inputs.mask.unsqueeze(-2)
+    return both & (inputs.scores.unsqueeze(-1) > inputs.scores.unsqueeze(-2))
+
+
+def _reference_rewards(inputs: SequenceLogps, beta: float) -> torch.Tensor:
+    if inputs.ref_logps is None:
+        raise ValueError("this listwise loss needs SequenceLogps.ref_logps; the trainer must fill it.")
+    return beta * (inputs.logps - inputs.ref_logps.detach())
+
+
+def _softmax_terms(s: torch.Tensor, competitors: torch.Tensor) -> torch.Tensor:
+    """[G, K]: -log(exp(s_i) / (exp(s_i) + sum_{j in competitors[i]} exp(s_j)))."""
+    eye = torch.eye(s.shape[-1], dtype=torch.bool, device=s.device)
+    pool = s.unsqueeze(-2).expand_as(competitors).masked_fill(~(competitors | eye), float("-inf"))
+    return torch.logsumexp(pool, dim=-1) - s
+
+
+def _mean_over_informative(per_group: torch.Tensor, informative: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    if not informative.any():
+        return (s * 0.0).sum()
+    return per_group[informative].mean()
+
+
+def _metrics(s: torch.Tensor, inputs: SequenceLogps, better: torch.Tensor) -> dict[str, torch.Tensor]:
+    s, logps = s.detach(), inputs.logps.detach()
+    top = inputs.scores.masked_fill(~inputs.mask, float("-inf")).amax(dim=-1, keepdim=True)
+    best = inputs.mask & (inputs.scores == top)
+    others = inputs.mask & ~best
+    metrics = {"rewards/accuracy": (s.unsqueeze(-1) > s.unsqueeze(-2))[better].float().mean()}
+    for side, selected in (("chosen", best), ("rejected", others)):
+        if selected.any():
+            metrics[f"rewards/{side}"] = s[selected].mean()
+            metrics[f"logps/{side}"] = logps[selected].mean()
+    if others.any():
+        metrics["rewards/margin"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    if not better.any():
+        del metrics["rewards/accuracy"]
+    return metrics
+
+
+@register_loss(view="listwise", needs_reference=True)
+def lipo(inputs: SequenceLogps, *, beta: float = 0.1) -> Out:
+    """LiPO-lambda: lambda-weighted pairwise logistic loss over all better/worse pairs of each list."""
+    validate_knobs("lipo", locals())
+    better = _better(inputs)
+    s = _reference_rewards(inputs, beta)
+    order = torch.argsort(s.detach().masked_fill(~inputs.mask, float("-inf")), dim=-1, descending=True, stable=True)
+    rank = torch.argsort(order, dim=-1).to(s.dtype) + 1.0
+    gain = torch.pow(2.0, inputs.scores.to(s.dtype)) - 1.0
+    discount = 1.0 / torch.log2(1.0 + rank)
+    weight = (gain.unsqueeze(-1) - gain.unsqueeze(-2)).abs() * (discount.unsqueeze(-1) - discount.unsqueeze(-2)).abs()
+    pair_loss = F.softplus(-(s.unsqueeze(-1) - s.unsqueeze(-2)))
+    per_group = torch.where(better, weight * pair_loss, 0.0).sum(dim=(-1, -2))
+    return _mean_over_informative(per_group, better.flatten(1).any(-1), s), _metrics(s, inputs, better)
+
+
+@register_loss(view="listwise", needs_reference=False)
+def pro(inputs: SequenceLogps, *, beta: float = 1.0) -> Out:
+    """PRO / Plackett-Luce over the ranking the scores induce, on length-normalised log-probs."""
+    validate_knobs("pro", locals())
+    better = _better(inputs)
+    s = beta * inputs.logps / inputs.lengths.clamp(min=1.0)
+    has_worse = better.any(-1)
+    per_group = torch.where(has_worse, _softmax_terms(s, better), 0.0).sum(-1)
+    return _mean_over_informative(per_group, has_worse.any(-1), s), _metrics(s, inputs, better)
+
+
+@register_loss(view="listwise", needs_reference=True)
+def softmax_dpo(inputs: SequenceLogps, *, beta: float = 0.1) -> Out:
+    """Multi-negative softmax DPO: the best completion against all worse ones in one softmax."""
+    validate_knobs("softmax_dpo", locals())
+    better = _better(inputs)
+    s = _reference_rewards(inputs, beta)
+    top = inputs.scores.masked_fill(~inputs.mask, float("-inf")).amax(dim=-1, keepdim=True)
+    positive = inputs.mask & (inputs.scores == top) & better.any(-1)
+    negatives = (inputs.mask & (inputs.scores < top)).unsqueeze(-2).expand_as(better)
+    terms = torch.where(positive, _softmax_terms(s, negatives), 0.0)
+    per_group = terms.sum(-1) / positive.sum(-1).clamp(min=1)
+    return _mean_over_informative(per_group, positive.any(-1), s), _metrics(s, inputs, better)
