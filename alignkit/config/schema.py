@@ -1,0 +1,135 @@
+"""The config schema: every default lives here once (or in the dataclass an area owns).
+
+The top-level ``AlignkitConfig`` is registered with Hydra's ConfigStore as ``schema`` and sits
+first in ``conf/config.yaml``'s defaults list, so every YAML file on top of it is type-checked:
+an unknown key or a value of the wrong type fails at compose time. YAML files in ``conf/`` and
+``recipes/`` hold deltas only.
+
+The ``loss`` node is the one free-form node: its keys are ``name`` (a loss name, a dotted path,
+or a list of them), ``weights`` (one per name) and the hyper-parameters, whose defaults live in
+the loss functions' signatures and are checked against them in ``validate.py``.
+
+Left out: per-trainer RL knobs beyond what the RL recipes read (``RLConfig``); they grow with
+the online trainers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from alignkit.data.config import DataConfig
+from alignkit.engine.config import DeepSpeedConfig
+from alignkit.engine.metrics import LoggerConfig
+from alignkit.models.config import ModelConfig
+
+RUNNERS = ("auto", "sft", "preference", "reward", "ppo", "grpo", "online_dpo")
+REFERENCE_STRATEGIES = ("auto", "separate", "precomputed", "lora", "none")
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation and loop settings shared by every runner.
+
+    ``batch_size`` counts *groups* (prompts with their completions) per optimizer step across all
+    processes; ``micro_batch_size`` counts groups per forward pass per process; the gradient
+    accumulation steps follow from them and the world size (checked at compose time).
+    """
+
+    max_steps: int = 100  # optimizer steps; -1 = run ``epochs`` epochs
+    epochs: float = 1.0
+    batch_size: int = 8
+    micro_batch_size: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+    eval_every: int = 50  # optimizer steps; 0 = only at the end
+    eval_batch_size: int = 8
+    max_eval_groups: int = 256
+    save_every: int = 0  # optimizer steps; 0 = only at the end
+    keep_last: int = 2
+    log_every: int = 1
+    seed: int = 0
+    reference: str = "auto"  # separate | precomputed | lora | none | auto (by loss and model)
+    reference_cache_dir: Optional[str] = None  # default: <cache>/ref_logps
+    on_nonfinite: str = "stop"  # stop | skip
+    export: bool = True  # write a transformers-loadable model at the end
+    merge_lora: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    """How many processes, on which nodes (passed through to the DeepSpeed launcher)."""
+
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    hostfile: Optional[str] = None
+    master_addr: Optional[str] = None
+    master_port: Optional[int] = None
+    include: Optional[str] = None
+    exclude: Optional[str] = None
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings of the online runners (PPO, GRPO, online DPO) and of ``alignkit eval``."""
+
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class RewardConfig:
+    """Where rewards come from: rule-based functions by name or dotted path, and/or a reward model."""
+
+    fns: list[str] = field(default_factory=lambda: ["judge"])
+    weights: list[float] = field(default_factory=list)  # empty = all 1.0
+    model: Optional[str] = None  # path of a trained reward model (recipe=rm_*), added to the rule rewards
+
+
+@dataclass
+class RLConfig:
+    """Knobs of the online runners."""
+
+    num_generations: int = 4  # samples per prompt (G)
+    prompts_per_step: int = 2  # prompts per optimizer step (global)
+    advantage: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae
+    scale_rewards: str = "group"  # group | batch | none
+    ppo_epochs: int = 1  # mu: optimisation passes per generation batch
+    kl_coef: float = 0.05  # PPO: KL penalty folded into the reward
+    kl_estimator: str = "k1"  # k1 | k2 | k3
+    gamma: float = 1.0
+    lam: float = 0.95
+    critic_lr: float = 1e-5
+    whiten_advantages: bool = True
+    dynamic_sampling: bool = False  # drop zero-variance groups and refill
+    max_refill_rounds: int = 2
+    rounds: int = 1  # online DPO: iterative rounds
+    update_reference_each_round: bool = True
+
+
+@dataclass
+class AlignkitConfig:
+    recipe: Optional[str] = None  # preset name, set by recipes/*.yaml
+    description: str = ""
+    runner: str = "auto"
+    resume: Optional[str] = None  # auto | PATH | null
+    output_dir: str = "runs"
+    run_name: Optional[str] = None  # default: <recipe or runner>-<timestamp>
+    objective: str = "eval/rewards/accuracy"  # what a sweep job returns (Optuna maximises/minimises it)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: dict[str, Any] = field(default_factory=dict)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)

@@ -1,0 +1,124 @@
+"""Cross-field rules checked at compose time, before anything expensive happens.
+
+Each area's dataclass checks its own enums (``validate()``); this module checks what spans
+areas: the loss exists and takes the given hyper-parameters, the runner fits the loss, the batch
+divides into micro-batches across processes, the reference strategy fits the loss and model.
+``runner_for`` and ``loss_terms`` are also what the trainers use, so the rules live once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from alignkit.config.schema import REFERENCE_STRATEGIES, RUNNERS, SCHEDULERS
+from alignkit.errors import ConfigError
+
+RESERVED_LOSS_KEYS = ("name", "weights")
+VIEW_RUNNER = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference"}
+
+
+def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid. Valid choices: {', '.join(valid)}.")
+
+
+def loss_terms(loss_cfg: Any) -> list[tuple[Any, float, dict[str, Any]]]:
+    """``[(LossSpec, weight, hparams)]`` for the ``loss`` node; flat hyper-parameters go to every
+    term that takes them, ``loss.<term_name>.<hparam>`` to one term only."""
+    from alignkit.losses.registry import check_hparams, resolve_loss
+
+    node = OmegaConf.to_container(loss_cfg, resolve=True) if isinstance(loss_cfg, DictConfig) else dict(loss_cfg)
+    names = node.get("name")
+    if not names:
+        raise ConfigError("loss.name is missing: choose a loss with loss=NAME (see `alignkit recipes`).")
+    names = [names] if isinstance(names, str) else list(names)
+    weights = node.get("weights") or [1.0] * len(names)
+    if len(weights) != len(names):
+        raise ConfigError(f"loss.weights has {len(weights)} values for {len(names)} losses {names}.")
+    specs = [resolve_loss(n) for n in names]
+    per_term = {k: v for k, v in node.items() if k in names and isinstance(v, dict)}
+    flat = {k: v for k, v in node.items() if k not in RESERVED_LOSS_KEYS and k not in per_term}
+    unused = set(flat)
+    terms = []
+    for spec, weight in zip(specs, weights):
+        valid = spec.hparams()
+        hp = {k: v for k, v in flat.items() if k in valid}
+        unused -= set(hp)
+        hp.update(per_term.get(spec.name, {}))
+        check_hparams(spec, hp)
+        terms.append((spec, float(weight), hp))
+    if unused:
+        accepted = sorted({k for s in specs for k in s.hparams()})
+        raise ConfigError(
+            f"loss hyper-parameter(s) {', '.join(sorted(unused))} are taken by none of {names}. "
+            f"Valid: {', '.join(accepted) or '(none)'}."
+        )
+    return terms
+
+
+def runner_for(cfg: DictConfig) -> str:
+    """The runner that trains ``cfg``: explicit ``runner`` or the one the loss's view implies."""
+    terms = loss_terms(cfg.loss)
+    views = {spec.view for spec, _, _ in terms}
+    if cfg.runner != "auto":
+        return cfg.runner
+    if "rollout" in views:
+        names = [spec.name for spec, _, _ in terms]
+        return "ppo" if "ppo" in names else "grpo"
+    if any(spec.name == "bradley_terry" for spec, _, _ in terms):
+        return "reward"
+    views.discard("sft")
+    return "preference" if views else "sft"
+
+
+def world_size(cfg: DictConfig) -> int:
+    return int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
+
+
+def _validate_sections(cfg: DictConfig) -> None:
+    for section in ("model", "data", "deepspeed", "logger"):
+        obj = OmegaConf.to_object(cfg[section])
+        check = getattr(obj, "validate", None)
+        if callable(check):
+            check()
+
+
+def validate(cfg: DictConfig) -> None:
+    _choice(cfg.runner, RUNNERS, "runner")
+    _choice(cfg.trainer.scheduler, SCHEDULERS, "trainer.scheduler")
+    _choice(cfg.trainer.reference, REFERENCE_STRATEGIES, "trainer.reference")
+    _choice(cfg.trainer.on_nonfinite, ("stop", "skip"), "trainer.on_nonfinite")
+    _validate_sections(cfg)
+    runner = runner_for(cfg)
+    terms = loss_terms(cfg.loss)
+    views = {spec.view for spec, _, _ in terms} - {"sft"}
+    if len(views) > 1:
+        raise ConfigError(f"losses {[s.name for s, _, _ in terms]} consume different data views {sorted(views)}.")
+    if runner in ("sft", "preference", "reward"):
+        _check_batch(cfg)
+    needs_ref = any(spec.needs_reference for spec, _, _ in terms)
+    ref = cfg.trainer.reference
+    if ref == "lora" and int(cfg.model.lora.r) <= 0:
+        raise ConfigError("trainer.reference=lora needs LoRA training: set model.lora.r (e.g. model.lora.r=16).")
+    if needs_ref and ref == "none":
+        names = [s.name for s, _, _ in terms if s.needs_reference]
+        raise ConfigError(f"loss {names} needs a reference model; trainer.reference=none is not possible. "
+                          "Valid: auto, separate, precomputed, lora.")
+
+
+def _check_batch(cfg: DictConfig) -> None:
+    t, world = cfg.trainer, world_size(cfg)
+    per_step = t.micro_batch_size * world
+    if t.batch_size <= 0 or t.micro_batch_size <= 0:
+        raise ConfigError("trainer.batch_size and trainer.micro_batch_size must be positive.")
+    if t.batch_size % per_step:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} is not divisible by trainer.micro_batch_size={t.micro_batch_size} "
+            f"x {world} process(es) = {per_step}. Choose a batch size that is a multiple of {per_step}."
+        )
+
+
+def grad_accum_steps(cfg: DictConfig) -> int:
+    return cfg.trainer.batch_size // (cfg.trainer.micro_batch_size * world_size(cfg))

@@ -1,0 +1,152 @@
+"""``alignkit train -m ...``: Hydra multirun sweeps and their results table.
+
+The sweep goes through a real ``@hydra.main`` function, so sweeper and launcher plugins work
+unchanged (``hydra/launcher=joblib``, ``hydra/launcher=submitit_slurm``, ``hydra/sweeper=optuna``).
+Each job validates its config, takes Hydra's job directory as its run directory, runs as a
+single run would, and writes ``job_result.json``; a failed job is recorded and the sweep goes on.
+The job returns its objective (``objective``, e.g. ``eval/rewards/accuracy``) so that Optuna
+can search over it. At the end the table of all jobs is printed and written as ``results.csv``
+and ``results.md`` in the sweep directory; ``alignkit sweep-report DIR`` rebuilds it.
+Jobs with the same model and data share one reference log-prob cache (see trainers/reference).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+_SWEEP_DIRS: list[Path] = []
+
+
+def run_sweep(overrides: list[str]) -> int:
+    import hydra
+
+    from alignkit.config.compose import conf_dir, register_schema
+
+    register_schema()
+    stray = [o for o in overrides if o.startswith("-")]
+    if stray:
+        from alignkit.errors import ConfigError
+
+        raise ConfigError(f"unknown option {stray[0]!r}. Sweep values are written key=a,b,c.")
+    main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)
+    saved = sys.argv
+    sys.argv = ["alignkit", "--multirun", *overrides]
+    try:
+        main()
+    finally:
+        sys.argv = saved
+    for sweep_dir in dict.fromkeys(_SWEEP_DIRS):
+        rows = write_report(sweep_dir)
+        print_table(rows, sweep_dir)
+    return 0
+
+
+def _job(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    from alignkit.config.compose import finalize
+    from alignkit.run import create_run_dir, start_run
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    _SWEEP_DIRS.append(Path(hydra_cfg.sweep.dir))
+    overrides = list(hydra_cfg.overrides.task)
+    started = time.time()
+    result: dict[str, Any] = {"overrides": " ".join(overrides), "job": run_dir.name}
+    try:
+        cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+        cfg = finalize(OmegaConf.merge(OmegaConf.structured(_schema()), cfg))
+        create_run_dir(cfg, run_dir)
+        (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
+        code = start_run(cfg, run_dir)
+        result["status"] = "ok" if code == 0 else f"exit {code}"
+    except Exception as exc:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
+        result["status"] = "failed"
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+    result["wall_s"] = round(time.time() - started, 1)
+    result.update(summarize_metrics(run_dir / "metrics.jsonl"))
+    (run_dir / "job_result.json").write_text(json.dumps(result, indent=1))
+    objective = cfg.get("objective", "eval/rewards/accuracy") if isinstance(cfg, DictConfig) else None
+    value = result.get(f"final {objective}")
+    return float(value) if value is not None else float("nan")
+
+
+def _schema():
+    from alignkit.config.schema import AlignkitConfig
+
+    return AlignkitConfig
+
+
+def summarize_metrics(path: Path) -> dict[str, float]:
+    """Final and best value of every eval metric, plus the final train loss."""
+    if not path.is_file():
+        return {}
+    final: dict[str, float] = {}
+    best: dict[str, float] = {}
+    train_loss = None
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        split = rec.get("split", "train")
+        if split == "train" and "loss" in rec:
+            train_loss = rec["loss"]
+        if split != "eval":
+            continue
+        for key, value in rec.items():
+            if key in ("step", "split", "time") or not isinstance(value, (int, float)):
+                continue
+            name = f"eval/{key}"
+            final[name] = value
+            better = max if ("accuracy" in key or "margin" in key or "reward" in key) else min
+            best[name] = better(best.get(name, value), value)
+    out = {f"final {k}": round(v, 4) for k, v in final.items()}
+    out.update({f"best {k}": round(v, 4) for k, v in best.items()})
+    if train_loss is not None:
+        out["final train/loss"] = round(train_loss, 4)
+    return out
+
+
+def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
+    rows = [json.loads(p.read_text()) for p in sorted(Path(sweep_dir).glob("*/job_result.json"),
+                                                       key=lambda p: _job_order(p.parent.name))]
+    if not rows:
+        return rows
+    keys = list(dict.fromkeys(k for row in rows for k in row if k != "error"))
+    with open(Path(sweep_dir) / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
+    (Path(sweep_dir) / "results.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def _job_order(name: str) -> tuple[int, str]:
+    return (int(name), name) if name.isdigit() else (10**9, name)
+
+
+def print_table(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not rows:
+        return
+    shown = ["job", "overrides", "status", "wall_s"] + [
+        k for k in rows[0] if k.startswith("final eval/") and ("accuracy" in k or k.endswith("/loss"))
+    ]
+    table = Table(*shown, title=f"sweep {sweep_dir}")
+    for row in rows:
+        table.add_row(*(str(row.get(k, "")) for k in shown))
+    Console().print(table)

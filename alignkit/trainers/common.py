@@ -1,0 +1,246 @@
+"""Mechanics every trainer calls: start-up, step schedule, micro-batches, metrics, checkpoints, export.
+
+These are functions, not a base class, so each trainer's loop reads top to bottom. The step
+schedule is a pure function of (seed, step): step ``s`` of epoch ``e`` takes the groups
+``order_e[s*B : (s+1)*B]`` of a seeded permutation, rank ``r`` takes micro-batches
+``r, r + W, ...`` of it. Resuming at step ``k`` therefore replays exactly the same data as an
+uninterrupted run, and a run on W processes sees the same global batches as one on 1 process.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from alignkit.config.validate import grad_accum_steps, world_size
+from alignkit.data.batch import Batch, TokenizedGroup
+
+console = Console(stderr=True)
+
+
+@dataclass
+class Run:
+    """What a trainer knows about its run: config, directory, process placement, logger."""
+
+    cfg: DictConfig
+    run_dir: Path
+    rank: int
+    world: int
+    device: torch.device
+    logger: Any = None
+    progress: Any = None
+    stop_requested: Callable[[], bool] = lambda: False
+    started: float = field(default_factory=time.time)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def print(self, *args: Any) -> None:
+        if self.is_main:
+            console.print(*args, highlight=False)
+
+
+def start(cfg: DictConfig, run_dir: Path) -> Run:
+    """Distributed set-up, seeds, logger and signal handling for one process of a run."""
+    from alignkit.engine.engine import setup_distributed
+    from alignkit.engine.faults import install_stop_handler
+    from alignkit.engine.metrics import MetricsLogger
+
+    placement = setup_distributed()
+    rank, world, device = placement.rank, placement.world_size, placement.device
+    expected = world_size(cfg)
+    if world != expected:
+        from alignkit.errors import ConfigError
+
+        raise ConfigError(f"the config asks for {expected} process(es) but {world} were started.")
+    seed_everything(int(cfg.trainer.seed) + rank)
+    torch.manual_seed(int(cfg.trainer.seed))  # identical model init on every rank
+    logger = MetricsLogger(run_dir, backends=tuple(cfg.logger.backends), rank=rank)
+    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, logger=logger,
+               stop_requested=install_stop_handler())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_steps(cfg: DictConfig, num_groups: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, or ``epochs`` over the data when it is -1."""
+    if cfg.trainer.max_steps > 0:
+        return int(cfg.trainer.max_steps)
+    return max(1, math.floor(cfg.trainer.epochs * num_groups / cfg.trainer.batch_size))
+
+
+def step_groups(num_groups: int, step: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of the groups of optimizer step ``step`` (whole epochs of seeded permutations)."""
+    per_epoch = max(1, num_groups // batch_size)
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(num_groups)
+    return order[offset * batch_size : (offset + 1) * batch_size].tolist()
+
+
+def micro_chunks(run: Run, groups: list[TokenizedGroup], step: int) -> list[list[TokenizedGroup]]:
+    """This rank's micro-batches (as lists of groups) of optimizer step ``step`` (0-based)."""
+    cfg = run.cfg
+    micro = int(cfg.trainer.micro_batch_size)
+    indices = step_groups(len(groups), step, int(cfg.trainer.batch_size), int(cfg.trainer.seed))
+    chunks = [indices[i : i + micro] for i in range(0, len(indices), micro)]
+    mine = chunks[run.rank :: run.world]
+    assert len(mine) == grad_accum_steps(cfg), "batch accounting mismatch"
+    return [[groups[i] for i in chunk] for chunk in mine]
+
+
+def collate_groups(groups: list[TokenizedGroup], cfg: DictConfig, pad_token_id: int) -> Batch:
+    from alignkit.data.collate import collate
+
+    return collate(groups, layout=cfg.data.layout, pad_token_id=pad_token_id,
+                   max_tokens_per_row=cfg.data.max_tokens_per_row)
+
+
+def eval_chunks(run: Run, groups: list[TokenizedGroup]) -> list[list[TokenizedGroup]]:
+    """This rank's share of the held-out groups, in fixed order."""
+    cfg = run.cfg
+    groups = groups[: int(cfg.trainer.max_eval_groups)]
+    size = int(cfg.trainer.eval_batch_size)
+    chunks = [groups[i : i + size] for i in range(0, len(groups), size)]
+    return chunks[run.rank :: run.world]
+
+
+def all_reduce_mean(values: dict[str, float], run: Run) -> dict[str, float]:
+    """Average scalar metrics over processes (each rank contributes equally)."""
+    if run.world == 1 or not values:
+        return values
+    keys = sorted(values)
+    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return {k: float(v) / run.world for k, v in zip(keys, tensor.tolist())}
+
+
+def all_reduce_sum(value: float, run: Run) -> float:
+    if run.world == 1:
+        return value
+    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return float(tensor.item())
+
+
+class MetricMeter:
+    """Accumulates metric dicts of tensors/floats and returns their means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict[str, Any], weight: int = 1) -> None:
+        for key, value in metrics.items():
+            value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+            self.sums[key] = self.sums.get(key, 0.0) + value * weight
+            self.counts[key] = self.counts.get(key, 0) + weight
+
+    def means(self) -> dict[str, float]:
+        return {k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}
+
+
+def ds_train_config(cfg: DictConfig, run: Run) -> dict:
+    from alignkit.engine.config import build_train_ds_config
+
+    return build_train_ds_config(
+        OmegaConf.to_object(cfg.deepspeed),
+        micro_batch_size=int(cfg.trainer.micro_batch_size),
+        grad_accum_steps=grad_accum_steps(cfg),
+        world_size=run.world,
+    )
+
+
+def train_engine(module: torch.nn.Module, cfg: DictConfig, run: Run, steps: int, lr: float | None = None):
+    from alignkit.engine.engine import init_train_engine
+
+    t = cfg.trainer
+    return init_train_engine(
+        module,
+        ds_train_config(cfg, run),
+        lr=float(lr if lr is not None else t.lr),
+        weight_decay=float(t.weight_decay),
+        betas=(float(t.adam_beta1), float(t.adam_beta2)),
+        warmup_steps=int(t.warmup_steps),
+        total_steps=steps,
+        scheduler=str(t.scheduler),
+    )
+
+
+def frozen_engine(module: torch.nn.Module, cfg: DictConfig):
+    from alignkit.engine.config import build_frozen_ds_config
+    from alignkit.engine.engine import init_frozen_engine
+
+    return init_frozen_engine(module, build_frozen_ds_config(OmegaConf.to_object(cfg.deepspeed)))
+
+
+def resume_state(run: Run, engine) -> dict:
+    """Load the checkpoint named by ``resume`` (or the latest with ``auto``) into ``engine``."""
+    from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+
+    path = find_resume_checkpoint(run.run_dir, run.cfg.resume)
+    if path is None:
+        return {"step": 0}
+    state = load_checkpoint(engine, path)
+    run.print(f"[green]resumed[/] from {path} at step {state.get('step', 0)}")
+    return state
+
+
+def save(run: Run, engine, step: int, extra: dict | None = None) -> None:
+    from alignkit.engine.checkpoint import save_checkpoint
+
+    save_checkpoint(engine, run.run_dir, step, {"step": step, **(extra or {})}, keep_last=int(run.cfg.trainer.keep_last))
+
+
+def should(every: int, step: int, last: int) -> bool:
+    """True on every ``every``-th step (1-based) and on the last step."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def export_final(run: Run, engine, tokenizer) -> Path | None:
+    """Write ``run_dir/final``: a transformers-loadable model + tokenizer (LoRA merged if asked)."""
+    if not run.cfg.trainer.export:
+        return None
+    from alignkit.engine.export import export_hf_model
+
+    out = run.run_dir / "final"
+    prepare = None
+    if int(run.cfg.model.lora.r) > 0 and run.cfg.trainer.merge_lora:
+        prepare = _merge_lora
+    export_hf_model(engine, tokenizer, out, prepare=prepare)
+    run.print(f"[green]model exported[/] to {out}")
+    return out
+
+
+def _merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    merge = getattr(model, "merge_and_unload", None)
+    return merge() if callable(merge) else model
+
+
+def hf_model(engine) -> torch.nn.Module:
+    """The transformers model inside an engine wrapping a ``TargetLogProbs``-style module."""
+    module = getattr(engine, "module", engine)
+    return getattr(module, "model", module)
+
+
+def describe_batches(run: Run, *, groups: int, steps: int, kind: str = "groups") -> None:
+    cfg = run.cfg
+    run.print(
+        f"[bold]batch accounting[/]: {cfg.trainer.batch_size} {kind}/step = {cfg.trainer.micro_batch_size} per micro-batch "
+        f"x {grad_accum_steps(cfg)} accumulation x {run.world} process(es); {groups} training {kind}, {steps} steps "
+        f"(~{steps * cfg.trainer.batch_size / max(groups, 1):.2f} epochs)"
+    )

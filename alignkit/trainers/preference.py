@@ -1,0 +1,221 @@
+"""The offline trainer: SFT and every preference loss (paired, unpaired, listwise) in one loop.
+
+SFT is the K=1 case of the same loop (its loss is the token-mean NLL of slot 0, with no
+reference), so one code path serves ``runner=sft`` and ``runner=preference``:
+
+  data (fails before any model loads) -> policy engine -> reference strategy -> steps:
+  micro-batches -> one forward over the flattened batch -> SequenceLogps -> loss -> backward -> step
+  -> metrics, held-out eval, checkpoints -> export.
+
+Gradient accumulation: DeepSpeed divides each micro-batch loss by the accumulation steps and
+averages over processes. Group-mean losses see equal-sized micro-batches, so that is exact; a pure
+SFT objective is re-weighted by its micro-batch's share of the step's target tokens so the step
+optimises the token mean over the whole global batch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignkit.config.validate import grad_accum_steps, loss_terms
+from alignkit.data.batch import Batch, per_token_view, sum_per_slot
+from alignkit.losses.combine import build_objective
+from alignkit.losses.registry import SequenceLogps
+from alignkit.trainers import common
+from alignkit.trainers.reference import (
+    ModuleReference,
+    NoReference,
+    choose_strategy,
+    forward_logps,
+    precompute,
+)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    run = common.start(cfg, run_dir)
+    objective = build_objective_from_cfg(cfg)
+    from alignkit.data.pipeline import prepare_data
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.logprobs import TargetLogProbs
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = prepare_data(OmegaConf.to_object(cfg.data), objective.view, tokenizer)
+    run.print(f"[bold]data[/]: {data.stats}")
+    steps = common.total_steps(cfg, len(data.train))
+    common.describe_batches(run, groups=len(data.train), steps=steps)
+
+    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
+    policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
+    pad_id = tokenizer.pad_token_id
+    reference = build_reference(cfg, run, policy, objective, data, pad_id)
+    state = common.resume_state(run, policy)
+    need_tokens = objective.needs_token_logps
+
+    for step in range(int(state["step"]) + 1, steps + 1):
+        tick = time.time()
+        chunks = common.micro_chunks(run, data.train, step - 1)
+        batches = [common.collate_groups(chunk, cfg, pad_id).to(run.device) for chunk in chunks]
+        token_share = _token_shares(batches, run) if objective.view == "sft" else None
+        meter = common.MetricMeter()
+        for i, (chunk, batch) in enumerate(zip(chunks, batches)):
+            kl_batch = _mismatched(chunk, cfg, pad_id, run) if objective.needs_kl_pairs else None
+            seq = sequence_logps(policy, reference, batch, objective, need_tokens, kl_batch)
+            loss, metrics = objective(seq)
+            bad = _nonfinite(loss)
+            if bad and cfg.trainer.on_nonfinite == "stop":
+                return _stop_nonfinite(run, step, bad)
+            scale = token_share[i] if token_share else 1.0
+            if not bad:
+                policy.backward(loss * scale)
+            meter.add({"loss": loss, **metrics})
+        policy.step()
+        metrics = common.all_reduce_mean(meter.means(), run)
+        tokens = common.all_reduce_sum(sum(b.num_real_tokens() for b in batches), run)
+        metrics.update(tokens_per_s=tokens / max(time.time() - tick, 1e-9), lr=policy.get_lr()[0])
+        run.logger.log(step, metrics, split="train")
+        last = steps
+        if common.should(int(cfg.trainer.eval_every), step, last) and data.eval:
+            run.logger.log(step, evaluate(run, policy, reference, objective, data.eval, pad_id), split="eval")
+        if common.should(int(cfg.trainer.save_every), step, last) or run.stop_requested():
+            common.save(run, policy, step)
+            if run.stop_requested():
+                run.print(f"[yellow]stopped at step {step}[/]; resume with resume=auto")
+                return {"exit_code": 0, "stopped": step}
+    common.export_final(run, policy, tokenizer)
+    run.logger.close()
+    return {"exit_code": 0}
+
+
+def build_objective_from_cfg(cfg: DictConfig):
+    terms = loss_terms(cfg.loss)
+    return build_objective(
+        [spec.name for spec, _, _ in terms],
+        [w for _, w, _ in terms],
+        {spec.name: hp for spec, _, hp in terms},
+    )
+
+
+def build_reference(cfg, run, policy, objective, data, pad_id):
+    """The reference strategy for this run (see ``alignkit.trainers.reference``)."""
+    from alignkit.models.load import disabled_adapter, load_causal_lm
+    from alignkit.models.logprobs import TargetLogProbs
+
+    lora = int(cfg.model.lora.r) > 0
+    strategy = choose_strategy(cfg.trainer.reference, objective.needs_reference, lora)
+    if strategy == "precomputed" and objective.needs_kl_pairs:
+        strategy = "separate"  # KTO's mismatched pairs change every batch; they cannot be cached
+    run.print(f"[bold]reference[/]: {strategy}")
+    if strategy == "none":
+        return NoReference()
+    if strategy == "lora":
+        inner = common.hf_model(policy)
+        return ModuleReference(policy, context=lambda: disabled_adapter(inner))
+    if strategy == "separate":
+        model, _ = load_causal_lm(_frozen_model_cfg(cfg))
+        module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
+        return ModuleReference(common.frozen_engine(module, cfg))
+    # precomputed: the starting policy, before the first step, over train + eval groups
+    cache_dir = Path(cfg.trainer.reference_cache_dir or Path.home() / ".cache" / "alignkit" / "ref_logps")
+    policy.eval()
+    table = precompute(
+        policy,
+        data.train + data.eval,
+        lambda groups: common.collate_groups(groups, cfg, pad_id),
+        model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
+        layout=str(cfg.data.layout),
+        cache_dir=cache_dir,
+        batch_groups=int(cfg.trainer.eval_batch_size),
+        rank=run.rank,
+        world=run.world,
+        device=run.device,
+        log=run.print,
+    )
+    policy.train()
+    return table
+
+
+def _frozen_model_cfg(cfg: DictConfig):
+    model_cfg = OmegaConf.to_object(cfg.model)
+    model_cfg.lora.r = 0
+    model_cfg.gradient_checkpointing = False
+    return model_cfg
+
+
+def sequence_logps(policy, reference, batch: Batch, objective, need_tokens: bool,
+                   kl_batch: Batch | None = None) -> SequenceLogps:
+    """Policy (with grad) and reference log-probs of one batch, as the loss functions take them."""
+    out = forward_logps(policy, batch, with_log_sq_mass=objective.needs_log_sq_mass)
+    token_logps = out["logps"].float()
+    ref_seq, ref_tokens = reference.logps(batch, with_tokens=need_tokens)
+    seq = SequenceLogps(
+        logps=sum_per_slot(token_logps, batch),
+        lengths=batch.slot_lengths().float(),
+        mask=batch.slot_mask,
+        ref_logps=ref_seq,
+        scores=batch.scores,
+        labels=batch.labels,
+    )
+    if need_tokens:
+        seq.token_logps, seq.token_mask = per_token_view(token_logps, batch)
+        if ref_tokens is not None:
+            seq.ref_token_logps, _ = per_token_view(ref_tokens, batch)
+        if "log_sq_mass" in out:
+            seq.token_log_sq_mass, _ = per_token_view(out["log_sq_mass"].float(), batch)
+    if kl_batch is not None:
+        with torch.no_grad():  # KTO's KL estimate carries no gradient (as in the paper and TRL)
+            seq.kl_logps = sum_per_slot(forward_logps(policy, kl_batch)["logps"].float(), kl_batch)[:, 0]
+            ref_kl, _ = reference.logps(kl_batch)
+            seq.ref_kl_logps = ref_kl[:, 0] if ref_kl is not None else None
+    return seq
+
+
+def _mismatched(chunk, cfg, pad_id, run) -> Batch:
+    """KTO's mismatched pairs: prompt g with the completion of group g+1 of the same micro-batch."""
+    from dataclasses import replace
+
+    rotated = [
+        replace(group, completion_ids=chunk[(i + 1) % len(chunk)].completion_ids,
+                completion_train_mask=chunk[(i + 1) % len(chunk)].completion_train_mask,
+                example_id=group.example_id + "/kl")
+        for i, group in enumerate(chunk)
+    ]
+    return common.collate_groups(rotated, cfg, pad_id).to(run.device)
+
+
+@torch.no_grad()
+def evaluate(run, policy, reference, objective, groups, pad_id) -> dict[str, float]:
+    """Held-out loss and metrics (rewards/accuracy = held-out preference accuracy)."""
+    policy.eval()
+    meter = common.MetricMeter()
+    for chunk in common.eval_chunks(run, groups):
+        batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
+        kl_batch = _mismatched(chunk, run.cfg, pad_id, run) if objective.needs_kl_pairs else None
+        seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps, kl_batch)
+        loss, metrics = objective(seq)
+        meter.add({"loss": loss, **metrics}, weight=batch.num_groups)
+    policy.train()
+    return common.all_reduce_mean(meter.means(), run)
+
+
+def _token_shares(batches: list[Batch], run) -> list[float]:
+    """Per micro-batch factor turning per-micro token means into the step's global token mean."""
+    counts = [float(b.target_ids.numel()) for b in batches]
+    total = common.all_reduce_sum(sum(counts), run)
+    return [c * len(batches) * run.world / max(total, 1.0) for c in counts]
+
+
+def _nonfinite(loss: torch.Tensor) -> str | None:
+    return None if torch.isfinite(loss).all() else "loss"
+
+
+def _stop_nonfinite(run, step: int, tensor: str) -> dict:
+    run.print(
+        f"[bold red]non-finite {tensor} at step {step}[/]: stopping; the last good checkpoint is kept. "
+        "Lower trainer.lr or set trainer.on_nonfinite=skip."
+    )
+    run.logger.close()
+    return {"exit_code": 3, "nonfinite_step": step}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Set up (scripts/setup.sh) and run the test suite. Default: everything but the slow end-to-end tests.
+#   bash scripts/test.sh            # fast suite (< ~15 min on 2 CPU cores)
+#   bash scripts/test.sh --slow     # also the slow end-to-end tests (SmolLM2, multi-process DeepSpeed)
+#   bash scripts/test.sh -k dpo     # extra pytest arguments pass through
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+MARK=(-m "not slow")
+if [ "${1:-}" = "--slow" ]; then MARK=(); shift; fi
+exec python -m pytest -q "${MARK[@]}" "$@"
