@@ -1,0 +1,108 @@
+"""Settings of the data pipeline, as OmegaConf structured-config dataclasses.
+
+``DataConfig`` holds every knob of loading, parsing, converting, tokenizing and batching; the
+lead composes it into the Hydra schema as ``data``. Defaults live here and nowhere else.
+
+Deliberately left out: model/tokenizer choice (the ``model`` group owns it) and the batch size
+(the trainer owns it and passes ``batch_groups`` to ``iterate_batches``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from alignkit.errors import ConfigError
+
+FORMATS = ("auto", "sft", "paired", "unpaired", "listwise", "prompt")
+COLUMN_PRESETS = ("trl", "openrlhf", "llamafactory", "nemo")
+PROMPT_TRUNCATIONS = ("keep_end", "keep_start")
+RESPONSE_TRUNCATIONS = ("truncate", "drop")
+PAIR_EXPANSIONS = ("all_pairs", "best_vs_worst", "best_vs_rest", "adjacent")
+ON_ERROR = ("raise", "skip")
+LAYOUTS = ("padded", "packed", "prefix_shared")
+TRAIN_ON = ("all_assistant", "last_assistant")
+
+
+def check_choice(section: str, name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(
+            f"{section}.{name}={value!r} is not a valid choice. Valid choices: {', '.join(choices)}. "
+            f"Set it on the command line, e.g. {section}.{name}={choices[0]}."
+        )
+
+
+@dataclass
+class SourceConfig:
+    """One data source: a local file/folder or a hub dataset name."""
+
+    path: str = ""
+    weight: float = 1.0  # records drawn = round(weight * size): 0.5 = a seeded half, 2.0 = twice
+    split: str = "train"  # split of a hub dataset / datasets folder with several splits
+    format: Optional[str] = None  # None = DataConfig.format
+    columns: Optional[str] = None  # column preset; None = DataConfig.columns
+    column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> column, over the preset
+
+    def validate(self, section: str = "data.train[]") -> None:
+        if not self.path:
+            raise ConfigError(f"{section}.path is empty: give a file, a datasets folder or a hub name.")
+        if self.weight <= 0:
+            raise ConfigError(f"{section}.weight={self.weight} must be > 0.")
+        if self.format is not None:
+            check_choice(section, "format", self.format, FORMATS)
+        if self.columns is not None:
+            check_choice(section, "columns", self.columns, COLUMN_PRESETS)
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` config group."""
+
+    train: list[SourceConfig] = field(default_factory=list)
+    eval: list[SourceConfig] = field(default_factory=list)  # empty = split off eval_fraction of train
+    eval_fraction: float = 0.0
+    format: str = "auto"
+    columns: str = "trl"  # preset of column names; see formats.COLUMN_PRESET_MAPS
+    column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> column, over the preset
+    max_length: int = 1024  # prompt + one completion, in tokens
+    max_prompt_length: int = 512
+    prompt_truncation: str = "keep_end"
+    response_truncation: str = "truncate"
+    pair_expansion: str = "all_pairs"  # listwise data under a pairwise loss
+    min_score_gap: float = 0.0  # pairs whose score gap is <= this are dropped (ties always dropped)
+    label_threshold: Optional[float] = None  # scores -> labels: score >= threshold; None = above group mean
+    on_error: str = "raise"
+    layout: str = "padded"
+    max_tokens_per_row: Optional[int] = None  # packing budget of packed / prefix_shared rows
+    train_on: str = "all_assistant"  # multi-turn SFT: which assistant turns are trained
+    max_records: Optional[int] = None  # cap per source after mixing (quick runs)
+    cache_dir: Optional[str] = None  # None = no on-disk cache of tokenized data
+    seed: int = 0
+
+    def validate(self) -> None:
+        for index, source in enumerate(self.train):
+            source.validate(f"data.train[{index}]")
+        for index, source in enumerate(self.eval):
+            source.validate(f"data.eval[{index}]")
+        check_choice("data", "format", self.format, FORMATS)
+        check_choice("data", "columns", self.columns, COLUMN_PRESETS)
+        check_choice("data", "prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATIONS)
+        check_choice("data", "response_truncation", self.response_truncation, RESPONSE_TRUNCATIONS)
+        check_choice("data", "pair_expansion", self.pair_expansion, PAIR_EXPANSIONS)
+        check_choice("data", "on_error", self.on_error, ON_ERROR)
+        check_choice("data", "layout", self.layout, LAYOUTS)
+        check_choice("data", "train_on", self.train_on, TRAIN_ON)
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1).")
+        if self.max_length <= 0 or self.max_prompt_length <= 0:
+            raise ConfigError("data.max_length and data.max_prompt_length must be positive.")
+        if self.max_prompt_length >= self.max_length:
+            raise ConfigError(
+                f"data.max_prompt_length={self.max_prompt_length} must be < data.max_length={self.max_length} "
+                "so that every completion keeps at least one token."
+            )
+        if self.min_score_gap < 0:
+            raise ConfigError(f"data.min_score_gap={self.min_score_gap} must be >= 0.")
+        if self.max_tokens_per_row is not None and self.max_tokens_per_row <= 0:
+            raise ConfigError(f"data.max_tokens_per_row={self.max_tokens_per_row} must be positive (or null).")

@@ -1,0 +1,190 @@
+"""Records -> ``TokenizedGroup``s with exact prompt/response boundaries and train masks.
+
+Chat data: the template is applied to growing prefixes of the conversation and each rendered text
+must extend the previous one (checked; a template that rewrites earlier turns raises ``DataError``).
+The prompt is rendered with ``add_generation_prompt=True``; every later piece (a turn's header, a
+turn's body) is the difference between two renders, tokenized on its own with
+``add_special_tokens=False``. So the prompt's tokens are the same alone and followed by any
+response, BOS/EOS come only from the template (never doubled), and assistant bodies (all of them,
+or the last one, per ``cfg.train_on``) are the only trained tokens; headers and user turns inside a
+multi-turn completion are context.
+
+Plain-string data: the prompt gets BOS when the tokenizer adds one by itself, the completion gets
+EOS appended; all completion tokens are trained.
+
+Truncation: a prompt longer than ``max_prompt_length`` keeps its end (keeping a leading BOS) or its
+start; a completion longer than what ``max_length`` leaves is truncated or the group dropped. Every
+case is counted in ``TokenizeStats``. Deliberately left out: batching (``collate.py``) and caching
+(``pipeline.py``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from alignkit.data.batch import TokenizedGroup
+from alignkit.data.config import DataConfig
+from alignkit.data.record import Message, Record, Text
+from alignkit.errors import ConfigError, DataError
+
+
+@dataclass
+class TokenizeStats:
+    groups_in: int = 0
+    groups_out: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    prompts_truncated: int = 0
+    completions_truncated: int = 0
+    completions_seen: int = 0
+
+    @property
+    def truncation_rate(self) -> float:
+        """Share of groups whose prompt or a completion was cut or that were dropped for length."""
+        cut = self.prompts_truncated + self.completions_truncated + self.dropped.get("response too long", 0)
+        return cut / max(self.groups_in, 1)
+
+    def merge(self, other: "TokenizeStats") -> None:
+        self.groups_in += other.groups_in
+        self.groups_out += other.groups_out
+        self.dropped.update(other.dropped)
+        self.prompts_truncated += other.prompts_truncated
+        self.completions_truncated += other.completions_truncated
+        self.completions_seen += other.completions_seen
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether the tokenizer puts BOS in front of plain text by itself."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and list(tokenizer("x")["input_ids"][:1]) == [bos]
+
+
+def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool, record: Record) -> str:
+    if not messages:
+        return ""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # jinja errors: the template rejects this conversation
+        raise DataError(f"expected a conversation the chat template accepts / found an error: {err}",
+                        location=record.location, field="messages") from None
+
+
+def _extend(previous: str, text: str, record: Record) -> str:
+    if not text.startswith(previous):
+        raise DataError(
+            "expected the chat template to render each conversation prefix unchanged when more turns follow / "
+            "found a rendering that rewrites earlier text, so prompt/response boundaries are ambiguous; use a "
+            "template that appends turns (or plain-string data).",
+            location=record.location, field="chat_template",
+        )
+    return text[len(previous):]
+
+
+def chat_pieces(
+    tokenizer: Any, prompt: list[Message], prompt_text: str, completion: list[Message], train_on: str, record: Record
+) -> list[tuple[str, bool]]:
+    """The completion as (text piece, trained?) in order, each piece extending the render before it."""
+    assistant_turns = [j for j, m in enumerate(completion) if m["role"] == "assistant"]
+    trained = set(assistant_turns if train_on == "all_assistant" else assistant_turns[-1:])
+    pieces: list[tuple[str, bool]] = []
+    previous = prompt_text
+    for j, message in enumerate(completion):
+        if j > 0 and message["role"] == "assistant":
+            head = _render(tokenizer, prompt + completion[:j], True, record)
+            pieces.append((_extend(previous, head, record), False))
+            previous = head
+        end = _render(tokenizer, prompt + completion[: j + 1], False, record)
+        pieces.append((_extend(previous, end, record), j in trained))
+        previous = end
+    return pieces
+
+
+def prompt_text(tokenizer: Any, record: Record) -> str:
+    """The rendered prompt: chat prompts end with the assistant header (generation prompt)."""
+    if isinstance(record.prompt, str):
+        return record.prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            f"the data is chat messages (e.g. {record.location}) but the tokenizer has no chat template; "
+            "use a model with a chat template or plain-string data."
+        )
+    first = record.completions[0] if record.completions else []
+    return _render(tokenizer, record.prompt, not first or first[0]["role"] == "assistant", record)
+
+
+def _tokenize_completion(
+    tokenizer: Any, record: Record, rendered_prompt: str, completion: Text, cfg: DataConfig
+) -> tuple[list[int], list[bool]]:
+    if isinstance(completion, str):
+        ids = encode(tokenizer, completion)
+        eos = tokenizer.eos_token_id
+        if eos is not None and ids[-1:] != [eos]:
+            ids.append(eos)
+        return ids, [True] * len(ids)
+    assert isinstance(record.prompt, list)
+    ids: list[int] = []
+    mask: list[bool] = []
+    for text, trained in chat_pieces(tokenizer, record.prompt, rendered_prompt, completion, cfg.train_on, record):
+        piece = encode(tokenizer, text)
+        ids += piece
+        mask += [trained] * len(piece)
+    return ids, mask
+
+
+def tokenize_prompt(tokenizer: Any, record: Record, rendered_prompt: str) -> list[int]:
+    bos = [tokenizer.bos_token_id] if isinstance(record.prompt, str) and adds_bos(tokenizer) else []
+    return bos + encode(tokenizer, rendered_prompt)
+
+
+def _truncate_prompt(ids: list[int], cfg: DataConfig, bos: int | None) -> list[int]:
+    limit = cfg.max_prompt_length
+    if cfg.prompt_truncation == "keep_start":
+        return ids[:limit]
+    if bos is not None and ids[:1] == [bos]:
+        return [bos] + ids[len(ids) - limit + 1:]
+    return ids[len(ids) - limit:]
+
+
+def tokenize_group(
+    record: Record, tokenizer: Any, cfg: DataConfig, stats: TokenizeStats | None = None
+) -> TokenizedGroup | None:
+    """Tokenize one record; None when it is dropped (the reason is counted in ``stats``)."""
+    stats = stats if stats is not None else TokenizeStats()
+    stats.groups_in += 1
+    rendered_prompt = prompt_text(tokenizer, record)
+    prompt_ids = tokenize_prompt(tokenizer, record, rendered_prompt)
+    if len(prompt_ids) > cfg.max_prompt_length:
+        stats.prompts_truncated += 1
+        prompt_ids = _truncate_prompt(prompt_ids, cfg, tokenizer.bos_token_id)
+    budget = cfg.max_length - len(prompt_ids)
+    completion_ids, masks = [], []
+    cut = False
+    for completion in record.completions:
+        stats.completions_seen += 1
+        ids, mask = _tokenize_completion(tokenizer, record, rendered_prompt, completion, cfg)
+        if len(ids) > budget:
+            if cfg.response_truncation == "drop":
+                stats.dropped["response too long"] += 1
+                return None
+            ids, mask, cut = ids[:budget], mask[:budget], True
+        if not any(mask):
+            stats.dropped["no trained tokens after truncation"] += 1
+            return None
+        completion_ids.append(ids)
+        masks.append(mask)
+    stats.completions_truncated += int(cut)
+    stats.groups_out += 1
+    return TokenizedGroup(
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        completion_train_mask=masks,
+        scores=list(record.scores) if record.scores is not None else None,
+        labels=list(record.labels) if record.labels is not None else None,
+        example_id=record.example_id(),
+        extra=dict(record.extra),
+    )

@@ -1,0 +1,130 @@
+"""Turning records of any format into what a loss view consumes.
+
+``to_view(records, view, cfg)`` with view in ``sft``, ``pairwise``, ``unpaired``, ``listwise``,
+``prompt`` (``rollout`` is an alias of ``prompt``: online runners sample the completions):
+
+============  ==========================================================================
+view          accepted formats and what happens
+============  ==========================================================================
+sft           sft as-is; paired -> chosen; listwise -> best response; unpaired -> label 1 only
+pairwise      paired as-is; listwise -> pairs by ``cfg.pair_expansion`` and ``cfg.min_score_gap``;
+              unpaired -> grouped by prompt, then paired
+unpaired      unpaired (scores -> labels by ``cfg.label_threshold``); paired -> chosen 1 / rejected 0;
+              listwise -> scores -> labels
+listwise      listwise as-is; paired -> K=2 with scores [1, 0]; unpaired -> grouped by prompt
+prompt        every format -> its prompt (K=0), extra columns kept
+============  ==========================================================================
+
+A format that cannot feed the view (e.g. prompt-only data under a DPO loss) raises ``ConfigError``
+before anything is tokenized. Deliberately left out: how each conversion works (``convert.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from alignkit.data.config import DataConfig
+from alignkit.data.convert import (
+    ConvertStats,
+    group_by_prompt,
+    listwise_to_paired,
+    paired_to_unpaired,
+    scores_to_labels,
+    unpaired_to_paired,
+)
+from alignkit.data.record import Record
+from alignkit.errors import ConfigError
+
+DATA_VIEWS = ("sft", "pairwise", "unpaired", "listwise", "prompt", "rollout")
+ACCEPTS = {
+    "sft": ("sft", "paired", "listwise", "unpaired"),
+    "pairwise": ("paired", "listwise", "unpaired"),
+    "unpaired": ("unpaired", "paired", "listwise"),
+    "listwise": ("listwise", "paired", "unpaired"),
+    "prompt": ("prompt", "sft", "paired", "unpaired", "listwise"),
+}
+
+
+def _to_sft(records: list[Record]) -> tuple[list[Record], ConvertStats]:
+    stats = ConvertStats("-> sft", records_in=len(records))
+    out = []
+    for record in records:
+        if record.format == "sft":
+            out.append(record)
+        elif record.format in ("paired", "listwise"):
+            best = 0 if record.format == "paired" else max(range(record.group_size), key=lambda i: record.scores[i])
+            out.append(replace(record, format="sft", completions=[record.completions[best]], scores=None, labels=None))
+        elif record.labels is not None and record.labels[0] >= 1.0:
+            out.append(replace(record, format="sft", scores=None, labels=None))
+        else:
+            stats.dropped["undesirable or unlabelled completion"] += 1
+    stats.records_out = len(out)
+    return out, stats
+
+
+def _to_listwise(records: list[Record]) -> tuple[list[Record], ConvertStats]:
+    stats = ConvertStats("-> listwise", records_in=len(records))
+    singles = [r for r in records if r.format == "unpaired"]
+    out = [r for r in records if r.format == "listwise"]
+    out += [replace(r, format="listwise", scores=[1.0, 0.0]) for r in records if r.format == "paired"]
+    if singles:
+        grouped = ConvertStats("group by prompt")
+        out += group_by_prompt(singles, grouped)
+        stats.dropped.update(grouped.dropped)
+    stats.records_out = len(out)
+    return out, stats
+
+
+def _to_pairwise(records: list[Record], cfg: DataConfig) -> tuple[list[Record], ConvertStats]:
+    singles = [r for r in records if r.format == "unpaired"]
+    others = [r for r in records if r.format != "unpaired"]
+    out, stats = listwise_to_paired(others, cfg.pair_expansion, cfg.min_score_gap)
+    if singles:
+        paired, single_stats = unpaired_to_paired(singles, cfg.pair_expansion, cfg.min_score_gap)
+        out += paired
+        stats.records_in += single_stats.records_in
+        stats.dropped.update(single_stats.dropped)
+        stats.records_out = len(out)
+    return out, stats
+
+
+def _to_unpaired(records: list[Record], cfg: DataConfig) -> tuple[list[Record], ConvertStats]:
+    labelled = [r for r in records if r.labels is not None]
+    rest = [r for r in records if r.labels is None]
+    paired_plain = [r for r in rest if r.format == "paired" and r.scores is None]
+    scored = [r for r in rest if not (r.format == "paired" and r.scores is None)]
+    out, stats = scores_to_labels(scored, cfg.label_threshold)
+    if paired_plain:
+        unpaired, pair_stats = paired_to_unpaired(paired_plain)
+        out += unpaired
+        stats.dropped.update(pair_stats.dropped)
+    stats.records_in = len(records)
+    out += labelled
+    stats.records_out = len(out)
+    return out, stats
+
+
+def to_view(records: list[Record], view: str, cfg: DataConfig) -> tuple[list[Record], ConvertStats]:
+    """Records of any format -> records the ``view`` consumes, plus what was converted or dropped."""
+    if view == "rollout":
+        view = "prompt"
+    if view not in ACCEPTS:
+        raise ConfigError(f"unknown data view {view!r}; valid views: {', '.join(DATA_VIEWS)}")
+    wrong = sorted({r.format for r in records} - set(ACCEPTS[view]))
+    if wrong:
+        example = next(r for r in records if r.format in wrong)
+        raise ConfigError(
+            f"{', '.join(wrong)} data (e.g. {example.location}) cannot feed a loss that consumes {view} data; "
+            f"it accepts {', '.join(ACCEPTS[view])}. Pick a loss that fits the data or convert the data first "
+            "(alignkit data convert)."
+        )
+    if view == "sft":
+        return _to_sft(records)
+    if view == "pairwise":
+        return _to_pairwise(records, cfg)
+    if view == "unpaired":
+        return _to_unpaired(records, cfg)
+    if view == "listwise":
+        return _to_listwise(records)
+    out = [replace(r, format="prompt", completions=[], scores=None, labels=None) for r in records]
+    return out, ConvertStats("-> prompt", records_in=len(records), records_out=len(out))
