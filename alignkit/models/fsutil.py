@@ -1,0 +1,54 @@
+"""Filesystem helpers for model folders: write a directory atomically, serialise processes with a lock.
+
+``atomic_directory`` yields a temporary sibling folder; when the block succeeds the folder takes the
+final name in one ``rename`` (an existing folder is moved aside first and removed after), and when
+it fails the temporary folder is removed, so readers never see a half-written model.
+``file_lock`` is an advisory ``fcntl`` lock (POSIX only), enough for several local processes
+racing to build the same cache entry.
+
+Deliberately left out: locks across machines on network filesystems (NFS ``flock`` semantics vary).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder next to ``final_dir`` that replaces it atomically on success."""
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
+    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp_dir
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    old_dir = None
+    if final_dir.exists():
+        old_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.old-", dir=final_dir.parent))
+        os.rename(final_dir, old_dir / final_dir.name)
+    os.rename(tmp_dir, final_dir)
+    if old_dir is not None:
+        shutil.rmtree(old_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def file_lock(lock_path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``lock_path`` (created if missing) for the block."""
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
