@@ -1,0 +1,198 @@
+"""DeepSpeed configuration built from a few knobs (stage, offload, dtype), plus a raw-JSON escape hatch.
+
+``DeepSpeedConfig`` is the structured-config node ``deepspeed`` of the Hydra schema; its defaults
+live here once. Two pure functions turn it into the dict ``deepspeed.initialize`` takes:
+
+* ``build_train_ds_config`` for the trained model (policy, critic, reward model being trained);
+* ``build_frozen_ds_config`` for frozen models (reference, reward judge): no optimizer, the same
+  ZeRO stage when it is 3 (so the frozen model is sharded too), stage 0 otherwise (stages 1/2
+  only partition optimizer state and gradients, which a frozen model has none of).
+
+The optimizer block is not built here: ``engine.init_train_engine`` adds it, because it depends on
+the learning rate and on the device (see there). Keys of ``raw_json`` (a JSON file) override the
+built ones recursively, so users can reach every DeepSpeed option without a new knob.
+
+Left out on purpose: tensor/pipeline parallelism, ZeRO++ and MiCS knobs, autotuning, fp16 loss
+scaling knobs (the dynamic defaults are used); reach them through ``raw_json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from alignkit.errors import ConfigError
+
+ZERO_STAGES = (0, 1, 2, 3)
+OFFLOAD_CHOICES = ("none", "cpu")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class DeepSpeedConfig:
+    """The DeepSpeed knobs; everything else keeps DeepSpeed's defaults or comes from ``raw_json``."""
+
+    zero_stage: int = 0  # 0 = plain data parallel, 1 = optimizer states, 2 = + gradients, 3 = + parameters
+    offload_optimizer: str = "none"  # none | cpu (optimizer states and step on the CPU: DeepSpeedCPUAdam)
+    offload_params: str = "none"  # none | cpu (ZeRO-3 only)
+    dtype: str = "auto"  # auto (bf16 on a bf16-capable GPU, fp32 otherwise) | fp32 | bf16 | fp16
+    gradient_clipping: float = 1.0  # max global grad norm; 0 disables
+    raw_json: Optional[str] = None  # path to a DeepSpeed JSON whose keys override the built ones
+
+    def validate(self) -> None:
+        """Raise ``ConfigError`` naming the key and the valid choices."""
+        if self.zero_stage not in ZERO_STAGES:
+            raise ConfigError(
+                f"deepspeed.zero_stage={self.zero_stage!r} is not a ZeRO stage; valid: 0, 1, 2, 3 "
+                "(or pick a preset: deepspeed=none|zero1|zero2|zero3|zero2_offload|zero3_offload)."
+            )
+        _check_choice("deepspeed.offload_optimizer", self.offload_optimizer, OFFLOAD_CHOICES)
+        _check_choice("deepspeed.offload_params", self.offload_params, OFFLOAD_CHOICES)
+        _check_choice("deepspeed.dtype", self.dtype, DTYPE_CHOICES)
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise ConfigError(
+                f"deepspeed.offload_params={self.offload_params!r} needs deepspeed.zero_stage=3 "
+                f"(got {self.zero_stage}); parameters are only partitioned, hence offloadable, "
+                "under ZeRO-3. Set deepspeed=zero3_offload or offload_params=none."
+            )
+        if self.offload_optimizer != "none" and self.zero_stage == 0:
+            raise ConfigError(
+                "deepspeed.offload_optimizer=cpu needs deepspeed.zero_stage >= 1 (ZeRO-Offload "
+                "moves the partitioned optimizer state); set deepspeed=zero2_offload or zero_stage=2."
+            )
+        if self.gradient_clipping < 0:
+            raise ConfigError(
+                f"deepspeed.gradient_clipping={self.gradient_clipping} must be >= 0 (0 disables clipping)."
+            )
+        if self.raw_json is not None and not Path(self.raw_json).is_file():
+            raise ConfigError(
+                f"deepspeed.raw_json={self.raw_json!r} does not exist or is not a file; give the path "
+                "of a DeepSpeed JSON config (its keys override the ones built from the knobs)."
+            )
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}.")
+
+
+def resolve_dtype(dtype: str, *, has_cuda: Optional[bool] = None) -> str:
+    """``auto`` -> ``bf16`` on a bf16-capable GPU, else ``fp32``; other values pass through.
+
+    bf16 on CPU is ~200x slower than fp32 here, so ``auto`` never picks it without a GPU.
+    """
+    if dtype != "auto":
+        return dtype
+    if has_cuda is None:
+        has_cuda = torch.cuda.is_available()
+    return "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def torch_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype DeepSpeed keeps the module's parameters in for this config (bf16/fp16/fp32)."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def _precision_block(dtype: str) -> dict[str, Any]:
+    return {"bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
+
+
+def _zero_block(cfg: DeepSpeedConfig, *, stage: int, with_optimizer: bool) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": stage}
+    if with_optimizer and cfg.offload_optimizer != "none" and stage >= 1:
+        zero["offload_optimizer"] = {"device": cfg.offload_optimizer, "pin_memory": torch.cuda.is_available()}
+    if stage == 3:
+        if cfg.offload_params != "none":
+            zero["offload_param"] = {"device": cfg.offload_params, "pin_memory": torch.cuda.is_available()}
+        # Lets export gather a consolidated 16-bit (or fp32) state dict on rank 0.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return zero
+
+
+def build_train_ds_config(
+    cfg: DeepSpeedConfig,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    has_cuda: Optional[bool] = None,
+) -> dict[str, Any]:
+    """DeepSpeed config for a trained model: batch accounting, ZeRO stage and offload, precision, clipping.
+
+    ``micro_batch_size`` is per process per forward pass; ``train_batch_size`` follows as
+    micro x accumulation x world size. The batch sizes count whatever unit the trainer feeds
+    (groups); DeepSpeed only uses them for its own accounting and ``is_gradient_accumulation_boundary``.
+    """
+    cfg.validate()
+    dtype = resolve_dtype(cfg.dtype, has_cuda=has_cuda)
+    built: dict[str, Any] = {
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": cfg.gradient_clipping,
+        "zero_optimization": _zero_block(cfg, stage=cfg.zero_stage, with_optimizer=True),
+        **_precision_block(dtype),
+        "steps_per_print": 10**9,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    return _apply_raw_json(built, cfg.raw_json)
+
+
+def build_frozen_ds_config(cfg: DeepSpeedConfig, *, has_cuda: Optional[bool] = None) -> dict[str, Any]:
+    """DeepSpeed config for a frozen model (reference, reward judge): no optimizer, sharded under ZeRO-3.
+
+    Parameter offload follows ``cfg.offload_params`` (ZeRO-3 only); optimizer offload is meaningless
+    here. ``train_micro_batch_size_per_gpu`` is a placeholder DeepSpeed insists on; the frozen engine
+    is only called in forward.
+    """
+    cfg.validate()
+    dtype = resolve_dtype(cfg.dtype, has_cuda=has_cuda)
+    stage = 3 if cfg.zero_stage == 3 else 0
+    built: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": _zero_block(cfg, stage=stage, with_optimizer=False),
+        **_precision_block(dtype),
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    raw = _apply_raw_json(built, cfg.raw_json)
+    raw.pop("optimizer", None)
+    raw.pop("scheduler", None)
+    return raw
+
+
+def _apply_raw_json(built: dict[str, Any], raw_json: Optional[str]) -> dict[str, Any]:
+    if raw_json is None:
+        return built
+    try:
+        overrides = json.loads(Path(raw_json).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(
+            f"deepspeed.raw_json={raw_json!r} cannot be read as JSON ({err}); fix the file or drop the option."
+        ) from None
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"deepspeed.raw_json={raw_json!r} must hold a JSON object, not {type(overrides).__name__}.")
+    return deep_merge(built, overrides)
+
+
+def deep_merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: ``base`` with ``overrides`` applied recursively (override wins; ``"auto"`` keeps base)."""
+    merged = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        elif value == "auto" and key in merged:
+            continue  # HF-style "auto" placeholders mean "whatever alignkit computes"
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged

@@ -1,0 +1,201 @@
+"""One DeepSpeed code path for 1 or N processes: process-group setup, trained engines, frozen engines.
+
+* ``setup_distributed()`` makes a bare ``python`` process look like rank 0 of a world of 1 (the
+  env vars DeepSpeed's launcher would set, a free port on loopback), selects the CPU accelerator
+  when there is no GPU, and initialises the process group (gloo on CPU, nccl on CUDA).
+* ``init_train_engine(module, ds_config, ...)`` wraps a model for training. The optimizer is AdamW
+  with weight decay on matrices only (not on biases/norm weights):
+    - CUDA without offload: DeepSpeed builds it from the config (FusedAdam);
+    - optimizer offload (any device): DeepSpeed builds DeepSpeedCPUAdam from the config;
+    - CPU without offload: we build ``torch.optim.AdamW`` and pass it in
+      (``zero_allow_untested_optimizer``), since FusedAdam needs CUDA.
+  The LR schedule (linear warmup, then constant / linear / cosine decay to 0) is a torch
+  ``LambdaLR`` handed to DeepSpeed as a callable, so the engine steps it at accumulation
+  boundaries and saves it in its checkpoints.
+* ``init_frozen_engine(module, ds_config)`` wraps a reference or reward model: eval mode, no
+  grads, sharded under ZeRO-3.
+
+Precision: DeepSpeed casts the module to the config's dtype (``config.torch_dtype(ds_config)``):
+bf16 on GPUs (``dtype=auto``), fp32 here on CPU; with bf16/fp16 it keeps fp32 master weights in
+the optimizer. A trainer feeds integer token ids unchanged, casts any float input (e.g. a 4D
+additive attention mask) to ``engine_dtype(engine)``, and upcasts logits to fp32 before
+``log_softmax`` so losses are computed in fp32.
+
+Left out: pipeline/tensor parallelism, DeepSpeed's own LR schedulers, and the training loop itself
+(``engine.backward(loss); engine.step()`` is the trainer's business).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from alignkit.errors import ConfigError
+
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: global rank, world size, rank on its node, and its torch device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def find_free_port() -> int:
+    """A TCP port that is free on loopback right now (bind to port 0 and read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def setup_distributed() -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed; idempotent; works with or without the launcher."""
+    has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:  # started without the DeepSpeed launcher: a world of one
+        os.environ.update(
+            {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
+        )
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
+    import deepspeed  # imported late: DS_ACCELERATOR must be set first
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if has_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(
+        rank=torch.distributed.get_rank(),
+        world_size=torch.distributed.get_world_size(),
+        local_rank=local_rank,
+        device=device,
+    )
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, scheduler: str) -> float:
+    """Factor on the peak LR after ``step`` optimizer steps: linear warmup from 0, then the decay.
+
+    Same shape as transformers' ``get_{constant,linear,cosine}_schedule_with_warmup``.
+    """
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if scheduler == "linear":
+        return max(0.0, 1.0 - progress)
+    if scheduler == "cosine":
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+    raise ConfigError(f"trainer.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}.")
+
+
+def _weight_decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (ndim >= 2) only; biases and norm weights are left alone. Frozen params are skipped."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def init_train_engine(
+    module: torch.nn.Module,
+    ds_config: dict[str, Any],
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: Iterable[float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    warmup_steps: int = 0,
+    total_steps: int,
+    scheduler: str = "cosine",
+):
+    """Wrap ``module`` in a training ``DeepSpeedEngine`` with AdamW and a warmup LR schedule.
+
+    Call ``setup_distributed()`` first. Returns the engine: ``engine(**inputs)`` runs forward,
+    ``engine.backward(loss)``, ``engine.step()`` (steps optimizer and scheduler at accumulation
+    boundaries), ``engine.module`` is the wrapped model, ``engine.get_lr()[0]`` the current LR.
+    """
+    import deepspeed
+    from torch.optim.lr_scheduler import LambdaLR
+
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(f"trainer.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}.")
+    betas = tuple(float(b) for b in betas)
+    config = dict(ds_config)
+    param_groups = _weight_decay_groups(module, weight_decay)
+    offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") != "none"
+    optimizer = None
+    if "optimizer" in config:
+        pass  # the user's raw_json names an optimizer: respect it
+    elif torch.cuda.is_available() or offload:
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay},
+        }
+    else:
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        config["zero_allow_untested_optimizer"] = True
+
+    def make_scheduler(opt):
+        return LambdaLR(
+            opt,
+            lambda step: lr_multiplier(
+                step, warmup_steps=warmup_steps, total_steps=total_steps, scheduler=scheduler
+            ),
+        )
+
+    engine, *_ = deepspeed.initialize(
+        model=module,
+        model_parameters=param_groups,
+        optimizer=optimizer,
+        lr_scheduler=make_scheduler,
+        config=config,
+    )
+    return engine
+
+
+def init_frozen_engine(module: torch.nn.Module, ds_config: dict[str, Any]):
+    """Wrap a frozen model (reference, reward judge) in an optimizer-less engine: eval mode, no grads.
+
+    Under ZeRO-3 its parameters are sharded across ranks and gathered layer by layer in forward,
+    so every rank must call forward the same number of times. Use inside ``torch.no_grad()``.
+    """
+    import deepspeed
+
+    module.eval()
+    module.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=module, config=dict(ds_config))
+    engine.eval()
+    return engine
+
+
+def engine_dtype(engine) -> torch.dtype:
+    """The dtype the engine's module computes in (cast float inputs such as 4D masks to it)."""
+    if engine.bfloat16_enabled():
+        return torch.bfloat16
+    if engine.fp16_enabled():
+        return torch.float16
+    return torch.float32
+
+
+def zero_stage(engine) -> int:
+    """The engine's ZeRO stage (0 when ZeRO is off)."""
+    return int(engine.zero_optimization_stage())
