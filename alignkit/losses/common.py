@@ -98,7 +98,8 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence: str, f_alpha: flo
     """f'(u) at u = exp(logratios), for the f-DPO generalisation (reverse KL gives plain DPO).
 
     forward KL: 1 - 1/u; JS: log(2u / (1 + u)); alpha: (u^(alpha-1) - 1) / (alpha - 1), which tends
-    to log u as alpha -> 1 (then reverse KL is used). Constant offsets cancel in chosen - rejected.
+    to log u as alpha -> 1 (then reverse KL is used). ``f_alpha`` is TRL's ``f_alpha_divergence_coef``;
+    the f-DPO paper's (1 - u^-a)/a is the same family with a = 1 - f_alpha (equal at the default 0.5).
     """
     if f_divergence == "reverse_kl":
         return logratios
@@ -109,7 +110,8 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence: str, f_alpha: flo
     if f_divergence == "alpha_divergence":
         if abs(f_alpha - 1.0) < 1e-6:
             return logratios
-        exponent = ((f_alpha - 1.0) * logratios.float()).clamp(max=_ALPHA_EXP_CLAMP)
+        work = logratios.float() if logratios.element_size() < 4 else logratios  # no exp in half precision
+        exponent = ((f_alpha - 1.0) * work).clamp(max=_ALPHA_EXP_CLAMP)
         return (torch.expm1(exponent) / (f_alpha - 1.0)).to(logratios.dtype)
     raise ConfigError(f"f_divergence {f_divergence!r} is not valid. Valid choices: {', '.join(F_DIVERGENCES)}.")
 

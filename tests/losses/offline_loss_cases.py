@@ -1,0 +1,82 @@
+"""Fixed, hand-chosen inputs for the offline loss tests, plus scalar math helpers.
+
+Expected values in the tests are written with these plain-Python helpers (``math`` on floats), never
+with the package's own helpers, so an implementation slip cannot hide in both places.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from alignkit.losses import SequenceLogps
+
+# (policy chosen, policy rejected, ref chosen, ref rejected, len chosen, len rejected)
+PAIRS = [
+    (-5.0, -7.0, -6.0, -6.5, 4.0, 6.0),
+    (-3.0, -2.0, -3.5, -2.2, 3.0, 2.0),
+    (-10.0, -9.0, -9.8, -9.5, 7.0, 5.0),
+]
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def paired(pairs=PAIRS, *, dtype=torch.float64, requires_grad: bool = False) -> SequenceLogps:
+    """A pairwise SequenceLogps [G, 2] from rows of PAIRS."""
+    logps = torch.tensor([[p[0], p[1]] for p in pairs], dtype=dtype, requires_grad=requires_grad)
+    return SequenceLogps(
+        logps=logps,
+        lengths=torch.tensor([[p[4], p[5]] for p in pairs], dtype=dtype),
+        mask=torch.ones(len(pairs), 2, dtype=torch.bool),
+        ref_logps=torch.tensor([[p[2], p[3]] for p in pairs], dtype=dtype),
+    )
+
+
+# Per-token tensors for WPO / LD-DPO: two pairs, T=4, ragged lengths (chosen 3 & 2, rejected 4 & 1).
+TOKEN_LOGPS = [
+    [[-0.5, -1.0, -0.2, 0.0], [-0.3, -0.7, -1.1, -0.4]],
+    [[-2.0, -0.1, 0.0, 0.0], [-0.9, 0.0, 0.0, 0.0]],
+]
+REF_TOKEN_LOGPS = [
+    [[-0.6, -0.8, -0.5, 0.0], [-0.2, -0.9, -1.0, -0.6]],
+    [[-1.5, -0.3, 0.0, 0.0], [-1.2, 0.0, 0.0, 0.0]],
+]
+TOKEN_LOG_SQ_MASS = [
+    [[-0.9, -1.2, -0.4, 0.0], [-0.5, -0.6, -1.5, -0.3]],
+    [[-1.0, -0.7, 0.0, 0.0], [-0.8, 0.0, 0.0, 0.0]],
+]
+TOKEN_LENGTHS = [[3, 4], [2, 1]]
+
+
+def token_level(*, dtype=torch.float64) -> SequenceLogps:
+    """A pairwise SequenceLogps with the per-token tensors filled (sums consistent with them)."""
+    token_logps = torch.tensor(TOKEN_LOGPS, dtype=dtype)
+    ref_token_logps = torch.tensor(REF_TOKEN_LOGPS, dtype=dtype)
+    lengths = torch.tensor(TOKEN_LENGTHS, dtype=dtype)
+    token_mask = torch.arange(4).view(1, 1, 4) < lengths.unsqueeze(-1)
+    return SequenceLogps(
+        logps=token_logps.sum(-1),
+        lengths=lengths,
+        mask=torch.ones(2, 2, dtype=torch.bool),
+        ref_logps=ref_token_logps.sum(-1),
+        token_logps=token_logps,
+        ref_token_logps=ref_token_logps,
+        token_mask=token_mask,
+        token_log_sq_mass=torch.tensor(TOKEN_LOG_SQ_MASS, dtype=dtype),
+    )
+
+
+def with_logps(inputs: SequenceLogps, logps: torch.Tensor) -> SequenceLogps:
+    return SequenceLogps(**{**inputs.__dict__, "logps": logps})
