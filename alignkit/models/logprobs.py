@@ -1,0 +1,161 @@
+"""Per-target log-probs of a causal LM without full-vocabulary logits for every position.
+
+``TargetLogProbs`` is the hot path of every trainer. It runs the model's decoder once over the
+batch rows (any layout of ``alignkit.data.batch``: padded 2D mask, packed or prefix-shared 4D
+additive mask with explicit positions), gathers the hidden states of the *target* positions only
+(flat ``b * L + t``), and applies the LM head to them in chunks of ``chunk_size`` targets. Each
+chunk runs under ``torch.utils.checkpoint``: its ``[chunk, vocab]`` logits are freed after the
+forward pass and recomputed in backward, so memory is O(chunk x vocab) instead of
+O(tokens x vocab), and no logits at all are computed for prompt or pad positions. The
+log-sum-exp runs in fp32 whatever the model dtype.
+
+Optional per-target statistics from the same chunk: ``entropy`` of the next-token distribution and
+``log_sq_mass`` = log sum_v p_v^2 (WPO's weight).
+
+The LM head is called as a module (``get_output_embeddings()(h)``) so DeepSpeed ZeRO-3 hooks
+gather its weight; tied embeddings need nothing special (the head shares the embedding's weight),
+and a model without an output module falls back to its input embedding matrix.
+``final_logit_softcapping`` (Gemma-2 style) is honoured. Wrap the ``TargetLogProbs`` module itself
+in the DeepSpeed engine, so that its ``forward`` is the root forward ZeRO-3 traces.
+
+``naive_target_logps`` is the plain reference path (full logits, ``log_softmax``), for tests and
+benchmarks.
+
+Deliberately left out: models whose forward rescales logits in other ways (Cohere's
+``logit_scale``, Granite's ``logits_scaling``; rejected with an error rather than computed wrong)
+and fused Triton kernels (CPU-first; the chunking gives the memory bound).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+UNSUPPORTED_LOGIT_SCALES = ("logit_scale", "logits_scaling")
+
+
+def prepare_attention_mask(attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """2D 1/0 masks pass through; 4D additive float masks are cast to ``dtype``, -inf clamped to its min.
+
+    Clamping keeps fully masked rows (padding in packed rows) finite, so attention over them is
+    uniform instead of NaN and no NaN leaks into gradients.
+    """
+    if attention_mask.dim() == 2 or not attention_mask.is_floating_point():
+        return attention_mask
+    if attention_mask.dim() != 4:
+        raise ValueError(f"attention_mask must be [B, L] or [B, 1, L, L], got shape {tuple(attention_mask.shape)}")
+    return attention_mask.to(dtype).clamp(min=torch.finfo(dtype).min)
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _target_stats(
+    head: nn.Module | torch.Tensor,
+    hidden: torch.Tensor,
+    target_ids: torch.Tensor,
+    softcap: float | None,
+    with_entropy: bool,
+    with_log_sq_mass: bool,
+) -> tuple[torch.Tensor, ...]:
+    """(logps, [entropy], [log_sq_mass]) for one chunk of target hidden states ``[n, H]``."""
+    logits = head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    log_normalizer = torch.logsumexp(logits, dim=-1)
+    stats = [logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - log_normalizer]
+    if with_entropy:
+        probs = torch.softmax(logits, dim=-1)
+        stats.append(log_normalizer - (probs * logits).sum(-1))
+    if with_log_sq_mass:
+        stats.append(torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * log_normalizer)
+    return tuple(stats)
+
+
+def output_head(model: nn.Module) -> nn.Module | torch.Tensor:
+    """The LM head module, or the input embedding matrix when the model exposes no output module."""
+    head = model.get_output_embeddings()
+    if head is not None:
+        return head
+    return model.get_input_embeddings().weight
+
+
+class TargetLogProbs(nn.Module):
+    """Log-probs (and optional entropy, log sum p^2) of target tokens; see the module docstring.
+
+    ``model`` is a transformers causal LM, plain or peft-wrapped (LoRA layers live inside the
+    decoder, so ``disabled_adapter`` applies here too).
+    """
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        config = model.config
+        for name in UNSUPPORTED_LOGIT_SCALES:
+            if getattr(config, name, None) not in (None, 1, 1.0):
+                raise NotImplementedError(f"TargetLogProbs does not apply config.{name}; use naive_target_logps")
+        self.model = model
+        self.chunk_size = chunk_size
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Final-layer (post-norm) hidden states ``[B, L, H]``."""
+        decoder = self.model.get_decoder()
+        output = decoder(
+            input_ids=input_ids,
+            attention_mask=prepare_attention_mask(attention_mask, model_dtype(decoder)),
+            position_ids=position_ids,
+            use_cache=False,
+        )
+        return output.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        target_index: torch.Tensor,
+        target_ids: torch.Tensor,
+        *,
+        with_entropy: bool = False,
+        with_log_sq_mass: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
+        targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # [N, H]
+        head = output_head(self.model)
+        recompute = torch.is_grad_enabled() and targets.requires_grad
+        chunks = []
+        for start in range(0, max(targets.shape[0], 1), self.chunk_size):
+            args = (
+                head,
+                targets[start : start + self.chunk_size],
+                target_ids[start : start + self.chunk_size],
+                self.softcap,
+                with_entropy,
+                with_log_sq_mass,
+            )
+            chunks.append(checkpoint(_target_stats, *args, use_reentrant=False) if recompute else _target_stats(*args))
+        names = ["logps"] + ["entropy"] * with_entropy + ["log_sq_mass"] * with_log_sq_mass
+        return {name: torch.cat([chunk[i] for chunk in chunks]) for i, name in enumerate(names)}
+
+
+def naive_target_logps(model: nn.Module, batch) -> torch.Tensor:
+    """Reference path: full ``[B, L, V]`` logits, ``log_softmax``, then index the targets. ``[N]``."""
+    output = model(
+        input_ids=batch.input_ids,
+        attention_mask=prepare_attention_mask(batch.attention_mask, model_dtype(model)),
+        position_ids=batch.position_ids,
+        use_cache=False,
+    )
+    log_probs = torch.log_softmax(output.logits.float(), dim=-1).flatten(0, 1)  # [B * L, V]
+    return log_probs[batch.target_index, batch.target_ids]
