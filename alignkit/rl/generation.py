@@ -1,0 +1,317 @@
+"""Sampling completions from the policy for online RL: a ``GenerationEngine`` protocol and its
+Hugging Face implementation.
+
+``HFGenerationEngine(model, tokenizer).generate(prompts, num_samples=G, max_new_tokens=..., ...)``
+takes token-id prompts and returns one ``Rollout`` per (prompt, sample), ordered prompt-major
+(``prompt_index``, then ``sample_index``). What it does:
+
+* batches all prompts, left-padded to the longest, with explicit ``position_ids`` (so padding does
+  not shift positions) and a KV cache (``DynamicCache``);
+* prefills each prompt ONCE and repeats its KV cache G times (``Cache.batch_repeat_interleave``)
+  before decoding the G samples (``share_prompt_prefill=False`` prefills every sample separately,
+  for comparison);
+* samples with temperature / top-k / top-p (in that order, as ``transformers``), or greedily when
+  ``temperature == 0``; ``seed`` fixes a private ``torch.Generator`` (same seed, same prompts, same
+  model -> same output); ``seed=None`` uses torch's global RNG;
+* stops each sequence at its first EOS (kept as the last completion token, ``finished=True``) or
+  after ``max_new_tokens`` (``finished=False``); finished rows are dropped from the batch and the
+  cache (``Cache.batch_select_indices``), so long stragglers do not pay for short ones.
+
+``Rollout.logprobs[j]`` is ``log pi(completion_ids[j] | prompt, completion_ids[:j])`` under the
+*raw model distribution at temperature 1* — the policy's own log-prob — not under the tempered or
+top-k/top-p-truncated distribution the token was drawn from. With temperature 1 and no truncation
+the two coincide. These are computed in the generation pass (left padding, incremental KV cache),
+so they match a fresh full forward pass only up to float error (about 1e-5 in fp32 on CPU; more in
+bf16); a trainer that needs ``ratio == 1`` exactly at μ=1 uses ``logps.detach()`` as ``old_logps``.
+
+DeepSpeed ZeRO-3: when the parameters are partitioned (``hasattr(p, "ds_id")``), generation runs
+inside ``deepspeed.zero.GatheredParameters(list(model.parameters()))``, which materialises the FULL
+model on every rank for the whole call (fine for small models; a large one wants vLLM). ZeRO-3's
+forward hooks may still re-partition and re-gather parameters around each forward, which are
+collective calls, so every rank must run the same number of forwards: when
+``torch.distributed`` runs with several ranks and the model is partitioned, the ranks agree each
+step (an all-reduce of "still decoding") and a rank that finished early runs a one-token dummy
+forward until all are done (what ``transformers``' ``synced_gpus`` does). Every rank must call
+``generate`` the same number of times. A ``DeepSpeedEngine`` may be passed; its ``.module`` is used.
+
+The model may be any ``transformers`` causal LM (or a ``peft`` model wrapping one) that accepts
+``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache`` and ``logits_to_keep``.
+
+Deliberately left out: the vLLM engine (the seam: another class with the same ``generate``
+signature, chosen by ``GenerationConfig.engine`` in ``build_generation_engine``), stop strings,
+repetition penalties, beam search, and chunking of very large batches (the caller passes chunks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from typing import Iterator, Optional, Protocol, Sequence
+
+import torch
+
+from alignkit.errors import ConfigError
+
+ENGINES = ("hf",)
+
+
+@dataclass
+class Rollout:
+    """One sampled completion of prompt ``prompt_index`` (its ``sample_index``-th sample)."""
+
+    prompt_index: int
+    sample_index: int
+    completion_ids: list[int]  # stops at and includes the first EOS
+    logprobs: list[float]  # policy log-prob (temperature 1, no truncation) of each completion token
+    finished: bool  # True if it ended with EOS, False if it hit max_new_tokens
+
+
+class GenerationEngine(Protocol):
+    """Anything that samples ``num_samples`` completions for each token-id prompt."""
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        num_samples: int = 1,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: Optional[int] = None,
+    ) -> list[Rollout]: ...
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings of the online runners (the group size G lives with the trainer)."""
+
+    engine: str = "hf"  # only "hf" for now; "vllm" would slot in here
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    share_prompt_prefill: bool = True
+
+    def validate(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"generation.engine {self.engine!r} is not valid. Valid choices: {', '.join(ENGINES)}.")
+        check_sampling_args(1, self.max_new_tokens, self.temperature, self.top_p, self.top_k)
+
+    def sampling_kwargs(self) -> dict:
+        """Keyword arguments for ``GenerationEngine.generate`` (add ``num_samples`` and ``seed``)."""
+        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+
+
+def check_sampling_args(num_samples: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+    problems = []
+    if num_samples < 1:
+        problems.append(f"num_samples must be >= 1 (got {num_samples})")
+    if max_new_tokens < 1:
+        problems.append(f"max_new_tokens must be >= 1 (got {max_new_tokens})")
+    if temperature < 0:
+        problems.append(f"temperature must be >= 0, 0 meaning greedy (got {temperature})")
+    if not 0.0 < top_p <= 1.0:
+        problems.append(f"top_p must be in (0, 1], 1 meaning off (got {top_p})")
+    if top_k < 0:
+        problems.append(f"top_k must be >= 0, 0 meaning off (got {top_k})")
+    if problems:
+        raise ConfigError("generation settings: " + "; ".join(problems) + ".")
+
+
+def build_generation_engine(config: GenerationConfig, model, tokenizer=None, **token_ids) -> GenerationEngine:
+    """The engine ``config.engine`` names (the seam where a vLLM engine would be added)."""
+    config.validate()
+    return HFGenerationEngine(model, tokenizer, share_prompt_prefill=config.share_prompt_prefill, **token_ids)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample_next_token(
+    logits: torch.Tensor, *, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Token ids ``[B]`` drawn from ``logits [B, V]`` after temperature, top-k, top-p; argmax if temperature 0."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    scores = logits / temperature
+    if 0 < top_k < scores.shape[-1]:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+        probs = sorted_scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # probability of the strictly better tokens
+        drop_sorted = mass_before >= top_p  # never drops the first (mass_before 0)
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scores = scores.masked_fill(drop, float("-inf"))
+    return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- the HF engine
+
+
+def _unwrap_deepspeed(model):
+    deepspeed = sys.modules.get("deepspeed")
+    if deepspeed is not None and isinstance(model, deepspeed.DeepSpeedEngine):
+        return model.module
+    return model
+
+
+def _is_zero3_partitioned(model) -> bool:
+    return any(hasattr(p, "ds_id") for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _generation_mode(model) -> Iterator[None]:
+    """no_grad, eval mode (restored after), and ZeRO-3 parameters gathered when partitioned."""
+    was_training = model.training
+    gathered = contextlib.nullcontext()
+    if _is_zero3_partitioned(model):
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    model.eval()
+    try:
+        with torch.no_grad(), gathered:
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _as_id_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``input_ids``, ``attention_mask`` and ``position_ids`` ``[B, L]`` for left-padded prompts."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompt")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), positions.to(device)
+
+
+class HFGenerationEngine:
+    """Batched KV-cache sampling with a ``transformers`` causal LM; see the module docstring.
+
+    Token ids: ``eos_token_id`` (an int or a list: any of them stops a sequence) and ``pad_token_id``
+    are taken from the arguments, else from ``tokenizer``, else from ``model.generation_config`` /
+    ``model.config``; pad falls back to the first EOS id.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer=None,
+        *,
+        eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        share_prompt_prefill: bool = True,
+    ):
+        self.model = model
+        self.share_prompt_prefill = share_prompt_prefill
+        inner = _unwrap_deepspeed(model)
+        sources = [tokenizer, getattr(inner, "generation_config", None), getattr(inner, "config", None)]
+        if eos_token_id is None:
+            eos_token_id = next((getattr(s, "eos_token_id") for s in sources if getattr(s, "eos_token_id", None) is not None), None)
+        if pad_token_id is None:
+            pad_token_id = next((getattr(s, "pad_token_id") for s in sources if getattr(s, "pad_token_id", None) is not None), None)
+        self.eos_token_ids = _as_id_list(eos_token_id)
+        if not self.eos_token_ids:
+            raise ValueError("HFGenerationEngine needs an eos_token_id (argument, tokenizer or model config)")
+        self.pad_token_id = int(pad_token_id) if pad_token_id is not None else self.eos_token_ids[0]
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        *,
+        num_samples: int = 1,
+        max_new_tokens: int = 128,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: Optional[int] = None,
+    ) -> list[Rollout]:
+        check_sampling_args(num_samples, max_new_tokens, temperature, top_p, top_k)
+        model = _unwrap_deepspeed(self.model)
+        device = next(model.parameters()).device
+        synced = _synced_ranks(model)
+        generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+        n_rows = len(prompts) * num_samples
+        tokens: list[list[int]] = [[] for _ in range(n_rows)]
+        logprobs: list[list[float]] = [[] for _ in range(n_rows)]
+        finished = [False] * n_rows
+        eos = torch.tensor(self.eos_token_ids, device=device)
+
+        with _generation_mode(model):
+            repeat_after_prefill = num_samples if self.share_prompt_prefill else 1
+            prefill_prompts = prompts if self.share_prompt_prefill else [p for p in prompts for _ in range(num_samples)]
+            ids, attention, positions = left_pad(prefill_prompts, self.pad_token_id, device)
+            out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+            next_position = positions[:, -1:] + 1
+            if repeat_after_prefill > 1:
+                cache.batch_repeat_interleave(repeat_after_prefill)
+                logits = logits.repeat_interleave(repeat_after_prefill, dim=0)
+                attention = attention.repeat_interleave(repeat_after_prefill, dim=0)
+                next_position = next_position.repeat_interleave(repeat_after_prefill, dim=0)
+            active = torch.arange(n_rows, device=device)  # rows of the output still decoding
+
+            for step in range(max_new_tokens):
+                if active.numel():
+                    token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                    token_logprob = logits.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
+                    done = torch.isin(token, eos)
+                    for row, tok, lp, stop in zip(active.tolist(), token.tolist(), token_logprob.tolist(), done.tolist()):
+                        tokens[row].append(tok)
+                        logprobs[row].append(lp)
+                        finished[row] = stop
+                    if bool(done.any()):
+                        keep = (~done).nonzero().flatten()
+                        cache.batch_select_indices(keep)
+                        active, token = active[keep], token[keep]
+                        attention, next_position = attention[keep], next_position[keep]
+                local_more = active.numel() > 0 and step + 1 < max_new_tokens
+                if not _any_rank(local_more, synced, device):
+                    break
+                if not local_more:  # this rank is done; keep ZeRO-3's collectives in step with the others
+                    model(input_ids=torch.full((1, 1), self.pad_token_id, device=device), use_cache=False)
+                    continue
+                attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
+                out = model(
+                    input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
+                    past_key_values=cache, use_cache=True,
+                )
+                cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+                next_position = next_position + 1
+
+        return [
+            Rollout(
+                prompt_index=row // num_samples, sample_index=row % num_samples,
+                completion_ids=tokens[row], logprobs=logprobs[row], finished=finished[row],
+            )
+            for row in range(n_rows)
+        ]
+
+
+def _synced_ranks(model) -> bool:
+    """Whether ranks must agree on the number of forwards (ZeRO-3 with several processes)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and _is_zero3_partitioned(model)
+
+
+def _any_rank(flag: bool, synced: bool, device) -> bool:
+    if not synced:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
