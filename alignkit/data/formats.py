@@ -62,6 +62,8 @@ def _sharegpt_message(item: Any, location: str, field: str) -> dict[str, Any]:
 
 def _llamafactory(row: dict[str, Any], location: str) -> dict[str, Any]:
     out = dict(row)
+    if "kto_tag" in out:
+        out["label"] = out.pop("kto_tag")
     system = out.pop("system", None)
     if "conversations" in out:
         turns = out.pop("conversations")
@@ -130,11 +132,11 @@ def normalize_columns(
 
 def detect_format(row: dict[str, Any]) -> str | None:
     """The format a canonical row looks like, or None."""
-    if "chosen" in row and "rejected" in row:
+    if "chosen" in row or "rejected" in row:
         return "paired"
-    if "responses" in row:
+    if "responses" in row or "ranks" in row or "scores" in row:
         return "listwise"
-    if "completion" in row and ("label" in row or "score" in row):
+    if "label" in row or "score" in row:
         return "unpaired"
     if "messages" in row or "completion" in row:
         return "sft"

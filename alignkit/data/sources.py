@@ -31,8 +31,11 @@ T = TypeVar("T")
 
 @dataclass
 class RawRow:
+    """One row; a row that could not be read carries ``error`` instead of data (so reading goes on)."""
+
     location: str
     data: dict[str, Any]
+    error: DataError | None = None
 
 
 def describe(value: Any, limit: int = 60) -> str:
@@ -52,6 +55,15 @@ def _decode_line(raw: bytes, location: str) -> str:
             "that is not valid UTF-8; re-encode the file as UTF-8 (e.g. iconv -t UTF-8).",
             location=location,
         ) from None
+
+
+def _decode_file(raw: bytes, path: Path) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1)
+        return _decode_line(raw[err.start - column :], f"{path}:{line}")
 
 
 def _parse_object(text: str, location: str) -> dict[str, Any]:
@@ -82,20 +94,23 @@ def iter_jsonl(path: Path, max_line_bytes: int | None = None) -> Iterator[RawRow
                 # skip the rest of the oversized line without holding it in memory
                 while raw and not raw.endswith(b"\n"):
                     raw = handle.readline(limit + 1)
-                raise DataError(
+                error = DataError(
                     f"expected a line of at most {limit} bytes / found a longer line; "
                     "split the record or check that the file is really JSON Lines.",
                     location=location,
                 )
-            text = _decode_line(raw, location).strip()
-            if not text:
+                yield RawRow(location, {}, error)
                 continue
-            yield RawRow(location, _parse_object(text, location))
+            try:
+                text = _decode_line(raw, location).strip()
+                if text:
+                    yield RawRow(location, _parse_object(text, location))
+            except DataError as error:
+                yield RawRow(location, {}, error)
 
 
 def iter_json(path: Path) -> Iterator[RawRow]:
-    raw = path.read_bytes()
-    text = _decode_line(raw, str(path))
+    text = _decode_file(path.read_bytes(), path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
@@ -117,7 +132,8 @@ def iter_json(path: Path) -> Iterator[RawRow]:
     for index, item in enumerate(value, start=1):
         location = f"{path}:record {index}"
         if not isinstance(item, dict):
-            raise DataError(f"expected a JSON object / found {describe(item)}", location=location)
+            yield RawRow(location, {}, DataError(f"expected a JSON object / found {describe(item)}", location=location))
+            continue
         yield RawRow(location, item)
 
 
@@ -132,17 +148,16 @@ def _maybe_json_cell(cell: str) -> Any:
 
 
 def iter_csv(path: Path) -> Iterator[RawRow]:
-    text = _decode_line(path.read_bytes(), str(path))
+    text = _decode_file(path.read_bytes(), path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     start_line = 2  # line 1 is the header; a quoted cell may span several lines
     for row in reader:
         location = f"{path}:{start_line}"
         start_line = reader.line_num + 1
         if None in row:
-            raise DataError(
-                f"expected {len(reader.fieldnames or [])} columns / found more cells than header columns",
-                location=location,
-            )
+            message = f"expected {len(reader.fieldnames or [])} columns / found more cells than header columns"
+            yield RawRow(location, {}, DataError(message, location=location))
+            continue
         yield RawRow(location, {key: _maybe_json_cell(value or "") for key, value in row.items()})
 
 

@@ -1,0 +1,269 @@
+"""From a ``DataConfig`` to tokenized train/eval groups, and from groups to batches.
+
+``prepare_data(cfg, view, tokenizer)`` reads every source, parses and validates every row (bad rows
+raise one located ``DataError`` before any model is loaded, or with ``on_error=skip`` are skipped
+and counted), splits eval off (separate sources, or a seeded ``eval_fraction`` of prompts), applies
+source weights, converts to the loss view, tokenizes, and caches the result on disk when
+``cache_dir`` is set. The cache key covers the sources' bytes, the tokenizer (vocabulary, special
+tokens, chat template), every data setting that changes the output, and the view; any change
+rebuilds. Cache files are written atomically.
+
+``iterate_batches`` yields collated batches for one epoch: a permutation seeded by (seed, epoch),
+sharded so that rank r takes the r-th ``batch_groups`` of every global batch, the last global batch
+completed by wrapping around (so every rank takes the same number of steps), and ``skip_batches``
+to resume mid-epoch exactly. Deliberately left out: device placement and gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pickle
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from alignkit.data.batch import Batch, TokenizedGroup
+from alignkit.data.collate import collate
+from alignkit.data.config import DataConfig, SourceConfig
+from alignkit.data.convert import ConvertStats
+from alignkit.data.formats import parse_row
+from alignkit.data.record import Record
+from alignkit.data.sources import apply_weight, fingerprint_source, iter_rows, split_by_key
+from alignkit.data.tokenize import TokenizeStats, adds_bos, tokenize_group
+from alignkit.data.views import to_view
+from alignkit.errors import DataError
+
+CACHE_VERSION = 1
+MAX_REPORTED_ERRORS = 20
+
+
+@dataclass
+class DataStats:
+    """What the pipeline did, printed by the trainer (``str``) and by ``alignkit data`` commands."""
+
+    sources: dict[str, int] = field(default_factory=dict)  # path -> records read
+    skipped: int = 0  # bad rows skipped with on_error=skip
+    skipped_examples: list[str] = field(default_factory=list)
+    convert: ConvertStats | None = None
+    tokenize: TokenizeStats = field(default_factory=TokenizeStats)
+    train_groups: int = 0
+    eval_groups: int = 0
+    cached: bool = False
+
+    def __str__(self) -> str:
+        parts = [f"{self.train_groups} train / {self.eval_groups} eval groups from "
+                 + ", ".join(f"{Path(p).name} ({n})" for p, n in self.sources.items())]
+        if self.convert is not None and (self.convert.dropped or self.convert.records_in != self.convert.records_out):
+            parts.append(str(self.convert))
+        tok = self.tokenize
+        parts.append(f"truncated {100 * tok.truncation_rate:.1f}% (prompts {tok.prompts_truncated}, "
+                     f"groups with a cut completion {tok.completions_truncated})")
+        if tok.dropped:
+            parts.append("dropped " + ", ".join(f"{n} {why}" for why, n in sorted(tok.dropped.items())))
+        if self.skipped:
+            parts.append(f"skipped {self.skipped} bad rows (first: {self.skipped_examples[0]})")
+        if self.cached:
+            parts.append("from cache")
+        return "; ".join(parts)
+
+
+@dataclass
+class PreparedData:
+    train: list[TokenizedGroup]
+    eval: list[TokenizedGroup]
+    stats: DataStats
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_records(
+    path: str, fmt: str = "auto", columns: str = "trl", column_map: dict[str, str] | None = None,
+    split: str = "train",
+) -> tuple[list[Record], list[DataError]]:
+    """Every valid record of one source plus every problem found (nothing raised for bad rows).
+
+    With ``fmt="auto"`` the first readable row fixes the format of the whole source, so a later row
+    missing a field is reported instead of silently read as another format.
+    """
+    records: list[Record] = []
+    errors: list[DataError] = []
+    for raw in iter_rows(path, split):
+        if raw.error is not None:
+            errors.append(raw.error)
+            continue
+        try:
+            record = parse_row(raw, fmt, columns, column_map)
+        except DataError as error:
+            errors.append(error)
+            continue
+        fmt = record.format if fmt == "auto" else fmt
+        records.append(record)
+    return records, errors
+
+
+def summarize_errors(errors: list[DataError]) -> DataError:
+    """One ``DataError`` standing for all: the first, plus how many more and how to list them."""
+    first = errors[0]
+    more = len(errors) - 1
+    tail = (f" ({more} more problem{'s' if more > 1 else ''} in the data: list them all with "
+            "`alignkit data validate PATH`, or set data.on_error=skip to skip bad rows)") if more else ""
+    return DataError(first.detail + tail, location=first.location, field=first.field)
+
+
+def _source_records(source: SourceConfig, cfg: DataConfig, stats: DataStats) -> list[Record]:
+    records, errors = read_records(
+        source.path, source.format or cfg.format, source.columns or cfg.columns,
+        {**cfg.column_map, **source.column_map}, source.split,
+    )
+    if errors and cfg.on_error == "raise":
+        raise summarize_errors(errors)
+    stats.skipped += len(errors)
+    stats.skipped_examples += [str(e) for e in errors[: MAX_REPORTED_ERRORS - len(stats.skipped_examples)]]
+    if not records:
+        raise DataError("expected at least one valid record / found none", location=source.path)
+    if cfg.max_records is not None:
+        records = records[: cfg.max_records]
+    stats.sources[source.path] = len(records)
+    return records
+
+
+def load_split_records(cfg: DataConfig, stats: DataStats) -> tuple[list[Record], list[Record]]:
+    """(train, eval) records: weights applied to train only; eval from its sources or a held-out fraction."""
+    if not cfg.train:
+        raise DataError("expected at least one training source / found none; set data.train=[{path: ...}]",
+                        location="data.train")
+    rng = random.Random(cfg.seed)
+    train: list[Record] = []
+    held_out: list[Record] = []
+    for source in cfg.train:
+        records = _source_records(source, cfg, stats)
+        if not cfg.eval and cfg.eval_fraction > 0:
+            records, held = split_by_key(records, Record.prompt_key, cfg.eval_fraction, cfg.seed)
+            held_out += held
+        train += apply_weight(records, source.weight, rng)
+    for source in cfg.eval:
+        held_out += _source_records(source, cfg, stats)
+    return train, held_out
+
+
+# ---------------------------------------------------------------- tokenizing and caching
+
+
+def _tokenize_all(records: list[Record], tokenizer: Any, cfg: DataConfig, stats: DataStats) -> list[TokenizedGroup]:
+    groups = []
+    for record in records:
+        try:
+            group = tokenize_group(record, tokenizer, cfg, stats.tokenize)
+        except DataError as error:
+            if cfg.on_error == "raise":
+                raise
+            stats.tokenize.dropped["rejected by the chat template"] += 1
+            stats.skipped_examples.append(str(error))
+            continue
+        if group is not None:
+            groups.append(group)
+    return groups
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """Hash of what changes token ids: vocabulary, special tokens, chat template, BOS behaviour."""
+    blob = json.dumps(
+        {
+            "class": type(tokenizer).__name__,
+            "vocab": sorted(tokenizer.get_vocab().items()),
+            "special": {k: str(v) for k, v in sorted(tokenizer.special_tokens_map.items())},
+            "template": getattr(tokenizer, "chat_template", None),
+            "adds_bos": adds_bos(tokenizer),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def cache_key(cfg: DataConfig, view: str, tokenizer: Any) -> str:
+    settings = dataclasses.asdict(cfg)
+    for batching_only in ("cache_dir", "layout", "max_tokens_per_row"):
+        settings.pop(batching_only)
+    sources = [fingerprint_source(s.path) for s in [*cfg.train, *cfg.eval]]
+    blob = json.dumps({"version": CACHE_VERSION, "settings": settings, "sources": sources, "view": view,
+                       "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _write_atomically(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(payload)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def prepare_data(cfg: DataConfig, view: str, tokenizer: Any) -> PreparedData:
+    """Config -> tokenized train/eval groups for a loss consuming ``view`` (see the module docstring)."""
+    cfg.validate()
+    cache_file = Path(cfg.cache_dir) / f"{cache_key(cfg, view, tokenizer)}.pkl" if cfg.cache_dir else None
+    if cache_file is not None and cache_file.exists():
+        with open(cache_file, "rb") as handle:
+            prepared: PreparedData = pickle.load(handle)
+        prepared.stats.cached = True
+        return prepared
+    stats = DataStats()
+    train_records, eval_records = load_split_records(cfg, stats)
+    train_records, stats.convert = to_view(train_records, view, cfg)
+    eval_records, _ = to_view(eval_records, view, cfg)
+    train = _tokenize_all(train_records, tokenizer, cfg, stats)
+    evaluation = _tokenize_all(eval_records, tokenizer, cfg, stats)
+    if not train:
+        raise DataError(f"expected training examples / found none left after conversion and tokenization ({stats})",
+                        location=cfg.train[0].path)
+    stats.train_groups, stats.eval_groups = len(train), len(evaluation)
+    prepared = PreparedData(train, evaluation, stats)
+    if cache_file is not None:
+        _write_atomically(cache_file, pickle.dumps(prepared))
+    return prepared
+
+
+# ---------------------------------------------------------------- batches
+
+
+def num_batches(num_groups: int, batch_groups: int, world_size: int = 1) -> int:
+    """Batches per epoch on every rank (the last global batch is completed by wrapping around)."""
+    global_batch = batch_groups * world_size
+    return -(-num_groups // global_batch) if num_groups else 0
+
+
+def epoch_order(num_groups: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
+    order = list(range(num_groups))
+    if shuffle:
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def iterate_batches(
+    groups: list[TokenizedGroup], *, batch_groups: int, layout: str, pad_token_id: int, shuffle: bool = True,
+    seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, max_tokens_per_row: int | None = None,
+    skip_batches: int = 0,
+) -> Iterator[Batch]:
+    """This rank's batches of one epoch, deterministic given (seed, epoch); see the module docstring."""
+    if batch_groups <= 0 or not 0 <= rank < world_size:
+        raise ValueError(f"need batch_groups > 0 and 0 <= rank < world_size (got {batch_groups}, {rank}, {world_size})")
+    order = epoch_order(len(groups), shuffle=shuffle, seed=seed, epoch=epoch)
+    total = num_batches(len(groups), batch_groups, world_size)
+    global_batch = batch_groups * world_size
+    for step in range(skip_batches, total):
+        start = step * global_batch + rank * batch_groups
+        indices = [order[i % len(order)] for i in range(start, start + batch_groups)]
+        yield collate([groups[i] for i in indices], layout=layout, pad_token_id=pad_token_id,
+                      max_tokens_per_row=max_tokens_per_row)
+
