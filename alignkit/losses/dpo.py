@@ -145,7 +145,10 @@ def exo_pair(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float
 @register_loss(view="pairwise", needs_reference=True)
 def discopop(inputs: SequenceLogps, *, beta: float = 0.1, tau: float = 0.05, f_divergence: str = "reverse_kl",
              f_alpha: float = 0.5, use_weighting: bool = False, ld_alpha: float | None = None) -> Out:
-    """DiscoPOP (log-ratio modulated): (1 - s) * l(z) + s * exp(-z), s = sigmoid(z / tau) (TRL's discopop_tau)."""
+    """DiscoPOP (log-ratio modulated): (1 - s) * l(z) + s * exp(-z), s = sigmoid(z / tau) (TRL's discopop_tau).
+
+    Not monotone near z = 0 for small tau (the modulation's slope dominates), as in the paper.
+    """
     t = _terms("discopop", inputs, locals())
     chosen, rejected = _delta(t, f_divergence, f_alpha)
     z = beta * (chosen - rejected)

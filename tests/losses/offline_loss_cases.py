@@ -80,3 +80,25 @@ def token_level(*, dtype=torch.float64) -> SequenceLogps:
 
 def with_logps(inputs: SequenceLogps, logps: torch.Tensor) -> SequenceLogps:
     return SequenceLogps(**{**inputs.__dict__, "logps": logps})
+
+
+OFFLINE_VIEWS = ("sft", "pairwise", "unpaired", "listwise")
+
+
+def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] | None = None,
+             lengths: list[list[float]] | None = None, *, dtype=torch.float64) -> SequenceLogps:
+    """A SequenceLogps fit for ``view`` from nested lists [G][K]: slot 0 best (scores descending), labels
+    alternating desirable/undesirable for unpaired data, KL pairs equal to the completions."""
+    logps_t = torch.tensor(logps, dtype=dtype)
+    g, k = logps_t.shape
+    ref_t = logps_t.detach().clone() if ref_logps is None else torch.tensor(ref_logps, dtype=dtype)
+    return SequenceLogps(
+        logps=logps_t,
+        lengths=torch.full((g, k), 4.0, dtype=dtype) if lengths is None else torch.tensor(lengths, dtype=dtype),
+        mask=torch.ones(g, k, dtype=torch.bool),
+        ref_logps=ref_t,
+        scores=torch.arange(k, 0, -1, dtype=dtype).expand(g, k).clone(),
+        labels=(torch.arange(g) % 2 == 0).to(dtype).view(g, 1).expand(g, k).clone(),
+        kl_logps=logps_t[:, 0].detach().clone(),
+        ref_kl_logps=ref_t[:, 0].clone(),
+    )
