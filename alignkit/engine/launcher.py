@@ -1,0 +1,136 @@
+"""Build and run the DeepSpeed launcher command line for N processes on one or several nodes.
+
+``build_launch_command`` is a pure function (snapshot-tested) producing::
+
+    python -m deepspeed.launcher.runner [--hostfile H --num_nodes M] --num_gpus N
+        [--master_addr A] [--master_port P] --no_local_rank --module alignkit worker RUN_DIR/config.yaml
+
+* ``python -m deepspeed.launcher.runner`` (not the ``deepspeed`` script) so the launcher runs in the
+  same interpreter/venv even when the venv's ``bin`` is not on PATH; the runner starts its workers
+  with that interpreter too.
+* ``--num_gpus`` (alias ``--num_accelerators``) is the processes per node; it works on CPU with
+  ``DS_ACCELERATOR=cpu`` because the runner then uses slots ``0..N-1`` regardless of the
+  detected device count. DeepSpeed forbids it together with ``--include/--exclude``, so with a
+  filter the processes come from the filter (and the hostfile's ``slots=``) alone.
+* ``--no_local_rank``: workers read ``LOCAL_RANK`` from the environment instead of an extra
+  ``--local_rank=N`` argument, which the alignkit CLI would reject as a stray flag.
+* Multi-node needs a hostfile (``host slots=N`` lines, passwordless ssh, a shared filesystem for
+  the run directory); a missing one is a ``UserError`` (DeepSpeed itself would silently fall
+  back to one node).
+
+``launch(argv, env)`` runs the command in its own process group and forwards SIGINT/SIGTERM to the
+whole group (DeepSpeed's single-node runner does not forward signals itself), so each worker gets
+the signal, saves a checkpoint and exits; it returns the exit code (128 + signal number when the
+launcher died from a signal).
+
+Left out: DeepSpeed's MPI/SLURM launcher backends (``--launcher``; SLURM sweeps go through Hydra's
+submitit launcher instead), ``--no_ssh`` per-node starts, autotuning.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Mapping, Optional, Sequence
+
+from alignkit.errors import UserError
+
+# Re-exported for callers that pick a port for single-node runs (DeepSpeed's default 29500 collides
+# when two runs share a machine).
+from alignkit.engine.engine import find_free_port  # noqa: F401
+
+
+def build_launch_command(
+    *,
+    nproc_per_node: int,
+    nnodes: int = 1,
+    hostfile: Optional[str] = None,
+    master_addr: Optional[str] = None,
+    master_port: Optional[int] = None,
+    include: Optional[str] = None,
+    exclude: Optional[str] = None,
+    bind_cores_to_rank: bool = False,
+    module_args: Sequence[str],
+    python: str = sys.executable,
+) -> list[str]:
+    """The argv that starts ``python -m <module_args...>`` under the DeepSpeed launcher.
+
+    ``module_args`` is the module and its arguments, e.g. ``["alignkit", "worker", "RUN/config.yaml"]``.
+    """
+    if nproc_per_node < 1:
+        raise UserError(f"launcher.nproc_per_node={nproc_per_node} must be >= 1 (processes per node).")
+    if nnodes < 1:
+        raise UserError(f"launcher.nnodes={nnodes} must be >= 1.")
+    if include and exclude:
+        raise UserError(
+            "launcher.include and launcher.exclude are mutually exclusive in DeepSpeed; keep one of them."
+        )
+    if not module_args:
+        raise ValueError("module_args must name the module to run, e.g. ['alignkit', 'worker', 'config.yaml']")
+    if hostfile is not None and not Path(hostfile).is_file():
+        raise UserError(
+            f"launcher.hostfile={hostfile!r} does not exist. Write one line per node, e.g. "
+            "'node-1 slots=8', give its path, and make sure every node reaches the others by passwordless ssh."
+        )
+    if nnodes > 1 and hostfile is None:
+        raise UserError(
+            f"launcher.nnodes={nnodes} needs launcher.hostfile: a file with one 'HOST slots=N' line per "
+            "node (DeepSpeed starts the other nodes over ssh). On SLURM, use the submitit launcher instead."
+        )
+
+    argv = [python, "-u", "-m", "deepspeed.launcher.runner"]
+    if hostfile is not None:
+        argv += ["--hostfile", str(hostfile)]
+    if include:
+        argv += ["--include", include]
+    elif exclude:
+        argv += ["--exclude", exclude]
+    else:
+        if hostfile is not None:
+            argv += ["--num_nodes", str(nnodes)]
+        argv += ["--num_gpus", str(nproc_per_node)]
+    if master_addr:
+        argv += ["--master_addr", master_addr]
+    if master_port is not None:
+        argv += ["--master_port", str(master_port)]
+    if bind_cores_to_rank:
+        argv.append("--bind_cores_to_rank")
+    argv += ["--no_local_rank", "--module", *module_args]
+    return argv
+
+
+def launch_env(base: Optional[Mapping[str, str]] = None, *, has_cuda: Optional[bool] = None) -> dict[str, str]:
+    """The environment for ``launch``: ``base`` (default ``os.environ``) plus ``DS_ACCELERATOR=cpu`` without a GPU."""
+    env = dict(os.environ if base is None else base)
+    if has_cuda is None:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    if not has_cuda:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    return env
+
+
+def launch(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
+    """Run ``argv`` (from ``build_launch_command``) to completion; forward SIGINT/SIGTERM; return its exit code."""
+    proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True)
+
+    def forward(signum, _frame):
+        try:
+            os.killpg(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
+    signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()
+    previous = {sig: signal.signal(sig, forward) for sig in signals}
+    try:
+        returncode = proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - returncode if returncode < 0 else returncode
