@@ -102,3 +102,8 @@ def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] |
         kl_logps=logps_t[:, 0].detach().clone(),
         ref_kl_logps=ref_t[:, 0].clone(),
     )
+
+
+def user_margin_loss(inputs: SequenceLogps, *, scale: float = 1.0):
+    """A user's own loss, registered by dotted path (no register_loss): scale * mean(logp_r - logp_c)."""
+    return scale * (inputs.logps[:, 1] - inputs.logps[:, 0]).mean(), {}
