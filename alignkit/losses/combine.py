@@ -122,6 +122,7 @@ def build_objective(
         given = dict(hparams.get(name) or {})
         check_hparams(spec, given)
         defaults = {k: v for k, v in spec.hparams().items() if v is not inspect.Parameter.empty}
-        validate_knobs(spec.name, {**defaults, **given})
+        if spec.view != "rollout":  # rollout losses check their own knobs (beta = 0 means no KL there)
+            validate_knobs(spec.name, {**defaults, **given})
         parts.append(WeightedPart(spec=spec, weight=float(weight), hparams=given))
     return WeightedLoss(parts=tuple(parts))
