@@ -28,7 +28,7 @@ _SWEEP_DIRS: list[Path] = []
 def run_sweep(overrides: list[str]) -> int:
     import hydra
 
-    from alignkit.config.compose import conf_dir, register_schema
+    from alignkit.config.compose import conf_dir, loss_overrides_forced, register_schema
 
     register_schema()
     stray = [o for o in overrides if o.startswith("-")]
@@ -38,7 +38,7 @@ def run_sweep(overrides: list[str]) -> int:
         raise ConfigError(f"unknown option {stray[0]!r}. Sweep values are written key=a,b,c.")
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)
     saved = sys.argv
-    sys.argv = ["alignkit", "--multirun", *overrides]
+    sys.argv = ["alignkit", "--multirun", *loss_overrides_forced(overrides)]
     try:
         main()
     finally:

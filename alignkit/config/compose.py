@@ -35,12 +35,23 @@ def recipes_dir() -> Path:
     return conf_dir() / "recipe"
 
 
+def demo_data_dir() -> Path:
+    """The shipped demo datasets (``data/demo`` in a checkout, ``alignkit/_data/demo`` in a wheel)."""
+    for candidate in (PACKAGE_DIR.parent / "data" / "demo", PACKAGE_DIR / "_data" / "demo"):
+        if candidate.is_dir():
+            return candidate
+    return PACKAGE_DIR.parent / "data" / "demo"
+
+
 def register_schema() -> None:
+    """Register the structured schema and the ``${ak.demo:FILE}`` resolver (idempotent)."""
     from hydra.core.config_store import ConfigStore
 
     from alignkit.config.schema import AlignkitConfig
 
     ConfigStore.instance().store(name="schema", node=AlignkitConfig)
+    if not OmegaConf.has_resolver("ak.demo"):
+        OmegaConf.register_new_resolver("ak.demo", lambda name: str(demo_data_dir() / name))
 
 
 def _group_options(group: str) -> list[str]:
@@ -84,6 +95,12 @@ def _valid_keys_hint(path: str) -> str:
     return ""
 
 
+def loss_overrides_forced(overrides: Iterable[str]) -> list[str]:
+    """``loss.X=V`` -> ``++loss.X=V``: a loss's hyper-parameters default in its signature, so a preset's
+    YAML need not list them; unknown ones are then rejected by the loss registry with the valid names."""
+    return ["++" + o if o.startswith("loss.") else o for o in overrides]
+
+
 def compose(overrides: Iterable[str] = ()) -> DictConfig:
     """Compose the config for ``overrides`` (Hydra syntax), validate it, and return it resolved."""
     from hydra import compose as hydra_compose
@@ -102,7 +119,7 @@ def compose(overrides: Iterable[str] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=loss_overrides_forced(overrides))
     except (OmegaConfBaseException, Exception) as exc:  # noqa: BLE001 - Hydra raises many kinds
         if isinstance(exc, ConfigError):
             raise

@@ -98,7 +98,6 @@ class RLConfig:
     """Knobs of the online runners."""
 
     num_generations: int = 4  # samples per prompt (G)
-    prompts_per_step: int = 2  # prompts per optimizer step (global)
     advantage: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae
     scale_rewards: str = "group"  # group | batch | none
     ppo_epochs: int = 1  # mu: optimisation passes per generation batch

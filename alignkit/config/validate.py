@@ -58,6 +58,18 @@ def loss_terms(loss_cfg: Any) -> list[tuple[Any, float, dict[str, Any]]]:
     return terms
 
 
+def objective_from_cfg(loss_cfg: Any):
+    """The ``WeightedLoss`` the ``loss`` node describes (knob values checked)."""
+    from alignkit.losses.combine import build_objective
+
+    terms = loss_terms(loss_cfg)
+    return build_objective(
+        [spec.name for spec, _, _ in terms],
+        [w for _, w, _ in terms],
+        {spec.name: hp for spec, _, hp in terms},
+    )
+
+
 def runner_for(cfg: DictConfig) -> str:
     """The runner that trains ``cfg``: explicit ``runner`` or the one the loss's view implies."""
     terms = loss_terms(cfg.loss)
@@ -93,9 +105,7 @@ def validate(cfg: DictConfig) -> None:
     _validate_sections(cfg)
     runner = runner_for(cfg)
     terms = loss_terms(cfg.loss)
-    views = {spec.view for spec, _, _ in terms} - {"sft"}
-    if len(views) > 1:
-        raise ConfigError(f"losses {[s.name for s, _, _ in terms]} consume different data views {sorted(views)}.")
+    objective_from_cfg(cfg.loss)  # views combine, knob values valid
     if runner in ("sft", "preference", "reward"):
         _check_batch(cfg)
     needs_ref = any(spec.needs_reference for spec, _, _ in terms)

@@ -16,4 +16,4 @@ from alignkit.losses.registry import (  # noqa: F401
     register_loss,
     resolve_loss,
 )
-from alignkit.losses import sft, dpo, reference_free, unpaired, listwise, rollout  # noqa: F401,E402
+from alignkit.losses import sft, dpo, reference_free, unpaired, listwise, rollout, reward  # noqa: F401,E402

@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alignkit.config.validate import grad_accum_steps, loss_terms
+from alignkit.config.validate import objective_from_cfg
 from alignkit.data.batch import Batch, per_token_view, sum_per_slot
-from alignkit.losses.combine import build_objective
 from alignkit.losses.registry import SequenceLogps
 from alignkit.trainers import common
 from alignkit.trainers.reference import (
@@ -37,7 +36,7 @@ from alignkit.trainers.reference import (
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     run = common.start(cfg, run_dir)
-    objective = build_objective_from_cfg(cfg)
+    objective = objective_from_cfg(cfg.loss)
     from alignkit.data.pipeline import prepare_data
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.models.logprobs import TargetLogProbs
@@ -90,15 +89,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return {"exit_code": 0}
 
 
-def build_objective_from_cfg(cfg: DictConfig):
-    terms = loss_terms(cfg.loss)
-    return build_objective(
-        [spec.name for spec, _, _ in terms],
-        [w for _, w, _ in terms],
-        {spec.name: hp for spec, _, hp in terms},
-    )
-
-
 def build_reference(cfg, run, policy, objective, data, pad_id):
     """The reference strategy for this run (see ``alignkit.trainers.reference``)."""
     from alignkit.models.load import disabled_adapter, load_causal_lm
@@ -148,7 +138,8 @@ def _frozen_model_cfg(cfg: DictConfig):
 def sequence_logps(policy, reference, batch: Batch, objective, need_tokens: bool,
                    kl_batch: Batch | None = None) -> SequenceLogps:
     """Policy (with grad) and reference log-probs of one batch, as the loss functions take them."""
-    out = forward_logps(policy, batch, with_log_sq_mass=objective.needs_log_sq_mass)
+    wpo = any(part.hparams.get("use_weighting") for part in objective.parts)
+    out = forward_logps(policy, batch, with_log_sq_mass=wpo) if wpo else forward_logps(policy, batch)
     token_logps = out["logps"].float()
     ref_seq, ref_tokens = reference.logps(batch, with_tokens=need_tokens)
     seq = SequenceLogps(

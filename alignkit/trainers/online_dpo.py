@@ -1,0 +1,126 @@
+"""Online / iterative DPO: sample from the current policy, rank with the judge (or any reward mix),
+train any registered paired loss on the best-vs-worst pair of each prompt.
+
+One step: this rank's prompts -> ``rl.num_generations`` (>= 2) samples each -> rewards -> pair
+the best and the worst sample of each prompt (groups whose samples all tie give no pair) ->
+micro-batches of pairs -> the paired objective with the reference -> one optimizer step.
+Iterative rounds: ``rl.rounds`` equal stretches of the run; with
+``rl.update_reference_each_round`` the reference becomes the current policy at each round start.
+
+The number of micro-batches per step is fixed (DeepSpeed counts them): missing pairs are filled by
+repeating this rank's valid pairs, and a rank with no valid pair backpropagates a zero loss.
+Left out: reference updates under ZeRO-3 (the frozen copy would need a gathered copy; refused).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignkit.config.validate import objective_from_cfg
+from alignkit.errors import ConfigError
+from alignkit.trainers import common, rollout
+from alignkit.trainers.preference import sequence_logps
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    run = common.start(cfg, run_dir)
+    objective = objective_from_cfg(cfg.loss)
+    if objective.view != "pairwise" or int(cfg.rl.num_generations) < 2:
+        raise ConfigError("online DPO needs a pairwise loss (e.g. loss=dpo) and rl.num_generations >= 2.")
+    if cfg.rl.update_reference_each_round and int(cfg.rl.rounds) > 1 and int(cfg.deepspeed.zero_stage) == 3:
+        raise ConfigError("rl.update_reference_each_round is not supported under ZeRO-3 yet; use zero2 or rounds=1.")
+    from alignkit.data.pipeline import prepare_data
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.logprobs import TargetLogProbs
+    from alignkit.rl.generation import HFGenerationEngine
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
+    reward_mix = rollout.build_reward_mix(cfg)
+    steps = common.total_steps(cfg, len(data.train))
+    common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
+    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
+    policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
+    generator = HFGenerationEngine(common.hf_model(policy), tokenizer)
+    reference = rollout.online_reference(cfg, run, policy, beta=1.0 if objective.needs_reference else 0.0)
+    state = common.resume_state(run, policy)
+    round_length = max(1, steps // max(1, int(cfg.rl.rounds)))
+    micro, pad_id = int(cfg.trainer.micro_batch_size), tokenizer.pad_token_id
+
+    for step in range(int(state["step"]) + 1, steps + 1):
+        if cfg.rl.update_reference_each_round and step > 1 and (step - 1) % round_length == 0:
+            sync_reference(reference, policy)
+            run.print(f"round {(step - 1) // round_length + 1}: reference <- current policy")
+        tick = time.time()
+        policy.eval()
+        sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
+                                        reward_mix, cfg, num_samples=int(cfg.rl.num_generations),
+                                        seed=rollout.seed_for(cfg, run, step))
+        pairs = best_vs_worst(sampled)
+        policy.train()
+        meter = common.MetricMeter()
+        for chunk in fill_chunks(pairs, len(sampled.groups), micro):
+            if not chunk:  # no valid pair on this rank: keep DeepSpeed's accumulation count in step
+                zero = sum(p.sum() for p in policy.parameters() if p.requires_grad) * 0.0
+                policy.backward(zero)
+                continue
+            batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
+            loss, metrics = objective(sequence_logps(policy, reference, batch, objective, objective.needs_token_logps))
+            policy.backward(loss)
+            meter.add({"loss": loss, **metrics})
+        policy.step()
+        metrics = {**meter.means(), **rollout.reward_metrics(sampled), "pairs": float(len(pairs)),
+                   "lr": policy.get_lr()[0], "step_seconds": time.time() - tick}
+        run.logger.log(step, common.all_reduce_mean(metrics, run), split="train")
+        if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
+            policy.eval()
+            run.logger.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
+                           split="eval")
+        if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
+            common.save(run, policy, step)
+            if run.stop_requested():
+                return {"exit_code": 0, "stopped": step}
+    common.export_final(run, policy, tokenizer)
+    run.logger.close()
+    return {"exit_code": 0}
+
+
+def best_vs_worst(sampled: rollout.SampledBatch) -> list:
+    """One (chosen, rejected) group per prompt whose samples do not all tie."""
+    pairs = []
+    offset = 0
+    for group in sampled.groups:
+        rewards = sampled.rewards[offset : offset + group.group_size]
+        offset += group.group_size
+        best, worst = int(rewards.argmax()), int(rewards.argmin())
+        if rewards[best] <= rewards[worst]:
+            continue
+        pairs.append(replace(
+            group,
+            completion_ids=[group.completion_ids[best], group.completion_ids[worst]],
+            completion_train_mask=[group.completion_train_mask[best], group.completion_train_mask[worst]],
+            scores=[float(rewards[best]), float(rewards[worst])],
+            example_id=f"{group.example_id}/online",
+        ))
+    return pairs
+
+
+def fill_chunks(pairs: list, num_groups: int, micro: int) -> list[list]:
+    """Exactly ceil(num_groups / micro) micro-batches of ``micro`` pairs, repeating pairs to fill."""
+    count = -(-num_groups // micro)
+    if not pairs:
+        return [[] for _ in range(count)]
+    filled = [pairs[i % len(pairs)] for i in range(count * micro)]
+    return [filled[i * micro : (i + 1) * micro] for i in range(count)]
+
+
+@torch.no_grad()
+def sync_reference(reference, policy) -> None:
+    """Copy the policy's weights into the frozen reference (ZeRO 0-2)."""
+    target = common.hf_model(reference.module)
+    target.load_state_dict(common.hf_model(policy).state_dict())

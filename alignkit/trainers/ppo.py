@@ -1,0 +1,116 @@
+"""PPO: actor + critic (value head), reference, rule rewards or a reward model, KL in the reward, GAE.
+
+One step: this rank's prompts -> ``rl.num_generations`` samples each -> scalar rewards -> one
+no-grad pass for the sampling log-probs, the reference log-probs and the critic's values ->
+token rewards ``-kl_coef * KL_t`` plus the scalar reward on the last token -> GAE advantages and
+value targets (advantages whitened) -> ``rl.ppo_epochs`` passes of micro-batches, each updating
+the actor (clipped surrogate, ``loss=ppo``) and the critic (clipped value loss ``ppo_value``),
+both DeepSpeed engines. Left out: reward-model ensembles and PPO-max stabilisers.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignkit.config.validate import loss_terms
+from alignkit.data.batch import per_token_view
+from alignkit.losses.registry import RolloutLogps, resolve_loss
+from alignkit.trainers import common, rollout
+from alignkit.trainers.reference import forward_logps
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    run = common.start(cfg, run_dir)
+    spec, _, hparams = loss_terms(cfg.loss)[0]
+    value_loss = resolve_loss("ppo_value")
+    from alignkit.data.pipeline import prepare_data
+    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.logprobs import TargetLogProbs
+    from alignkit.models.value import load_value_model
+    from alignkit.rl.advantages import compute_gae, whiten
+    from alignkit.rl.generation import HFGenerationEngine
+    from alignkit.rl.kl import kl_per_token, shape_token_rewards
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
+    reward_mix = rollout.build_reward_mix(cfg)
+    steps = common.total_steps(cfg, len(data.train))
+    num_samples, epochs = int(cfg.rl.num_generations), int(cfg.rl.ppo_epochs)
+    common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
+
+    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
+    actor = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run,
+                                steps * epochs)
+    critic_model, _ = load_value_model(OmegaConf.to_object(cfg.model))
+    critic = common.train_engine(critic_model, cfg, run, steps * epochs,
+                                 lr=float(cfg.rl.critic_lr))
+    generator = HFGenerationEngine(common.hf_model(actor), tokenizer)
+    reference = rollout.online_reference(cfg, run, actor, beta=float(cfg.rl.kl_coef))
+    state = common.resume_state(run, actor)
+    pad_id = tokenizer.pad_token_id
+
+    for step in range(int(state["step"]) + 1, steps + 1):
+        tick = time.time()
+        actor.eval()
+        sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
+                                        reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(cfg, run, step))
+        chunks = [sampled.groups[i : i + int(cfg.trainer.micro_batch_size)]
+                  for i in range(0, len(sampled.groups), int(cfg.trainer.micro_batch_size))]
+        experience, offset, kl_values = [], 0, []
+        with torch.no_grad():
+            for groups in chunks:
+                batch = common.collate_groups(groups, cfg, pad_id).to(run.device)
+                old = rollout.slot_tokens(forward_logps(actor, batch)["logps"], batch)
+                mask = rollout.slot_tokens(torch.ones_like(batch.target_ids, dtype=torch.float32), batch).bool()
+                ref_flat = reference.logps(batch, with_tokens=True)[1]
+                ref = rollout.slot_tokens(ref_flat, batch) if ref_flat is not None else old
+                values = rollout.slot_tokens(critic(**_value_inputs(batch)), batch)
+                rewards = sampled.rewards[offset : offset + mask.shape[0]].to(run.device)
+                offset += mask.shape[0]
+                token_rewards = shape_token_rewards(rewards, mask, logps=old, ref_logps=ref,
+                                                    kl_coef=float(cfg.rl.kl_coef), estimator=cfg.rl.kl_estimator)
+                advantages, returns = compute_gae(token_rewards, values, mask, gamma=float(cfg.rl.gamma),
+                                                  lam=float(cfg.rl.lam))
+                if cfg.rl.whiten_advantages:
+                    advantages = whiten(advantages, mask)
+                kl_values.append(kl_per_token(old, ref, cfg.rl.kl_estimator)[mask].mean())
+                experience.append((batch, old, values, advantages, returns, mask))
+        actor.train()
+        meter = common.MetricMeter()
+        for _ in range(epochs):
+            for batch, old, old_values, advantages, returns, mask in experience:
+                logps = rollout.slot_tokens(forward_logps(actor, batch)["logps"], batch)
+                loss, metrics = spec.fn(RolloutLogps(logps=logps, old_logps=old, advantages=advantages, mask=mask),
+                                        **hparams)
+                actor.backward(loss)
+                values = rollout.slot_tokens(critic(**_value_inputs(batch)), batch)
+                v_loss, v_metrics = value_loss.fn(RolloutLogps(
+                    logps=logps.detach(), old_logps=old, advantages=advantages, mask=mask,
+                    values=values, old_values=old_values, returns=returns))
+                critic.backward(v_loss)
+                meter.add({"loss": loss, **metrics, "value_loss": v_loss, **{f"value/{k}": v for k, v in v_metrics.items()}})
+            actor.step()
+            critic.step()
+        metrics = {**meter.means(), **rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean()),
+                   "lr": actor.get_lr()[0], "step_seconds": time.time() - tick}
+        run.logger.log(step, common.all_reduce_mean(metrics, run), split="train")
+        if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
+            actor.eval()
+            run.logger.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
+                           split="eval")
+        if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
+            common.save(run, actor, step)
+            if run.stop_requested():
+                return {"exit_code": 0, "stopped": step}
+    common.export_final(run, actor, tokenizer)
+    run.logger.close()
+    return {"exit_code": 0}
+
+
+def _value_inputs(batch) -> dict:
+    return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                target_index=batch.target_index)

@@ -1,0 +1,99 @@
+"""The reward-model runner: Bradley-Terry on paired data with a sequence-classification head.
+
+Same loop shape as the preference trainer (data before model, one forward over the flattened
+batch, loss, step, held-out accuracy, checkpoints, export), but the forward is ``RewardScorer``:
+the decoder's hidden state at each completion's last token through the scalar ``score`` head.
+The exported folder loads with ``AutoModelForSequenceClassification`` and serves as
+``reward.model`` for the online runners. Left out: LoRA-specific heads (the head is trained fully).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignkit.config.validate import objective_from_cfg
+from alignkit.data.batch import Batch
+from alignkit.losses.registry import SequenceLogps
+from alignkit.models.logprobs import model_dtype, prepare_attention_mask
+from alignkit.trainers import common
+
+
+class RewardScorer(torch.nn.Module):
+    """Scalar score of every slot of a ``Batch``: hidden state of its last token -> ``score`` head."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, target_index, target_slot, num_slots: int):
+        base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        hidden = base(input_ids=input_ids, attention_mask=prepare_attention_mask(attention_mask, model_dtype(base)),
+                      position_ids=position_ids, use_cache=False).last_hidden_state
+        last = torch.full((num_slots,), -1, dtype=torch.long, device=target_index.device)
+        last = last.scatter_reduce(0, target_slot, target_index, reduce="amax")
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, last + 1)  # the last token itself
+        return self.model.score(rows).squeeze(-1).float()
+
+
+def score_batch(engine, batch: Batch) -> torch.Tensor:
+    return engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  target_index=batch.target_index, target_slot=batch.target_slot,
+                  num_slots=batch.num_slots).view(batch.num_groups, batch.group_size)
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    run = common.start(cfg, run_dir)
+    objective = objective_from_cfg(cfg.loss)
+    from alignkit.data.pipeline import prepare_data
+    from alignkit.models.load import load_reward_model, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    data = prepare_data(OmegaConf.to_object(cfg.data), "pairwise", tokenizer)
+    steps = common.total_steps(cfg, len(data.train))
+    common.describe_batches(run, groups=len(data.train), steps=steps, kind="pairs")
+    model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model))
+    engine = common.train_engine(RewardScorer(model), cfg, run, steps)
+    state = common.resume_state(run, engine)
+    pad_id = tokenizer.pad_token_id
+
+    for step in range(int(state["step"]) + 1, steps + 1):
+        tick = time.time()
+        meter = common.MetricMeter()
+        for chunk in common.micro_chunks(run, data.train, step - 1):
+            batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
+            loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
+            engine.backward(loss)
+            meter.add({"loss": loss, **metrics})
+        engine.step()
+        metrics = {**common.all_reduce_mean(meter.means(), run), "lr": engine.get_lr()[0],
+                   "step_seconds": time.time() - tick}
+        run.logger.log(step, metrics, split="train")
+        if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
+            run.logger.log(step, evaluate(run, engine, objective, data.eval, pad_id), split="eval")
+        if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
+            common.save(run, engine, step)
+            if run.stop_requested():
+                return {"exit_code": 0, "stopped": step}
+    common.export_final(run, engine, tokenizer)
+    run.logger.close()
+    return {"exit_code": 0}
+
+
+def _as_inputs(scores: torch.Tensor, batch: Batch) -> SequenceLogps:
+    return SequenceLogps(logps=scores, lengths=batch.slot_lengths().float(), mask=batch.slot_mask, scores=batch.scores)
+
+
+@torch.no_grad()
+def evaluate(run, engine, objective, groups, pad_id) -> dict[str, float]:
+    engine.eval()
+    meter = common.MetricMeter()
+    for chunk in common.eval_chunks(run, groups):
+        batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
+        loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
+        meter.add({"loss": loss, **metrics}, weight=batch.num_groups)
+    engine.train()
+    return common.all_reduce_mean(meter.means(), run)

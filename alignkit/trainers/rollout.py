@@ -1,0 +1,178 @@
+"""Sampling and scoring shared by the online runners (GRPO, PPO, online DPO).
+
+``sample_groups`` takes this rank's prompts (prompt-only ``TokenizedGroup``s, K=0), samples G
+completions per prompt with the policy, scores them with the reward mix, and returns the
+groups filled with their completions (K=G) plus rewards. Groups never span ranks, so
+group-relative statistics are local. ``prompt_schedule`` is the online analogue of
+``common.step_groups``: the prompts of step ``s`` are a pure function of the seed and ``s``.
+Left out: asynchronous generation and a vLLM engine (the seam is ``alignkit.rl.generation``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from alignkit.data.batch import TokenizedGroup, per_token_view
+from alignkit.losses.registry import RolloutLogps
+from alignkit.trainers import common
+from alignkit.trainers.reference import ModuleReference, NoReference
+
+
+@dataclass
+class SampledBatch:
+    groups: list[TokenizedGroup]  # K = G completions each, train mask all True
+    rewards: torch.Tensor  # [S] S = groups * G, group-major
+    reward_parts: dict[str, torch.Tensor]  # per reward function, [S]
+    finished: torch.Tensor  # [S] bool, ended with EOS
+    gen_seconds: float
+    gen_tokens: int
+
+
+def build_reward_mix(cfg: DictConfig):
+    from alignkit.rewards.registry import RewardMix
+
+    weights = list(cfg.reward.weights) or [1.0] * len(cfg.reward.fns)
+    return RewardMix(list(cfg.reward.fns), weights)
+
+
+def prompt_schedule(run: common.Run, prompts: list[TokenizedGroup], step: int) -> list[TokenizedGroup]:
+    """This rank's prompts for optimizer step ``step`` (0-based)."""
+    indices = common.step_groups(len(prompts), step, int(run.cfg.trainer.batch_size), int(run.cfg.trainer.seed))
+    return [prompts[i] for i in indices[run.rank :: run.world]]
+
+
+def decode_prompt(group: TokenizedGroup, tokenizer) -> str:
+    return group.extra.get("prompt_text") or tokenizer.decode(group.prompt_ids, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def sample_groups(
+    generator,
+    tokenizer,
+    prompts: list[TokenizedGroup],
+    reward_mix,
+    cfg: DictConfig,
+    *,
+    num_samples: int,
+    seed: int,
+    greedy: bool = False,
+) -> SampledBatch:
+    gen = cfg.generation
+    tick = time.time()
+    rollouts = generator.generate(
+        [p.prompt_ids for p in prompts],
+        num_samples=num_samples,
+        max_new_tokens=int(gen.max_new_tokens),
+        temperature=0.0 if greedy else float(gen.temperature),
+        top_p=float(gen.top_p),
+        top_k=int(gen.top_k),
+        seed=seed,
+    )
+    gen_seconds = time.time() - tick
+    by_prompt: dict[int, list] = {}
+    for r in rollouts:
+        by_prompt.setdefault(r.prompt_index, []).append(r)
+    groups, texts, prompt_texts, finished = [], [], [], []
+    columns: dict[str, list] = {}
+    for i, prompt in enumerate(prompts):
+        samples = sorted(by_prompt[i], key=lambda r: r.sample_index)
+        ids = [list(r.completion_ids) for r in samples]
+        groups.append(replace(prompt, completion_ids=ids, completion_train_mask=[[True] * len(x) for x in ids]))
+        prompt_text = decode_prompt(prompt, tokenizer)
+        for r in samples:
+            texts.append(tokenizer.decode(r.completion_ids, skip_special_tokens=True))
+            prompt_texts.append(prompt_text)
+            finished.append(bool(r.finished))
+            for key, value in prompt.extra.items():
+                columns.setdefault(key, []).append(value)
+    total, parts = reward_mix(prompt_texts, texts, **columns)
+    return SampledBatch(
+        groups=groups,
+        rewards=torch.as_tensor(total, dtype=torch.float32),
+        reward_parts={k: torch.as_tensor(v, dtype=torch.float32) for k, v in parts.items()},
+        finished=torch.tensor(finished),
+        gen_seconds=gen_seconds,
+        gen_tokens=sum(len(r.completion_ids) for r in rollouts),
+    )
+
+
+def reward_metrics(sampled: SampledBatch) -> dict[str, float]:
+    r = sampled.rewards
+    lengths = [len(ids) for g in sampled.groups for ids in g.completion_ids]
+    out = {
+        "reward/mean": float(r.mean()),
+        "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
+        "response_length": sum(lengths) / max(len(lengths), 1),
+        "finished_fraction": float(sampled.finished.float().mean()),
+        "gen_tokens_per_s": sampled.gen_tokens / max(sampled.gen_seconds, 1e-9),
+    }
+    out.update({f"reward/{k}": float(v.mean()) for k, v in sampled.reward_parts.items()})
+    return out
+
+
+def group_index(groups: list[TokenizedGroup]) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([g.group_size for g in groups]))
+
+
+@torch.no_grad()
+def evaluate_generations(run: common.Run, generator, tokenizer, prompts, reward_mix) -> dict[str, float]:
+    """Mean reward of greedy completions on held-out prompts (this rank's share, then averaged)."""
+    cfg = run.cfg
+    mine = prompts[: int(cfg.trainer.max_eval_groups)][run.rank :: run.world]
+    size = int(cfg.trainer.eval_batch_size)
+    meter = common.MetricMeter()
+    for i in range(0, len(mine), size):
+        sampled = sample_groups(generator, tokenizer, mine[i : i + size], reward_mix, cfg, num_samples=1,
+                                seed=int(cfg.trainer.seed), greedy=True)
+        meter.add({k: v for k, v in reward_metrics(sampled).items() if not k.startswith("gen_")},
+                  weight=len(sampled.groups))
+    return common.all_reduce_mean(meter.means(), run)
+
+
+def seed_for(cfg: DictConfig, run: common.Run, step: int) -> int:
+    """Sampling seed of (step, rank): different per rank and step, reproducible on resume."""
+    return int(cfg.trainer.seed) * 1_000_003 + step * run.world + run.rank
+
+
+def slot_tokens(flat: torch.Tensor, batch) -> torch.Tensor:
+    """Per-target values ``[N]`` of a rollout batch as ``[S, T]`` rows, one per existing completion."""
+    tokens, _ = per_token_view(flat.float(), batch)
+    return tokens.flatten(0, 1)[batch.slot_mask.flatten()]
+
+
+def online_reference(cfg: DictConfig, run, policy, beta: float):
+    """The KL reference of the online runners: none at beta 0, the LoRA-disabled base, or a frozen copy."""
+    if beta <= 0:
+        return NoReference()
+    from alignkit.models.load import disabled_adapter, load_causal_lm
+    from alignkit.models.logprobs import TargetLogProbs
+
+    if int(cfg.model.lora.r) > 0:
+        inner = common.hf_model(policy)
+        return ModuleReference(policy, context=lambda: disabled_adapter(inner))
+    model_cfg = OmegaConf.to_object(cfg.model)
+    model_cfg.lora.r = 0
+    model, _ = load_causal_lm(model_cfg)
+    return ModuleReference(common.frozen_engine(TargetLogProbs(model), cfg))
+
+
+def rollout_inputs(logps: torch.Tensor, batch, advantages: torch.Tensor, old: torch.Tensor | None,
+                   reference) -> RolloutLogps:
+    """Per-target log-probs of a collated rollout batch as the [S, T] tensors rollout losses take."""
+    tokens = slot_tokens(logps, batch)
+    mask = slot_tokens(torch.ones_like(logps, dtype=torch.float32), batch).bool()
+    _, ref_flat = reference.logps(batch, with_tokens=True)
+    ref = slot_tokens(ref_flat, batch) if ref_flat is not None else None
+    return RolloutLogps(
+        logps=tokens,
+        old_logps=tokens.detach() if old is None else old,
+        advantages=advantages[:, None].expand_as(tokens) * mask,
+        mask=mask,
+        ref_logps=ref,
+    )
+
+

@@ -1,0 +1,8 @@
+"""Shared test settings: CPU DeepSpeed, few threads, no hub access, a private cache per session."""
+
+import os
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_NUM_THREADS", "2")

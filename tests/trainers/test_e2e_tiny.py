@@ -1,0 +1,90 @@
+"""Every runner end to end on the tiny model: a run directory with config, metrics, checkpoint and a
+final model that transformers loads back."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignkit.run import train_from_overrides
+
+
+def _run(tmp_path: Path, *overrides: str) -> Path:
+    code = train_from_overrides([*overrides, f"output_dir={tmp_path}", "run_name=run"])
+    assert code == 0
+    return tmp_path / "run"
+
+
+def _metrics(run_dir: Path, split: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("split", "train") == split]
+
+
+def test_sft_tiny_leaves_a_complete_run_dir(tmp_path):
+    run_dir = _run(tmp_path, "recipe=sft_tiny", "trainer.max_steps=6", "trainer.eval_every=3")
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "overrides.txt").is_file()
+    train = _metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]  # lr 1e-3 on a tiny model learns within 6 steps
+    assert "tokens_per_s" in train[0]
+    assert _metrics(run_dir, "eval")
+    assert any((run_dir / "checkpoints").iterdir())
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "final")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    assert model(ids).logits.shape[-1] == len(tokenizer)
+
+
+@pytest.mark.parametrize("recipe", ["dpo_tiny", "ipo_tiny", "simpo_tiny", "orpo_tiny", "kto_tiny", "lipo_tiny"])
+def test_preference_presets_train(tmp_path, recipe):
+    run_dir = _run(tmp_path, f"recipe={recipe}", "trainer.max_steps=3", "trainer.export=false",
+                   f"trainer.reference_cache_dir={tmp_path / 'ref'}")
+    rows = _metrics(run_dir)
+    assert len(rows) == 3
+    for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen"):
+        assert key in rows[0], rows[0].keys()
+    evals = _metrics(run_dir, "eval")
+    assert evals and "rewards/accuracy" in evals[-1]
+
+
+def test_precomputed_reference_is_cached_and_reused(tmp_path):
+    cache = tmp_path / "ref"
+    for name in ("a", "b"):
+        assert train_from_overrides(["recipe=dpo_tiny", "trainer.max_steps=1", "trainer.export=false",
+                                     f"trainer.reference_cache_dir={cache}", f"output_dir={tmp_path}",
+                                     f"run_name={name}"]) == 0
+    assert len(list(cache.glob("ref-*.pt"))) == 1
+    first = _metrics(tmp_path / "a")[0]["loss"]
+    second = _metrics(tmp_path / "b")[0]["loss"]
+    assert first == pytest.approx(second, rel=1e-6)
+
+
+def test_separate_and_precomputed_reference_agree(tmp_path):
+    losses = {}
+    for strategy in ("separate", "precomputed"):
+        train_from_overrides(["recipe=dpo_tiny", "trainer.max_steps=2", "trainer.export=false",
+                              f"trainer.reference={strategy}", f"trainer.reference_cache_dir={tmp_path / 'ref'}",
+                              f"output_dir={tmp_path}", f"run_name={strategy}"])
+        losses[strategy] = [r["loss"] for r in _metrics(tmp_path / strategy)]
+    assert losses["separate"] == pytest.approx(losses["precomputed"], abs=1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["grpo_tiny", "ppo_tiny", "online_dpo_tiny", "rm_tiny"])
+def test_other_runners_train(tmp_path, recipe):
+    run_dir = _run(tmp_path, f"recipe={recipe}", "trainer.max_steps=2", "generation.max_new_tokens=8")
+    rows = _metrics(run_dir)
+    assert len(rows) == 2 and all("loss" in r for r in rows)
+    assert (run_dir / "final").is_dir()
+
+
+def test_two_runs_never_share_a_run_dir(tmp_path):
+    from alignkit.errors import UserError
+
+    _run(tmp_path, "recipe=sft_tiny", "trainer.max_steps=1", "trainer.export=false")
+    with pytest.raises(UserError, match="already holds a run"):
+        _run(tmp_path, "recipe=sft_tiny", "trainer.max_steps=1", "trainer.export=false")
