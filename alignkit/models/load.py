@@ -190,11 +190,22 @@ def _finish(model: nn.Module, tokenizer, cfg: ModelConfig, lora_task_type: str) 
     return model
 
 
+def as_model_config(cfg: Any) -> ModelConfig:
+    """Accept a ``ModelConfig``, an OmegaConf node of its schema, or a plain dict; validate it."""
+    if not isinstance(cfg, ModelConfig):
+        from omegaconf import OmegaConf
+
+        node = OmegaConf.merge(OmegaConf.structured(ModelConfig), cfg)
+        cfg = OmegaConf.to_object(node)
+    cfg.validate()
+    return cfg
+
+
 def load_causal_lm(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` for a policy or reference: a causal LM, LoRA-wrapped when ``lora.r > 0``."""
     from transformers import AutoModelForCausalLM
 
-    cfg.validate()
+    cfg = as_model_config(cfg)
     source = resolve_source(cfg.name_or_path, cfg.gguf_file)
     tokenizer = _tokenizer_for_config(cfg, source)
     if source.kind == "tiny":
@@ -215,7 +226,7 @@ def load_reward_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     """
     from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
 
-    cfg.validate()
+    cfg = as_model_config(cfg)
     source = resolve_source(cfg.name_or_path, cfg.gguf_file)
     tokenizer = _tokenizer_for_config(cfg, source)
     if source.kind == "tiny":

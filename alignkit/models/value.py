@@ -98,8 +98,9 @@ def _is_reward_folder(name_or_path: str) -> bool:
 
 def load_value_model(cfg: ModelConfig) -> tuple[ValueModel, Any]:
     """``(ValueModel, tokenizer)`` from any source; a reward-model folder also seeds the value head."""
-    from alignkit.models.load import load_causal_lm, load_reward_model
+    from alignkit.models.load import as_model_config, load_causal_lm, load_reward_model
 
+    cfg = as_model_config(cfg)
     loader = load_reward_model if _is_reward_folder(cfg.name_or_path) else load_causal_lm
     model, tokenizer = loader(cfg)
     return ValueModel.from_pretrained_model(model, seed=cfg.tiny.seed), tokenizer

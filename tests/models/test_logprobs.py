@@ -1,0 +1,189 @@
+"""TargetLogProbs (chunked, checkpointed LM head on target rows) against the plain full-logits path.
+
+Tolerances (fp32, tiny model): log-probs, entropy and log sum p^2 agree to 1e-5 absolute; parameter
+gradients to 1e-4 relative + 1e-6 absolute. Layout equivalence (the same tokens give the same
+log-probs padded, packed and prefix-shared) to 1e-5.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from alignkit.models.config import LoraConfig, ModelConfig, TinyModelConfig
+from alignkit.models.load import disabled_adapter, load_causal_lm
+from alignkit.models.logprobs import TargetLogProbs, naive_target_logps
+
+from hand_batches import LAYOUTS
+
+ATOL = 1e-5
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
+
+
+def tiny_model(**tiny_overrides):
+    model, _ = load_causal_lm(ModelConfig(tiny=TinyModelConfig(**tiny_overrides)))
+    return model
+
+
+def run_fast(model, batch, chunk_size, **flags):
+    return TargetLogProbs(model, chunk_size)(
+        batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_index, batch.target_ids, **flags
+    )
+
+
+def full_log_probs(model, batch) -> torch.Tensor:
+    """[N, V] log-probs at the target positions from full logits (independent of TargetLogProbs)."""
+    mask = batch.attention_mask
+    out = model(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids)
+    return torch.log_softmax(out.logits, dim=-1).reshape(-1, out.logits.shape[-1])[batch.target_index]
+
+
+def grads_of(model, loss) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_grads(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys() and got
+    for name in want:
+        assert torch.isfinite(got[name]).all(), name
+        torch.testing.assert_close(got[name], want[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_logps_and_grads_match_naive(layout, chunk_size):
+    model = tiny_model()
+    batch = LAYOUTS[layout]()
+    weights = torch.linspace(-1.0, 2.0, batch.target_ids.numel())
+
+    fast = run_fast(model, batch, chunk_size)["logps"]
+    fast_grads = grads_of(model, (weights * fast).sum())
+    naive = naive_target_logps(model, batch)
+    naive_grads = grads_of(model, (weights * naive).sum())
+
+    assert fast.shape == batch.target_ids.shape
+    torch.testing.assert_close(fast, naive, rtol=0, atol=ATOL)
+    assert_same_grads(fast_grads, naive_grads)
+
+
+def test_layouts_give_the_same_logps():
+    model = tiny_model()
+    with torch.no_grad():
+        per_layout = {name: run_fast(model, make(), 4)["logps"] for name, make in LAYOUTS.items()}
+    # every layout lists slot 0's targets then slot 1's, in token order
+    torch.testing.assert_close(per_layout["packed"], per_layout["padded"], rtol=0, atol=ATOL)
+    torch.testing.assert_close(per_layout["prefix_shared"], per_layout["padded"], rtol=0, atol=ATOL)
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
+def test_entropy_and_log_sq_mass_match_direct_formula(layout):
+    model = tiny_model()
+    batch = LAYOUTS[layout]()
+    fast = run_fast(model, batch, 2, with_entropy=True, with_log_sq_mass=True)
+    fast_grads = grads_of(model, fast["entropy"].sum() + 0.5 * fast["log_sq_mass"].sum())
+
+    log_p = full_log_probs(model, batch)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(-1)
+    log_sq_mass = torch.log((p * p).sum(-1))
+    direct_grads = grads_of(model, entropy.sum() + 0.5 * log_sq_mass.sum())
+
+    torch.testing.assert_close(fast["entropy"], entropy.detach(), rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast["log_sq_mass"], log_sq_mass.detach(), rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast["logps"], log_p.gather(-1, batch.target_ids[:, None]).squeeze(-1).detach(), rtol=0, atol=ATOL)
+    assert_same_grads(fast_grads, direct_grads)
+
+
+def test_tied_embeddings_share_the_gradient():
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    batch = LAYOUTS["packed"]()
+    fast_grads = grads_of(model, run_fast(model, batch, 3)["logps"].sum())
+    naive_grads = grads_of(model, naive_target_logps(model, batch).sum())
+    assert_same_grads(fast_grads, naive_grads)
+
+
+def test_lora_model_matches_naive_and_adapter_can_be_disabled():
+    cfg = ModelConfig(lora=LoraConfig(r=4, alpha=8.0))
+    model, _ = load_causal_lm(cfg)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it change the outputs
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5, generator=torch.Generator().manual_seed(len(name)))
+    batch = LAYOUTS["prefix_shared"]()
+
+    fast = run_fast(model, batch, 3)["logps"]
+    fast_grads = grads_of(model, fast.sum())
+    naive_grads = grads_of(model, naive_target_logps(model, batch).sum())
+    assert all("lora_" in name for name in fast_grads)  # only adapters train
+    assert_same_grads(fast_grads, naive_grads)
+
+    base = tiny_model()  # same seed: the weights under the adapters
+    with torch.no_grad():
+        base_logps = run_fast(base, batch, 3)["logps"]
+        with disabled_adapter(model):
+            disabled = run_fast(model, batch, 3)["logps"]
+        enabled_again = run_fast(model, batch, 3)["logps"]
+    torch.testing.assert_close(disabled, base_logps, rtol=0, atol=ATOL)
+    assert (fast.detach() - base_logps).abs().max() > 1e-3
+    torch.testing.assert_close(enabled_again, fast.detach(), rtol=0, atol=ATOL)
+
+
+def test_final_logit_softcapping_is_applied():
+    model = tiny_model()
+    model.config.final_logit_softcapping = 0.5  # Llama's forward ignores it; TargetLogProbs must not
+    batch = LAYOUTS["padded"]()
+    with torch.no_grad():
+        got = run_fast(model, batch, 3)["logps"]
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+        capped = 0.5 * torch.tanh(out.logits / 0.5)
+        want = torch.log_softmax(capped, -1).reshape(-1, capped.shape[-1])[batch.target_index, batch.target_ids]
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+
+
+def test_no_grad_path_and_empty_targets():
+    model = tiny_model()
+    batch = LAYOUTS["padded"]()
+    with torch.no_grad():
+        out = TargetLogProbs(model, 4)(
+            batch.input_ids, batch.attention_mask, batch.position_ids,
+            batch.target_index[:0], batch.target_ids[:0], with_entropy=True,
+        )
+    assert out["logps"].shape == (0,) and out["entropy"].shape == (0,)
+
+
+def test_chunk_logits_are_not_kept_for_backward():
+    """Saved activations must not grow with N x vocab: compare saved bytes for 1 and many chunks."""
+    model = tiny_model()
+    batch = LAYOUTS["padded"]()
+    vocab = model.config.vocab_size
+
+    def saved_bytes(module):
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            module(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_index, batch.target_ids)
+        return total
+
+    n = batch.target_ids.numel()
+    fast = saved_bytes(TargetLogProbs(model, 2))
+    naive = saved_bytes(lambda *a: naive_target_logps(model, batch))
+    assert naive - fast > n * vocab * 4  # the naive path keeps at least one [N, V] fp32 tensor more
+
+
+def test_minus_inf_masks_are_clamped_so_pad_rows_stay_finite():
+    """A mask written with -inf (fully masked pad rows) must not turn gradients into NaN."""
+    model = tiny_model()
+    batch = LAYOUTS["packed"]()
+    inf_batch = LAYOUTS["packed"]()
+    inf_batch.attention_mask = torch.where(batch.attention_mask < 0, float("-inf"), 0.0)
+    fast_grads = grads_of(model, run_fast(model, inf_batch, 3)["logps"].sum())
+    naive_grads = grads_of(model, naive_target_logps(model, batch).sum())
+    assert_same_grads(fast_grads, naive_grads)
