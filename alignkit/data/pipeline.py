@@ -61,8 +61,8 @@ class DataStats:
         if self.convert is not None and (self.convert.dropped or self.convert.records_in != self.convert.records_out):
             parts.append(str(self.convert))
         tok = self.tokenize
-        parts.append(f"truncated {100 * tok.truncation_rate:.1f}% (prompts {tok.prompts_truncated}, "
-                     f"groups with a cut completion {tok.completions_truncated})")
+        parts.append(f"truncated {100 * tok.truncation_rate:.1f}% of groups (prompts cut {tok.prompts_truncated}, "
+                     f"completions cut {tok.completions_truncated})")
         if tok.dropped:
             parts.append("dropped " + ", ".join(f"{n} {why}" for why, n in sorted(tok.dropped.items())))
         if self.skipped:

@@ -12,9 +12,9 @@ multi-turn completion are context.
 Plain-string data: the prompt gets BOS when the tokenizer adds one by itself, the completion gets
 EOS appended; all completion tokens are trained.
 
-Truncation: a prompt longer than ``max_prompt_length`` keeps its end (keeping a leading BOS) or its
-start; a completion longer than what ``max_length`` leaves is truncated or the group dropped. Every
-case is counted in ``TokenizeStats``. Deliberately left out: batching (``collate.py``) and caching
+Truncation: a prompt longer than ``max_prompt_length`` keeps its end or its start (a leading BOS
+is kept when the tokenizer adds one by itself); a completion longer than what ``max_length``
+leaves is truncated or the group dropped. Every case is counted in ``TokenizeStats``. Deliberately left out: batching (``collate.py``) and caching
 (``pipeline.py``).
 """
 
@@ -35,19 +35,20 @@ class TokenizeStats:
     groups_in: int = 0
     groups_out: int = 0
     dropped: Counter = field(default_factory=Counter)
+    groups_truncated: int = 0  # groups kept with their prompt or a completion cut
     prompts_truncated: int = 0
     completions_truncated: int = 0
     completions_seen: int = 0
 
     @property
     def truncation_rate(self) -> float:
-        """Share of groups whose prompt or a completion was cut or that were dropped for length."""
-        cut = self.prompts_truncated + self.completions_truncated + self.dropped.get("response too long", 0)
-        return cut / max(self.groups_in, 1)
+        """Share of groups that were cut or dropped for length."""
+        return (self.groups_truncated + self.dropped.get("response too long", 0)) / max(self.groups_in, 1)
 
     def merge(self, other: "TokenizeStats") -> None:
         self.groups_in += other.groups_in
         self.groups_out += other.groups_out
+        self.groups_truncated += other.groups_truncated
         self.dropped.update(other.dropped)
         self.prompts_truncated += other.prompts_truncated
         self.completions_truncated += other.completions_truncated
@@ -158,12 +159,13 @@ def tokenize_group(
     stats.groups_in += 1
     rendered_prompt = prompt_text(tokenizer, record)
     prompt_ids = tokenize_prompt(tokenizer, record, rendered_prompt)
-    if len(prompt_ids) > cfg.max_prompt_length:
+    cut_prompt = len(prompt_ids) > cfg.max_prompt_length
+    if cut_prompt:
         stats.prompts_truncated += 1
-        prompt_ids = _truncate_prompt(prompt_ids, cfg, tokenizer.bos_token_id)
+        prompt_ids = _truncate_prompt(prompt_ids, cfg, tokenizer.bos_token_id if adds_bos(tokenizer) else None)
     budget = cfg.max_length - len(prompt_ids)
     completion_ids, masks = [], []
-    cut = False
+    cut = 0
     for completion in record.completions:
         stats.completions_seen += 1
         ids, mask = _tokenize_completion(tokenizer, record, rendered_prompt, completion, cfg)
@@ -171,13 +173,14 @@ def tokenize_group(
             if cfg.response_truncation == "drop":
                 stats.dropped["response too long"] += 1
                 return None
-            ids, mask, cut = ids[:budget], mask[:budget], True
+            ids, mask, cut = ids[:budget], mask[:budget], cut + 1
         if not any(mask):
             stats.dropped["no trained tokens after truncation"] += 1
             return None
         completion_ids.append(ids)
         masks.append(mask)
-    stats.completions_truncated += int(cut)
+    stats.completions_truncated += cut
+    stats.groups_truncated += int(cut_prompt or cut > 0)
     stats.groups_out += 1
     return TokenizedGroup(
         prompt_ids=prompt_ids,
