@@ -39,7 +39,7 @@ class Run:
     device: torch.device
     logger: Any = None
     progress: Any = None
-    stop_requested: Callable[[], bool] = lambda: False
+    stop: Any = None
     started: float = field(default_factory=time.time)
 
     @property
@@ -50,12 +50,31 @@ class Run:
         if self.is_main:
             console.print(*args, highlight=False)
 
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank got SIGINT/SIGTERM (a collective: all ranks call it)."""
+        from alignkit.engine.faults import any_rank
+
+        return any_rank(bool(self.stop and self.stop.requested))
+
+    def log(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
+        self.logger.log(metrics, step=step, split=split)
+        if split == "train" and self.progress is not None:
+            self.progress.update(step, loss=metrics.get("loss"), tokens_per_s=metrics.get("tokens_per_s"))
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.__exit__(None, None, None)
+            self.progress = None
+        if self.logger is not None:
+            self.logger.close()
+        if self.stop is not None:
+            self.stop.uninstall()
+
 
 def start(cfg: DictConfig, run_dir: Path) -> Run:
     """Distributed set-up, seeds, logger and signal handling for one process of a run."""
     from alignkit.engine.engine import setup_distributed
-    from alignkit.engine.faults import install_stop_handler
-    from alignkit.engine.metrics import MetricsLogger
+    from alignkit.engine.faults import StopRequest
 
     placement = setup_distributed()
     rank, world, device = placement.rank, placement.world_size, placement.device
@@ -66,9 +85,7 @@ def start(cfg: DictConfig, run_dir: Path) -> Run:
         raise ConfigError(f"the config asks for {expected} process(es) but {world} were started.")
     seed_everything(int(cfg.trainer.seed) + rank)
     torch.manual_seed(int(cfg.trainer.seed))  # identical model init on every rank
-    logger = MetricsLogger(run_dir, backends=tuple(cfg.logger.backends), rank=rank)
-    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, logger=logger,
-               stop_requested=install_stop_handler())
+    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, stop=StopRequest().install())
 
 
 def seed_everything(seed: int) -> None:
@@ -188,16 +205,28 @@ def frozen_engine(module: torch.nn.Module, cfg: DictConfig):
     return init_frozen_engine(module, build_frozen_ds_config(OmegaConf.to_object(cfg.deepspeed)))
 
 
-def resume_state(run: Run, engine) -> dict:
-    """Load the checkpoint named by ``resume`` (or the latest with ``auto``) into ``engine``."""
-    from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+def begin(run: Run, engine, steps: int) -> int:
+    """Resume if asked (``resume=auto|PATH``), open the metrics log and the progress bar.
 
-    path = find_resume_checkpoint(run.run_dir, run.cfg.resume)
-    if path is None:
-        return {"step": 0}
-    state = load_checkpoint(engine, path)
-    run.print(f"[green]resumed[/] from {path} at step {state.get('step', 0)}")
-    return state
+    Returns the last completed step (0 for a fresh run). Metrics logged after that step by an
+    interrupted run are dropped, so a resumed run's log reads as an uninterrupted one.
+    """
+    from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from alignkit.engine.metrics import MetricsLogger
+    from alignkit.engine.progress import TrainProgress
+
+    cfg = run.cfg
+    path = find_resume_checkpoint(run.run_dir, cfg.resume)
+    done = 0
+    if path is not None:
+        done = int(load_checkpoint(engine, path).get("step", 0))
+        run.print(f"[green]resumed[/] from {path} at step {done}")
+    run.logger = MetricsLogger(run.run_dir, backends=tuple(cfg.logger.backends), rank=run.rank,
+                               wandb_project=cfg.logger.wandb_project, wandb_mode=cfg.logger.wandb_mode,
+                               run_name=run.run_dir.name, config=OmegaConf.to_container(cfg, resolve=True),
+                               truncate_after=done)
+    run.progress = TrainProgress(steps, rank=run.rank, start_step=done).__enter__()
+    return done
 
 
 def save(run: Run, engine, step: int, extra: dict | None = None) -> None:

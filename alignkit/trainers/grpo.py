@@ -49,9 +49,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                  steps * mu)
     generator = HFGenerationEngine(common.hf_model(policy), tokenizer)
     reference = rollout.online_reference(cfg, run, policy, float(hparams.get("beta", 0.0)))
-    state = common.resume_state(run, policy)
+    done = common.begin(run, policy, steps)
 
-    for step in range(int(state["step"]) + 1, steps + 1):
+    for step in range(done + 1, steps + 1):
         tick = time.time()
         policy.eval()
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
@@ -83,17 +83,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         train_seconds = time.time() - tick - sampled.gen_seconds
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "frac_zero_std_groups": zero_std,
                    "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "lr": policy.get_lr()[0]}
-        run.logger.log(step, common.all_reduce_mean(metrics, run), split="train")
+        run.log(step, common.all_reduce_mean(metrics, run), split="train")
         if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
             policy.eval()
-            run.logger.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
+            run.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
                            split="eval")
         if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
             common.save(run, policy, step)
             if run.stop_requested():
                 return {"exit_code": 0, "stopped": step}
     common.export_final(run, policy, tokenizer)
-    run.logger.close()
+    run.finish()
     return {"exit_code": 0}
 
 

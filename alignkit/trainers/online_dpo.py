@@ -48,11 +48,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
     generator = HFGenerationEngine(common.hf_model(policy), tokenizer)
     reference = rollout.online_reference(cfg, run, policy, beta=1.0 if objective.needs_reference else 0.0)
-    state = common.resume_state(run, policy)
+    done = common.begin(run, policy, steps)
     round_length = max(1, steps // max(1, int(cfg.rl.rounds)))
     micro, pad_id = int(cfg.trainer.micro_batch_size), tokenizer.pad_token_id
 
-    for step in range(int(state["step"]) + 1, steps + 1):
+    for step in range(done + 1, steps + 1):
         if cfg.rl.update_reference_each_round and step > 1 and (step - 1) % round_length == 0:
             sync_reference(reference, policy)
             run.print(f"round {(step - 1) // round_length + 1}: reference <- current policy")
@@ -76,17 +76,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         policy.step()
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "pairs": float(len(pairs)),
                    "lr": policy.get_lr()[0], "step_seconds": time.time() - tick}
-        run.logger.log(step, common.all_reduce_mean(metrics, run), split="train")
+        run.log(step, common.all_reduce_mean(metrics, run), split="train")
         if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
             policy.eval()
-            run.logger.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
+            run.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
                            split="eval")
         if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
             common.save(run, policy, step)
             if run.stop_requested():
                 return {"exit_code": 0, "stopped": step}
     common.export_final(run, policy, tokenizer)
-    run.logger.close()
+    run.finish()
     return {"exit_code": 0}
 
 

@@ -50,10 +50,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                  lr=float(cfg.rl.critic_lr))
     generator = HFGenerationEngine(common.hf_model(actor), tokenizer)
     reference = rollout.online_reference(cfg, run, actor, beta=float(cfg.rl.kl_coef))
-    state = common.resume_state(run, actor)
+    done = common.begin(run, actor, steps)
     pad_id = tokenizer.pad_token_id
 
-    for step in range(int(state["step"]) + 1, steps + 1):
+    for step in range(done + 1, steps + 1):
         tick = time.time()
         actor.eval()
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
@@ -97,17 +97,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             critic.step()
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean()),
                    "lr": actor.get_lr()[0], "step_seconds": time.time() - tick}
-        run.logger.log(step, common.all_reduce_mean(metrics, run), split="train")
+        run.log(step, common.all_reduce_mean(metrics, run), split="train")
         if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
             actor.eval()
-            run.logger.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
+            run.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
                            split="eval")
         if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
             common.save(run, actor, step)
             if run.stop_requested():
                 return {"exit_code": 0, "stopped": step}
     common.export_final(run, actor, tokenizer)
-    run.logger.close()
+    run.finish()
     return {"exit_code": 0}
 
 

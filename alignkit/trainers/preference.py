@@ -51,10 +51,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
     pad_id = tokenizer.pad_token_id
     reference = build_reference(cfg, run, policy, objective, data, pad_id)
-    state = common.resume_state(run, policy)
+    done = common.begin(run, policy, steps)
     need_tokens = objective.needs_token_logps
 
-    for step in range(int(state["step"]) + 1, steps + 1):
+    for step in range(done + 1, steps + 1):
         tick = time.time()
         chunks = common.micro_chunks(run, data.train, step - 1)
         batches = [common.collate_groups(chunk, cfg, pad_id).to(run.device) for chunk in chunks]
@@ -75,17 +75,17 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         metrics = common.all_reduce_mean(meter.means(), run)
         tokens = common.all_reduce_sum(sum(b.num_real_tokens() for b in batches), run)
         metrics.update(tokens_per_s=tokens / max(time.time() - tick, 1e-9), lr=policy.get_lr()[0])
-        run.logger.log(step, metrics, split="train")
+        run.log(step, metrics, split="train")
         last = steps
         if common.should(int(cfg.trainer.eval_every), step, last) and data.eval:
-            run.logger.log(step, evaluate(run, policy, reference, objective, data.eval, pad_id), split="eval")
+            run.log(step, evaluate(run, policy, reference, objective, data.eval, pad_id), split="eval")
         if common.should(int(cfg.trainer.save_every), step, last) or run.stop_requested():
             common.save(run, policy, step)
             if run.stop_requested():
                 run.print(f"[yellow]stopped at step {step}[/]; resume with resume=auto")
                 return {"exit_code": 0, "stopped": step}
     common.export_final(run, policy, tokenizer)
-    run.logger.close()
+    run.finish()
     return {"exit_code": 0}
 
 
@@ -208,5 +208,5 @@ def _stop_nonfinite(run, step: int, tensor: str) -> dict:
         f"[bold red]non-finite {tensor} at step {step}[/]: stopping; the last good checkpoint is kept. "
         "Lower trainer.lr or set trainer.on_nonfinite=skip."
     )
-    run.logger.close()
+    run.finish()
     return {"exit_code": 3, "nonfinite_step": step}

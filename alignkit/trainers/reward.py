@@ -57,10 +57,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="pairs")
     model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model))
     engine = common.train_engine(RewardScorer(model), cfg, run, steps)
-    state = common.resume_state(run, engine)
+    done = common.begin(run, engine, steps)
     pad_id = tokenizer.pad_token_id
 
-    for step in range(int(state["step"]) + 1, steps + 1):
+    for step in range(done + 1, steps + 1):
         tick = time.time()
         meter = common.MetricMeter()
         for chunk in common.micro_chunks(run, data.train, step - 1):
@@ -71,15 +71,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         engine.step()
         metrics = {**common.all_reduce_mean(meter.means(), run), "lr": engine.get_lr()[0],
                    "step_seconds": time.time() - tick}
-        run.logger.log(step, metrics, split="train")
+        run.log(step, metrics, split="train")
         if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
-            run.logger.log(step, evaluate(run, engine, objective, data.eval, pad_id), split="eval")
+            run.log(step, evaluate(run, engine, objective, data.eval, pad_id), split="eval")
         if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
             common.save(run, engine, step)
             if run.stop_requested():
                 return {"exit_code": 0, "stopped": step}
     common.export_final(run, engine, tokenizer)
-    run.logger.close()
+    run.finish()
     return {"exit_code": 0}
 
 
