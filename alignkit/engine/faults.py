@@ -1,0 +1,94 @@
+"""Faults a trainer polls for: a stop request (SIGINT/SIGTERM) and non-finite tensors.
+
+``StopRequest.install()`` replaces the SIGINT/SIGTERM handlers with one that only sets a flag;
+the trainer checks ``stop.requested`` after each optimizer step, then saves a checkpoint and exits
+resumable (``resume=auto``). A second SIGINT (Ctrl-C twice) raises ``KeyboardInterrupt`` for
+users who do not want to wait. Under the DeepSpeed launcher every worker receives the signal;
+trainers should agree across ranks (``any_rank(stop.requested)``) so all ranks save together.
+
+``check_finite(loss, named_tensors)`` names the first non-finite tensor (the loss first), so the
+trainer can stop or skip the step with a message saying which step and which tensor.
+
+Left out: watchdogs for hung collectives, OOM recovery, automatic restarts.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Iterable, Mapping, Optional, Union
+
+import torch
+
+TensorLike = Union[torch.Tensor, float, None]
+
+
+class StopRequest:
+    """A flag set by SIGINT/SIGTERM; ``install()``/``uninstall()`` or use as a context manager."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal_name: Optional[str] = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
+            raise KeyboardInterrupt  # second Ctrl-C: stop now, without the checkpoint
+        self.requested = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def install(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def __enter__(self) -> "StopRequest":
+        return self.install()
+
+    def __exit__(self, *exc) -> None:
+        self.uninstall()
+
+
+def any_rank(flag: bool) -> bool:
+    """True when ``flag`` is true on any rank (a collective: every rank must call it)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return bool(flag)
+    value = torch.tensor([1.0 if flag else 0.0])
+    if torch.distributed.get_backend() == "nccl":
+        value = value.cuda()
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+def _is_finite(value: TensorLike) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, torch.Tensor):
+        return bool(torch.isfinite(value.detach()).all())
+    return bool(torch.isfinite(torch.tensor(float(value))))
+
+
+def check_finite(
+    loss: TensorLike,
+    named_tensors: Union[Mapping[str, TensorLike], Iterable[tuple[str, TensorLike]]] = (),
+) -> Optional[str]:
+    """The name of the first non-finite tensor (``"loss"`` first), or None when all are finite.
+
+    ``named_tensors`` is a mapping or ``(name, tensor)`` pairs, e.g. metrics, or
+    ``(f"grad:{n}", p.grad) for n, p in model.named_parameters()`` (below ZeRO-2, where gradients
+    live on the parameters; under ZeRO-2/3 check ``engine.get_global_grad_norm()`` instead).
+    ``None`` entries are skipped.
+    """
+    if not _is_finite(loss):
+        return "loss"
+    items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
+    for name, tensor in items:
+        if not _is_finite(tensor):
+            return name
+    return None
