@@ -7,7 +7,8 @@ ragged lists (mask False) and ties (equal scores: no preference either way) need
   ``Delta_ij * -log sigmoid(s_i - s_j)``, ``s = beta * (logp - ref_logp)``, with the LambdaLoss
   weight ``Delta_ij = |2^psi_i - 2^psi_j| * |1/log2(1 + tau_i) - 1/log2(1 + tau_j)|``, ``psi`` the
   scores and ``tau`` the 1-based rank of each completion under the policy's current ``s``
-  (detached; ties in ``s`` broken by position).
+  (detached; ties in ``s`` broken by position). The discount is LambdaLoss/NDCG's log2; the LiPO
+  paper writes log, a different base only rescales every weight by the same constant.
 * ``pro``: PRO / Plackett-Luce (Song et al. 2023): for each completion i with a worse one,
   ``-log(exp(s_i) / (exp(s_i) + sum over strictly worse j of exp(s_j)))``, ``s = beta * logp/len``
   (reference-free, length-normalised as in PRO). For a strict ranking this is the Plackett-Luce

@@ -22,7 +22,8 @@ GROUPS = [
 
 def _inputs(groups=GROUPS) -> SequenceLogps:
     k = max(len(g) for g in groups)
-    rows = [[c if c is not None else (0.0, 0.0, 1, 0.0) for c in g] + [(0.0, 0.0, 1, 0.0)] * (k - len(g)) for g in groups]
+    filler = (0.0, 0.0, 1, 0.0)
+    rows = [[c if c is not None else filler for c in g] + [filler] * (k - len(g)) for g in groups]
     col = lambda i: torch.tensor([[c[i] for c in row] for row in rows], dtype=torch.float64)  # noqa: E731
     mask = torch.tensor([[c is not None for c in g] + [False] * (k - len(g)) for g in groups])
     return SequenceLogps(logps=col(0), ref_logps=col(1), lengths=col(2), scores=col(3), mask=mask)

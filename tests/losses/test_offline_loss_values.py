@@ -248,7 +248,8 @@ def test_orpo_value():
 def test_sft_normalises_by_all_target_tokens_of_slot_0():
     loss, metrics = LOSSES["sft"].fn(paired())
     assert loss.item() == pytest.approx(-(-5 - 3 - 10) / (4 + 3 + 7))
-    one = SequenceLogps(logps=torch.tensor([[-6.0]]), lengths=torch.tensor([[3.0]]), mask=torch.ones(1, 1, dtype=torch.bool))
+    one = SequenceLogps(logps=torch.tensor([[-6.0]]), lengths=torch.tensor([[3.0]]),
+                        mask=torch.ones(1, 1, dtype=torch.bool))
     assert LOSSES["sft"].fn(one)[0].item() == pytest.approx(2.0)
 
 

@@ -227,7 +227,9 @@ def trl_unpaired(loss_type: str, tensors, *, beta: float, desirable_weight: floa
     n = len(LABELS)
     one_token = lambda x: x.view(n, 1)  # noqa: E731  (a one-token completion carries the whole sum)
     trainer = _trainer(
-        KTOTrainer, FakeTokenLM({2: one_token(logps), 1: one_token(kl)}), FakeTokenLM({2: one_token(ref), 1: one_token(ref_kl)}),
+        KTOTrainer,
+        FakeTokenLM({2: one_token(logps), 1: one_token(kl)}),  # first id 2: main batch, 1: KL batch
+        FakeTokenLM({2: one_token(ref), 1: one_token(ref_kl)}),
         args=SimpleNamespace(gradient_checkpointing_kwargs=None), calculate_KL=loss_type == "kto",
         loss_type=loss_type, beta=beta, desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
     )
