@@ -39,10 +39,22 @@ from alignkit.losses.registry import SequenceLogps, register_loss
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 
-def _better(inputs: SequenceLogps) -> torch.Tensor:
-    """[G, K, K] bool: completion i is strictly better than j and both exist."""
+def _checked(inputs: SequenceLogps) -> SequenceLogps:
+    """The inputs with absent slots' scores and log-probs zeroed (padding may hold nan or inf there,
+    which would reach the gradient through the masked-out terms)."""
     if inputs.scores is None:
         raise ValueError("listwise losses need SequenceLogps.scores; the trainer must fill them.")
+    absent = ~inputs.mask
+    zeroed = {
+        name: getattr(inputs, name).masked_fill(absent, 0.0)
+        for name in ("logps", "ref_logps", "scores")
+        if getattr(inputs, name) is not None
+    }
+    return SequenceLogps(**{**inputs.__dict__, **zeroed})
+
+
+def _better(inputs: SequenceLogps) -> torch.Tensor:
+    """[G, K, K] bool: completion i is strictly better than j and both exist."""
     both = inputs.mask.unsqueeze(-1) & inputs.mask.unsqueeze(-2)
     return both & (inputs.scores.unsqueeze(-1) > inputs.scores.unsqueeze(-2))
 
@@ -87,6 +99,7 @@ def _metrics(s: torch.Tensor, inputs: SequenceLogps, better: torch.Tensor) -> di
 def lipo(inputs: SequenceLogps, *, beta: float = 0.1) -> Out:
     """LiPO-lambda: lambda-weighted pairwise logistic loss over all better/worse pairs of each list."""
     validate_knobs("lipo", locals())
+    inputs = _checked(inputs)
     better = _better(inputs)
     s = _reference_rewards(inputs, beta)
     order = torch.argsort(s.detach().masked_fill(~inputs.mask, float("-inf")), dim=-1, descending=True, stable=True)
@@ -103,6 +116,7 @@ def lipo(inputs: SequenceLogps, *, beta: float = 0.1) -> Out:
 def pro(inputs: SequenceLogps, *, beta: float = 1.0) -> Out:
     """PRO / Plackett-Luce over the ranking the scores induce, on length-normalised log-probs."""
     validate_knobs("pro", locals())
+    inputs = _checked(inputs)
     better = _better(inputs)
     s = beta * inputs.logps / inputs.lengths.clamp(min=1.0)
     has_worse = better.any(-1)
@@ -114,6 +128,7 @@ def pro(inputs: SequenceLogps, *, beta: float = 1.0) -> Out:
 def softmax_dpo(inputs: SequenceLogps, *, beta: float = 0.1) -> Out:
     """Multi-negative softmax DPO: the best completion against all worse ones in one softmax."""
     validate_knobs("softmax_dpo", locals())
+    inputs = _checked(inputs)
     better = _better(inputs)
     s = _reference_rewards(inputs, beta)
     top = inputs.scores.masked_fill(~inputs.mask, float("-inf")).amax(dim=-1, keepdim=True)

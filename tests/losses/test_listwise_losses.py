@@ -91,6 +91,21 @@ def test_absent_completions_do_not_change_the_loss():
         assert a.item() == pytest.approx(b.item()), name
 
 
+@pytest.mark.parametrize("junk", [float("nan"), float("inf")])
+def test_junk_in_absent_slots_reaches_neither_loss_nor_gradient(junk):
+    for name in ("lipo", "pro", "softmax_dpo"):
+        inputs = _inputs()
+        inputs.scores[1, 3] = junk
+        logps = inputs.logps.detach().clone()
+        logps[1, 3] = junk
+        inputs.logps = logps.requires_grad_(True)
+        loss, metrics = LOSSES[name].fn(inputs)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(inputs.logps.grad).all(), name
+        assert all(torch.isfinite(v) for v in metrics.values()), name
+        assert loss.item() == pytest.approx(LOSSES[name].fn(_inputs())[0].item()), name
+
+
 def test_groups_without_a_strict_preference_are_left_out_of_the_mean():
     all_tied = [(-1.0, -1.0, 1, 1.0), (-2.0, -1.0, 1, 1.0), (-3.0, -1.0, 1, 1.0), (-4.0, -1.0, 1, 1.0)]
     for name, formula in (("lipo", _lipo_group), ("pro", _pro_group), ("softmax_dpo", _softmax_dpo_group)):
