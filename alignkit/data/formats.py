@@ -322,3 +322,21 @@ def parse_row(
     if fmt not in PARSERS:
         raise fail(raw.location, "format", f"one of {', '.join(FORMATS)}", repr(fmt))
     return PARSERS[fmt](row, raw.location)
+
+
+def to_row(record: Record) -> dict[str, Any]:
+    """A record back to a row in TRL's column names (what ``alignkit data convert`` writes)."""
+    row: dict[str, Any] = {"prompt": record.prompt}
+    if record.format == "paired":
+        row.update(chosen=record.completions[0], rejected=record.completions[1])
+        if record.scores is not None:
+            row.update(chosen_score=record.scores[0], rejected_score=record.scores[1])
+    elif record.format == "listwise":
+        row.update(responses=record.completions, scores=record.scores)
+    elif record.format in ("sft", "unpaired"):
+        row["completion"] = record.completions[0]
+        if record.labels is not None:
+            row["label"] = bool(record.labels[0])
+        if record.scores is not None:
+            row["score"] = record.scores[0]
+    return {**record.extra, **row}
