@@ -180,10 +180,19 @@ def _from_pretrained(auto_class, source: ModelSource, cfg: ModelConfig, what: st
     return model
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (transformers 5 name, 4.x fallback)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _finish(model: nn.Module, tokenizer, cfg: ModelConfig, lora_task_type: str) -> nn.Module:
     ensure_pad_token(tokenizer, model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
         model.config.use_cache = False
     if cfg.lora.enabled:
         model = apply_lora(model, cfg.lora, task_type=lora_task_type)

@@ -76,4 +76,4 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = model_class(config)
-    return model.to(dtype)
+    return model.to(dtype).eval()  # like from_pretrained: trainers call .train() themselves

@@ -178,12 +178,23 @@ def test_chunk_logits_are_not_kept_for_backward():
     assert naive - fast > n * vocab * 4  # the naive path keeps at least one [N, V] fp32 tensor more
 
 
-def test_minus_inf_masks_are_clamped_so_pad_rows_stay_finite():
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_minus_inf_masks_are_clamped_so_pad_rows_stay_finite(attn):
     """A mask written with -inf (fully masked pad rows) must not turn gradients into NaN."""
-    model = tiny_model()
+    model, _ = load_causal_lm(ModelConfig(attn_implementation=attn))
     batch = LAYOUTS["packed"]()
     inf_batch = LAYOUTS["packed"]()
     inf_batch.attention_mask = torch.where(batch.attention_mask < 0, float("-inf"), 0.0)
     fast_grads = grads_of(model, run_fast(model, inf_batch, 3)["logps"].sum())
+    naive_grads = grads_of(model, naive_target_logps(model, batch).sum())
+    assert_same_grads(fast_grads, naive_grads)
+
+
+def test_gradient_checkpointed_decoder_gives_the_same_grads():
+    model, _ = load_causal_lm(ModelConfig(gradient_checkpointing=True))
+    model.train()  # transformers checkpoints layers only in training mode
+    batch = LAYOUTS["prefix_shared"]()
+    fast_grads = grads_of(model, run_fast(model, batch, 3)["logps"].sum())
+    model.eval()
     naive_grads = grads_of(model, naive_target_logps(model, batch).sum())
     assert_same_grads(fast_grads, naive_grads)
