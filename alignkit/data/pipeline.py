@@ -157,9 +157,10 @@ def load_split_records(cfg: DataConfig, stats: DataStats) -> tuple[list[Record],
 
 def _tokenize_all(records: list[Record], tokenizer: Any, cfg: DataConfig, stats: DataStats) -> list[TokenizedGroup]:
     groups = []
+    memo: dict = {}
     for record in records:
         try:
-            group = tokenize_group(record, tokenizer, cfg, stats.tokenize)
+            group = tokenize_group(record, tokenizer, cfg, stats.tokenize, memo)
         except DataError as error:
             if cfg.on_error == "raise":
                 raise

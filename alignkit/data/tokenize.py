@@ -20,9 +20,10 @@ leaves is truncated or the group dropped. Every case is counted in ``TokenizeSta
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from alignkit.data.batch import TokenizedGroup
 from alignkit.data.config import DataConfig
@@ -151,14 +152,27 @@ def _truncate_prompt(ids: list[int], cfg: DataConfig, bos: int | None) -> list[i
     return ids[len(ids) - limit:]
 
 
+def _memoized(memo: dict | None, key: tuple, compute: Callable[[], Any]) -> Any:
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
 def tokenize_group(
-    record: Record, tokenizer: Any, cfg: DataConfig, stats: TokenizeStats | None = None
+    record: Record, tokenizer: Any, cfg: DataConfig, stats: TokenizeStats | None = None, memo: dict | None = None
 ) -> TokenizedGroup | None:
-    """Tokenize one record; None when it is dropped (the reason is counted in ``stats``)."""
+    """Tokenize one record; None when it is dropped (the reason is counted in ``stats``).
+
+    ``memo`` (a dict shared over calls with the same tokenizer and cfg) reuses the tokens of prompts
+    and completions seen before, e.g. when listwise data was expanded into many pairs.
+    """
     stats = stats if stats is not None else TokenizeStats()
     stats.groups_in += 1
-    rendered_prompt = prompt_text(tokenizer, record)
-    prompt_ids = tokenize_prompt(tokenizer, record, rendered_prompt)
+    prompt_key = record.prompt_key()
+    rendered_prompt, prompt_ids = _memoized(memo, ("prompt", prompt_key), lambda: (
+        (rendered := prompt_text(tokenizer, record)), tokenize_prompt(tokenizer, record, rendered)))
     cut_prompt = len(prompt_ids) > cfg.max_prompt_length
     if cut_prompt:
         stats.prompts_truncated += 1
@@ -168,7 +182,8 @@ def tokenize_group(
     cut = 0
     for completion in record.completions:
         stats.completions_seen += 1
-        ids, mask = _tokenize_completion(tokenizer, record, rendered_prompt, completion, cfg)
+        ids, mask = _memoized(memo, ("completion", prompt_key, json.dumps(completion, sort_keys=True)),
+                              lambda: _tokenize_completion(tokenizer, record, rendered_prompt, completion, cfg))
         if len(ids) > budget:
             if cfg.response_truncation == "drop":
                 stats.dropped["response too long"] += 1
@@ -183,9 +198,9 @@ def tokenize_group(
     stats.groups_truncated += int(cut_prompt or cut > 0)
     stats.groups_out += 1
     return TokenizedGroup(
-        prompt_ids=prompt_ids,
-        completion_ids=completion_ids,
-        completion_train_mask=masks,
+        prompt_ids=list(prompt_ids),
+        completion_ids=[list(ids) for ids in completion_ids],
+        completion_train_mask=[list(mask) for mask in masks],
         scores=list(record.scores) if record.scores is not None else None,
         labels=list(record.labels) if record.labels is not None else None,
         example_id=record.example_id(),
