@@ -147,7 +147,9 @@ def discopop(inputs: SequenceLogps, *, beta: float = 0.1, tau: float = 0.05, f_d
              f_alpha: float = 0.5, use_weighting: bool = False, ld_alpha: float | None = None) -> Out:
     """DiscoPOP (log-ratio modulated): (1 - s) * l(z) + s * exp(-z), s = sigmoid(z / tau) (TRL's discopop_tau).
 
-    Not monotone near z = 0 for small tau (the modulation's slope dominates), as in the paper.
+    Not monotone near z = 0 for small tau (the modulation's slope dominates): at the default tau=0.05
+    it has a local minimum at z ~ -0.12, so from policy == reference (z = 0) plain gradient descent
+    drifts there and stays; tau >= ~0.2 removes it. The formula is the paper's and TRL's.
     """
     t = _terms("discopop", inputs, locals())
     chosen, rejected = _delta(t, f_divergence, f_alpha)
