@@ -2,7 +2,7 @@
 
 The "model" is one parameter per completion: summed log-prob = length * log sigmoid(theta), so
 log-probs stay negative and length-normalised losses see a per-token probability. The reference is
-the starting point, where every preference is inverted (chosen below rejected). After a few hundred
+the starting point, where every preference is inverted (chosen below rejected). After 120 Adam
 steps the implicit rewards must rank every preferred completion above every less preferred one.
 """
 
