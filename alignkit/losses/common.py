@@ -7,6 +7,7 @@ What lives here is what two or more loss families compute the same way:
 * ``f_divergence_scores``: the f-DPO transform of a log-ratio (``f'(u)`` with ``u = pi/pi_ref``),
   written as TRL 1.16 writes it, so values match ``DPOTrainer``;
 * ``wpo_weights``: the detached WPO pair weight;
+* ``smoothed_logistic``: the label-smoothed logistic loss (cDPO, CPO, SimPO, AOT);
 * ``token_mean_nll``: NLL of slot 0 averaged over all its target tokens in the batch (SFT, CPO, ORPO);
 * ``preference_metrics``: the metric names shared across losses (DESIGN.md "Names");
 * ``validate_knobs``: value checks (enum choices, ranges) raising ``ConfigError``; the losses call it
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from alignkit.errors import ConfigError
 from alignkit.losses.registry import SequenceLogps
@@ -106,7 +108,7 @@ def f_divergence_scores(logratios: torch.Tensor, f_divergence: str, f_alpha: flo
     if f_divergence == "forward_kl":
         return 1.0 - torch.exp(-logratios)
     if f_divergence == "js_divergence":
-        return math.log(2.0) + torch.nn.functional.logsigmoid(logratios)
+        return math.log(2.0) + F.logsigmoid(logratios)
     if f_divergence == "alpha_divergence":
         if abs(f_alpha - 1.0) < 1e-6:
             return logratios
@@ -126,6 +128,11 @@ def wpo_weights(inputs: SequenceLogps) -> torch.Tensor:
     with torch.no_grad():
         per_seq = ((token_logps - log_sq_mass) * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # [G, K]
         return torch.exp(per_seq[:, 0] + per_seq[:, 1])
+
+
+def smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """(1 - e) * -log sigmoid(z) + e * -log sigmoid(-z): the conservative (label-smoothed) logistic loss."""
+    return (1.0 - label_smoothing) * F.softplus(-z) + label_smoothing * F.softplus(z)
 
 
 def token_mean_nll(inputs: SequenceLogps) -> torch.Tensor:

@@ -37,6 +37,7 @@ from alignkit.losses.common import (
     f_divergence_scores,
     pair_terms,
     preference_metrics,
+    smoothed_logistic,
     validate_knobs,
     wpo_weights,
 )
@@ -56,11 +57,6 @@ def _delta(t: PairTerms, f_divergence: str, f_alpha: float) -> tuple[torch.Tenso
             f_divergence_scores(t.rejected_logratios, f_divergence, f_alpha))
 
 
-def _smoothed_logistic(z: torch.Tensor, label_smoothing: float) -> torch.Tensor:
-    """(1 - e) * -log sigmoid(z) + e * -log sigmoid(-z)."""
-    return (1.0 - label_smoothing) * F.softplus(-z) + label_smoothing * F.softplus(z)
-
-
 def _finish(per_pair: torch.Tensor, t: PairTerms, beta: float, inputs: SequenceLogps, use_weighting: bool) -> Out:
     if use_weighting:
         per_pair = per_pair * wpo_weights(inputs)
@@ -76,7 +72,7 @@ def dpo(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 0.
     """DPO (sigmoid): -log sigmoid(beta * (h_c - h_r)); label_smoothing > 0 gives conservative DPO."""
     t = _terms("dpo", inputs, locals())
     chosen, rejected = _delta(t, f_divergence, f_alpha)
-    return _finish(_smoothed_logistic(beta * (chosen - rejected), label_smoothing), t, beta, inputs, use_weighting)
+    return _finish(smoothed_logistic(beta * (chosen - rejected), label_smoothing), t, beta, inputs, use_weighting)
 
 
 @register_loss(view="pairwise", needs_reference=True)
@@ -200,7 +196,7 @@ def aot(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 0.
     t = _terms("aot", inputs, locals())
     policy_sorted = torch.sort(t.chosen_logps - t.rejected_logps).values
     ref_sorted = torch.sort(t.ref_chosen_logps - t.ref_rejected_logps).values
-    per_pair = _smoothed_logistic(beta * (policy_sorted - ref_sorted), label_smoothing)
+    per_pair = smoothed_logistic(beta * (policy_sorted - ref_sorted), label_smoothing)
     return _finish(per_pair, t, beta, inputs, use_weighting=False)
 
 

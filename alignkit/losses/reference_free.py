@@ -23,7 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.common import pair_terms, preference_metrics, token_mean_nll, validate_knobs
+from alignkit.losses.common import (
+    pair_terms,
+    preference_metrics,
+    smoothed_logistic,
+    token_mean_nll,
+    validate_knobs,
+)
 from alignkit.losses.registry import SequenceLogps, register_loss
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
@@ -46,7 +52,7 @@ def simpo(inputs: SequenceLogps, *, beta: float = 2.0, gamma: float = 1.0, label
     t = pair_terms(inputs, reference=False)
     chosen, rejected = t.chosen_logps / t.chosen_lengths, t.rejected_logps / t.rejected_lengths
     z = beta * (chosen - rejected) - gamma
-    per_pair = (1.0 - label_smoothing) * F.softplus(-z) + label_smoothing * F.softplus(z)
+    per_pair = smoothed_logistic(z, label_smoothing)
     metrics = preference_metrics(beta * chosen, beta * rejected, t.chosen_logps, t.rejected_logps)
     return per_pair.mean(), metrics
 
@@ -57,7 +63,7 @@ def cpo(inputs: SequenceLogps, *, beta: float = 0.1, cpo_alpha: float = 1.0, lab
     validate_knobs("cpo", locals())
     t = pair_terms(inputs, reference=False)
     z = beta * (t.chosen_logps - t.rejected_logps)
-    preference = ((1.0 - label_smoothing) * F.softplus(-z) + label_smoothing * F.softplus(z)).mean()
+    preference = smoothed_logistic(z, label_smoothing).mean()
     nll = token_mean_nll(inputs)
     metrics = preference_metrics(beta * t.chosen_logps, beta * t.rejected_logps, t.chosen_logps, t.rejected_logps)
     metrics["cpo/nll"] = nll.detach()
