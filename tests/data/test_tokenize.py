@@ -27,13 +27,14 @@ def trained_text(tokenizer, ids, mask) -> str:
 
 
 @pytest.mark.parametrize("name", TOKENIZERS)
-def test_paired_chat_boundaries_and_masks(name, request):
+@pytest.mark.parametrize("prompt", [USER, USER[1:]], ids=["system", "no_system"])  # SmolLM2 adds a default system turn
+def test_paired_chat_boundaries_and_masks(name, prompt, request):
     tok = request.getfixturevalue(name)
-    group = tokenize_group(Record("paired", USER, [CHOSEN, REJECTED]), tok, DataConfig())
-    assert group.prompt_ids == render(tok, USER, generation_prompt=True)
+    group = tokenize_group(Record("paired", prompt, [CHOSEN, REJECTED]), tok, DataConfig())
+    assert group.prompt_ids == render(tok, prompt, generation_prompt=True)
     for completion, ids, mask in zip([CHOSEN, REJECTED], group.completion_ids, group.completion_train_mask):
         # the prompt tokens are the same alone and followed by the response
-        assert group.prompt_ids + ids == render(tok, USER + completion)
+        assert group.prompt_ids + ids == render(tok, prompt + completion)
         assert all(mask)  # single assistant turn: every completion token is trained
         assert trained_text(tok, ids, mask) == completion[0]["content"] + "<|im_end|>\n"
         assert ids.count(tok.eos_token_id) == 1  # EOS once, from the template
