@@ -141,7 +141,11 @@ def test_csv_locations_count_multiline_cells_and_decode_json_cells(tmp_path):
 def test_missing_path_and_unreachable_hub_name(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="expected an existing file or folder"):
         read_records(str(tmp_path / "nope.jsonl"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(DataError, match="could not load hub dataset 'someone/missing-set'.*save_to_disk"):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # tests/conftest.py sets it
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    with pytest.raises(DataError, match="could not load hub dataset 'someone/missing-set': 127.0.0.1:9 is unreachable"):
+        read_records("someone/missing-set")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline: asks the local cache, which does not have it
+    with pytest.raises(DataError, match="could not load hub dataset 'someone/missing-set' .*save_to_disk"):
         read_records("someone/missing-set")
