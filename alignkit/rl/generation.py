@@ -21,18 +21,22 @@ takes token-id prompts and returns one ``Rollout`` per (prompt, sample), ordered
 *raw model distribution at temperature 1* — the policy's own log-prob — not under the tempered or
 top-k/top-p-truncated distribution the token was drawn from. With temperature 1 and no truncation
 the two coincide. These are computed in the generation pass (left padding, incremental KV cache),
-so they match a fresh full forward pass only up to float error (about 1e-5 in fp32 on CPU; more in
+so they match a fresh full forward pass only up to float error (5e-7 on the tiny test model in fp32
+on CPU, checked to 1e-4 in the tests; more in
 bf16); a trainer that needs ``ratio == 1`` exactly at μ=1 uses ``logps.detach()`` as ``old_logps``.
 
 DeepSpeed ZeRO-3: when the parameters are partitioned (``hasattr(p, "ds_id")``), generation runs
 inside ``deepspeed.zero.GatheredParameters(list(model.parameters()))``, which materialises the FULL
 model on every rank for the whole call (fine for small models; a large one wants vLLM). ZeRO-3's
-forward hooks may still re-partition and re-gather parameters around each forward, which are
-collective calls, so every rank must run the same number of forwards: when
-``torch.distributed`` runs with several ranks and the model is partitioned, the ranks agree each
-step (an all-reduce of "still decoding") and a rank that finished early runs a one-token dummy
-forward until all are done (what ``transformers``' ``synced_gpus`` does). Every rank must call
-``generate`` the same number of times. A ``DeepSpeedEngine`` may be passed; its ``.module`` is used.
+forward hooks still release and re-gather each submodule's parameters around its forward even
+inside that context (checked on DeepSpeed 0.19.8: without the measure below, a rank that stopped
+decoding early left the other in a mismatched collective), so every rank must run the same number
+of forwards: when ``torch.distributed`` runs several ranks and the model is partitioned, the ranks
+agree each step (an all-reduce of "still decoding") and a rank that is done runs one-token dummy
+forwards until all are (what ``transformers``' ``synced_gpus`` does). Every rank must call
+``generate`` the same number of times. The per-token re-gather costs time; removing the ZeRO-3
+hooks during generation (as TRL does) would avoid it but relies on DeepSpeed internals, so it is
+not done here. A ``DeepSpeedEngine`` may be passed; its ``.module`` is used.
 
 The model may be any ``transformers`` causal LM (or a ``peft`` model wrapping one) that accepts
 ``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache`` and ``logits_to_keep``.
@@ -230,6 +234,22 @@ class HFGenerationEngine:
             raise ValueError("HFGenerationEngine needs an eos_token_id (argument, tokenizer or model config)")
         self.pad_token_id = int(pad_token_id) if pad_token_id is not None else self.eos_token_ids[0]
 
+    def _prefill(self, model, prompts, num_samples: int, device):
+        """Run the prompts once; return the KV cache, last logits ``[N, V]``, attention mask ``[N, L]``
+        and next position ids ``[N, 1]`` for the N = len(prompts) * num_samples rows (prompt-major)."""
+        repeats = num_samples if self.share_prompt_prefill else 1
+        prefill_prompts = prompts if self.share_prompt_prefill else [p for p in prompts for _ in range(num_samples)]
+        ids, attention, positions = left_pad(prefill_prompts, self.pad_token_id, device)
+        out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+        next_position = positions[:, -1:] + 1
+        if repeats > 1:
+            cache.batch_repeat_interleave(repeats)
+            logits, attention, next_position = (
+                x.repeat_interleave(repeats, dim=0) for x in (logits, attention, next_position)
+            )
+        return cache, logits, attention, next_position
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
@@ -253,21 +273,13 @@ class HFGenerationEngine:
         eos = torch.tensor(self.eos_token_ids, device=device)
 
         with _generation_mode(model):
-            repeat_after_prefill = num_samples if self.share_prompt_prefill else 1
-            prefill_prompts = prompts if self.share_prompt_prefill else [p for p in prompts for _ in range(num_samples)]
-            ids, attention, positions = left_pad(prefill_prompts, self.pad_token_id, device)
-            out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
-            cache, logits = out.past_key_values, out.logits[:, -1, :].float()
-            next_position = positions[:, -1:] + 1
-            if repeat_after_prefill > 1:
-                cache.batch_repeat_interleave(repeat_after_prefill)
-                logits = logits.repeat_interleave(repeat_after_prefill, dim=0)
-                attention = attention.repeat_interleave(repeat_after_prefill, dim=0)
-                next_position = next_position.repeat_interleave(repeat_after_prefill, dim=0)
+            cache, logits, attention, next_position = self._prefill(model, prompts, num_samples, device)
             active = torch.arange(n_rows, device=device)  # rows of the output still decoding
 
-            for step in range(max_new_tokens):
-                if active.numel():
+            # the loop runs until every rank is done (only this rank's condition without synced ranks)
+            step = 0
+            while True:
+                if active.numel() and step < max_new_tokens:
                     token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
                     token_logprob = logits.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
                     done = torch.isin(token, eos)
@@ -280,7 +292,8 @@ class HFGenerationEngine:
                         cache.batch_select_indices(keep)
                         active, token = active[keep], token[keep]
                         attention, next_position = attention[keep], next_position[keep]
-                local_more = active.numel() > 0 and step + 1 < max_new_tokens
+                step += 1
+                local_more = active.numel() > 0 and step < max_new_tokens
                 if not _any_rank(local_more, synced, device):
                     break
                 if not local_more:  # this rank is done; keep ZeRO-3's collectives in step with the others
