@@ -108,12 +108,15 @@ def build_reference(cfg, run, policy, objective, data, pad_id):
         model, _ = load_causal_lm(_frozen_model_cfg(cfg))
         module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
         return ModuleReference(common.frozen_engine(module, cfg))
-    # precomputed: the starting policy, before the first step, over train + eval groups
+    # precomputed: the starting policy, before the first step, over the groups the run will visit
     cache_dir = Path(cfg.trainer.reference_cache_dir or Path.home() / ".cache" / "alignkit" / "ref_logps")
+    steps = common.total_steps(cfg, len(data.train))
+    used = sorted({i for s in range(steps) for i in common.step_groups(len(data.train), s, int(cfg.trainer.batch_size),
+                                                                       int(cfg.trainer.seed))})
     policy.eval()
     table = precompute(
         policy,
-        data.train + data.eval,
+        [data.train[i] for i in used] + data.eval[: int(cfg.trainer.max_eval_groups)],
         lambda groups: common.collate_groups(groups, cfg, pad_id),
         model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
         layout=str(cfg.data.layout),

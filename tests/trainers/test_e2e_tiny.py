@@ -46,10 +46,11 @@ def test_preference_presets_train(tmp_path, recipe):
                    f"trainer.reference_cache_dir={tmp_path / 'ref'}")
     rows = _metrics(run_dir)
     assert len(rows) == 3
-    for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen"):
+    keys = ("loss", "rewards/margin", "logps/chosen") + (() if recipe == "kto_tiny" else ("rewards/accuracy",))
+    for key in keys:
         assert key in rows[0], rows[0].keys()
     evals = _metrics(run_dir, "eval")
-    assert evals and "rewards/accuracy" in evals[-1]
+    assert evals and "rewards/margin" in evals[-1]
 
 
 def test_precomputed_reference_is_cached_and_reused(tmp_path):
