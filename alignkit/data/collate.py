@@ -10,8 +10,10 @@ most ``max_tokens_per_row`` tokens (None: one row; a longer unit gets a row of i
 puts each sequence in its own row with a 2D 0/1 mask.
 
 The 4D masks are additive float32 with ``MASK_VALUE = torch.finfo(torch.float32).min`` where
-attention is forbidden (pad rows are fully forbidden, so their diagonal is not 0); the trainer casts
-the mask to the model dtype, where that value saturates to the dtype's own minimum.
+attention is forbidden (pad rows are fully forbidden, so their diagonal is not 0). The trainer casts
+the mask to the model dtype and clamps it to that dtype's minimum
+(``alignkit.models.logprobs.prepare_attention_mask``): a bare cast to bf16/fp16 gives -inf, and a
+fully masked pad row of -inf would turn into NaN.
 
 Targets: a completion token with a True train mask is predicted by the row position of the token
 before it in its own sequence (the last prompt token for a completion's first token), so they are

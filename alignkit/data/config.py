@@ -104,5 +104,7 @@ class DataConfig:
             )
         if self.min_score_gap < 0:
             raise ConfigError(f"data.min_score_gap={self.min_score_gap} must be >= 0.")
+        if self.max_records is not None and self.max_records <= 0:
+            raise ConfigError(f"data.max_records={self.max_records} must be positive (or null for all records).")
         if self.max_tokens_per_row is not None and self.max_tokens_per_row <= 0:
             raise ConfigError(f"data.max_tokens_per_row={self.max_tokens_per_row} must be positive (or null).")

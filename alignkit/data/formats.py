@@ -223,6 +223,9 @@ def _parse_sft(row: dict[str, Any], location: str) -> Record:
         first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
         if first is None:
             raise fail(location, "messages", "at least one assistant message", "none")
+        if first == 0:
+            raise fail(location, "messages[0].role", "a user or system message before the first assistant message",
+                       "assistant")
         return Record("sft", messages[:first], [messages[first:]], extra=_rest(row, ("messages",)), location=location)
     prompt, completions = _align(_text(row, "prompt", location),
                                  [_text(row, "completion", location, response=True)])

@@ -129,7 +129,7 @@ def _source_records(source: SourceConfig, cfg: DataConfig, stats: DataStats) -> 
         raise DataError("expected at least one valid record / found none", location=source.path)
     if cfg.max_records is not None:
         records = records[: cfg.max_records]
-    stats.sources[source.path] = len(records)
+    stats.sources[source.path] = stats.sources.get(source.path, 0) + len(records)
     return records
 
 
@@ -215,10 +215,13 @@ def prepare_data(cfg: DataConfig, view: str, tokenizer: Any) -> PreparedData:
     cfg.validate()
     cache_file = Path(cfg.cache_dir) / f"{cache_key(cfg, view, tokenizer)}.pkl" if cfg.cache_dir else None
     if cache_file is not None and cache_file.exists():
-        with open(cache_file, "rb") as handle:
-            prepared: PreparedData = pickle.load(handle)
-        prepared.stats.cached = True
-        return prepared
+        try:
+            with open(cache_file, "rb") as handle:
+                prepared: PreparedData = pickle.load(handle)
+            prepared.stats.cached = True
+            return prepared
+        except Exception:  # written by an incompatible version: rebuild it
+            pass
     stats = DataStats()
     train_records, eval_records = load_split_records(cfg, stats)
     train_records, stats.convert = to_view(train_records, view, cfg)

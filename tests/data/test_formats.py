@@ -149,3 +149,10 @@ def test_missing_path_and_unreachable_hub_name(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline: asks the local cache, which does not have it
     with pytest.raises(DataError, match="could not load hub dataset 'someone/missing-set' .*save_to_disk"):
         read_records("someone/missing-set")
+
+
+def test_conversation_must_not_open_with_the_assistant():
+    with pytest.raises(DataError) as info:
+        parse({"messages": GOOD + USER + BAD})
+    assert (info.value.field, info.value.detail) == (
+        "messages[0].role", "expected a user or system message before the first assistant message / found assistant")
