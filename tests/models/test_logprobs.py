@@ -1,7 +1,8 @@
 """TargetLogProbs (chunked, checkpointed LM head on target rows) against the plain full-logits path.
 
 Tolerances (fp32, tiny model): log-probs, entropy and log sum p^2 agree to 1e-5 absolute; parameter
-gradients to 1e-4 relative + 1e-6 absolute. Layout equivalence (the same tokens give the same
+gradients elementwise to 1e-4 relative + (1e-6 + 1e-5 x the tensor's largest entry) absolute (the
+summation order differs, so tiny entries of a large gradient only agree to roundoff of its scale). Layout equivalence (the same tokens give the same
 log-probs padded, packed and prefix-shared) to 1e-5.
 """
 
@@ -17,7 +18,7 @@ from alignkit.models.logprobs import TargetLogProbs, naive_target_logps
 from hand_batches import LAYOUTS
 
 ATOL = 1e-5
-GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-6
+GRAD_RTOL, GRAD_ATOL, GRAD_SCALE_ATOL = 1e-4, 1e-6, 1e-5
 
 
 def tiny_model(**tiny_overrides):
@@ -48,7 +49,8 @@ def assert_same_grads(got: dict, want: dict) -> None:
     assert got.keys() == want.keys() and got
     for name in want:
         assert torch.isfinite(got[name]).all(), name
-        torch.testing.assert_close(got[name], want[name], rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=name)
+        atol = GRAD_ATOL + GRAD_SCALE_ATOL * float(want[name].abs().max())
+        torch.testing.assert_close(got[name], want[name], rtol=GRAD_RTOL, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -106,8 +108,8 @@ def test_tied_embeddings_share_the_gradient():
 
 
 def test_lora_model_matches_naive_and_adapter_can_be_disabled():
-    cfg = ModelConfig(lora=LoraConfig(r=4, alpha=8.0))
-    model, _ = load_causal_lm(cfg)
+    torch.manual_seed(0)  # peft draws lora_A from the global RNG
+    model, _ = load_causal_lm(ModelConfig(lora=LoraConfig(r=4, alpha=8.0)))
     with torch.no_grad():  # LoRA starts as a no-op (B = 0); make it change the outputs
         for name, param in model.named_parameters():
             if "lora_B" in name:
