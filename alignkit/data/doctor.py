@@ -102,7 +102,8 @@ def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
     lines = []
     for b in range(-(-(high - low + 1) // step)):
         count = counts.get(b, 0)
-        lines.append(f"{low + b * step:>6}-{low + (b + 1) * step - 1:<6} | {'█' * round(width * count / peak):<{width}} {count}")
+        bar = "█" * round(width * count / peak)
+        lines.append(f"{low + b * step:>6}-{low + (b + 1) * step - 1:<6} | {bar:<{width}} {count}")
     return lines
 
 
@@ -166,8 +167,9 @@ def convert_records(records: list[Record], to: str, *, strategy: str = "all_pair
         return to_view(records, "pairwise" if to == "paired" else to, cfg)
     except ConfigError:
         found = ", ".join(sorted({r.format for r in records}))
+        valid = ", ".join(ACCEPTS["pairwise" if to == "paired" else to])
         raise UserError(f"cannot convert {found} data to {to}: there is nothing to rank or label "
-                        f"(valid inputs for --to {to}: {', '.join(ACCEPTS['pairwise' if to == 'paired' else to])}).") from None
+                        f"(valid inputs for --to {to}: {valid}).") from None
 
 
 def convert_path(source: str, target: str, to: str, *, strategy: str = "all_pairs", min_gap: float = 0.0,

@@ -198,7 +198,8 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
 
     ``datasets`` retries an unreachable hub for about half a minute; this probe fails in seconds.
     """
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in flags)
     if offline or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         return None
     endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))

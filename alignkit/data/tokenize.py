@@ -14,8 +14,8 @@ EOS appended; all completion tokens are trained.
 
 Truncation: a prompt longer than ``max_prompt_length`` keeps its end or its start (a leading BOS
 is kept when the tokenizer adds one by itself); a completion longer than what ``max_length``
-leaves is truncated or the group dropped. Every case is counted in ``TokenizeStats``. Deliberately left out: batching (``collate.py``) and caching
-(``pipeline.py``).
+leaves is truncated or the group dropped. Every case is counted in ``TokenizeStats``.
+Deliberately left out: batching (``collate.py``) and caching (``pipeline.py``).
 """
 
 from __future__ import annotations

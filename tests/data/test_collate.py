@@ -30,7 +30,7 @@ def _groups() -> list[TokenizedGroup]:
         return torch.randint(1, VOCAB, (n,), generator=gen).tolist()
 
     return [
-        TokenizedGroup(ids(5), [ids(3), ids(6)], [[True] * 3, [False, True, True, True, True, True]], scores=[1.0, 0.0]),
+        TokenizedGroup(ids(5), [ids(3), ids(6)], [[True] * 3, [False] + [True] * 5], scores=[1.0, 0.0]),
         TokenizedGroup(ids(2), [ids(4)], [[True, False, True, True]], example_id="b"),  # K=1 < max K
         TokenizedGroup(ids(7), [ids(1), ids(2), ids(5)], [[True], [True, True], [True] * 5]),
     ]
@@ -51,7 +51,8 @@ def _by_slot(batch, values) -> dict[int, list[float]]:
     return out
 
 
-@pytest.mark.parametrize("layout,budget", [("packed", None), ("packed", 20), ("prefix_shared", None), ("prefix_shared", 16)])
+@pytest.mark.parametrize("layout,budget",
+                         [("packed", None), ("packed", 20), ("prefix_shared", None), ("prefix_shared", 16)])
 def test_layouts_give_same_logps_as_padded(model, layout, budget):
     groups = _groups()
     padded = collate(groups, layout="padded", pad_token_id=0)

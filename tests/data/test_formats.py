@@ -52,7 +52,8 @@ def test_trl_conversational_formats():
 
 
 def test_paired_scores_and_margin():
-    assert parse({"prompt": "Q", "chosen": "A", "rejected": "B", "score_chosen": 8, "score_rejected": 3}).scores == [8.0, 3.0]
+    row = {"prompt": "Q", "chosen": "A", "rejected": "B", "score_chosen": 8, "score_rejected": 3}
+    assert parse(row).scores == [8.0, 3.0]
     assert parse({"prompt": "Q", "chosen": "A", "rejected": "B", "margin": 0.5}).scores == [0.5, 0.0]
 
 
@@ -81,8 +82,8 @@ def test_llamafactory_layouts():
 
 
 def test_nemo_layouts():
-    listwise = parse({"context": "Q", "completions": [{"rank": 1, "completion": "good"}, {"rank": 0, "completion": "best"}]},
-                     preset="nemo")
+    completions = [{"rank": 1, "completion": "good"}, {"rank": 0, "completion": "best"}]
+    listwise = parse({"context": "Q", "completions": completions}, preset="nemo")
     assert (listwise.format, listwise.prompt, listwise.completions, listwise.scores) == (
         "listwise", "Q", ["good", "best"], [-1.0, 0.0])
     paired = parse({"prompt": "Q", "chosen_response": "A", "rejected_response": "B"}, preset="nemo")
@@ -92,7 +93,8 @@ def test_nemo_layouts():
 def test_explicit_format_overrides_detection():
     with pytest.raises(DataError) as info:
         parse({"prompt": "Q", "completion": "A"}, fmt="paired")
-    assert str(info.value) == "f.jsonl:7: chosen: expected a value in column 'chosen' / found no such column (columns: ['completion', 'prompt'])"
+    assert str(info.value) == ("f.jsonl:7: chosen: expected a value in column 'chosen' / "
+                               "found no such column (columns: ['completion', 'prompt'])")
 
 
 ROWS = [{"prompt": "Q1", "chosen": "A", "rejected": "B"}, {"prompt": "Q2", "chosen": "C", "rejected": "D"}]
@@ -132,7 +134,8 @@ def test_csv_locations_count_multiline_cells_and_decode_json_cells(tmp_path):
     path = tmp_path / "d.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerows([["prompt", "responses", "scores"], ["multi\nline", '["a", "b"]', "[1, 2]"], ["Q", "x", "[1]"]])
+        writer.writerows([["prompt", "responses", "scores"], ["multi\nline", '["a", "b"]', "[1, 2]"],
+                          ["Q", "x", "[1]"]])
     records, errors = read_records(str(path))
     assert records[0].completions == ["a", "b"] and records[0].scores == [1.0, 2.0]
     assert [(e.location, e.field) for e in errors] == [(f"{path}:4", "responses")]
