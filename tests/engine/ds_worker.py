@@ -44,6 +44,7 @@ def main() -> None:
     args = parse_args()
     torch.set_num_threads(1)
     info = setup_distributed()
+    torch.manual_seed(1234 + info.rank)  # the trainer's seeding; dropout draws from this RNG
     cfg = DeepSpeedConfig(zero_stage=args.stage, dtype="fp32")
     ds_config = build_train_ds_config(
         cfg, micro_batch_size=args.micro, grad_accum_steps=args.accum, world_size=info.world_size
