@@ -164,8 +164,10 @@ def _messages(value: list[Any], location: str, field: str) -> list[dict[str, Any
 
 def _text(row: dict[str, Any], field: str, location: str, *, response: bool = False, value: Any = None) -> Text:
     if value is None:
-        if field not in row or row[field] is None:
+        if field not in row:
             raise fail(location, field, f"a value in column {field!r}", f"no such column (columns: {sorted(row)})")
+        if row[field] is None:
+            raise fail(location, field, f"a value in column {field!r}", "null")
         value = row[field]
     if isinstance(value, str):
         if not value.strip():

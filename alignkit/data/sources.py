@@ -112,6 +112,21 @@ def iter_jsonl(path: Path, max_line_bytes: int | None = None) -> Iterator[RawRow
                 yield RawRow(location, {}, error)
 
 
+def _array_item_lines(text: str) -> list[int]:
+    """Line number where each item of a (valid) top-level JSON array starts."""
+    decoder = json.JSONDecoder()
+    whitespace = " \t\r\n"
+    position = text.index("[") + 1
+    starts = []
+    while True:
+        while text[position] in whitespace or text[position] == ",":
+            position += 1
+        if text[position] == "]":
+            return [text.count("\n", 0, start) + 1 for start in starts]
+        starts.append(position)
+        _, position = decoder.raw_decode(text, position)
+
+
 def iter_json(path: Path) -> Iterator[RawRow]:
     text = _decode_file(path.read_bytes(), path)
     try:
@@ -132,8 +147,9 @@ def iter_json(path: Path) -> Iterator[RawRow]:
         value = lists[0]
     if not isinstance(value, list):
         raise DataError(f"expected a list of records / found {describe(value)}", location=str(path))
+    lines = _array_item_lines(text) if text.lstrip().startswith("[") else None
     for index, item in enumerate(value, start=1):
-        location = f"{path}:record {index}"
+        location = f"{path}:{lines[index - 1]}" if lines else f"{path}:record {index}"
         if not isinstance(item, dict):
             yield RawRow(location, {}, DataError(f"expected a JSON object / found {describe(item)}", location=location))
             continue

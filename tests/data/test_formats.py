@@ -159,3 +159,15 @@ def test_conversation_must_not_open_with_the_assistant():
         parse({"messages": GOOD + USER + BAD})
     assert (info.value.field, info.value.detail) == (
         "messages[0].role", "expected a user or system message before the first assistant message / found assistant")
+
+
+def test_json_array_rows_are_located_by_line(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text('[\n  {"prompt": "Q", "chosen": "A", "rejected": "B"},\n  {"prompt": "Q",\n   "chosen": null,'
+                    ' "rejected": "B"},\n  3\n]\n')
+    records, errors = read_records(str(path))
+    assert len(records) == 1
+    assert [(e.location, e.field, e.detail) for e in errors] == [
+        (f"{path}:3", "chosen", "expected a value in column 'chosen' / found null"),
+        (f"{path}:5", None, "expected a JSON object / found int 3"),
+    ]
