@@ -56,6 +56,9 @@ def validate(
         console.print(str(error), markup=False)
     kinds = ", ".join(f"{n} {f}" for f, n in report.formats.items()) or "none"
     line = f"{path}: {len(report.records)} valid records ({kinds}), {len(report.errors)} problems"
+    if not report.records and not report.errors:
+        console.print(f"{path}: expected records / found none (empty file?)", style="bold red", markup=False)
+        raise typer.Exit(1)
     if report.errors:
         console.print(line + " (by field: " + ", ".join(f"{f} {n}" for f, n in report.fields.most_common()) + ")",
                       style="bold red", markup=False)

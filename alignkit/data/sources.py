@@ -72,6 +72,8 @@ def _decode_file(raw: bytes, path: Path) -> str:
 def _parse_object(text: str, location: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise DataError("expected a JSON object / found nesting too deep to read", location=location) from None
     except json.JSONDecodeError as err:
         raise DataError(
             f"expected one JSON object per line / found invalid JSON ({err.msg} at column {err.colno}); "
@@ -198,7 +200,11 @@ def iter_parquet(path: Path) -> Iterator[RawRow]:
 def iter_datasets_folder(path: Path, split: str) -> Iterator[RawRow]:
     import datasets
 
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as err:  # not a save_to_disk folder (FileNotFoundError, ValueError, ...)
+        raise DataError(f"expected a folder written by datasets' save_to_disk / found one it cannot read "
+                        f"({type(err).__name__}: {str(err)[:200]})", location=str(path)) from None
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise DataError(

@@ -67,3 +67,14 @@ def test_inspect_prints_samples_and_statistics(tmp_path, write_jsonl, extra):
     assert "truncated at max_length=8: 50.0% of records" in out
     if extra:
         assert "prompts shared with the eval file: 1" in out  # "Q1" is in both
+
+
+def test_validate_rejects_empty_files_and_unreadable_folders(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    result = runner.invoke(data_app, ["validate", str(empty)])
+    assert result.exit_code == 1 and "expected records / found none" in result.output
+    folder = tmp_path / "not_a_dataset"
+    folder.mkdir()
+    result = runner.invoke(data_app, ["validate", str(folder)])
+    assert isinstance(result.exception, DataError) and "save_to_disk" in str(result.exception)
