@@ -6,7 +6,8 @@ k + 1 = completion k). Token i may attend token j when j <= i, both are in the s
 in the prompt branch or in i's own branch. ``packed`` makes one unit per (prompt, completion)
 sequence, ``prefix_shared`` one unit per group (prompt once, then the K completions, whose
 positions each continue from the prompt end); both pack units greedily, in order, into rows of at
-most ``max_tokens_per_row`` tokens (None: one row; a longer unit gets a row of its own). ``padded``
+most ``max_tokens_per_row`` tokens (None: the longest unit's length, so rows are as long as padded
+rows would be and the [L, L] masks stay small; a unit longer than the budget gets a row of its own). ``padded``
 puts each sequence in its own row with a 2D 0/1 mask.
 
 The 4D masks are additive float32 with ``MASK_VALUE = torch.finfo(torch.float32).min`` where
@@ -79,11 +80,11 @@ def _units(groups: list[TokenizedGroup], group_size: int, layout: str) -> list[_
     return units
 
 
-def _pack(units: list[_Unit], budget: int | None) -> list[list[_Unit]]:
+def _pack(units: list[_Unit], budget: int) -> list[list[_Unit]]:
     rows: list[list[_Unit]] = []
     used = 0
     for unit in units:
-        if not rows or (budget is not None and used + len(unit.ids) > budget):
+        if not rows or used + len(unit.ids) > budget:
             rows.append([])
             used = 0
         rows[-1].append(unit)
@@ -125,7 +126,8 @@ def collate(
     if group_size == 0:
         raise ValueError("prompt-only groups (K=0) have nothing to score; generate from group.prompt_ids instead")
     units = _units(groups, group_size, layout)
-    rows = [[unit] for unit in units] if layout == "padded" else _pack(units, max_tokens_per_row)
+    budget = max_tokens_per_row or max(len(unit.ids) for unit in units)
+    rows = [[unit] for unit in units] if layout == "padded" else _pack(units, budget)
     length = max(sum(len(u.ids) for u in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(len(rows), length, dtype=torch.long)

@@ -74,7 +74,7 @@ class DataConfig:
     label_threshold: Optional[float] = None  # scores -> labels: score >= threshold; None = above group mean
     on_error: str = "raise"
     layout: str = "padded"
-    max_tokens_per_row: Optional[int] = None  # packing budget of packed / prefix_shared rows
+    max_tokens_per_row: Optional[int] = None  # packing budget of packed / prefix_shared rows; None = longest unit
     train_on: str = "all_assistant"  # multi-turn SFT: which assistant turns are trained
     max_records: Optional[int] = None  # cap per source after mixing (quick runs)
     cache_dir: Optional[str] = None  # None = no on-disk cache of tokenized data

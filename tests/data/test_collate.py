@@ -51,8 +51,8 @@ def _by_slot(batch, values) -> dict[int, list[float]]:
     return out
 
 
-@pytest.mark.parametrize("layout,budget",
-                         [("packed", None), ("packed", 20), ("prefix_shared", None), ("prefix_shared", 16)])
+@pytest.mark.parametrize("layout,budget", [("packed", None), ("packed", 20), ("packed", 1000),
+                                           ("prefix_shared", None), ("prefix_shared", 16), ("prefix_shared", 1000)])
 def test_layouts_give_same_logps_as_padded(model, layout, budget):
     groups = _groups()
     padded = collate(groups, layout="padded", pad_token_id=0)
@@ -92,6 +92,13 @@ def test_prefix_shared_positions_and_mask():
     # completion 1's only token is predicted by the last prompt position (1), not by position 3
     assert batch.target_index.tolist() == [1, 2, 1] and batch.target_slot.tolist() == [0, 0, 1]
     assert batch.attention_mask.dtype == torch.float32 and batch.attention_mask.min() == MASK_VALUE
+
+
+def test_default_budget_is_the_longest_unit():
+    groups = [TokenizedGroup([1], [[2, 3]], [[True, True]]), TokenizedGroup([4], [[5]], [[True]]),
+              TokenizedGroup([6], [[7]], [[True]])]
+    batch = collate(groups, layout="packed", pad_token_id=0)
+    assert batch.input_ids.tolist() == [[1, 2, 3], [4, 5, 0], [6, 7, 0]]  # budget 3: 2 + 2 would not fit
 
 
 def test_packing_budget_splits_rows_and_pads_are_masked():
