@@ -9,7 +9,8 @@ view          accepted formats and what happens
 sft           sft as-is; paired -> chosen; listwise -> best response; unpaired -> label 1 only
 pairwise      paired as-is; listwise -> pairs by ``cfg.pair_expansion`` and ``cfg.min_score_gap``;
               unpaired -> grouped by prompt, then paired
-unpaired      unpaired (scores -> labels by ``cfg.label_threshold``); paired -> chosen 1 / rejected 0;
+unpaired      unpaired (scores -> labels by ``cfg.label_threshold``); paired -> chosen 1 / rejected 0
+              (even when the pair has scores);
               listwise -> scores -> labels
 listwise      listwise as-is; paired -> K=2 with scores [1, 0]; unpaired -> grouped by prompt
 prompt        every format -> its prompt (K=0), extra columns kept
@@ -90,12 +91,11 @@ def _to_pairwise(records: list[Record], cfg: DataConfig) -> tuple[list[Record], 
 
 def _to_unpaired(records: list[Record], cfg: DataConfig) -> tuple[list[Record], ConvertStats]:
     labelled = [r for r in records if r.labels is not None]
-    rest = [r for r in records if r.labels is None]
-    paired_plain = [r for r in rest if r.format == "paired" and r.scores is None]
-    scored = [r for r in rest if not (r.format == "paired" and r.scores is None)]
+    paired = [r for r in records if r.format == "paired"]
+    scored = [r for r in records if r.labels is None and r.format != "paired"]
     out, stats = scores_to_labels(scored, cfg.label_threshold)
-    if paired_plain:
-        unpaired, pair_stats = paired_to_unpaired(paired_plain)
+    if paired:  # the pair's own verdict wins over its scores: chosen desirable, rejected not
+        unpaired, pair_stats = paired_to_unpaired(paired)
         out += unpaired
         stats.dropped.update(pair_stats.dropped)
     stats.records_in = len(records)

@@ -98,3 +98,11 @@ def test_views():
     assert (prompts[0].format, prompts[0].completions) == ("prompt", [])
     with pytest.raises(ConfigError, match="sft data .* cannot feed a loss that consumes pairwise data"):
         to_view([Record("sft", "Q", ["A"], location="f:1")], "pairwise", cfg)
+
+
+def test_unpaired_view_of_scored_pairs_follows_the_pair():
+    cfg = DataConfig(label_threshold=10.0)  # both scores are below the threshold
+    pair = Record("paired", "Q", ["good", "bad"], scores=[5.0, 1.0])
+    out, stats = to_view([pair, Record("unpaired", "R", ["x"], scores=[12.0])], "unpaired", cfg)
+    assert [(r.completions, r.labels) for r in out] == [(["x"], [1.0]), (["good"], [1.0]), (["bad"], [0.0])]
+    assert (stats.records_in, stats.records_out) == (2, 3)
