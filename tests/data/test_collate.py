@@ -113,3 +113,32 @@ def test_packing_budget_splits_rows_and_pads_are_masked():
 def test_prompt_only_groups_are_rejected():
     with pytest.raises(ValueError, match="prompt-only"):
         collate([TokenizedGroup([1, 2], [], [])], layout="padded", pad_token_id=0)
+
+
+def test_layouts_agree_on_tokenized_chat_data(tiny_tokenizer):
+    """End to end: records -> tokenize_group -> every layout -> the same per-slot sums."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignkit.data.config import DataConfig
+    from alignkit.data.record import Record
+    from alignkit.data.tokenize import tokenize_group
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    llama = LlamaForCausalLM(config).eval()
+    user = [{"role": "user", "content": "What is 12 + 30?"}]
+    records = [
+        Record("listwise", user, [[{"role": "assistant", "content": a}] for a in ("42", "It is 42.", "41")],
+               scores=[2.0, 1.0, 0.0]),
+        Record("sft", user, [[{"role": "assistant", "content": "42"}, {"role": "user", "content": "Sure?"},
+                              {"role": "assistant", "content": "Yes."}]]),
+    ]
+    groups = [tokenize_group(r, tiny_tokenizer, DataConfig()) for r in records]
+    padded = collate(groups, layout="padded", pad_token_id=tiny_tokenizer.pad_token_id)
+    expected = sum_per_slot(_target_logps(llama, padded), padded)
+    assert padded.slot_lengths()[1].tolist()[0] < len(groups[1].completion_ids[0])  # the user turn is not a target
+    for layout in ("packed", "prefix_shared"):
+        batch = collate(groups, layout=layout, pad_token_id=tiny_tokenizer.pad_token_id)
+        torch.testing.assert_close(sum_per_slot(_target_logps(llama, batch), batch), expected, atol=TOLERANCE, rtol=0)
