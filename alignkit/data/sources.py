@@ -62,7 +62,7 @@ def _decode_line(raw: bytes, location: str) -> str:
 
 def _decode_file(raw: bytes, path: Path) -> str:
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")  # editors may write a byte-order mark
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
         column = err.start - (raw.rfind(b"\n", 0, err.start) + 1)
@@ -107,7 +107,7 @@ def iter_jsonl(path: Path, max_line_bytes: int | None = None) -> Iterator[RawRow
                 yield RawRow(location, {}, error)
                 continue
             try:
-                text = _decode_line(raw, location).strip()
+                text = _decode_line(raw, location).strip().removeprefix("\ufeff")
                 if text:
                     yield RawRow(location, _parse_object(text, location))
             except DataError as error:

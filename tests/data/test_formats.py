@@ -171,3 +171,13 @@ def test_json_array_rows_are_located_by_line(tmp_path):
         (f"{path}:3", "chosen", "expected a value in column 'chosen' / found null"),
         (f"{path}:5", None, "expected a JSON object / found int 3"),
     ]
+
+
+@pytest.mark.parametrize("name,body", [("d.csv", "prompt,completion\nQ,A\n"),
+                                       ("d.jsonl", '{"prompt": "Q", "completion": "A"}\n'),
+                                       ("d.json", '[{"prompt": "Q", "completion": "A"}]')])
+def test_byte_order_mark_is_ignored(tmp_path, name, body):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    records, errors = read_records(str(path))
+    assert errors == [] and [(r.prompt, r.completions) for r in records] == [("Q", ["A"])]
