@@ -21,6 +21,9 @@ from alignkit.rl.generation import (  # noqa: F401
     GenerationEngine,
     HFGenerationEngine,
     Rollout,
+    RolloutTensors,
     build_generation_engine,
+    stack_rollouts,
+    to_tokenized_groups,
 )
 from alignkit.rl.kl import kl_per_token, shape_token_rewards  # noqa: F401

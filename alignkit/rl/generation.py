@@ -22,8 +22,7 @@ takes token-id prompts and returns one ``Rollout`` per (prompt, sample), ordered
 top-k/top-p-truncated distribution the token was drawn from. With temperature 1 and no truncation
 the two coincide. These are computed in the generation pass (left padding, incremental KV cache),
 so they match a fresh full forward pass only up to float error (5e-7 on the tiny test model in fp32
-on CPU, checked to 1e-4 in the tests; more in
-bf16); a trainer that needs ``ratio == 1`` exactly at μ=1 uses ``logps.detach()`` as ``old_logps``.
+on CPU, checked to 1e-4 in the tests; more in bf16); a trainer that needs ``ratio == 1`` exactly at μ=1 uses ``logps.detach()`` as ``old_logps``.
 
 DeepSpeed ZeRO-3: when the parameters are partitioned (``hasattr(p, "ds_id")``), generation runs
 inside ``deepspeed.zero.GatheredParameters(list(model.parameters()))``, which materialises the FULL
@@ -37,6 +36,10 @@ forwards until all are (what ``transformers``' ``synced_gpus`` does). Every rank
 ``generate`` the same number of times. The per-token re-gather costs time; removing the ZeRO-3
 hooks during generation (as TRL does) would avoid it but relies on DeepSpeed internals, so it is
 not done here. A ``DeepSpeedEngine`` may be passed; its ``.module`` is used.
+
+For the trainers: ``stack_rollouts`` turns the list into right-padded ``[S, T]`` tensors (ids,
+mask, log-probs, group index) and ``to_tokenized_groups`` into the shared collator's
+``TokenizedGroup`` s (one per prompt, its G samples as the K completions).
 
 The model may be any ``transformers`` causal LM (or a ``peft`` model wrapping one) that accepts
 ``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache`` and ``logits_to_keep``.
@@ -55,6 +58,7 @@ from typing import Iterator, Optional, Protocol, Sequence
 
 import torch
 
+from alignkit.data.batch import TokenizedGroup
 from alignkit.errors import ConfigError
 
 ENGINES = ("hf",)
@@ -128,6 +132,54 @@ def build_generation_engine(config: GenerationConfig, model, tokenizer=None, **t
     """The engine ``config.engine`` names (the seam where a vLLM engine would be added)."""
     config.validate()
     return HFGenerationEngine(model, tokenizer, share_prompt_prefill=config.share_prompt_prefill, **token_ids)
+
+
+@dataclass
+class RolloutTensors:
+    """Rollouts stacked in output order (slot ``prompt_index * G + sample_index``), right-padded."""
+
+    completion_ids: torch.Tensor  # [S, T] long, pad_token_id past each completion
+    mask: torch.Tensor  # [S, T] bool, True on completion tokens
+    logprobs: torch.Tensor  # [S, T] float32 policy log-probs at generation time, 0 outside mask
+    group_index: torch.Tensor  # [S] long, the prompt index (GRPO's group)
+    finished: torch.Tensor  # [S] bool, ended with EOS
+
+
+def stack_rollouts(rollouts: Sequence[Rollout], pad_token_id: int = 0) -> RolloutTensors:
+    """Stack ``generate``'s output into ``[S, T]`` tensors (T = longest completion)."""
+    width = max(len(r.completion_ids) for r in rollouts)
+    ids = torch.full((len(rollouts), width), pad_token_id, dtype=torch.long)
+    logprobs = torch.zeros((len(rollouts), width), dtype=torch.float32)
+    mask = torch.zeros((len(rollouts), width), dtype=torch.bool)
+    for row, r in enumerate(rollouts):
+        n = len(r.completion_ids)
+        ids[row, :n] = torch.tensor(r.completion_ids, dtype=torch.long)
+        logprobs[row, :n] = torch.tensor(r.logprobs, dtype=torch.float32)
+        mask[row, :n] = True
+    return RolloutTensors(
+        completion_ids=ids, mask=mask, logprobs=logprobs,
+        group_index=torch.tensor([r.prompt_index for r in rollouts], dtype=torch.long),
+        finished=torch.tensor([r.finished for r in rollouts], dtype=torch.bool),
+    )
+
+
+def to_tokenized_groups(prompts: Sequence[Sequence[int]], rollouts: Sequence[Rollout]) -> list[TokenizedGroup]:
+    """One ``TokenizedGroup`` per prompt holding its samples in ``sample_index`` order, every
+    completion token a training target, ready for the shared collator (slot ``g * K + k``)."""
+    by_prompt: dict[int, list[Rollout]] = {}
+    for r in rollouts:
+        by_prompt.setdefault(r.prompt_index, []).append(r)
+    groups = []
+    for index, prompt in enumerate(prompts):
+        samples = sorted(by_prompt.get(index, []), key=lambda r: r.sample_index)
+        groups.append(
+            TokenizedGroup(
+                prompt_ids=list(prompt),
+                completion_ids=[list(r.completion_ids) for r in samples],
+                completion_train_mask=[[True] * len(r.completion_ids) for r in samples],
+            )
+        )
+    return groups
 
 
 # ----------------------------------------------------------------------------- sampling

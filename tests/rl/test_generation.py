@@ -139,3 +139,20 @@ def test_settings_are_validated(model):
     config = GenerationConfig(max_new_tokens=3, temperature=0.0)
     rollouts = build_generation_engine(config, model, eos_token_id=UNUSED_EOS).generate(PROMPTS[:1], **config.sampling_kwargs())
     assert len(rollouts[0].completion_ids) == 3
+
+
+def test_stack_rollouts_and_tokenized_groups(model):
+    from alignkit.rl.generation import stack_rollouts, to_tokenized_groups
+
+    prompts = PROMPTS[:2]
+    rollouts = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(
+        prompts, num_samples=2, max_new_tokens=4, seed=1)
+    rollouts[1].completion_ids, rollouts[1].logprobs = rollouts[1].completion_ids[:2], rollouts[1].logprobs[:2]  # ragged
+    t = stack_rollouts(rollouts, pad_token_id=PAD)
+    assert t.completion_ids.shape == (4, 4) and t.group_index.tolist() == [0, 0, 1, 1]
+    assert t.mask.sum(-1).tolist() == [4, 2, 4, 4] and t.logprobs[1, 2:].abs().sum() == 0
+    assert t.completion_ids[1].tolist() == rollouts[1].completion_ids + [PAD, PAD]
+    groups = to_tokenized_groups(prompts, rollouts)
+    assert [g.prompt_ids for g in groups] == prompts and [g.group_size for g in groups] == [2, 2]
+    assert groups[0].completion_ids[1] == rollouts[1].completion_ids
+    assert groups[1].completion_train_mask[0] == [True] * 4
