@@ -36,8 +36,6 @@ engine's log-probs, entropy bonus (needs the full distribution; the trainer can 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from alignkit.errors import ConfigError
@@ -60,7 +58,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def aggregate_token_loss(
-    per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str, max_completion_length: Optional[int] = None
+    per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str, max_completion_length: int | None = None
 ) -> torch.Tensor:
     """Reduce a ``[S, T]`` per-token loss to a scalar; see the module docstring for the modes."""
     _check_choice("loss_agg", loss_agg, LOSS_AGGREGATIONS)
@@ -81,7 +79,12 @@ def aggregate_token_loss(
 
 
 def clipped_surrogate(
-    log_ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *, epsilon_low: float, epsilon_high: float
+    log_ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token ``-min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A)`` ``[S, T]`` and clip metrics."""
     if not 0.0 <= epsilon_low < 1.0 or epsilon_high < 0.0:
@@ -111,7 +114,7 @@ def _policy_objective(
     epsilon_high: float,
     importance_sampling_level: str,
     loss_agg: str,
-    max_completion_length: Optional[int],
+    max_completion_length: int | None,
     beta: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     _check_choice("importance_sampling_level", importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
@@ -127,7 +130,9 @@ def _policy_objective(
         log_ratio, advantages, mask, epsilon_low=epsilon_low, epsilon_high=epsilon_high
     )
     if inputs.ref_logps is not None:
-        kl = kl_per_token(inputs.logps, torch.where(mask, inputs.ref_logps.detach(), inputs.logps.detach()), "k3")
+        kl = kl_per_token(
+            inputs.logps, torch.where(mask, inputs.ref_logps.detach(), inputs.logps.detach()), "k3"
+        )
         metrics["kl"] = masked_mean(kl.detach(), mask)
         if beta != 0.0:
             per_token = per_token + beta * kl
@@ -144,7 +149,7 @@ def grpo(
     epsilon_high: float = 0.2,
     importance_sampling_level: str = "token",
     loss_agg: str = "seq_mean_token_mean",
-    max_completion_length: Optional[int] = None,
+    max_completion_length: int | None = None,
     beta: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """GRPO clipped surrogate (DAPO low/high clip, GSPO sequence ratio, Dr. GRPO aggregation, k3 KL)."""
@@ -166,7 +171,7 @@ def ppo(
     epsilon_low: float = 0.2,
     epsilon_high: float = 0.2,
     loss_agg: str = "token_mean",
-    max_completion_length: Optional[int] = None,
+    max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped policy surrogate on token-level advantages (KL belongs in the rewards)."""
     return _policy_objective(
@@ -184,9 +189,9 @@ def ppo(
 def ppo_value(
     inputs: RolloutLogps,
     *,
-    value_clip: Optional[float] = 0.2,
+    value_clip: float | None = 0.2,
     loss_agg: str = "token_mean",
-    max_completion_length: Optional[int] = None,
+    max_completion_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss ``0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-value_clip) - R)^2)``.
 

@@ -40,8 +40,8 @@ running several ranks gathers rewards first (groups must not be split across ran
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -96,7 +96,9 @@ def advantage_hparams(name: str) -> dict[str, object]:
 # ----------------------------------------------------------------------------- statistics
 
 
-def group_stats(x: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_stats(
+    x: torch.Tensor, group_index: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row mean, unbiased std (0 for a group of one) and size of the row's group, each ``[S]``."""
     _, inverse = torch.unique(group_index, return_inverse=True)
     num_groups = int(inverse.max()) + 1
@@ -120,7 +122,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, epsilon: float 
     return torch.where(keep, (x - mean) * torch.rsqrt(var + epsilon), 0.0)
 
 
-def zero_std_groups_mask(rewards: torch.Tensor, group_index: torch.Tensor, *, tolerance: float = 1e-6) -> torch.Tensor:
+def zero_std_groups_mask(
+    rewards: torch.Tensor, group_index: torch.Tensor, *, tolerance: float = 1e-6
+) -> torch.Tensor:
     """``[S]`` bool, True on rows whose group's rewards are all equal (no learning signal for GRPO).
 
     Dynamic sampling (DAPO) drops these rows and samples more prompts.
@@ -129,7 +133,9 @@ def zero_std_groups_mask(rewards: torch.Tensor, group_index: torch.Tensor, *, to
     return std <= tolerance
 
 
-def frac_zero_std_groups(rewards: torch.Tensor, group_index: torch.Tensor, *, tolerance: float = 1e-6) -> torch.Tensor:
+def frac_zero_std_groups(
+    rewards: torch.Tensor, group_index: torch.Tensor, *, tolerance: float = 1e-6
+) -> torch.Tensor:
     """Fraction (scalar tensor) of the groups whose rewards are all equal."""
     _, std, size = group_stats(rewards, group_index)
     # each row contributes 1/size of its group, so the sums count groups
@@ -148,7 +154,12 @@ def discounted_returns(token_rewards: torch.Tensor, mask: torch.Tensor, gamma: f
 
 
 def compute_gae(
-    token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamma: float = 1.0, lam: float = 0.95
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE advantages and value targets, both ``[S, T]`` (0 outside ``mask``).
 
@@ -175,7 +186,14 @@ def compute_gae(
 
 @register_advantage()
 def grpo(
-    rewards, group_index, *, token_rewards=None, values=None, mask=None, scale: str = "group", epsilon: float = 1e-6
+    rewards,
+    group_index,
+    *,
+    token_rewards=None,
+    values=None,
+    mask=None,
+    scale: str = "group",
+    epsilon: float = 1e-6,
 ):
     """Group-relative advantage: ``(r - mean_group) / (std + epsilon)``; std by ``scale``."""
     if scale not in GRPO_SCALES:
@@ -211,15 +229,31 @@ def _reinforce_pp_core(rewards, baseline, token_rewards, mask, gamma, epsilon):
 
 @register_advantage()
 def reinforce_pp(
-    rewards, group_index, *, token_rewards=None, values=None, mask=None, gamma: float = 1.0, epsilon: float = 1e-8
+    rewards,
+    group_index,
+    *,
+    token_rewards=None,
+    values=None,
+    mask=None,
+    gamma: float = 1.0,
+    epsilon: float = 1e-8,
 ):
     """REINFORCE++: discounted token returns whitened over the whole batch (no group baseline)."""
-    return _reinforce_pp_core(rewards, torch.zeros_like(rewards, dtype=torch.float32), token_rewards, mask, gamma, epsilon)
+    return _reinforce_pp_core(
+        rewards, torch.zeros_like(rewards, dtype=torch.float32), token_rewards, mask, gamma, epsilon
+    )
 
 
 @register_advantage()
 def reinforce_pp_baseline(
-    rewards, group_index, *, token_rewards=None, values=None, mask=None, gamma: float = 1.0, epsilon: float = 1e-8
+    rewards,
+    group_index,
+    *,
+    token_rewards=None,
+    values=None,
+    mask=None,
+    gamma: float = 1.0,
+    epsilon: float = 1e-8,
 ):
     """REINFORCE++-baseline: subtract the group mean reward, then batch whitening as REINFORCE++."""
     mean, _, _ = group_stats(rewards, group_index)
@@ -287,7 +321,9 @@ class AdvantageConfig:
     def validate(self) -> None:
         resolve_advantage(self.estimator)
         if self.scale not in GRPO_SCALES:
-            raise ConfigError(f"advantage.scale {self.scale!r} is not valid. Valid choices: {', '.join(GRPO_SCALES)}.")
+            raise ConfigError(
+                f"advantage.scale {self.scale!r} is not valid. Valid choices: {', '.join(GRPO_SCALES)}."
+            )
 
     def hparams(self) -> dict[str, object]:
         """The fields the chosen estimator takes, ready for ``compute_advantages(**hparams)``."""

@@ -22,7 +22,8 @@ takes token-id prompts and returns one ``Rollout`` per (prompt, sample), ordered
 top-k/top-p-truncated distribution the token was drawn from. With temperature 1 and no truncation
 the two coincide. These are computed in the generation pass (left padding, incremental KV cache),
 so they match a fresh full forward pass only up to float error (5e-7 on the tiny test model in fp32
-on CPU, checked to 1e-4 in the tests; more in bf16); a trainer that needs ``ratio == 1`` exactly at μ=1 uses ``logps.detach()`` as ``old_logps``.
+on CPU, checked to 1e-4 in the tests; more in bf16); a trainer that needs ``ratio == 1`` exactly
+at μ=1 uses ``logps.detach()`` as ``old_logps``.
 
 DeepSpeed ZeRO-3: when the parameters are partitioned (``hasattr(p, "ds_id")``), generation runs
 inside ``deepspeed.zero.GatheredParameters(list(model.parameters()))``, which materialises the FULL
@@ -53,8 +54,9 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Optional, Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -87,7 +89,7 @@ class GenerationEngine(Protocol):
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ) -> list[Rollout]: ...
 
 
@@ -104,15 +106,24 @@ class GenerationConfig:
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
-            raise ConfigError(f"generation.engine {self.engine!r} is not valid. Valid choices: {', '.join(ENGINES)}.")
+            raise ConfigError(
+                f"generation.engine {self.engine!r} is not valid. Valid choices: {', '.join(ENGINES)}."
+            )
         check_sampling_args(1, self.max_new_tokens, self.temperature, self.top_p, self.top_k)
 
     def sampling_kwargs(self) -> dict:
         """Keyword arguments for ``GenerationEngine.generate`` (add ``num_samples`` and ``seed``)."""
-        return dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k,
+        }
 
 
-def check_sampling_args(num_samples: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
+def check_sampling_args(
+    num_samples: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int
+) -> None:
     problems = []
     if num_samples < 1:
         problems.append(f"num_samples must be >= 1 (got {num_samples})")
@@ -157,13 +168,17 @@ def stack_rollouts(rollouts: Sequence[Rollout], pad_token_id: int = 0) -> Rollou
         logprobs[row, :n] = torch.tensor(r.logprobs, dtype=torch.float32)
         mask[row, :n] = True
     return RolloutTensors(
-        completion_ids=ids, mask=mask, logprobs=logprobs,
+        completion_ids=ids,
+        mask=mask,
+        logprobs=logprobs,
         group_index=torch.tensor([r.prompt_index for r in rollouts], dtype=torch.long),
         finished=torch.tensor([r.finished for r in rollouts], dtype=torch.bool),
     )
 
 
-def to_tokenized_groups(prompts: Sequence[Sequence[int]], rollouts: Sequence[Rollout]) -> list[TokenizedGroup]:
+def to_tokenized_groups(
+    prompts: Sequence[Sequence[int]], rollouts: Sequence[Rollout]
+) -> list[TokenizedGroup]:
     """One ``TokenizedGroup`` per prompt holding its samples in ``sample_index`` order, every
     completion token a training target, ready for the shared collator (slot ``g * K + k``)."""
     by_prompt: dict[int, list[Rollout]] = {}
@@ -242,7 +257,9 @@ def _as_id_list(ids) -> list[int]:
     return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``position_ids`` ``[B, L]`` for left-padded prompts."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs at least one prompt and no empty prompt")
@@ -250,8 +267,8 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device) -> tup
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), width), dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
+        ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
@@ -278,9 +295,15 @@ class HFGenerationEngine:
         inner = _unwrap_deepspeed(model)
         sources = [tokenizer, getattr(inner, "generation_config", None), getattr(inner, "config", None)]
         if eos_token_id is None:
-            eos_token_id = next((getattr(s, "eos_token_id") for s in sources if getattr(s, "eos_token_id", None) is not None), None)
+            eos_token_id = next(
+                (s.eos_token_id for s in sources if getattr(s, "eos_token_id", None) is not None),
+                None,
+            )
         if pad_token_id is None:
-            pad_token_id = next((getattr(s, "pad_token_id") for s in sources if getattr(s, "pad_token_id", None) is not None), None)
+            pad_token_id = next(
+                (s.pad_token_id for s in sources if getattr(s, "pad_token_id", None) is not None),
+                None,
+            )
         self.eos_token_ids = _as_id_list(eos_token_id)
         if not self.eos_token_ids:
             raise ValueError("HFGenerationEngine needs an eos_token_id (argument, tokenizer or model config)")
@@ -290,9 +313,13 @@ class HFGenerationEngine:
         """Run the prompts once; return the KV cache, last logits ``[N, V]``, attention mask ``[N, L]``
         and next position ids ``[N, 1]`` for the N = len(prompts) * num_samples rows (prompt-major)."""
         repeats = num_samples if self.share_prompt_prefill else 1
-        prefill_prompts = prompts if self.share_prompt_prefill else [p for p in prompts for _ in range(num_samples)]
+        prefill_prompts = (
+            prompts if self.share_prompt_prefill else [p for p in prompts for _ in range(num_samples)]
+        )
         ids, attention, positions = left_pad(prefill_prompts, self.pad_token_id, device)
-        out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = model(
+            input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
         cache, logits = out.past_key_values, out.logits[:, -1, :].float()
         next_position = positions[:, -1:] + 1
         if repeats > 1:
@@ -311,7 +338,7 @@ class HFGenerationEngine:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
-        seed: Optional[int] = None,
+        seed: int | None = None,
     ) -> list[Rollout]:
         check_sampling_args(num_samples, max_new_tokens, temperature, top_p, top_k)
         model = _unwrap_deepspeed(self.model)
@@ -332,10 +359,14 @@ class HFGenerationEngine:
             step = 0
             while True:
                 if active.numel() and step < max_new_tokens:
-                    token = sample_next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+                    token = sample_next_token(
+                        logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+                    )
                     token_logprob = logits.log_softmax(dim=-1).gather(-1, token[:, None]).squeeze(-1)
                     done = torch.isin(token, eos)
-                    for row, tok, lp, stop in zip(active.tolist(), token.tolist(), token_logprob.tolist(), done.tolist()):
+                    for row, tok, lp, stop in zip(
+                        active.tolist(), token.tolist(), token_logprob.tolist(), done.tolist()
+                    ):
                         tokens[row].append(tok)
                         logprobs[row].append(lp)
                         finished[row] = stop
@@ -353,16 +384,22 @@ class HFGenerationEngine:
                     continue
                 attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
                 out = model(
-                    input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
-                    past_key_values=cache, use_cache=True,
+                    input_ids=token[:, None],
+                    attention_mask=attention,
+                    position_ids=next_position,
+                    past_key_values=cache,
+                    use_cache=True,
                 )
                 cache, logits = out.past_key_values, out.logits[:, -1, :].float()
                 next_position = next_position + 1
 
         return [
             Rollout(
-                prompt_index=row // num_samples, sample_index=row % num_samples,
-                completion_ids=tokens[row], logprobs=logprobs[row], finished=finished[row],
+                prompt_index=row // num_samples,
+                sample_index=row % num_samples,
+                completion_ids=tokens[row],
+                logprobs=logprobs[row],
+                finished=finished[row],
             )
             for row in range(n_rows)
         ]
@@ -371,7 +408,12 @@ class HFGenerationEngine:
 def _synced_ranks(model) -> bool:
     """Whether ranks must agree on the number of forwards (ZeRO-3 with several processes)."""
     dist = torch.distributed
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and _is_zero3_partitioned(model)
+    return (
+        dist.is_available()
+        and dist.is_initialized()
+        and dist.get_world_size() > 1
+        and _is_zero3_partitioned(model)
+    )
 
 
 def _any_rank(flag: bool, synced: bool, device) -> bool:

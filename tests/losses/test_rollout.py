@@ -20,9 +20,16 @@ ADV = [1.0, -0.5, 2.0]
 def make_inputs(logps=LOGPS, old=OLD, adv=ADV, mask=MASK, ref=REF, token_adv=None):
     lp = torch.tensor(logps, requires_grad=True)
     m = torch.tensor(mask, dtype=torch.bool)
-    a = torch.tensor(token_adv) if token_adv is not None else torch.tensor(adv)[:, None].expand(len(adv), len(mask[0])).clone()
+    a = (
+        torch.tensor(token_adv)
+        if token_adv is not None
+        else torch.tensor(adv)[:, None].expand(len(adv), len(mask[0])).clone()
+    )
     return lp, RolloutLogps(
-        logps=lp, old_logps=torch.tensor(old), advantages=a, mask=m,
+        logps=lp,
+        old_logps=torch.tensor(old),
+        advantages=a,
+        mask=m,
         ref_logps=None if ref is None else torch.tensor(ref),
     )
 
@@ -36,16 +43,30 @@ def hand_token_loss(lp, old, a, ref, eps_low, eps_high, beta, ratio=None):
     return loss
 
 
-def hand_objective(loss_agg, eps_low=0.2, eps_high=0.2, beta=0.0, level="token", max_len=None, token_adv=None):
+def hand_objective(
+    loss_agg, eps_low=0.2, eps_high=0.2, beta=0.0, level="token", max_len=None, token_adv=None
+):
     per_seq = []
     for i, row in enumerate(MASK):
         pos = [t for t in range(len(row)) if row[t]]
-        seq_ratio = math.exp(sum(LOGPS[i][t] - OLD[i][t] for t in pos) / len(pos)) if level == "sequence" else None
-        per_seq.append([
-            hand_token_loss(LOGPS[i][t], OLD[i][t], ADV[i] if token_adv is None else token_adv[i][t], REF[i][t],
-                            eps_low, eps_high, beta, seq_ratio)
-            for t in pos
-        ])
+        seq_ratio = (
+            math.exp(sum(LOGPS[i][t] - OLD[i][t] for t in pos) / len(pos)) if level == "sequence" else None
+        )
+        per_seq.append(
+            [
+                hand_token_loss(
+                    LOGPS[i][t],
+                    OLD[i][t],
+                    ADV[i] if token_adv is None else token_adv[i][t],
+                    REF[i][t],
+                    eps_low,
+                    eps_high,
+                    beta,
+                    seq_ratio,
+                )
+                for t in pos
+            ]
+        )
     if loss_agg == "seq_mean_token_mean":
         return sum(sum(s) / len(s) for s in per_seq) / len(per_seq)
     if loss_agg == "token_mean":
@@ -57,19 +78,33 @@ def hand_objective(loss_agg, eps_low=0.2, eps_high=0.2, beta=0.0, level="token",
 @pytest.mark.parametrize("level", ["token", "sequence"])
 def test_grpo_matches_hand_formula(loss_agg, level):
     _, inputs = make_inputs()
-    hp = dict(epsilon_low=0.2, epsilon_high=0.28, beta=0.04, importance_sampling_level=level, loss_agg=loss_agg, max_completion_length=8)
+    hp = {
+        "epsilon_low": 0.2,
+        "epsilon_high": 0.28,
+        "beta": 0.04,
+        "importance_sampling_level": level,
+        "loss_agg": loss_agg,
+        "max_completion_length": 8,
+    }
     loss, metrics = grpo(inputs, **hp)
     want = hand_objective(loss_agg, 0.2, 0.28, 0.04, level, max_len=8)
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert torch.isfinite(loss)
-    kl = [math.exp(REF[i][t] - LOGPS[i][t]) - (REF[i][t] - LOGPS[i][t]) - 1 for i in range(3) for t in range(4) if MASK[i][t]]
+    kl = [
+        math.exp(REF[i][t] - LOGPS[i][t]) - (REF[i][t] - LOGPS[i][t]) - 1
+        for i in range(3)
+        for t in range(4)
+        if MASK[i][t]
+    ]
     assert metrics["kl"].item() == pytest.approx(sum(kl) / len(kl), rel=1e-5)
 
 
 def test_loss_agg_modes_normalise_ragged_lengths_differently():
     _, inputs = make_inputs()
-    values = {mode: grpo(inputs, loss_agg=mode, max_completion_length=4)[0].item()
-              for mode in ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]}
+    values = {
+        mode: grpo(inputs, loss_agg=mode, max_completion_length=4)[0].item()
+        for mode in ["seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"]
+    }
     assert len({round(v, 6) for v in values.values()}) == 3
 
 
@@ -83,7 +118,12 @@ def test_gradients_are_finite_and_zero_on_masked_tokens():
 
 def single_token(ratio, adv, eps_low=0.2, eps_high=0.2):
     lp = torch.tensor([[math.log(ratio)]], requires_grad=True)
-    inputs = RolloutLogps(logps=lp, old_logps=torch.zeros(1, 1), advantages=torch.tensor([[adv]]), mask=torch.ones(1, 1, dtype=torch.bool))
+    inputs = RolloutLogps(
+        logps=lp,
+        old_logps=torch.zeros(1, 1),
+        advantages=torch.tensor([[adv]]),
+        mask=torch.ones(1, 1, dtype=torch.bool),
+    )
     loss, metrics = grpo(inputs, epsilon_low=eps_low, epsilon_high=eps_high)
     loss.backward()
     return loss.item(), lp.grad.item(), metrics
@@ -165,8 +205,13 @@ def test_ppo_value_clipped_loss_matches_hand_formula():
     returns = [[1.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.2, 0.0, -1.0, 0.5]]
     v = torch.tensor(values, requires_grad=True)
     inputs = RolloutLogps(
-        logps=torch.zeros(3, 4), old_logps=torch.zeros(3, 4), advantages=torch.zeros(3, 4),
-        mask=torch.tensor(MASK, dtype=torch.bool), values=v, old_values=torch.tensor(old), returns=torch.tensor(returns),
+        logps=torch.zeros(3, 4),
+        old_logps=torch.zeros(3, 4),
+        advantages=torch.zeros(3, 4),
+        mask=torch.tensor(MASK, dtype=torch.bool),
+        values=v,
+        old_values=torch.tensor(old),
+        returns=torch.tensor(returns),
     )
     c = 0.2
     terms, clipped = [], []
@@ -179,7 +224,9 @@ def test_ppo_value_clipped_loss_matches_hand_formula():
                 clipped.append(ec > e)
     loss, metrics = ppo_value(inputs, value_clip=c)
     assert loss.item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
-    assert sum(clipped) == 1 and metrics["value/clip_fraction"].item() == pytest.approx(sum(clipped) / len(clipped))
+    assert sum(clipped) == 1 and metrics["value/clip_fraction"].item() == pytest.approx(
+        sum(clipped) / len(clipped)
+    )
     loss_unclipped, _ = ppo_value(inputs, value_clip=None)
     plain = [0.5 * (values[i][t] - returns[i][t]) ** 2 for i in range(3) for t in range(4) if MASK[i][t]]
     assert loss_unclipped.item() == pytest.approx(sum(plain) / len(plain), rel=1e-5)

@@ -111,14 +111,20 @@ def test_reinforce_pp_discounted_token_returns_whitened_over_batch():
     gamma = 0.9
     expected = hand_token_whiten([hand_returns(i, gamma) for i in range(4)])
     got = compute_advantages(
-        "reinforce_pp", _t(SEQ_REWARDS), _t(SEQ_GROUPS, torch.long),
-        token_rewards=_t(TOKEN_REWARDS), mask=_t(MASK, torch.bool), gamma=gamma,
+        "reinforce_pp",
+        _t(SEQ_REWARDS),
+        _t(SEQ_GROUPS, torch.long),
+        token_rewards=_t(TOKEN_REWARDS),
+        mask=_t(MASK, torch.bool),
+        gamma=gamma,
     )
     assert_nested_close(got, expected)
 
 
 def test_reinforce_pp_baseline_subtracts_group_mean_then_whitens_tokens():
-    means = {g: statistics.fmean([r for r, gg in zip(SEQ_REWARDS, SEQ_GROUPS) if gg == g]) for g in set(SEQ_GROUPS)}
+    means = {
+        g: statistics.fmean([r for r, gg in zip(SEQ_REWARDS, SEQ_GROUPS) if gg == g]) for g in set(SEQ_GROUPS)
+    }
     per_row = [{t: SEQ_REWARDS[i] - means[SEQ_GROUPS[i]] for t in valid_positions(i)} for i in range(4)]
     got = compute_advantages(
         "reinforce_pp_baseline", _t(SEQ_REWARDS), _t(SEQ_GROUPS, torch.long), mask=_t(MASK, torch.bool)
@@ -155,8 +161,14 @@ def test_gae_matches_hand_recursion_with_ragged_and_holey_masks():
             assert adv[i, t].item() == pytest.approx(want_a, abs=1e-5)
             assert ret[i, t].item() == pytest.approx(want_r, abs=1e-5)
     whitened = compute_advantages(
-        "gae", _t(SEQ_REWARDS), _t(SEQ_GROUPS, torch.long), token_rewards=_t(TOKEN_REWARDS),
-        values=_t(VALUES), mask=_t(MASK, torch.bool), gamma=gamma, lam=lam,
+        "gae",
+        _t(SEQ_REWARDS),
+        _t(SEQ_GROUPS, torch.long),
+        token_rewards=_t(TOKEN_REWARDS),
+        values=_t(VALUES),
+        mask=_t(MASK, torch.bool),
+        gamma=gamma,
+        lam=lam,
     )
     assert_nested_close(whitened, hand_token_whiten([hand_gae(i, gamma, lam) for i in range(4)]))
 
@@ -174,7 +186,9 @@ def test_whiten_and_zero_std_groups():
     m = _t([[1, 1, 0], [1, 1, 0]], torch.bool)
     vals = [1.0, 2.0, 3.0, 4.0]
     mean, sd = statistics.fmean(vals), statistics.stdev(vals)
-    assert_nested_close(whiten(x, m), [[(1 - mean) / sd, (2 - mean) / sd, 0.0], [(3 - mean) / sd, (4 - mean) / sd, 0.0]])
+    assert_nested_close(
+        whiten(x, m), [[(1 - mean) / sd, (2 - mean) / sd, 0.0], [(3 - mean) / sd, (4 - mean) / sd, 0.0]]
+    )
     zero = zero_std_groups_mask(_t(REWARDS), _t(GROUPS, torch.long))
     assert zero.tolist() == [False] * 4 + [True] * 5 + [False] * 3
     assert frac_zero_std_groups(_t(REWARDS), _t(GROUPS, torch.long)).item() == pytest.approx(2 / 4)
@@ -185,7 +199,11 @@ def test_registry_and_config_validate_names():
         resolve_advantage("ppo")
     with pytest.raises(ConfigError, match="lam"):
         compute_advantages("grpo", _t(REWARDS), _t(GROUPS, torch.long), lam=0.9)
-    assert AdvantageConfig(estimator="gae").hparams() == {"gamma": 1.0, "lam": 0.95, "whiten_advantages": True}
+    assert AdvantageConfig(estimator="gae").hparams() == {
+        "gamma": 1.0,
+        "lam": 0.95,
+        "whiten_advantages": True,
+    }
     with pytest.raises(ConfigError):
         AdvantageConfig(scale="bogus").validate()
 

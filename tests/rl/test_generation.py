@@ -6,11 +6,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from alignkit.errors import ConfigError
-from alignkit.rl.generation import GenerationConfig, HFGenerationEngine, build_generation_engine, sample_next_token
+from alignkit.rl.generation import (
+    GenerationConfig,
+    HFGenerationEngine,
+    build_generation_engine,
+    sample_next_token,
+)
 
 torch.set_num_threads(1)
 
-UNUSED_EOS = 99  # an id the random model practically never picks greedily in these tests; tests that need EOS pick one
+UNUSED_EOS = (
+    99  # an id the random model practically never picks greedily in these tests; tests that need EOS pick one
+)
 PAD = 0
 PROMPTS = [[5, 17, 33, 2], [8, 9], [40, 41, 42, 43, 44, 45, 46], [12]]
 
@@ -19,9 +26,17 @@ PROMPTS = [[5, 17, 33, 2], [8, 9], [40, 41, 42, 43, 44, 45, 46], [12]]
 def model():
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=UNUSED_EOS, pad_token_id=PAD,
-        bos_token_id=1, attn_implementation="sdpa",
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=UNUSED_EOS,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        attn_implementation="sdpa",
     )
     return LlamaForCausalLM(config).eval()
 
@@ -31,8 +46,14 @@ def hf_greedy(model, prompts, max_new_tokens, eos):
     out = []
     for p in prompts:
         ids = torch.tensor([p])
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=PAD)[0, len(p):].tolist()
+        gen = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos,
+            pad_token_id=PAD,
+        )[0, len(p) :].tolist()
         out.append(gen[: gen.index(eos) + 1] if eos in gen else gen)
     return out
 
@@ -45,11 +66,18 @@ def test_greedy_equals_transformers_generate(model):
 
 
 def test_eos_stops_each_sequence(model):
-    free = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(PROMPTS, max_new_tokens=10, temperature=0.0)
+    free = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(
+        PROMPTS, max_new_tokens=10, temperature=0.0
+    )
     assert all(not r.finished and len(r.completion_ids) == 10 for r in free)
     eos = free[0].completion_ids[3]  # make the 4th greedy token of prompt 0 the EOS
-    stopped = HFGenerationEngine(model, eos_token_id=eos, pad_token_id=PAD).generate(PROMPTS, max_new_tokens=10, temperature=0.0)
-    assert stopped[0].finished and stopped[0].completion_ids == free[0].completion_ids[: free[0].completion_ids.index(eos) + 1]
+    stopped = HFGenerationEngine(model, eos_token_id=eos, pad_token_id=PAD).generate(
+        PROMPTS, max_new_tokens=10, temperature=0.0
+    )
+    assert (
+        stopped[0].finished
+        and stopped[0].completion_ids == free[0].completion_ids[: free[0].completion_ids.index(eos) + 1]
+    )
     for before, after in zip(free, stopped):
         if eos in before.completion_ids:
             cut = before.completion_ids.index(eos) + 1
@@ -57,13 +85,14 @@ def test_eos_stops_each_sequence(model):
         else:
             assert not after.finished and after.completion_ids == before.completion_ids
     assert stopped == HFGenerationEngine(model, eos_token_id=[UNUSED_EOS, eos], pad_token_id=PAD).generate(
-        PROMPTS, max_new_tokens=10, temperature=0.0)
+        PROMPTS, max_new_tokens=10, temperature=0.0
+    )
     assert [r.completion_ids for r in stopped] == hf_greedy(model, PROMPTS, 10, eos)
 
 
 def test_sampling_is_reproducible_with_a_seed_and_varies_without(model):
     engine = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD)
-    kwargs = dict(num_samples=3, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=20)
+    kwargs = {"num_samples": 3, "max_new_tokens": 8, "temperature": 1.0, "top_p": 0.9, "top_k": 20}
     a = engine.generate(PROMPTS, seed=123, **kwargs)
     b = engine.generate(PROMPTS, seed=123, **kwargs)
     c = engine.generate(PROMPTS, seed=124, **kwargs)
@@ -82,7 +111,8 @@ def fresh_logprobs(model, prompt, completion):
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_are_the_policy_logprobs_of_a_fresh_forward(model, temperature):
     rollouts = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(
-        PROMPTS, num_samples=2, max_new_tokens=6, temperature=temperature, top_k=10, seed=0)
+        PROMPTS, num_samples=2, max_new_tokens=6, temperature=temperature, top_k=10, seed=0
+    )
     for r in rollouts:
         want = fresh_logprobs(model, PROMPTS[r.prompt_index], r.completion_ids)
         # temperature 1, untruncated log-probs, whatever the sampling settings; observed max difference 5e-7 (fp32, CPU)
@@ -90,9 +120,11 @@ def test_logprobs_are_the_policy_logprobs_of_a_fresh_forward(model, temperature)
 
 
 def test_shared_prefill_equals_per_sample_prefill(model):
-    kwargs = dict(num_samples=3, max_new_tokens=8, temperature=0.0)
+    kwargs = {"num_samples": 3, "max_new_tokens": 8, "temperature": 0.0}
     shared = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(PROMPTS, **kwargs)
-    separate = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD, share_prompt_prefill=False).generate(PROMPTS, **kwargs)
+    separate = HFGenerationEngine(
+        model, eos_token_id=UNUSED_EOS, pad_token_id=PAD, share_prompt_prefill=False
+    ).generate(PROMPTS, **kwargs)
     assert [r.completion_ids for r in shared] == [r.completion_ids for r in separate]
     for a, b in zip(shared, separate):
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
@@ -103,7 +135,9 @@ def test_shared_prefill_equals_per_sample_prefill(model):
 def test_training_mode_is_restored_and_no_grad_is_recorded(model):
     model.train()
     try:
-        HFGenerationEngine(model, eos_token_id=UNUSED_EOS).generate([[3, 4]], max_new_tokens=2, temperature=0.0)
+        HFGenerationEngine(model, eos_token_id=UNUSED_EOS).generate(
+            [[3, 4]], max_new_tokens=2, temperature=0.0
+        )
         assert model.training
     finally:
         model.eval()
@@ -111,9 +145,13 @@ def test_training_mode_is_restored_and_no_grad_is_recorded(model):
 
 def test_peft_model_generates_like_its_base(model):
     peft = pytest.importorskip("peft")
-    wrapped = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_alpha=4))
+    wrapped = peft.get_peft_model(
+        model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_alpha=4)
+    )
     try:
-        got = HFGenerationEngine(wrapped, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(PROMPTS, max_new_tokens=5, temperature=0.0)
+        got = HFGenerationEngine(wrapped, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(
+            PROMPTS, max_new_tokens=5, temperature=0.0
+        )
         # LoRA B starts at zero, so the adapted model equals the base
         assert [r.completion_ids for r in got] == hf_greedy(model, PROMPTS, 5, UNUSED_EOS)
     finally:
@@ -137,7 +175,9 @@ def test_settings_are_validated(model):
     with pytest.raises(ConfigError, match="Valid choices: hf"):
         GenerationConfig(engine="vllm").validate()
     config = GenerationConfig(max_new_tokens=3, temperature=0.0)
-    rollouts = build_generation_engine(config, model, eos_token_id=UNUSED_EOS).generate(PROMPTS[:1], **config.sampling_kwargs())
+    rollouts = build_generation_engine(config, model, eos_token_id=UNUSED_EOS).generate(
+        PROMPTS[:1], **config.sampling_kwargs()
+    )
     assert len(rollouts[0].completion_ids) == 3
 
 
@@ -146,8 +186,12 @@ def test_stack_rollouts_and_tokenized_groups(model):
 
     prompts = PROMPTS[:2]
     rollouts = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(
-        prompts, num_samples=2, max_new_tokens=4, seed=1)
-    rollouts[1].completion_ids, rollouts[1].logprobs = rollouts[1].completion_ids[:2], rollouts[1].logprobs[:2]  # ragged
+        prompts, num_samples=2, max_new_tokens=4, seed=1
+    )
+    rollouts[1].completion_ids, rollouts[1].logprobs = (
+        rollouts[1].completion_ids[:2],
+        rollouts[1].logprobs[:2],
+    )  # ragged
     t = stack_rollouts(rollouts, pad_token_id=PAD)
     assert t.completion_ids.shape == (4, 4) and t.group_index.tolist() == [0, 0, 1, 1]
     assert t.mask.sum(-1).tolist() == [4, 2, 4, 4] and t.logprobs[1, 2:].abs().sum() == 0

@@ -11,7 +11,9 @@ from alignkit.rl.kl import kl_per_token, last_token_index, shape_token_rewards
 
 def test_estimators_match_formulas():
     lp, ref = torch.tensor([[-1.0, -0.2, -3.0]]), torch.tensor([[-1.5, -0.1, -0.7]])
-    for a, b, k1, k2, k3 in zip(lp[0].tolist(), ref[0].tolist(), *[kl_per_token(lp, ref, k)[0].tolist() for k in ("k1", "k2", "k3")]):
+    for a, b, k1, k2, k3 in zip(
+        lp[0].tolist(), ref[0].tolist(), *[kl_per_token(lp, ref, k)[0].tolist() for k in ("k1", "k2", "k3")]
+    ):
         d = a - b
         assert k1 == pytest.approx(d)
         assert k2 == pytest.approx(d * d / 2)

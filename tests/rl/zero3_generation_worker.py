@@ -12,10 +12,10 @@ import sys
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from alignkit.rl.generation import HFGenerationEngine  # noqa: E402
+from alignkit.rl.generation import HFGenerationEngine
 
 
 def main(out_dir: str) -> None:
@@ -26,14 +26,25 @@ def main(out_dir: str) -> None:
     rank = torch.distributed.get_rank()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, eos_token_id=99, pad_token_id=0,
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        eos_token_id=99,
+        pad_token_id=0,
     )
     model = LlamaForCausalLM(config).eval()
     prompts = [[5, 17, 33, 2], [8, 9]] if rank == 0 else [[40, 41, 42], [12], [7, 7, 7, 7, 7]]
     max_new = 3 if rank == 0 else 9
-    plain = HFGenerationEngine(model).generate(prompts, num_samples=2, max_new_tokens=max_new, temperature=0.0)
-    sampled_plain = HFGenerationEngine(model).generate(prompts, num_samples=2, max_new_tokens=max_new, seed=rank)
+    plain = HFGenerationEngine(model).generate(
+        prompts, num_samples=2, max_new_tokens=max_new, temperature=0.0
+    )
+    sampled_plain = HFGenerationEngine(model).generate(
+        prompts, num_samples=2, max_new_tokens=max_new, seed=rank
+    )
 
     # persistence threshold 0: even tiny parameters are partitioned (by default they would stay whole)
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
@@ -41,13 +52,18 @@ def main(out_dir: str) -> None:
     engine, *_ = deepspeed.initialize(model=model, config=ds_config)
     partitioned = all(hasattr(p, "ds_id") for p in engine.module.parameters())
     shard_numel = sum(p.numel() for p in engine.module.parameters())  # 0 when partitioned away
-    zero3 = HFGenerationEngine(engine).generate(prompts, num_samples=2, max_new_tokens=max_new, temperature=0.0)
-    sampled_zero3 = HFGenerationEngine(engine).generate(prompts, num_samples=2, max_new_tokens=max_new, seed=rank)
+    zero3 = HFGenerationEngine(engine).generate(
+        prompts, num_samples=2, max_new_tokens=max_new, temperature=0.0
+    )
+    sampled_zero3 = HFGenerationEngine(engine).generate(
+        prompts, num_samples=2, max_new_tokens=max_new, seed=rank
+    )
     result = {
         "partitioned": partitioned,
         "shard_numel": shard_numel,
         "greedy_equal": [r.completion_ids for r in plain] == [r.completion_ids for r in zero3],
-        "sampled_equal": [r.completion_ids for r in sampled_plain] == [r.completion_ids for r in sampled_zero3],
+        "sampled_equal": [r.completion_ids for r in sampled_plain]
+        == [r.completion_ids for r in sampled_zero3],
         "logprob_max_diff": max(
             abs(a - b) for x, y in zip(plain, zero3) for a, b in zip(x.logprobs, y.logprobs)
         ),
