@@ -89,7 +89,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> int:
     """Run in this process when one process suffices, else launch the DeepSpeed workers."""
     if world_size(cfg) == 1:
         return run_in_process(cfg, run_dir)
-    from alignkit.engine.launcher import build_launch_command, launch
+    from alignkit.engine.launcher import build_launch_command, find_free_port, launch, launch_env
 
     launcher = cfg.launcher
     argv = build_launch_command(
@@ -97,13 +97,14 @@ def start_run(cfg: DictConfig, run_dir: Path) -> int:
         nnodes=launcher.nnodes,
         hostfile=launcher.hostfile,
         master_addr=launcher.master_addr,
-        master_port=launcher.master_port,
+        master_port=launcher.master_port if launcher.master_port is not None
+        else (find_free_port() if launcher.nnodes == 1 else None),
         include=launcher.include,
         exclude=launcher.exclude,
-        module_args=["worker", str((run_dir / "config.yaml").resolve())],
+        module_args=["alignkit", "worker", str((run_dir / "config.yaml").resolve())],
     )
     _release_locks()  # the workers take the lock in turn
-    return launch(argv, dict(os.environ))
+    return launch(argv, launch_env())
 
 
 def _release_locks() -> None:

@@ -127,23 +127,29 @@ def collate_groups(groups: list[TokenizedGroup], cfg: DictConfig, pad_token_id: 
                    max_tokens_per_row=cfg.data.max_tokens_per_row)
 
 
-def eval_chunks(run: Run, groups: list[TokenizedGroup]) -> list[list[TokenizedGroup]]:
-    """This rank's share of the held-out groups, in fixed order."""
+def rank_share(items: list, rank: int, world: int) -> list[tuple[Any, bool]]:
+    """This rank's items ``rank::world`` as ``(item, counted)``, padded so every rank gets the same
+    number (ZeRO-3 forwards are collective): padding repeats an item with ``counted=False``."""
+    mine = [(item, True) for item in items[rank::world]]
+    per_rank = -(-len(items) // world) if items else 0
+    while len(mine) < per_rank:
+        mine.append((items[0], False))
+    return mine
+
+
+def eval_chunks(run: Run, groups: list[TokenizedGroup]) -> list[tuple[list[TokenizedGroup], bool]]:
+    """This rank's share of the held-out groups, in fixed order, as ``(chunk, counted)``."""
     cfg = run.cfg
     groups = groups[: int(cfg.trainer.max_eval_groups)]
     size = int(cfg.trainer.eval_batch_size)
-    chunks = [groups[i : i + size] for i in range(0, len(groups), size)]
-    return chunks[run.rank :: run.world]
+    return rank_share([groups[i : i + size] for i in range(0, len(groups), size)], run.rank, run.world)
 
 
 def all_reduce_mean(values: dict[str, float], run: Run) -> dict[str, float]:
-    """Average scalar metrics over processes (each rank contributes equally)."""
-    if run.world == 1 or not values:
-        return values
-    keys = sorted(values)
-    tensor = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return {k: float(v) / run.world for k, v in zip(keys, tensor.tolist())}
+    """Average scalar metrics over processes; a rank may lack a key (e.g. it had no eval batch)."""
+    meter = MetricMeter()
+    meter.add(values)
+    return meter.reduced(run)
 
 
 def all_reduce_sum(value: float, run: Run) -> float:
@@ -169,6 +175,20 @@ class MetricMeter:
 
     def means(self) -> dict[str, float]:
         return {k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}
+
+    def reduced(self, run: Run) -> dict[str, float]:
+        """Means over every process's entries (weighted by their counts)."""
+        if run.world == 1:
+            return self.means()
+        parts: list = [None] * run.world
+        dist.all_gather_object(parts, (self.sums, self.counts))
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for part_sums, part_counts in parts:
+            for key, value in part_sums.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + part_counts[key]
+        return {k: sums[k] / max(counts[k], 1) for k in sorted(sums)}
 
 
 def ds_train_config(cfg: DictConfig, run: Run) -> dict:

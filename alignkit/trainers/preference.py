@@ -185,14 +185,14 @@ def evaluate(run, policy, reference, objective, groups, pad_id) -> dict[str, flo
     """Held-out loss and metrics (rewards/accuracy = held-out preference accuracy)."""
     policy.eval()
     meter = common.MetricMeter()
-    for chunk in common.eval_chunks(run, groups):
+    for chunk, counted in common.eval_chunks(run, groups):
         batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
         kl_batch = _mismatched(chunk, run.cfg, pad_id, run) if objective.needs_kl_pairs else None
         seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps, kl_batch)
         loss, metrics = objective(seq)
-        meter.add({"loss": loss, **metrics}, weight=batch.num_groups)
+        meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)
     policy.train()
-    return common.all_reduce_mean(meter.means(), run)
+    return meter.reduced(run)
 
 
 def _token_shares(batches: list[Batch], run) -> list[float]:

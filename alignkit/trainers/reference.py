@@ -141,10 +141,14 @@ def precompute(
     log(f"reference log-probs: pre-pass over {len(ordered)} examples -> {path}")
     mine: dict[str, list[list[float]]] = {}
     chunks = [ordered[i : i + batch_groups] for i in range(0, len(ordered), batch_groups)]
-    for chunk in chunks[rank::world]:
+    from alignkit.trainers.common import rank_share
+
+    for chunk, counted in rank_share(chunks, rank, world):
         batch = collate(chunk).to(device)
         values = forward_logps(module, batch)["logps"].float().cpu()
         slots = batch.target_slot.cpu()
+        if not counted:
+            continue
         for g, group in enumerate(chunk):
             mine[group.example_id] = [
                 values[slots == g * batch.group_size + k].tolist() for k in range(group.group_size)

@@ -91,9 +91,9 @@ def _as_inputs(scores: torch.Tensor, batch: Batch) -> SequenceLogps:
 def evaluate(run, engine, objective, groups, pad_id) -> dict[str, float]:
     engine.eval()
     meter = common.MetricMeter()
-    for chunk in common.eval_chunks(run, groups):
+    for chunk, counted in common.eval_chunks(run, groups):
         batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
         loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
-        meter.add({"loss": loss, **metrics}, weight=batch.num_groups)
+        meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)
     engine.train()
-    return common.all_reduce_mean(meter.means(), run)
+    return meter.reduced(run)

@@ -122,15 +122,16 @@ def group_index(groups: list[TokenizedGroup]) -> torch.Tensor:
 def evaluate_generations(run: common.Run, generator, tokenizer, prompts, reward_mix) -> dict[str, float]:
     """Mean reward of greedy completions on held-out prompts (this rank's share, then averaged)."""
     cfg = run.cfg
-    mine = prompts[: int(cfg.trainer.max_eval_groups)][run.rank :: run.world]
+    prompts = prompts[: int(cfg.trainer.max_eval_groups)]
     size = int(cfg.trainer.eval_batch_size)
+    chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     meter = common.MetricMeter()
-    for i in range(0, len(mine), size):
-        sampled = sample_groups(generator, tokenizer, mine[i : i + size], reward_mix, cfg, num_samples=1,
+    for chunk, counted in common.rank_share(chunks, run.rank, run.world):
+        sampled = sample_groups(generator, tokenizer, chunk, reward_mix, cfg, num_samples=1,
                                 seed=int(cfg.trainer.seed), greedy=True)
         meter.add({k: v for k, v in reward_metrics(sampled).items() if not k.startswith("gen_")},
-                  weight=len(sampled.groups))
-    return common.all_reduce_mean(meter.means(), run)
+                  weight=len(sampled.groups) if counted else 0)
+    return meter.reduced(run)
 
 
 def seed_for(cfg: DictConfig, run: common.Run, step: int) -> int:
