@@ -136,7 +136,7 @@ def zero_std_groups_mask(
 def frac_zero_std_groups(
     rewards: torch.Tensor, group_index: torch.Tensor, *, tolerance: float = 1e-6
 ) -> torch.Tensor:
-    """Fraction (scalar tensor) of the groups whose rewards are all equal."""
+    """Fraction (scalar tensor) of the groups whose rewards are all equal (a group of one counts)."""
     _, std, size = group_stats(rewards, group_index)
     # each row contributes 1/size of its group, so the sums count groups
     return ((std <= tolerance).float() / size).sum() / (1.0 / size).sum()
