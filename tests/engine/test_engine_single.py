@@ -68,10 +68,18 @@ def plain_pytorch_run():
     return losses, model.state_dict()
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_train_engine_equals_plain_pytorch_loop(stage):
+@pytest.mark.parametrize(
+    "stage, offload",
+    [
+        (0, "none"),
+        (3, "none"),
+        # DeepSpeedCPUAdam: JIT-compiles DeepSpeed's cpu_adam op on first use (minutes on 2 cores)
+        pytest.param(2, "cpu", marks=pytest.mark.slow),
+    ],
+)
+def test_train_engine_equals_plain_pytorch_loop(stage, offload):
     ds_config = build_train_ds_config(
-        DeepSpeedConfig(zero_stage=stage, dtype="fp32", gradient_clipping=CLIP),
+        DeepSpeedConfig(zero_stage=stage, offload_optimizer=offload, dtype="fp32", gradient_clipping=CLIP),
         micro_batch_size=MICRO,
         grad_accum_steps=ACCUM,
         world_size=1,
