@@ -72,6 +72,8 @@ def plain_pytorch_run():
     "stage, offload",
     [
         (0, "none"),
+        (1, "none"),
+        (2, "none"),
         (3, "none"),
         # DeepSpeedCPUAdam: JIT-compiles DeepSpeed's cpu_adam op on first use (minutes on 2 cores)
         pytest.param(2, "cpu", marks=pytest.mark.slow),
@@ -110,12 +112,13 @@ def test_train_engine_equals_plain_pytorch_loop(stage, offload):
         torch.testing.assert_close(got_state[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_frozen_engine_matches_module_and_has_no_grads(stage):
+@pytest.mark.parametrize("stage, offload_params", [(0, "none"), (3, "none"), (3, "cpu")])
+def test_frozen_engine_matches_module_and_has_no_grads(stage, offload_params):
     ids = micro_batch(0, 0, 2, 1)
     with torch.no_grad():
         expected = tiny_model()(input_ids=ids).logits
-    engine = init_frozen_engine(tiny_model(), build_frozen_ds_config(DeepSpeedConfig(zero_stage=stage, dtype="fp32")))
+    cfg = DeepSpeedConfig(zero_stage=stage, offload_params=offload_params, dtype="fp32")
+    engine = init_frozen_engine(tiny_model(), build_frozen_ds_config(cfg))
     assert not engine.module.training
     assert not any(p.requires_grad for p in engine.module.parameters())
     with torch.no_grad():
