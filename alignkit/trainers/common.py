@@ -286,6 +286,19 @@ def hf_model(engine) -> torch.nn.Module:
     return getattr(module, "model", module)
 
 
+def backward_step(engine, loss: torch.Tensor | None) -> None:
+    """One micro-batch: backward and DeepSpeed's ``step`` (which applies the optimizer only at the
+    accumulation boundary; DeepSpeed counts micro-batches through these calls).
+
+    ``loss=None`` (a skipped, non-finite micro-batch) backpropagates an exact zero through every
+    trainable parameter so that all ranks keep the same collective sequence.
+    """
+    if loss is None:
+        loss = sum((p.sum() for p in engine.module.parameters() if p.requires_grad), torch.zeros(())) * 0.0
+    engine.backward(loss)
+    engine.step()
+
+
 def describe_batches(run: Run, *, groups: int, steps: int, kind: str = "groups") -> None:
     cfg = run.cfg
     run.print(

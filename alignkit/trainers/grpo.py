@@ -75,11 +75,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 inputs = rollout.rollout_inputs(out["logps"], batch, adv.to(run.device),
                                         None if old is None else old[i], reference)
                 loss, metrics = spec.fn(inputs, **hparams)
-                policy.backward(loss)
+                common.backward_step(policy, loss)
                 entropy, mask = per_token_view(out["entropy"].detach().float(), batch)
                 meter.add({"loss": loss, **metrics, "entropy": entropy[mask].mean()})
                 train_tokens += batch.num_real_tokens()
-            policy.step()
         train_seconds = time.time() - tick - sampled.gen_seconds
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "frac_zero_std_groups": zero_std,
                    "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "lr": policy.get_lr()[0]}

@@ -66,14 +66,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         meter = common.MetricMeter()
         for chunk in fill_chunks(pairs, len(sampled.groups), micro):
             if not chunk:  # no valid pair on this rank: keep DeepSpeed's accumulation count in step
-                zero = sum(p.sum() for p in policy.parameters() if p.requires_grad) * 0.0
-                policy.backward(zero)
+                common.backward_step(policy, None)
                 continue
             batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
             loss, metrics = objective(sequence_logps(policy, reference, batch, objective, objective.needs_token_logps))
-            policy.backward(loss)
+            common.backward_step(policy, loss)
             meter.add({"loss": loss, **metrics})
-        policy.step()
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "pairs": float(len(pairs)),
                    "lr": policy.get_lr()[0], "step_seconds": time.time() - tick}
         run.log(step, common.all_reduce_mean(metrics, run), split="train")

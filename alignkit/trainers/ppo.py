@@ -86,15 +86,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 logps = rollout.slot_tokens(forward_logps(actor, batch)["logps"], batch)
                 loss, metrics = spec.fn(RolloutLogps(logps=logps, old_logps=old, advantages=advantages, mask=mask),
                                         **hparams)
-                actor.backward(loss)
+                common.backward_step(actor, loss)
                 values = rollout.slot_tokens(critic(**_value_inputs(batch)), batch)
                 v_loss, v_metrics = value_loss.fn(RolloutLogps(
                     logps=logps.detach(), old_logps=old, advantages=advantages, mask=mask,
                     values=values, old_values=old_values, returns=returns))
-                critic.backward(v_loss)
+                common.backward_step(critic, v_loss)
                 meter.add({"loss": loss, **metrics, "value_loss": v_loss, **{f"value/{k}": v for k, v in v_metrics.items()}})
-            actor.step()
-            critic.step()
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean()),
                    "lr": actor.get_lr()[0], "step_seconds": time.time() - tick}
         run.log(step, common.all_reduce_mean(metrics, run), split="train")

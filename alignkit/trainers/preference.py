@@ -68,10 +68,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             if bad and cfg.trainer.on_nonfinite == "stop":
                 return _stop_nonfinite(run, step, bad)
             scale = token_share[i] if token_share else 1.0
-            if not bad:
-                policy.backward(loss * scale)
+            common.backward_step(policy, None if bad else loss * scale)
             meter.add({"loss": loss, **metrics})
-        policy.step()
         metrics = common.all_reduce_mean(meter.means(), run)
         tokens = common.all_reduce_sum(sum(b.num_real_tokens() for b in batches), run)
         metrics.update(tokens_per_s=tokens / max(time.time() - tick, 1e-9), lr=policy.get_lr()[0])

@@ -66,9 +66,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         for chunk in common.micro_chunks(run, data.train, step - 1):
             batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
             loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
-            engine.backward(loss)
+            common.backward_step(engine, loss)
             meter.add({"loss": loss, **metrics})
-        engine.step()
         metrics = {**common.all_reduce_mean(meter.means(), run), "lr": engine.get_lr()[0],
                    "step_seconds": time.time() - tick}
         run.log(step, metrics, split="train")
