@@ -29,7 +29,7 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,7 +129,9 @@ def save_checkpoint(
                 shutil.rmtree(leftover, ignore_errors=True)
     _barrier()
 
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state={_CLIENT_KEY: dict(client_state)}, save_latest=False)
+    engine.save_checkpoint(
+        str(root), tag=tmp_tag, client_state={_CLIENT_KEY: dict(client_state)}, save_latest=False
+    )
     rng_dir = root / tmp_tag / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -150,7 +152,7 @@ def _commit(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` (re-save of a step) is moved aside first."""
     stale = None
     if final.exists():
-        stale = final.with_name(f"{_STALE_PREFIX}{final.name[len('step-'):]}")
+        stale = final.with_name(f"{_STALE_PREFIX}{final.name[len('step-') :]}")
         os.replace(final, stale)
     os.replace(tmp, final)
     if stale is not None:
@@ -169,7 +171,7 @@ def _prune(root: Path, keep_last: int, *, protect: Path) -> None:
 # --- resume ----------------------------------------------------------------------------------------
 
 
-def _latest_in(root: Path) -> Optional[Path]:
+def _latest_in(root: Path) -> Path | None:
     """The checkpoint ``latest`` names, else the newest complete one, else None."""
     pointer = root / LATEST
     if pointer.is_file():
@@ -180,7 +182,7 @@ def _latest_in(root: Path) -> Optional[Path]:
     return existing[-1][1] if existing else None
 
 
-def find_resume_checkpoint(run_dir: str | os.PathLike, resume: Optional[str]) -> Optional[Path]:
+def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str | None) -> Path | None:
     """Which checkpoint to resume from.
 
     ``resume``: None / ``"none"`` -> start fresh; ``"auto"`` -> the latest complete checkpoint of
@@ -219,5 +221,7 @@ def load_checkpoint(engine, path: str | os.PathLike) -> dict[str, Any]:
     if rng_file.is_file():
         restore_rng_state(json.loads(rng_file.read_text())["state"])
     else:
-        log.warning("No RNG state for rank %d in %s (different world size?); keeping the current RNG.", _rank(), path)
+        log.warning(
+            "No RNG state for rank %d in %s (different world size?); keeping the current RNG.", _rank(), path
+        )
     return dict((client_state or {}).get(_CLIENT_KEY, {}))

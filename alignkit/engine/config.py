@@ -181,7 +181,9 @@ def _apply_raw_json(built: dict[str, Any], raw_json: Optional[str]) -> dict[str,
             f"deepspeed.raw_json={raw_json!r} cannot be read as JSON ({err}); fix the file or drop the option."
         ) from None
     if not isinstance(overrides, dict):
-        raise ConfigError(f"deepspeed.raw_json={raw_json!r} must hold a JSON object, not {type(overrides).__name__}.")
+        raise ConfigError(
+            f"deepspeed.raw_json={raw_json!r} must hold a JSON object, not {type(overrides).__name__}."
+        )
     return deep_merge(built, overrides)
 
 

@@ -30,8 +30,9 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -103,7 +104,9 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, scheduler: 
         return max(0.0, 1.0 - progress)
     if scheduler == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-    raise ConfigError(f"trainer.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}.")
+    raise ConfigError(
+        f"trainer.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}."
+    )
 
 
 def _weight_decay_groups(module: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -137,7 +140,9 @@ def init_train_engine(
     from torch.optim.lr_scheduler import LambdaLR
 
     if scheduler not in SCHEDULERS:
-        raise ConfigError(f"trainer.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}.")
+        raise ConfigError(
+            f"trainer.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}."
+        )
     betas = tuple(float(b) for b in betas)
     config = dict(ds_config)
     param_groups = _weight_decay_groups(module, weight_decay)

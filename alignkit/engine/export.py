@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import torch
 
@@ -54,14 +54,19 @@ def standalone_cpu_copy(module: torch.nn.Module) -> torch.nn.Module:
         for name, buf in list(sub._buffers.items()):
             if buf is not None:
                 sub._buffers[name] = buf.detach().to("cpu", copy=True)
-        for hooks in (sub._forward_hooks, sub._forward_pre_hooks, sub._backward_hooks, sub._backward_pre_hooks):
+        for hooks in (
+            sub._forward_hooks,
+            sub._forward_pre_hooks,
+            sub._backward_hooks,
+            sub._backward_pre_hooks,
+        ):
             hooks.clear()
         for attr in ("ds_external_parameters", "_external_params"):
             sub.__dict__.pop(attr, None)
     return clone
 
 
-def gathered_cpu_copy(module: torch.nn.Module) -> Optional[torch.nn.Module]:
+def gathered_cpu_copy(module: torch.nn.Module) -> torch.nn.Module | None:
     """All ranks call it; rank 0 gets ``standalone_cpu_copy`` of the full model, other ranks None."""
     import deepspeed
 
@@ -79,9 +84,9 @@ def export_hf_model(
     tokenizer,
     out_dir: str | os.PathLike,
     *,
-    prepare: Optional[PrepareHook] = None,
+    prepare: PrepareHook | None = None,
     merge_lora: bool = True,
-) -> Optional[Path]:
+) -> Path | None:
     """Write ``out_dir`` (safetensors weights, config, tokenizer) loadable by ``from_pretrained``.
 
     Every rank must call it. ``engine`` is a DeepSpeed engine (or a plain module) wrapping a

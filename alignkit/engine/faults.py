@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Iterable, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Union
 
 import torch
 
@@ -28,7 +29,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.requested = False
-        self.signal_name: Optional[str] = None
+        self.signal_name: str | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, _frame) -> None:
@@ -37,7 +38,7 @@ class StopRequest:
         self.requested = True
         self.signal_name = self.signal_name or signal.Signals(signum).name
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -48,7 +49,7 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         return self.install()
 
     def __exit__(self, *exc) -> None:
@@ -76,8 +77,8 @@ def _is_finite(value: TensorLike) -> bool:
 
 def check_finite(
     loss: TensorLike,
-    named_tensors: Union[Mapping[str, TensorLike], Iterable[tuple[str, TensorLike]]] = (),
-) -> Optional[str]:
+    named_tensors: Mapping[str, TensorLike] | Iterable[tuple[str, TensorLike]] = (),
+) -> str | None:
     """The name of the first non-finite tensor (``"loss"`` first), or None when all are finite.
 
     ``named_tensors`` is a mapping or ``(name, tensor)`` pairs, e.g. metrics, or

@@ -34,25 +34,24 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
-
-from alignkit.errors import UserError
 
 # Re-exported for callers that pick a port for single-node runs (DeepSpeed's default 29500 collides
 # when two runs share a machine).
 from alignkit.engine.engine import find_free_port  # noqa: F401
+from alignkit.errors import UserError
 
 
 def build_launch_command(
     *,
     nproc_per_node: int,
     nnodes: int = 1,
-    hostfile: Optional[str] = None,
-    master_addr: Optional[str] = None,
-    master_port: Optional[int] = None,
-    include: Optional[str] = None,
-    exclude: Optional[str] = None,
+    hostfile: str | None = None,
+    master_addr: str | None = None,
+    master_port: int | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
     bind_cores_to_rank: bool = False,
     module_args: Sequence[str],
     python: str = sys.executable,
@@ -70,7 +69,9 @@ def build_launch_command(
             "launcher.include and launcher.exclude are mutually exclusive in DeepSpeed; keep one of them."
         )
     if not module_args:
-        raise ValueError("module_args must name the module to run, e.g. ['alignkit', 'worker', 'config.yaml']")
+        raise ValueError(
+            "module_args must name the module to run, e.g. ['alignkit', 'worker', 'config.yaml']"
+        )
     if hostfile is not None and not Path(hostfile).is_file():
         raise UserError(
             f"launcher.hostfile={hostfile!r} does not exist. Write one line per node, e.g. "
@@ -103,7 +104,7 @@ def build_launch_command(
     return argv
 
 
-def launch_env(base: Optional[Mapping[str, str]] = None, *, has_cuda: Optional[bool] = None) -> dict[str, str]:
+def launch_env(base: Mapping[str, str] | None = None, *, has_cuda: bool | None = None) -> dict[str, str]:
     """The environment for ``launch``: ``base`` (default ``os.environ``) plus ``DS_ACCELERATOR=cpu`` without a GPU."""
     env = dict(os.environ if base is None else base)
     if has_cuda is None:
@@ -115,7 +116,7 @@ def launch_env(base: Optional[Mapping[str, str]] = None, *, has_cuda: Optional[b
     return env
 
 
-def launch(argv: Sequence[str], env: Optional[Mapping[str, str]] = None) -> int:
+def launch(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Run ``argv`` (from ``build_launch_command``) to completion; forward SIGINT/SIGTERM; return its exit code."""
     proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True)
 

@@ -20,9 +20,10 @@ import json
 import math
 import os
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Optional
 
 from alignkit.engine.progress import console
 from alignkit.errors import ConfigError
@@ -44,9 +45,13 @@ class LoggerConfig:
     def validate(self) -> None:
         for name in self.backends:
             if name not in BACKENDS:
-                raise ConfigError(f"logger.backends contains {name!r}; valid backends: {', '.join(BACKENDS)}.")
+                raise ConfigError(
+                    f"logger.backends contains {name!r}; valid backends: {', '.join(BACKENDS)}."
+                )
         if self.wandb_mode not in WANDB_MODES:
-            raise ConfigError(f"logger.wandb_mode={self.wandb_mode!r} is not valid; choose one of: {', '.join(WANDB_MODES)}.")
+            raise ConfigError(
+                f"logger.wandb_mode={self.wandb_mode!r} is not valid; choose one of: {', '.join(WANDB_MODES)}."
+            )
 
 
 def _to_float(value: Any) -> float:
@@ -104,7 +109,9 @@ class MetricsLogger:
             return
         unknown = self.backends - set(BACKENDS)
         if unknown:
-            raise ConfigError(f"logger.backends contains {sorted(unknown)}; valid backends: {', '.join(BACKENDS)}.")
+            raise ConfigError(
+                f"logger.backends contains {sorted(unknown)}; valid backends: {', '.join(BACKENDS)}."
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None:
             truncate_metrics(self.path, truncate_after)

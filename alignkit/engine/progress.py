@@ -11,12 +11,18 @@ Left out: per-epoch bars, nested bars for evaluation or generation.
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
-_CONSOLE: Optional[Console] = None
+_CONSOLE: Console | None = None
 
 
 def console() -> Console:
@@ -36,14 +42,14 @@ def bar_enabled(rank: int, *, stream=None) -> bool:
 class TrainProgress:
     """``with TrainProgress(total_steps, rank=r) as bar: ... bar.update(step, loss=..., tokens_per_s=...)``."""
 
-    def __init__(self, total_steps: int, *, rank: int = 0, start_step: int = 0, enabled: Optional[bool] = None):
+    def __init__(self, total_steps: int, *, rank: int = 0, start_step: int = 0, enabled: bool | None = None):
         self.enabled = bar_enabled(rank) if enabled is None else enabled
-        self._progress: Optional[Progress] = None
+        self._progress: Progress | None = None
         self._task = None
         self.total_steps = total_steps
         self.start_step = start_step
 
-    def __enter__(self) -> "TrainProgress":
+    def __enter__(self) -> TrainProgress:
         if self.enabled:
             self._progress = Progress(
                 TextColumn("[bold]train"),
@@ -57,14 +63,18 @@ class TrainProgress:
                 transient=False,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task("train", total=self.total_steps, completed=self.start_step, stats="")
+            self._task = self._progress.add_task(
+                "train", total=self.total_steps, completed=self.start_step, stats=""
+            )
         return self
 
-    def update(self, step: int, *, loss: Optional[float] = None, tokens_per_s: Optional[float] = None) -> None:
+    def update(self, step: int, *, loss: float | None = None, tokens_per_s: float | None = None) -> None:
         """Show ``step`` optimizer steps done, with the latest loss and throughput."""
         if self._progress is None:
             return
-        self._progress.update(self._task, completed=step, stats=format_stats(loss=loss, tokens_per_s=tokens_per_s))
+        self._progress.update(
+            self._task, completed=step, stats=format_stats(loss=loss, tokens_per_s=tokens_per_s)
+        )
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
@@ -72,7 +82,7 @@ class TrainProgress:
             self._progress = None
 
 
-def format_stats(*, loss: Optional[float] = None, tokens_per_s: Optional[float] = None) -> str:
+def format_stats(*, loss: float | None = None, tokens_per_s: float | None = None) -> str:
     parts = []
     if loss is not None:
         parts.append(f"loss {loss:.4f}")

@@ -14,9 +14,9 @@ import json
 import os
 import signal
 
+import engine_tiny
 import torch
 
-import engine_tiny
 from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.engine.config import DeepSpeedConfig, build_train_ds_config
 from alignkit.engine.engine import init_train_engine, setup_distributed

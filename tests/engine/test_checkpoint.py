@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from engine_tiny import micro_batch, tiny_model
 from safetensors.torch import load_file
 
 from alignkit.engine import checkpoint as ckpt
@@ -17,8 +18,6 @@ from alignkit.engine.config import DeepSpeedConfig, build_train_ds_config
 from alignkit.engine.engine import init_train_engine, setup_distributed
 from alignkit.engine.export import gathered_cpu_copy
 from alignkit.errors import UserError
-
-from engine_tiny import micro_batch, tiny_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,8 +29,12 @@ def dist():
 
 
 def make_engine(stage=0, dropout=0.1, steps=6):
-    ds = build_train_ds_config(DeepSpeedConfig(zero_stage=stage, dtype="fp32"), micro_batch_size=2, grad_accum_steps=1, world_size=1)
-    return init_train_engine(tiny_model(dropout=dropout), ds, lr=1e-2, warmup_steps=1, total_steps=steps, scheduler="linear")
+    ds = build_train_ds_config(
+        DeepSpeedConfig(zero_stage=stage, dtype="fp32"), micro_batch_size=2, grad_accum_steps=1, world_size=1
+    )
+    return init_train_engine(
+        tiny_model(dropout=dropout), ds, lr=1e-2, warmup_steps=1, total_steps=steps, scheduler="linear"
+    )
 
 
 def train(engine, start, stop):
@@ -144,7 +147,13 @@ def run_worker(*args):
     env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # each worker is its own world of one
-    return subprocess.run([sys.executable, str(HERE / "ds_worker.py"), *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(HERE / "ds_worker.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.slow
@@ -155,10 +164,22 @@ def test_sigkill_then_resume_in_a_new_process_is_exact(tmp_path):
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_dir = tmp_path / "run"
-    killed = run_worker(*common, "--out", str(tmp_path / "killed.json"), "--run-dir", str(run_dir), "--save-every", "2", "--kill-after", "3")
+    killed = run_worker(
+        *common,
+        "--out",
+        str(tmp_path / "killed.json"),
+        "--run-dir",
+        str(run_dir),
+        "--save-every",
+        "2",
+        "--kill-after",
+        "3",
+    )
     assert killed.returncode == -9
     assert ckpt.find_resume_checkpoint(run_dir, "auto") == run_dir / "checkpoints" / "step-2"
-    resumed = run_worker(*common, "--out", str(tmp_path / "resumed.json"), "--run-dir", str(run_dir), "--resume", "auto")
+    resumed = run_worker(
+        *common, "--out", str(tmp_path / "resumed.json"), "--run-dir", str(run_dir), "--resume", "auto"
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     expected = json.loads((tmp_path / "straight.json").read_text())

@@ -38,7 +38,10 @@ def test_stage0_fp32_train_snapshot():
 def test_stage2_offload_train_snapshot():
     cfg = DeepSpeedConfig(zero_stage=2, offload_optimizer="cpu", dtype="bf16", gradient_clipping=0.5)
     got = build_train_ds_config(cfg, micro_batch_size=1, grad_accum_steps=1, world_size=2, has_cuda=False)
-    assert got["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu", "pin_memory": False}}
+    assert got["zero_optimization"] == {
+        "stage": 2,
+        "offload_optimizer": {"device": "cpu", "pin_memory": False},
+    }
     assert got["bf16"] == {"enabled": True} and got["fp16"] == {"enabled": False}
     assert got["gradient_clipping"] == 0.5
     assert got["train_batch_size"] == 2
@@ -100,7 +103,9 @@ def test_raw_json_unreadable_is_config_error(tmp_path):
     raw = tmp_path / "bad.json"
     raw.write_text("{not json")
     with pytest.raises(ConfigError, match="raw_json"):
-        build_train_ds_config(DeepSpeedConfig(raw_json=str(raw)), micro_batch_size=1, grad_accum_steps=1, world_size=1)
+        build_train_ds_config(
+            DeepSpeedConfig(raw_json=str(raw)), micro_batch_size=1, grad_accum_steps=1, world_size=1
+        )
     with pytest.raises(ConfigError, match="does not exist"):
         DeepSpeedConfig(raw_json=str(tmp_path / "missing.json")).validate()
 

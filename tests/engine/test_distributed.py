@@ -8,7 +8,6 @@ shards, which must load with ``from_pretrained`` and carry the one-process weigh
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +38,13 @@ def worker_env() -> dict:
 def one_process(tmp_path_factory):
     out = tmp_path_factory.mktemp("one") / "run.json"
     args = ["--stage", "0", "--micro", "2", "--accum", "2", "--steps", str(STEPS), "--out", str(out)]
-    done = subprocess.run([sys.executable, str(HERE / "ds_worker.py"), *args], env=worker_env(), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(HERE / "ds_worker.py"), *args],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(out.read_text()), load_file(str(out) + ".safetensors")
 
@@ -49,7 +54,20 @@ def run_two_processes(tmp_path: Path, stage: int, *extra: str):
     argv = build_launch_command(
         nproc_per_node=2,
         master_port=find_free_port(),
-        module_args=["ds_worker", "--stage", str(stage), "--micro", "2", "--accum", "1", "--steps", str(STEPS), "--out", str(out), *extra],
+        module_args=[
+            "ds_worker",
+            "--stage",
+            str(stage),
+            "--micro",
+            "2",
+            "--accum",
+            "1",
+            "--steps",
+            str(STEPS),
+            "--out",
+            str(out),
+            *extra,
+        ],
     )
     assert launch(argv, worker_env()) == 0  # the workers' output is in pytest's captured output
     return json.loads(out.read_text()), load_file(str(out) + ".safetensors")

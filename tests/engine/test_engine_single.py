@@ -4,13 +4,22 @@ import math
 
 import pytest
 import torch
-from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
+from engine_tiny import micro_batch, tiny_model
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
 
 from alignkit.engine.config import DeepSpeedConfig, build_frozen_ds_config, build_train_ds_config
-from alignkit.engine.engine import engine_dtype, init_frozen_engine, init_train_engine, lr_multiplier, setup_distributed
+from alignkit.engine.engine import (
+    engine_dtype,
+    init_frozen_engine,
+    init_train_engine,
+    lr_multiplier,
+    setup_distributed,
+)
 from alignkit.errors import ConfigError
-
-from engine_tiny import micro_batch, tiny_model
 
 LR, WD, WARMUP, STEPS, MICRO, ACCUM, CLIP = 1e-2, 0.1, 1, 4, 2, 2, 0.5
 
@@ -50,7 +59,9 @@ def plain_pytorch_run():
     model = tiny_model()
     decay = [p for n, p in model.named_parameters() if "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if "norm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}], lr=LR)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": WD}, {"params": no_decay, "weight_decay": 0.0}], lr=LR
+    )
     sched = get_cosine_schedule_with_warmup(opt, WARMUP, STEPS)
     losses = []
     for step in range(STEPS):
@@ -87,7 +98,13 @@ def test_train_engine_equals_plain_pytorch_loop(stage, offload):
         world_size=1,
     )
     engine = init_train_engine(
-        tiny_model(), ds_config, lr=LR, weight_decay=WD, warmup_steps=WARMUP, total_steps=STEPS, scheduler="cosine"
+        tiny_model(),
+        ds_config,
+        lr=LR,
+        weight_decay=WD,
+        warmup_steps=WARMUP,
+        total_steps=STEPS,
+        scheduler="cosine",
     )
     assert engine_dtype(engine) is torch.float32
     losses = []
@@ -100,7 +117,9 @@ def test_train_engine_equals_plain_pytorch_loop(stage, offload):
             engine.step()
             total += loss.item()
         losses.append(total / ACCUM)
-    assert engine.get_lr()[0] == pytest.approx(LR * 0.5 * (1 + math.cos(math.pi * (STEPS - WARMUP) / (STEPS - WARMUP))))
+    assert engine.get_lr()[0] == pytest.approx(
+        LR * 0.5 * (1 + math.cos(math.pi * (STEPS - WARMUP) / (STEPS - WARMUP)))
+    )
 
     expected_losses, expected_state = plain_pytorch_run()
     assert losses == pytest.approx(expected_losses, abs=1e-5)

@@ -2,13 +2,12 @@
 
 import pytest
 import torch
+from engine_tiny import micro_batch, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alignkit.engine.config import DeepSpeedConfig, build_train_ds_config
 from alignkit.engine.engine import init_train_engine, setup_distributed
 from alignkit.engine.export import export_hf_model, gathered_cpu_copy
-
-from engine_tiny import micro_batch, tiny_model
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -24,7 +23,9 @@ def lora_model():
 
 
 def trained_engine(model, stage):
-    ds = build_train_ds_config(DeepSpeedConfig(zero_stage=stage, dtype="fp32"), micro_batch_size=2, grad_accum_steps=1, world_size=1)
+    ds = build_train_ds_config(
+        DeepSpeedConfig(zero_stage=stage, dtype="fp32"), micro_batch_size=2, grad_accum_steps=1, world_size=1
+    )
     engine = init_train_engine(model, ds, lr=5e-2, warmup_steps=0, total_steps=10, scheduler="constant")
     for step in range(2):
         ids = micro_batch(step, 0, 2, 1)
