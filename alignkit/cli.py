@@ -117,6 +117,31 @@ def plan(ctx: typer.Context, nproc: int = typer.Option(0, "-g", "--nproc")) -> N
     raise typer.Exit(print_plan(list(ctx.args) + _launcher_overrides(nproc, 0, None)))
 
 
+@app.command("eval", context_settings=OVERRIDES)
+def eval_command(
+    ctx: typer.Context,
+    target: str = typer.Argument(..., help="A run directory (its final/ model) or a model path/name."),
+    baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline model (default: the run's starting model)."),
+    limit: int = typer.Option(100, "--n", help="Held-out pairs and prompts to use."),
+    out: Optional[str] = typer.Option(None, "--out", help="Where samples.jsonl and eval.json go."),
+) -> None:
+    """Held-out preference accuracy, judge score of greedy generations, and win-rate vs a baseline."""
+    from alignkit.evaluate import run_eval
+
+    result = run_eval(target, list(ctx.args), baseline=baseline, limit=limit, out_dir=out)
+    for key, value in result.items():
+        typer.echo(f"{key:<22} {value:.4f}" if isinstance(value, float) else f"{key:<22} {value}")
+
+
+@app.command()
+def report(run_dir: str) -> None:
+    """PNG plots (loss, margins, accuracy, KL, reward, lengths, lr, tokens/s) and a Markdown summary."""
+    from alignkit.report import write_report
+
+    out = write_report(run_dir)
+    typer.echo(f"report written to {out}/report.md")
+
+
 @app.command("sweep-report")
 def sweep_report(sweep_dir: str) -> None:
     """Rebuild the results table (results.csv, results.md) of a sweep directory."""

@@ -52,7 +52,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     done = common.begin(run, policy, steps)
 
     for step in range(done + 1, steps + 1):
-        tick = time.time()
+        tick, lr = time.time(), policy.get_lr()[0]  # the rate this step uses
         policy.eval()
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
                                         reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(cfg, run, step))
@@ -81,7 +81,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 train_tokens += batch.num_real_tokens()
         train_seconds = time.time() - tick - sampled.gen_seconds
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "frac_zero_std_groups": zero_std,
-                   "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "lr": policy.get_lr()[0]}
+                   "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "lr": lr}
         run.log(step, common.all_reduce_mean(metrics, run), split="train")
         if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
             policy.eval()

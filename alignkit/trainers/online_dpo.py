@@ -56,7 +56,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if cfg.rl.update_reference_each_round and step > 1 and (step - 1) % round_length == 0:
             sync_reference(reference, policy)
             run.print(f"round {(step - 1) // round_length + 1}: reference <- current policy")
-        tick = time.time()
+        tick, lr = time.time(), policy.get_lr()[0]  # the rate this step uses
         policy.eval()
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
                                         reward_mix, cfg, num_samples=int(cfg.rl.num_generations),
@@ -73,7 +73,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             common.backward_step(policy, loss)
             meter.add({"loss": loss, **metrics})
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "pairs": float(len(pairs)),
-                   "lr": policy.get_lr()[0], "step_seconds": time.time() - tick}
+                   "lr": lr, "step_seconds": time.time() - tick}
         run.log(step, common.all_reduce_mean(metrics, run), split="train")
         if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
             policy.eval()

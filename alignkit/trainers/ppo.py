@@ -54,7 +54,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     pad_id = tokenizer.pad_token_id
 
     for step in range(done + 1, steps + 1):
-        tick = time.time()
+        tick, lr = time.time(), actor.get_lr()[0]  # the rate this step uses
         actor.eval()
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
                                         reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(cfg, run, step))
@@ -94,7 +94,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 common.backward_step(critic, v_loss)
                 meter.add({"loss": loss, **metrics, "value_loss": v_loss, **{f"value/{k}": v for k, v in v_metrics.items()}})
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean()),
-                   "lr": actor.get_lr()[0], "step_seconds": time.time() - tick}
+                   "lr": lr, "step_seconds": time.time() - tick}
         run.log(step, common.all_reduce_mean(metrics, run), split="train")
         if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
             actor.eval()

@@ -55,7 +55,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     need_tokens = objective.needs_token_logps
 
     for step in range(done + 1, steps + 1):
-        tick = time.time()
+        tick, lr = time.time(), policy.get_lr()[0]  # the rate this step uses
         chunks = common.micro_chunks(run, data.train, step - 1)
         batches = [common.collate_groups(chunk, cfg, pad_id).to(run.device) for chunk in chunks]
         token_share = _token_shares(batches, run) if objective.view == "sft" else None
@@ -72,7 +72,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             meter.add({"loss": loss, **metrics})
         metrics = common.all_reduce_mean(meter.means(), run)
         tokens = common.all_reduce_sum(sum(b.num_real_tokens() for b in batches), run)
-        metrics.update(tokens_per_s=tokens / max(time.time() - tick, 1e-9), lr=policy.get_lr()[0])
+        metrics.update(tokens_per_s=tokens / max(time.time() - tick, 1e-9), lr=lr)
         run.log(step, metrics, split="train")
         last = steps
         if common.should(int(cfg.trainer.eval_every), step, last) and data.eval:

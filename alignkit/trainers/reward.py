@@ -61,14 +61,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     pad_id = tokenizer.pad_token_id
 
     for step in range(done + 1, steps + 1):
-        tick = time.time()
+        tick, lr = time.time(), engine.get_lr()[0]  # the rate this step uses
         meter = common.MetricMeter()
         for chunk in common.micro_chunks(run, data.train, step - 1):
             batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
             loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
             common.backward_step(engine, loss)
             meter.add({"loss": loss, **metrics})
-        metrics = {**common.all_reduce_mean(meter.means(), run), "lr": engine.get_lr()[0],
+        metrics = {**common.all_reduce_mean(meter.means(), run), "lr": lr,
                    "step_seconds": time.time() - tick}
         run.log(step, metrics, split="train")
         if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:

@@ -1,0 +1,111 @@
+"""``alignkit report RUN_DIR``: PNG plots and a Markdown summary of a finished (or running) run.
+
+Reads ``metrics.jsonl`` and draws one panel per metric family that the run logged — loss,
+reward margin and accuracy, KL, reward mean, lengths, learning rate, tokens/s — with train
+curves and eval points, into ``RUN_DIR/report/metrics.png``, and writes ``report.md`` with the
+first, last and best value of each metric. For a sweep directory it draws one curve per job.
+Left out: interactive dashboards (TensorBoard and W&B are logger backends for that).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+PANELS = [
+    ("loss", ["loss"]),
+    ("preference", ["rewards/accuracy", "rewards/margin"]),
+    ("rewards", ["rewards/chosen", "rewards/rejected"]),
+    ("reward", ["reward/mean"]),
+    ("kl / entropy", ["kl", "entropy"]),
+    ("length", ["response_length"]),
+    ("learning rate", ["lr"]),
+    ("throughput", ["tokens_per_s", "gen_tokens_per_s", "train_tokens_per_s"]),
+]
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        from alignkit.errors import UserError
+
+        raise UserError(f"{run_dir}: no metrics.jsonl; give a run directory (runs/<name>) or a sweep directory.")
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def series(rows: list[dict], key: str, split: str) -> tuple[list[int], list[float]]:
+    picked = [(r["step"], r[key]) for r in rows if r.get("split", "train") == split and key in r]
+    return [s for s, _ in picked], [v for _, v in picked]
+
+
+def plot_runs(runs: dict[str, list[dict]], out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(title, keys) for title, keys in PANELS
+              if any(series(rows, k, s)[0] for rows in runs.values() for k in keys for s in ("train", "eval"))]
+    cols = 2
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(11, 3.2 * ((len(panels) + 1) // 2)),
+                             squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for name, rows in runs.items():
+            for key in keys:
+                label = key if len(runs) == 1 else f"{name}: {key}"
+                steps, values = series(rows, key, "train")
+                if steps:
+                    ax.plot(steps, values, label=f"{label} (train)", linewidth=1.2)
+                steps, values = series(rows, key, "eval")
+                if steps:
+                    ax.plot(steps, values, "o--", label=f"{label} (eval)", markersize=4)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def summary_table(rows: list[dict]) -> list[str]:
+    lines = ["| metric | split | first | last | best |", "|---|---|---|---|---|"]
+    keys = sorted({k for r in rows for k in r if k not in ("step", "split", "time")})
+    for split in ("train", "eval"):
+        for key in keys:
+            _, values = series(rows, key, split)
+            if not values:
+                continue
+            best = max(values) if any(w in key for w in ("accuracy", "margin", "reward")) else min(values)
+            lines.append(f"| {key} | {split} | {values[0]:.4g} | {values[-1]:.4g} | {best:.4g} |")
+    return lines
+
+
+def write_report(target: str) -> Path:
+    root = Path(target)
+    jobs = sorted(p for p in root.glob("*/metrics.jsonl")) if not (root / "metrics.jsonl").exists() else []
+    out_dir = root / "report"
+    if jobs:  # a sweep directory: one curve per job
+        runs = {p.parent.name: read_metrics(p.parent) for p in jobs}
+        png = plot_runs(runs, out_dir / "comparison.png")
+        lines = [f"# Sweep report: {root}", "", f"![comparison]({png.name})", ""]
+        for name, rows in runs.items():
+            overrides = (root / name / "overrides.txt")
+            lines += [f"## job {name}: {overrides.read_text().split() if overrides.exists() else ''}", ""]
+            lines += summary_table(rows) + [""]
+    else:
+        rows = read_metrics(root)
+        png = plot_runs({root.name: rows}, out_dir / "metrics.png")
+        lines = [f"# Run report: {root.name}", "", f"![metrics]({png.name})", ""] + summary_table(rows)
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    return out_dir

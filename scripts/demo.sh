@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The main job: set up, train DPO on SmolLM2-135M-Instruct with the shipped demo task, then evaluate
+# the result against the starting model (held-out preference accuracy, judge score, win-rate).
+#   bash scripts/demo.sh                 # recipe=dpo_smollm2
+#   bash scripts/demo.sh recipe=simpo_smollm2 trainer.max_steps=50   # any recipe / overrides
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+. .venv/bin/activate
+export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+run="demo-$(date +%Y%m%d-%H%M%S)"
+args=("$@"); [ ${#args[@]} -eq 0 ] && args=(recipe=dpo_smollm2)
+alignkit train "${args[@]}" output_dir=runs run_name="$run"
+alignkit eval "runs/$run"
+alignkit report "runs/$run"
