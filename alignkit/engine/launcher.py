@@ -18,10 +18,11 @@
   the run directory); a missing one is a ``UserError`` (DeepSpeed itself would silently fall
   back to one node).
 
-``launch(argv, env)`` runs the command in its own process group and forwards SIGINT/SIGTERM to the
-whole group (DeepSpeed's single-node runner does not forward signals itself), so each worker gets
-the signal, saves a checkpoint and exits; it returns the exit code (128 + signal number when the
-launcher died from a signal).
+``launch(argv, env)`` runs the command in its own session (a Ctrl-C in the terminal reaches only
+alignkit) and forwards SIGINT/SIGTERM to the workers themselves on one node (DeepSpeed's
+single-node runner does not forward signals), so each worker saves a checkpoint and exits 0; with a
+hostfile it signals DeepSpeed's multi-node runner, which stops the remote workers. It returns the
+exit code (128 + signal number when the launcher died from a signal).
 
 Left out: DeepSpeed's MPI/SLURM launcher backends (``--launcher``; SLURM sweeps go through Hydra's
 submitit launcher instead), ``--no_ssh`` per-node starts, autotuning.
@@ -116,15 +117,47 @@ def launch_env(base: Mapping[str, str] | None = None, *, has_cuda: bool | None =
     return env
 
 
+def _signal_targets(root_pid: int, multi_node: bool) -> list[int]:
+    """Who gets a forwarded signal: the workers themselves on one node, the runner on several.
+
+    On one node the workers are the children of DeepSpeed's per-node ``deepspeed.launcher.launch``.
+    Signalling only them lets each worker save and exit 0, after which the launcher exits 0 too;
+    signalling ``launch`` itself would make it terminate the workers after 30 s and exit 1. With a
+    hostfile the workers are remote; DeepSpeed's multi-node runner has its own SIGINT/SIGTERM
+    handler that stops them over pdsh. An empty list means no DeepSpeed worker is running (not
+    started yet, or not a DeepSpeed command): the caller then signals the whole process group.
+    """
+    if multi_node:
+        return [root_pid]
+    import psutil
+
+    try:
+        root = psutil.Process(root_pid)
+        family = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    workers: list[int] = []
+    for process in family:
+        try:
+            if any("deepspeed.launcher.launch" in part for part in process.cmdline()):
+                workers += [child.pid for child in process.children()]
+        except psutil.Error:
+            continue
+    return workers
+
+
 def launch(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Run ``argv`` (from ``build_launch_command``) to completion; forward SIGINT/SIGTERM; return its exit code."""
     proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True)
+    multi_node = "--hostfile" in argv
 
     def forward(signum, _frame):
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        targets = _signal_targets(proc.pid, multi_node)
+        for send, pid in [(os.kill, pid) for pid in targets] or [(os.killpg, proc.pid)]:
+            try:
+                send(pid, signum)
+            except ProcessLookupError:
+                pass
 
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal.signal needs it
     signals = (signal.SIGINT, signal.SIGTERM) if in_main_thread else ()

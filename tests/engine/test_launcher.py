@@ -4,10 +4,11 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from alignkit.engine.launcher import build_launch_command, launch, launch_env
+from alignkit.engine.launcher import build_launch_command, find_free_port, launch, launch_env
 from alignkit.errors import UserError
 
 PY = "/venv/bin/python"
@@ -110,3 +111,24 @@ def test_launch_forwards_sigterm_to_the_process_group(tmp_path):
     while len(list(tmp_path.glob("got.[0-9]*"))) < 2:
         assert time.time() < deadline, "the grandchild did not receive SIGTERM"
         time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_sigterm_reaches_deepspeed_workers_which_exit_cleanly(tmp_path):
+    """Under the real launcher, SIGTERM to alignkit reaches both workers; their clean exit gives exit code 0."""
+    here = Path(__file__).resolve().parent
+    argv = build_launch_command(
+        nproc_per_node=2, master_port=find_free_port(), module_args=["sig_worker", str(tmp_path)]
+    )
+    env = launch_env()
+    env["PYTHONPATH"] = str(here)
+    driver = "import sys; from alignkit.engine.launcher import launch; sys.exit(launch(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", driver, *argv], env=env)
+    deadline = time.time() + 240
+    while not all((tmp_path / f"ready-{rank}").exists() for rank in (0, 1)):
+        assert proc.poll() is None and time.time() < deadline, "workers did not start"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0
+    assert [(tmp_path / f"stopped-{rank}").read_text() for rank in (0, 1)] == ["SIGTERM", "SIGTERM"]
