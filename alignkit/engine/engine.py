@@ -104,7 +104,11 @@ def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, scheduler: 
         return max(0.0, 1.0 - progress)
     if scheduler == "cosine":
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-    raise ConfigError(
+    raise _scheduler_error(scheduler)
+
+
+def _scheduler_error(scheduler: str) -> ConfigError:
+    return ConfigError(
         f"trainer.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}."
     )
 
@@ -140,9 +144,7 @@ def init_train_engine(
     from torch.optim.lr_scheduler import LambdaLR
 
     if scheduler not in SCHEDULERS:
-        raise ConfigError(
-            f"trainer.scheduler={scheduler!r} is not valid; choose one of: {', '.join(SCHEDULERS)}."
-        )
+        raise _scheduler_error(scheduler)
     betas = tuple(float(b) for b in betas)
     config = dict(ds_config)
     param_groups = _weight_decay_groups(module, weight_decay)
