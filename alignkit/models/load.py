@@ -163,9 +163,7 @@ def load_tokenizer(name_or_path: str, **kwargs):
 
 
 def _tokenizer_for_config(cfg: ModelConfig, source: ModelSource):
-    kwargs = _pretrained_kwargs(source, cfg)
-    kwargs.pop("gguf_file", None)
-    return _tokenizer_for_source(source, **kwargs)
+    return _tokenizer_for_source(source, **_pretrained_kwargs(source, cfg))
 
 
 def _from_pretrained(auto_class, source: ModelSource, cfg: ModelConfig, what: str, **extra):
