@@ -216,3 +216,15 @@ def test_reward_model_tiny_and_from_causal_folder(tmp_path):
     # right padding does not change a sequence's score (read at its last real token)
     alone = reward(**tokenizer(["Hi"], return_tensors="pt")).logits
     torch.testing.assert_close(reward(**batch).logits[1], alone[0], rtol=0, atol=1e-5)
+
+
+def test_reward_model_from_gguf_and_with_lora(tmp_path):
+    causal, tokenizer = load_causal_lm(ModelConfig())
+    gguf_path = write_tiny_gguf(causal, tokenizer, tmp_path / "tiny.gguf")
+    reward, _ = load_reward_model(ModelConfig(name_or_path=str(gguf_path)))
+    assert reward.config.num_labels == 1 and getattr(reward, "hf_quantizer", None) is None
+    torch.testing.assert_close(reward.model.embed_tokens.weight, causal.model.embed_tokens.weight)
+    reward, _ = load_reward_model(ModelConfig(lora=LoraConfig(r=2)))
+    trainable = [n for n, p in reward.named_parameters() if p.requires_grad]
+    assert any("score" in n for n in trainable)  # the new head trains in full next to the adapters
+    assert all("score" in n or "lora_" in n for n in trainable)
