@@ -106,8 +106,9 @@ def validate(cfg: DictConfig) -> None:
     runner = runner_for(cfg)
     terms = loss_terms(cfg.loss)
     objective_from_cfg(cfg.loss)  # views combine, knob values valid
-    if runner in ("sft", "preference", "reward"):
-        _check_batch(cfg)
+    _check_batch(cfg)
+    if runner in ("ppo", "grpo", "online_dpo"):
+        _check_online(cfg, runner)
     needs_ref = any(spec.needs_reference for spec, _, _ in terms)
     ref = cfg.trainer.reference
     if ref == "lora" and int(cfg.model.lora.r) <= 0:
@@ -116,6 +117,26 @@ def validate(cfg: DictConfig) -> None:
         names = [s.name for s, _, _ in terms if s.needs_reference]
         raise ConfigError(f"loss {names} needs a reference model; trainer.reference=none is not possible. "
                           "Valid: auto, separate, precomputed, lora.")
+
+
+def _check_online(cfg: DictConfig, runner: str) -> None:
+    """Reward functions, advantage estimator and KL estimator resolve; sample counts make sense."""
+    from alignkit.rewards.registry import resolve_reward
+    from alignkit.rl.advantages import GRPO_SCALES, resolve_advantage
+    from alignkit.rl.kl import validate_kl_estimator
+
+    for name in cfg.reward.fns:
+        resolve_reward(name)
+    if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.fns):
+        raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} values for {len(cfg.reward.fns)} "
+                          f"reward functions {list(cfg.reward.fns)}.")
+    resolve_advantage(cfg.rl.advantage)
+    _choice(cfg.rl.scale_rewards, GRPO_SCALES, "rl.scale_rewards")
+    validate_kl_estimator(cfg.rl.kl_estimator)
+    minimum = 2 if runner in ("grpo", "online_dpo") else 1
+    if cfg.rl.num_generations < minimum:
+        raise ConfigError(f"rl.num_generations={cfg.rl.num_generations}: {runner} needs at least {minimum} samples "
+                          "per prompt.")
 
 
 def _check_batch(cfg: DictConfig) -> None:

@@ -55,6 +55,12 @@ def test_overrides_apply_and_runner_follows_loss():
         (["recipe=dpo_tiny", "trainer.batch_size=5"], ["not divisible", "5"]),
         (["--lr=3"], ["unknown option '--lr=3'"]),
         (["recipe=dpo_tiny", "trainer.reference=lora"], ["model.lora.r"]),
+        (["recipe=grpo_tiny", "reward.fns=[bogus]"], ["bogus", "judge"]),
+        (["recipe=grpo_tiny", "rl.advantage=bogus"], ["bogus", "rloo"]),
+        (["recipe=grpo_tiny", "rl.num_generations=1"], ["num_generations"]),
+        (["recipe=dpo_tiny", "data.layout=diagonal"], ["layout", "prefix_shared"]),
+        (["recipe=dpo_tiny", "model.dtype=fp8"], ["dtype", "bf16"]),
+        (["recipe=dpo_tiny", "loss.f_divergence=hellinger"], ["f_divergence", "js_divergence"]),
     ],
 )
 def test_compose_errors_name_key_and_choices(overrides, expected):

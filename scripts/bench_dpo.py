@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""DPO throughput, alignkit vs TRL, side by side on the same model, data, batch and order.
+
+    python scripts/bench_dpo.py --steps 4 --repeats 3            # SmolLM2-135M-Instruct, fp32, CPU
+    python scripts/bench_dpo.py --layout padded --reference separate   # alignkit's plain path
+
+Each repetition runs TRL's DPOTrainer and alignkit's trainer in fresh subprocesses, alternating,
+on the same pairs in the same order (batch of ``--batch`` pairs, one optimizer step per batch, no
+gradient checkpointing for either, fp32). It prints per tool: seconds/step (median and spread over
+repetitions; the first step of each run is left out as warm-up), pairs/s, non-pad tokens/s (the
+tokens of prompt+chosen and prompt+rejected, counted the same way for both), peak RSS, MFU
+(model FLOPs = 8 x parameters x tokens per step — policy forward+backward and the reference
+forward — over the fp32 matmul peak this script measures), the first step's mean log-probs of
+chosen and rejected (they must agree: the same computation), and the ratios. alignkit's
+reference pre-pass is added to its time, spread over the measured steps.
+
+Needs TRL (``bash scripts/setup.sh --bench`` or ``pip install trl==1.16.0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def matmul_peak_gflops(size: int = 1024, seconds: float = 3.0) -> float:
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def bench_rows(steps: int, batch: int, seed: int) -> list[dict]:
+    """The pairs the run will see, in alignkit's step order (TRL then reads them sequentially)."""
+    from alignkit.trainers.common import step_groups
+
+    rows = [json.loads(line) for line in (ROOT / "data" / "demo" / "paired_train.jsonl").read_text().splitlines()]
+    order = [i for s in range(steps) for i in step_groups(len(rows), s, batch, seed)]
+    return [rows[i] for i in order]
+
+
+def worker_trl(args, rows: list[dict]) -> dict:
+    import torch
+    from datasets import Dataset
+    from torch.utils.data import SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    from alignkit.models.smollm2 import smollm2_dir
+
+    folder = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    data = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    class Sequential(DPOTrainer):
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+
+    with tempfile.TemporaryDirectory() as out:
+        config = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
+                           max_steps=args.steps, learning_rate=5e-6, beta=0.1, max_length=args.max_length,
+                           logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                           gradient_checkpointing=False, dataloader_num_workers=0, seed=0)
+        trainer = Sequential(model=model, ref_model=ref, args=config, train_dataset=data, processing_class=tokenizer,
+                             callbacks=[Timer()])
+        trainer.train()
+    first = trainer.state.log_history[0]
+    return {"step_times": times, "prepass_s": 0.0,
+            "first_logps_chosen": first.get("logps/chosen"), "first_logps_rejected": first.get("logps/rejected"),
+            "first_loss": first.get("loss")}
+
+
+def worker_alignkit(args, rows: list[dict]) -> dict:
+    import alignkit.trainers.common as common
+    import alignkit.trainers.preference as preference
+    from alignkit.run import train_from_overrides
+
+    marks: dict[str, float] = {}
+    original_precompute, original_begin = preference.precompute, common.begin
+
+    def timed_precompute(*a, **k):
+        start = time.perf_counter()
+        try:
+            return original_precompute(*a, **k)
+        finally:
+            marks["prepass_s"] = time.perf_counter() - start
+
+    def timed_begin(*a, **k):
+        done = original_begin(*a, **k)
+        marks["loop_start"] = time.time()
+        return done
+
+    preference.precompute, common.begin = timed_precompute, timed_begin
+    with tempfile.TemporaryDirectory() as out:
+        data_file = Path(out) / "pairs.jsonl"
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.steps * args.batch]))
+        code = train_from_overrides([
+            "recipe=dpo_smollm2", f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch}",
+            f"trainer.micro_batch_size={args.batch}", "trainer.eval_every=0", "trainer.export=false",
+            "trainer.warmup_steps=0", "trainer.lr=5e-6", "trainer.scheduler=constant", f"data.layout={args.layout}",
+            f"trainer.reference={args.reference}", f"data.train=[{{path: {data_file}}}]", "data.eval=[]",
+            "data.max_length=256", f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
+            f"trainer.reference_cache_dir={out}/ref",
+        ])
+        assert code == 0
+        records = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    stamps = [marks["loop_start"]] + [r["time"] for r in train]
+    return {"step_times": [b - a for a, b in zip(stamps, stamps[1:])], "prepass_s": marks.get("prepass_s", 0.0),
+            "first_logps_chosen": train[0]["logps/chosen"], "first_logps_rejected": train[0]["logps/rejected"],
+            "first_loss": train[0]["loss"]}
+
+
+def count_tokens(rows: list[dict], steps: int, batch: int) -> float:
+    """Non-pad tokens per step: prompt+chosen and prompt+rejected, with SmolLM2's chat template."""
+    from transformers import AutoTokenizer
+
+    from alignkit.models.smollm2 import smollm2_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir())
+    total = 0
+    for r in rows[: steps * batch]:
+        for key in ("chosen", "rejected"):
+            total += len(tokenizer.apply_chat_template(r["prompt"] + r[key], tokenize=True))
+    return total / steps
+
+
+def run_worker(tool: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", tool, "--steps", str(args.steps), "--batch", str(args.batch),
+           "--max-length", str(args.max_length), "--layout", args.layout, "--reference", args.reference]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{tool} worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
+    parser.add_argument("--reference", default="precomputed", choices=["precomputed", "separate"])
+    parser.add_argument("--worker", choices=["trl", "alignkit"])
+    args = parser.parse_args()
+    rows = bench_rows(args.steps, args.batch, seed=0)
+    if args.worker:
+        result = (worker_trl if args.worker == "trl" else worker_alignkit)(args, rows)
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps(result))
+        return
+
+    import torch
+
+    from alignkit.models.smollm2 import smollm2_dir
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_dir())).parameters())
+    tokens = count_tokens(rows, args.steps, args.batch)
+    peak = matmul_peak_gflops()
+    print(f"model {params / 1e6:.1f} M params, {tokens:.0f} non-pad tokens/step, fp32 matmul peak {peak:.1f} GFLOP/s, "
+          f"torch threads {torch.get_num_threads()}")
+    results: dict[str, list[dict]] = {"trl": [], "alignkit": []}
+    for repeat in range(args.repeats):
+        for tool in ("trl", "alignkit"):
+            results[tool].append(run_worker(tool, args))
+            r = results[tool][-1]
+            print(f"  repeat {repeat + 1} {tool:<8} steps {[round(t, 2) for t in r['step_times']]} "
+                  f"prepass {r['prepass_s']:.1f}s rss {r['peak_rss_gb']:.2f} GB", flush=True)
+    summary = {}
+    for tool, runs in results.items():
+        per_step = [statistics.median(r["step_times"][1:] or r["step_times"]) + r["prepass_s"] / args.steps
+                    for r in runs]
+        s = statistics.median(per_step)
+        summary[tool] = {
+            "s_per_step": s, "spread": (min(per_step), max(per_step)), "pairs_per_s": args.batch / s,
+            "tokens_per_s": tokens / s, "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
+            "mfu": 8 * params * tokens / s / (peak * 1e9),
+            "first_logps": (runs[0]["first_logps_chosen"], runs[0]["first_logps_rejected"]),
+            "first_loss": runs[0]["first_loss"],
+        }
+    print(f"\n{'':<10}{'s/step':>16}{'pairs/s':>10}{'tok/s':>9}{'RSS GB':>8}{'MFU':>7}  first-step logps (chosen, rejected), loss")
+    for tool, m in summary.items():
+        lo, hi = m["spread"]
+        print(f"{tool:<10}{m['s_per_step']:>7.2f} [{lo:.2f}-{hi:.2f}]{m['pairs_per_s']:>10.3f}{m['tokens_per_s']:>9.1f}"
+              f"{m['peak_rss_gb']:>8.2f}{m['mfu']:>7.1%}  {m['first_logps']}, {m['first_loss']}")
+    a, t = summary["alignkit"], summary["trl"]
+    print(f"\nalignkit / TRL: {a['pairs_per_s'] / t['pairs_per_s']:.2f}x pairs/s, "
+          f"{a['peak_rss_gb'] / t['peak_rss_gb']:.2f}x peak RSS")
+
+
+if __name__ == "__main__":
+    main()
