@@ -10,7 +10,9 @@ Saving (every rank calls ``save_checkpoint``):
    is always complete), then rewrites ``latest`` atomically (temp file + ``os.replace``), then
    deletes the oldest ``step-*`` beyond ``keep_last``; barrier.
 
-A crash at any point leaves the previous ``step-*`` and ``latest`` untouched. The run directory
+A crash at any point leaves the previous ``step-*`` and ``latest`` untouched. Frozen parameters
+(a LoRA model's base weights) are not saved: a resumed run reloads them from the model source, so
+a LoRA checkpoint holds only adapters, optimizer state and RNG. The run directory
 must be on a filesystem every node sees (rank 0 renames the directory all ranks wrote into).
 
 RNG states are JSON (no pickle). ``load_checkpoint`` restores this rank's RNG if the file exists
@@ -104,6 +106,11 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def has_frozen_parameters(engine) -> bool:
+    """True for e.g. LoRA: frozen base weights are left out of checkpoints (the model source restores them)."""
+    return any(not p.requires_grad for p in engine.module.parameters())
+
+
 # --- save ------------------------------------------------------------------------------------------
 
 
@@ -130,7 +137,11 @@ def save_checkpoint(
     _barrier()
 
     engine.save_checkpoint(
-        str(root), tag=tmp_tag, client_state={_CLIENT_KEY: dict(client_state)}, save_latest=False
+        str(root),
+        tag=tmp_tag,
+        client_state={_CLIENT_KEY: dict(client_state)},
+        save_latest=False,
+        exclude_frozen_parameters=has_frozen_parameters(engine),
     )
     rng_dir = root / tmp_tag / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
@@ -210,7 +221,11 @@ def load_checkpoint(engine, path: str | os.PathLike) -> dict[str, Any]:
     """Load model, optimizer, scheduler and this rank's RNG from ``path`` (a ``step-N`` dir); return client_state."""
     path = Path(path)
     load_path, client_state = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        str(path.parent),
+        tag=path.name,
+        load_module_strict=not has_frozen_parameters(engine),
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
     )
     if load_path is None:
         raise UserError(

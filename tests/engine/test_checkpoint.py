@@ -28,13 +28,16 @@ def dist():
     return setup_distributed()
 
 
-def make_engine(stage=0, dropout=0.1, steps=6):
+def make_engine(stage=0, dropout=0.1, steps=6, lora=False):
     ds = build_train_ds_config(
         DeepSpeedConfig(zero_stage=stage, dtype="fp32"), micro_batch_size=2, grad_accum_steps=1, world_size=1
     )
-    return init_train_engine(
-        tiny_model(dropout=dropout), ds, lr=1e-2, warmup_steps=1, total_steps=steps, scheduler="linear"
-    )
+    model = tiny_model(dropout=dropout)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return init_train_engine(model, ds, lr=1e-2, warmup_steps=1, total_steps=steps, scheduler="linear")
 
 
 def train(engine, start, stop):
@@ -124,17 +127,21 @@ def test_crash_between_save_and_rename_keeps_previous_checkpoint(tmp_path, monke
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-2"]
 
 
-@pytest.mark.parametrize("stage", [0, 3])
-def test_exact_resume_in_a_fresh_engine(tmp_path, stage):
+@pytest.mark.parametrize("stage, lora", [(0, False), (3, False), (0, True), (3, True)])
+def test_exact_resume_in_a_fresh_engine(tmp_path, stage, lora):
     """Train 2 steps, save, train 2 more; a fresh engine loading the checkpoint repeats the last 2 exactly."""
-    engine = make_engine(stage)
+    engine = make_engine(stage, lora=lora)
     torch.manual_seed(1)
     train(engine, 0, 2)
-    ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, keep_last=1)
+    path = ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, keep_last=1)
     expected_losses = train(engine, 2, 4)
     expected = weights(engine)
+    if lora and stage == 0:  # frozen base weights stay out of the checkpoint: adapters only
+        saved = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        frozen = [n for n, p in engine.module.named_parameters() if not p.requires_grad]
+        assert frozen and not set(frozen) & set(saved) and any("lora_" in n for n in saved)
 
-    fresh = make_engine(stage)
+    fresh = make_engine(stage, lora=lora)
     torch.manual_seed(12345)  # a different RNG: dropout masks only match if the RNG is restored
     assert ckpt.load_checkpoint(fresh, ckpt.find_resume_checkpoint(tmp_path, "auto"))["step"] == 2
     assert train(fresh, 2, 4) == expected_losses
