@@ -200,3 +200,14 @@ def test_gradient_checkpointed_decoder_gives_the_same_grads():
     model.eval()
     naive_grads = grads_of(model, naive_target_logps(model, batch).sum())
     assert_same_grads(fast_grads, naive_grads)
+
+
+def test_bf16_model_with_additive_mask():
+    """The float mask is cast to the model dtype (bf16 here); log-sum-exp still runs in fp32."""
+    model, _ = load_causal_lm(ModelConfig(dtype="bf16"))
+    batch = LAYOUTS["packed"]()
+    with torch.no_grad():
+        fast = run_fast(model, batch, 3)["logps"]
+        naive = naive_target_logps(model, batch)
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
+    torch.testing.assert_close(fast, naive, rtol=0, atol=2e-2)  # bf16 matmuls, blocked differently
