@@ -2,10 +2,11 @@
 
 One path for every ZeRO stage: all ranks gather the full parameters
 (``deepspeed.zero.GatheredParameters``; a no-op below ZeRO-3), rank 0 makes a standalone CPU copy
-of the module (plain parameters, no DeepSpeed hooks), applies the caller's ``prepare`` hook to that
-copy (e.g. merge LoRA: ``alignkit.models`` provides one), and calls ``save_pretrained`` into a temp
-directory that is then renamed to ``out_dir``. The live training module is never modified, so an
-export in the middle of a run is safe.
+of the module (plain parameters, no DeepSpeed hooks), applies the caller's optional ``prepare``
+hook to that copy, and hands it to ``alignkit.models.load.export_pretrained``, which merges LoRA
+(on a copy; or saves the adapter alone with ``merge_lora=False``) and writes a temp folder renamed
+to ``out_dir``. The live training module is never modified, so an export in the middle of a run
+is safe and training continues.
 
 Memory: while gathering, every rank holds the full model once (fine up to ~8B on 80 GB GPUs);
 rank 0 also holds a CPU copy. The copy keeps the engine's dtype (bf16 on GPU, fp32 here).

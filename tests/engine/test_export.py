@@ -92,3 +92,10 @@ def test_export_replaces_an_existing_folder(tmp_path):
     export_hf_model(engine, None, out)
     assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name != "final"]  # no temp folders left behind
+
+
+def test_lora_adapter_alone_when_not_merging(tmp_path):
+    engine = trained_engine(lora_model(), 0)
+    out = export_hf_model(engine, None, tmp_path / "adapter", merge_lora=False)
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "model.safetensors").exists()
