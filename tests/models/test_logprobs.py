@@ -210,4 +210,4 @@ def test_bf16_model_with_additive_mask():
         fast = run_fast(model, batch, 3)["logps"]
         naive = naive_target_logps(model, batch)
     assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
-    torch.testing.assert_close(fast, naive, rtol=0, atol=2e-2)  # bf16 matmuls, blocked differently
+    torch.testing.assert_close(fast, naive, rtol=0, atol=1e-3)  # bf16 matmuls may block differently
