@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -258,6 +258,32 @@ def save(run: Run, engine, step: int, extra: dict | None = None) -> None:
 def should(every: int, step: int, last: int) -> bool:
     """True on every ``every``-th step (1-based) and on the last step."""
     return step == last or (every > 0 and step % every == 0)
+
+
+def after_step(run: Run, engine, step: int, steps: int, metrics: dict[str, float],
+               evaluate: Callable[[], dict[str, float]] | None) -> bool:
+    """Log the step, evaluate when due, checkpoint when due or when a stop was requested.
+
+    Returns True when the run must stop now (SIGINT/SIGTERM on any rank): the checkpoint is saved
+    and the logs closed, so ``resume=auto`` continues exactly from here.
+    """
+    run.log(step, metrics, split="train")
+    if evaluate is not None and should(int(run.cfg.trainer.eval_every), step, steps):
+        run.log(step, evaluate(), split="eval")
+    stop = run.stop_requested()
+    if stop or should(int(run.cfg.trainer.save_every), step, steps):
+        save(run, engine, step)
+    if stop:
+        run.print(f"[yellow]stopped at step {step}[/]; continue with resume=auto")
+        run.finish()
+    return stop
+
+
+def complete(run: Run, engine, tokenizer) -> dict:
+    """End of a run: export the final model, close logs."""
+    export_final(run, engine, tokenizer)
+    run.finish()
+    return {"exit_code": 0}
 
 
 def export_final(run: Run, engine, tokenizer) -> Path | None:

@@ -82,18 +82,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         train_seconds = time.time() - tick - sampled.gen_seconds
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "frac_zero_std_groups": zero_std,
                    "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "lr": lr}
-        run.log(step, common.all_reduce_mean(metrics, run), split="train")
-        if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
-            policy.eval()
-            run.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
-                           split="eval")
-        if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
-            common.save(run, policy, step)
-            if run.stop_requested():
-                return {"exit_code": 0, "stopped": step}
-    common.export_final(run, policy, tokenizer)
-    run.finish()
-    return {"exit_code": 0}
+        if common.after_step(run, policy, step, steps, common.all_reduce_mean(metrics, run),
+                             rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)):
+            return {"exit_code": 0, "stopped": step}
+    return common.complete(run, policy, tokenizer)
 
 
 @torch.no_grad()

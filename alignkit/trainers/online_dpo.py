@@ -74,18 +74,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             meter.add({"loss": loss, **metrics})
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "pairs": float(len(pairs)),
                    "lr": lr, "step_seconds": time.time() - tick}
-        run.log(step, common.all_reduce_mean(metrics, run), split="train")
-        if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
-            policy.eval()
-            run.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
-                           split="eval")
-        if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
-            common.save(run, policy, step)
-            if run.stop_requested():
-                return {"exit_code": 0, "stopped": step}
-    common.export_final(run, policy, tokenizer)
-    run.finish()
-    return {"exit_code": 0}
+        if common.after_step(run, policy, step, steps, common.all_reduce_mean(metrics, run),
+                             rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)):
+            return {"exit_code": 0, "stopped": step}
+    return common.complete(run, policy, tokenizer)
 
 
 def best_vs_worst(sampled: rollout.SampledBatch) -> list:

@@ -17,7 +17,6 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.config.validate import loss_terms
-from alignkit.data.batch import per_token_view
 from alignkit.losses.registry import RolloutLogps, resolve_loss
 from alignkit.trainers import common, rollout
 from alignkit.trainers.reference import forward_logps
@@ -95,18 +94,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 meter.add({"loss": loss, **metrics, "value_loss": v_loss, **{f"value/{k}": v for k, v in v_metrics.items()}})
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean()),
                    "lr": lr, "step_seconds": time.time() - tick}
-        run.log(step, common.all_reduce_mean(metrics, run), split="train")
-        if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
-            actor.eval()
-            run.log(step, rollout.evaluate_generations(run, generator, tokenizer, data.eval, reward_mix),
-                           split="eval")
-        if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
-            common.save(run, actor, step)
-            if run.stop_requested():
-                return {"exit_code": 0, "stopped": step}
-    common.export_final(run, actor, tokenizer)
-    run.finish()
-    return {"exit_code": 0}
+        if common.after_step(run, actor, step, steps, common.all_reduce_mean(metrics, run),
+                             rollout.held_out_reward(run, actor, generator, tokenizer, data.eval, reward_mix)):
+            return {"exit_code": 0, "stopped": step}
+    return common.complete(run, actor, tokenizer)
 
 
 def _value_inputs(batch) -> dict:

@@ -73,18 +73,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         metrics = common.all_reduce_mean(meter.means(), run)
         tokens = common.all_reduce_sum(sum(b.num_real_tokens() for b in batches), run)
         metrics.update(tokens_per_s=tokens / max(time.time() - tick, 1e-9), lr=lr)
-        run.log(step, metrics, split="train")
-        last = steps
-        if common.should(int(cfg.trainer.eval_every), step, last) and data.eval:
-            run.log(step, evaluate(run, policy, reference, objective, data.eval, pad_id), split="eval")
-        if common.should(int(cfg.trainer.save_every), step, last) or run.stop_requested():
-            common.save(run, policy, step)
-            if run.stop_requested():
-                run.print(f"[yellow]stopped at step {step}[/]; resume with resume=auto")
-                return {"exit_code": 0, "stopped": step}
-    common.export_final(run, policy, tokenizer)
-    run.finish()
-    return {"exit_code": 0}
+        evaluation = (lambda: evaluate(run, policy, reference, objective, data.eval, pad_id)) if data.eval else None
+        if common.after_step(run, policy, step, steps, metrics, evaluation):
+            return {"exit_code": 0, "stopped": step}
+    return common.complete(run, policy, tokenizer)
 
 
 def build_reference(cfg, run, policy, objective, data, pad_id):

@@ -75,7 +75,6 @@ class PrecomputedReference:
 
     def logps(self, batch: Batch, with_tokens: bool = False):
         seq = torch.zeros(batch.num_groups, batch.group_size, dtype=torch.float32)
-        token_lists: list[torch.Tensor] = []
         for g, example_id in enumerate(batch.example_ids):
             for k, values in enumerate(self.table[example_id]):
                 seq[g, k] = float(sum(values))

@@ -70,16 +70,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             meter.add({"loss": loss, **metrics})
         metrics = {**common.all_reduce_mean(meter.means(), run), "lr": lr,
                    "step_seconds": time.time() - tick}
-        run.log(step, metrics, split="train")
-        if common.should(int(cfg.trainer.eval_every), step, steps) and data.eval:
-            run.log(step, evaluate(run, engine, objective, data.eval, pad_id), split="eval")
-        if common.should(int(cfg.trainer.save_every), step, steps) or run.stop_requested():
-            common.save(run, engine, step)
-            if run.stop_requested():
-                return {"exit_code": 0, "stopped": step}
-    common.export_final(run, engine, tokenizer)
-    run.finish()
-    return {"exit_code": 0}
+        evaluation = (lambda: evaluate(run, engine, objective, data.eval, pad_id)) if data.eval else None
+        if common.after_step(run, engine, step, steps, metrics, evaluation):
+            return {"exit_code": 0, "stopped": step}
+    return common.complete(run, engine, tokenizer)
 
 
 def _as_inputs(scores: torch.Tensor, batch: Batch) -> SequenceLogps:

@@ -134,6 +134,18 @@ def evaluate_generations(run: common.Run, generator, tokenizer, prompts, reward_
     return meter.reduced(run)
 
 
+def held_out_reward(run: common.Run, engine, generator, tokenizer, prompts, reward_mix):
+    """The evaluation callable of the online runners (None without held-out prompts)."""
+    if not prompts:
+        return None
+
+    def evaluate() -> dict[str, float]:
+        engine.eval()
+        return evaluate_generations(run, generator, tokenizer, prompts, reward_mix)
+
+    return evaluate
+
+
 def seed_for(cfg: DictConfig, run: common.Run, step: int) -> int:
     """Sampling seed of (step, rank): different per rank and step, reproducible on resume."""
     return int(cfg.trainer.seed) * 1_000_003 + step * run.world + run.rank

@@ -1,0 +1,92 @@
+#!/usr/bin/env python
+"""Write a recipe card (recipes/<recipe>.md + a plot) from a finished run, so every number is measured.
+
+    python scripts/write_card.py runs/demo-dpo_smollm2 [--command "alignkit train recipe=dpo_smollm2"]
+
+Reads the run's config.yaml, metrics.jsonl and (if ``alignkit eval`` ran) eval/eval.json, and writes
+the held-out metrics at the first and last evaluation, the training reward/loss at the start and
+end (mean and spread over the first/last 10 steps), the wall time, and the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KEYS_EVAL = ["rewards/accuracy", "rewards/margin", "loss", "reward/mean", "reward/accuracy", "reward/format",
+             "reward/concise", "response_length"]
+KEYS_TRAIN = ["loss", "rewards/accuracy", "rewards/margin", "reward/mean", "kl", "response_length", "clip_fraction"]
+
+
+def spread(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run_dir")
+    parser.add_argument("--command", default=None)
+    args = parser.parse_args()
+    run = Path(args.run_dir)
+    import yaml
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    recipe = cfg.get("recipe") or run.name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval"]
+    wall = train[-1]["time"] - (run / "config.yaml").stat().st_mtime if train else 0.0
+    overrides = (run / "overrides.txt").read_text().split() if (run / "overrides.txt").exists() else []
+    command = args.command or "alignkit train " + " ".join(o for o in overrides if not o.startswith(("output_dir", "run_name")))
+    lines = [f"# {recipe}", "", cfg.get("description", ""), "", "## Recorded run", "",
+             "```bash", command, f"alignkit eval RUN_DIR   # held-out accuracy, judge score, win-rate vs the start",
+             "```", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, fp32, 1 process "
+             f"(DeepSpeed ZeRO-{cfg['deepspeed']['zero_stage']}); wall time {wall / 60:.1f} min for "
+             f"{len(train)} optimizer steps (model load and reference pre-pass included).", ""]
+    if evals:
+        first, last = evals[0], evals[-1]
+        lines += ["### Held-out evaluation", "", f"| metric | step {first['step']} | step {last['step']} |", "|---|---|---|"]
+        for key in KEYS_EVAL:
+            if key in first:
+                lines.append(f"| {key} | {first[key]:.3f} | {last[key]:.3f} |")
+        lines.append("")
+    window = min(10, max(1, len(train) // 2))
+    lines += [f"### Training (mean ± std over the first / last {window} steps)", "", "| metric | first | last |", "|---|---|---|"]
+    for key in KEYS_TRAIN:
+        head = [r[key] for r in train[:window] if key in r]
+        tail = [r[key] for r in train[-window:] if key in r]
+        if head:
+            lines.append(f"| {key} | {spread(head)} | {spread(tail)} |")
+    lines.append("")
+    eval_json = run / "eval" / "eval.json"
+    if eval_json.exists():
+        result = json.loads(eval_json.read_text())
+        lines += ["### `alignkit eval` against the starting model", "", "| metric | value |", "|---|---|"]
+        for key in ("preference_accuracy", "likelihood_accuracy", "judge_score", "baseline_judge_score", "win_rate",
+                    "pairs", "prompts"):
+            if key in result:
+                lines.append(f"| {key} | {result[key]:.3f} |")
+        lines.append("")
+    png = run / "report" / "metrics.png"
+    if png.exists():
+        target = ROOT / "recipes" / "cards" / f"{recipe}.png"
+        target.parent.mkdir(exist_ok=True)
+        shutil.copy(png, target)
+        lines += [f"![metrics](cards/{recipe}.png)", ""]
+    (ROOT / "recipes" / f"{recipe}.md").write_text("\n".join(lines))
+    print(f"wrote recipes/{recipe}.md")
+
+
+if __name__ == "__main__":
+    main()
