@@ -90,7 +90,8 @@ class RewardConfig:
 
     fns: list[str] = field(default_factory=lambda: ["judge"])
     weights: list[float] = field(default_factory=list)  # empty = all 1.0
-    model: Optional[str] = None  # path of a trained reward model (recipe=rm_*), added to the rule rewards
+    model: Optional[str] = None  # folder of a trained reward model (recipe=rm_* exports one), added to the rule rewards
+    model_weight: float = 1.0
 
 
 @dataclass

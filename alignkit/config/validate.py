@@ -8,6 +8,7 @@ divides into micro-batches across processes, the reference strategy fits the los
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -125,6 +126,11 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
     from alignkit.rl.advantages import GRPO_SCALES, resolve_advantage
     from alignkit.rl.kl import validate_kl_estimator
 
+    if not cfg.reward.fns and not cfg.reward.model:
+        raise ConfigError("no reward source: set reward.fns (e.g. [judge]) and/or reward.model (a reward-model folder).")
+    if cfg.reward.model and not (Path(cfg.reward.model) / "config.json").is_file():
+        raise ConfigError(f"reward.model={cfg.reward.model!r} is not a model folder (no config.json); give the final/ "
+                          "folder of a reward-model run (recipe=rm_*).")
     for name in cfg.reward.fns:
         resolve_reward(name)
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.fns):

@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,7 +108,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def has_frozen_parameters(engine) -> bool:
-    """True for e.g. LoRA: frozen base weights are left out of checkpoints (the model source restores them)."""
+    """True for e.g. LoRA: frozen base weights stay out of checkpoints (the model source restores them)."""
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
@@ -120,12 +121,15 @@ def save_checkpoint(
     step: int,
     client_state: dict[str, Any],
     keep_last: int,
+    *,
+    extra_engines: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save an exact-resume checkpoint of ``engine`` at optimizer step ``step``; every rank must call it.
 
     ``client_state`` is the trainer's own state (epoch, batches consumed, metrics, ...); it comes
     back from ``load_checkpoint``. ``keep_last`` >= 1 keeps that many newest checkpoints, 0 keeps all.
-    Returns ``RUN_DIR/checkpoints/step-N``.
+    ``extra_engines`` (e.g. ``{"critic": critic}``) are saved in the same checkpoint, each in an
+    ``engine-NAME`` subfolder, and committed by the same rename. Returns ``RUN_DIR/checkpoints/step-N``.
     """
     root = checkpoints_root(run_dir)
     tmp_tag = f"{_TMP_PREFIX}{step}"
@@ -136,13 +140,9 @@ def save_checkpoint(
                 shutil.rmtree(leftover, ignore_errors=True)
     _barrier()
 
-    engine.save_checkpoint(
-        str(root),
-        tag=tmp_tag,
-        client_state={_CLIENT_KEY: dict(client_state)},
-        save_latest=False,
-        exclude_frozen_parameters=has_frozen_parameters(engine),
-    )
+    _save_engine(engine, root, tmp_tag, client_state={_CLIENT_KEY: dict(client_state)})
+    for name, extra in (extra_engines or {}).items():
+        _save_engine(extra, root / tmp_tag, _extra_tag(name), client_state={})
     rng_dir = root / tmp_tag / "rng"
     rng_dir.mkdir(parents=True, exist_ok=True)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -157,6 +157,38 @@ def save_checkpoint(
         _prune(root, keep_last, protect=final)
     _barrier()
     return final
+
+
+def _extra_tag(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"extra engine name {name!r} must be a plain folder name")
+    return f"engine-{name}"
+
+
+def _save_engine(engine, save_dir: Path, tag: str, client_state: dict[str, Any]) -> None:
+    engine.save_checkpoint(
+        str(save_dir),
+        tag=tag,
+        client_state=client_state,
+        save_latest=False,
+        exclude_frozen_parameters=has_frozen_parameters(engine),
+    )
+
+
+def _load_engine(engine, load_dir: Path, tag: str) -> dict[str, Any]:
+    load_path, client_state = engine.load_checkpoint(
+        str(load_dir),
+        tag=tag,
+        load_module_strict=not has_frozen_parameters(engine),
+        load_optimizer_states=True,
+        load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise UserError(
+            f"Checkpoint {load_dir / tag} could not be loaded by DeepSpeed (missing or incomplete files). "
+            "Pick another one with resume=PATH, or start fresh with resume=null."
+        )
+    return client_state or {}
 
 
 def _commit(tmp: Path, final: Path) -> None:
@@ -217,21 +249,17 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str | None) -> Pa
     )
 
 
-def load_checkpoint(engine, path: str | os.PathLike) -> dict[str, Any]:
-    """Load model, optimizer, scheduler and this rank's RNG from ``path`` (a ``step-N`` dir); return client_state."""
+def load_checkpoint(
+    engine, path: str | os.PathLike, *, extra_engines: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Load model, optimizer, scheduler, this rank's RNG from ``path`` (``step-N``); return client_state.
+
+    ``extra_engines`` must name the same engines that ``save_checkpoint`` was given.
+    """
     path = Path(path)
-    load_path, client_state = engine.load_checkpoint(
-        str(path.parent),
-        tag=path.name,
-        load_module_strict=not has_frozen_parameters(engine),
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
-    if load_path is None:
-        raise UserError(
-            f"Checkpoint {path} could not be loaded by DeepSpeed (missing or incomplete files). Pick another "
-            "one with resume=PATH, or start fresh with resume=null."
-        )
+    client_state = _load_engine(engine, path.parent, path.name)
+    for name, extra in (extra_engines or {}).items():
+        _load_engine(extra, path, _extra_tag(name))
     rng_file = path / "rng" / f"rank-{_rank()}.json"
     if rng_file.is_file():
         restore_rng_state(json.loads(rng_file.read_text())["state"])
@@ -239,4 +267,4 @@ def load_checkpoint(engine, path: str | os.PathLike) -> dict[str, Any]:
         log.warning(
             "No RNG state for rank %d in %s (different world size?); keeping the current RNG.", _rank(), path
         )
-    return dict((client_state or {}).get(_CLIENT_KEY, {}))
+    return dict(client_state.get(_CLIENT_KEY, {}))

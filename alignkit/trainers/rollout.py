@@ -33,10 +33,56 @@ class SampledBatch:
 
 
 def build_reward_mix(cfg: DictConfig):
+    """Rule rewards by name (``reward.fns``) plus, with ``reward.model``, a trained reward model."""
     from alignkit.rewards.registry import RewardMix
 
-    weights = list(cfg.reward.weights) or [1.0] * len(cfg.reward.fns)
-    return RewardMix(list(cfg.reward.fns), weights)
+    mix = None
+    if cfg.reward.fns:
+        mix = RewardMix(list(cfg.reward.fns), list(cfg.reward.weights) or [1.0] * len(cfg.reward.fns))
+    model = ModelReward(cfg) if cfg.reward.model else None
+    return CombinedReward(mix, model, float(cfg.reward.model_weight))
+
+
+class ModelReward:
+    """Scores (prompt ids, completion ids) with a reward model exported by ``recipe=rm_*``."""
+
+    def __init__(self, cfg: DictConfig):
+        from alignkit.models.load import load_reward_model
+        from alignkit.trainers.reward import RewardScorer
+
+        model_cfg = OmegaConf.to_object(cfg.model)
+        model_cfg.name_or_path, model_cfg.lora.r = str(cfg.reward.model), 0
+        model, tokenizer = load_reward_model(model_cfg)
+        self.scorer, self.pad_id, self.cfg = RewardScorer(model.eval()), tokenizer.pad_token_id, cfg
+
+    @torch.no_grad()
+    def __call__(self, groups: list[TokenizedGroup]) -> list[float]:
+        from alignkit.trainers.reward import score_batch
+
+        scores = []
+        for i in range(0, len(groups), 4):
+            batch = common.collate_groups(groups[i : i + 4], self.cfg, self.pad_id)
+            values = score_batch(self.scorer, batch)
+            scores += values[batch.slot_mask].tolist()
+        return scores
+
+
+class CombinedReward:
+    """``total = rule mix + model_weight * reward model``; parts reported per source."""
+
+    def __init__(self, mix, model: ModelReward | None, model_weight: float):
+        self.mix, self.model, self.model_weight = mix, model, model_weight
+
+    def __call__(self, groups, prompt_texts, texts, columns) -> tuple[list[float], dict[str, list[float]]]:
+        total, parts = [0.0] * len(texts), {}
+        if self.mix is not None:
+            total, parts = self.mix(prompt_texts, texts, **columns)
+            total, parts = list(total), dict(parts)
+        if self.model is not None:
+            scores = self.model(groups)
+            parts["model"] = scores
+            total = [t + self.model_weight * s for t, s in zip(total, scores)]
+        return total, parts
 
 
 def prompt_schedule(run: common.Run, prompts: list[TokenizedGroup], step: int) -> list[TokenizedGroup]:
@@ -89,7 +135,7 @@ def sample_groups(
             finished.append(bool(r.finished))
             for key, value in prompt.extra.items():
                 columns.setdefault(key, []).append(value)
-    total, parts = reward_mix(prompt_texts, texts, **columns)
+    total, parts = reward_mix(groups, prompt_texts, texts, columns)
     return SampledBatch(
         groups=groups,
         rewards=torch.as_tensor(total, dtype=torch.float32),

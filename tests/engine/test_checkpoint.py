@@ -150,6 +150,23 @@ def test_exact_resume_in_a_fresh_engine(tmp_path, stage, lora):
         assert torch.equal(got[name], value), name
 
 
+def test_extra_engines_share_the_checkpoint(tmp_path):
+    """An actor and a critic (PPO) saved together, resumed together, both exactly."""
+    actor, critic = make_engine(0), make_engine(2, dropout=0.0)
+    torch.manual_seed(1)
+    train(actor, 0, 2), train(critic, 0, 2)
+    path = ckpt.save_checkpoint(actor, tmp_path, 2, {"step": 2}, keep_last=1, extra_engines={"critic": critic})
+    assert (path / "engine-critic").is_dir()
+    expected = train(actor, 2, 4), train(critic, 2, 4)
+
+    actor2, critic2 = make_engine(0), make_engine(2, dropout=0.0)
+    torch.manual_seed(12345)
+    assert ckpt.load_checkpoint(actor2, path, extra_engines={"critic": critic2}) == {"step": 2}
+    assert (train(actor2, 2, 4), train(critic2, 2, 4)) == expected
+    with pytest.raises(UserError, match="could not be loaded"):
+        ckpt.load_checkpoint(make_engine(0), path, extra_engines={"value": make_engine(2)})
+
+
 def run_worker(*args):
     env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):

@@ -89,3 +89,25 @@ def test_two_runs_never_share_a_run_dir(tmp_path):
     _run(tmp_path, "recipe=sft_tiny", "trainer.max_steps=1", "trainer.export=false")
     with pytest.raises(UserError, match="already holds a run"):
         _run(tmp_path, "recipe=sft_tiny", "trainer.max_steps=1", "trainer.export=false")
+
+
+def test_reward_model_run_serves_as_reward_source(tmp_path):
+    rm_dir = _run(tmp_path, "recipe=rm_tiny", "trainer.max_steps=2")
+    assert train_from_overrides(["recipe=grpo_tiny", "trainer.max_steps=1", "generation.max_new_tokens=6",
+                                 f"reward.model={rm_dir / 'final'}", "reward.fns=[judge]", "trainer.export=false",
+                                 f"output_dir={tmp_path}", "run_name=grpo"]) == 0
+    row = _metrics(tmp_path / "grpo")[0]
+    assert "reward/model" in row and "reward/judge" in row
+
+
+@pytest.mark.parametrize("recipe, extra", [("dpo_tiny", ["trainer.reference=lora"]),
+                                           ("grpo_tiny", ["loss.beta=0.1", "generation.max_new_tokens=6"]),
+                                           ("sft_tiny", [])])
+def test_lora_training_exports_a_merged_model(tmp_path, recipe, extra):
+    run_dir = _run(tmp_path, f"recipe={recipe}", "trainer.max_steps=2", "model.lora.r=4", *extra)
+    rows = _metrics(run_dir)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert not any("lora" in name for name, _ in model.named_parameters())
