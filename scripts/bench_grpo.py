@@ -1,0 +1,157 @@
+#!/usr/bin/env python
+"""GRPO throughput, alignkit vs TRL's GRPOTrainer, on the same model, prompts, G, lengths and batch.
+
+    python scripts/bench_grpo.py --steps 3 --repeats 2     # SmolLM2-135M-Instruct, fp32, CPU, HF generate
+
+Each repetition runs both in fresh subprocesses, alternating: ``--prompts`` prompts per step x
+``--generations`` samples (G) each, completions of up to ``--max-new-tokens`` tokens, the demo judge
+as the only reward, no KL term (beta 0, no reference model), one optimizer step per generation
+batch, temperature 1. It prints seconds/step (median over repetitions, the first step of each run
+left out as warm-up, the spread shown), completions/s, and the ratio. Both sample, so their
+completions differ; the per-step work is the same by construction (same counts and limits).
+Needs TRL (``bash scripts/setup.sh --bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def prompt_rows(n: int) -> list[dict]:
+    rows = [json.loads(line) for line in (ROOT / "data" / "demo" / "prompts_train.jsonl").read_text().splitlines()]
+    return rows[:n]
+
+
+def worker_trl(args) -> dict:
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from alignkit.models.smollm2 import smollm2_dir
+    from alignkit.rewards.registry import resolve_reward
+
+    judge = resolve_reward("judge")
+
+    def judge_reward(prompts, completions, answer, **_):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return judge([""] * len(texts), texts, answer=answer)
+
+    folder = smollm2_dir()
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, padding_side="left")
+    rows = prompt_rows(args.prompts * args.steps)
+    data = Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in rows])
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+    completions = args.prompts * args.generations
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(output_dir=out, per_device_train_batch_size=completions, gradient_accumulation_steps=1,
+                            num_generations=args.generations, max_completion_length=args.max_new_tokens,
+                            max_steps=args.steps, learning_rate=1e-5, beta=0.0, temperature=1.0, logging_steps=1,
+                            report_to=[], use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False,
+                            dataloader_num_workers=0, seed=0, log_completions=False)
+        trainer = GRPOTrainer(model=model, reward_funcs=judge_reward, args=config, train_dataset=data,
+                              processing_class=tokenizer, callbacks=[Timer()])
+        trainer.train()
+    return {"step_times": times}
+
+
+def worker_alignkit(args) -> dict:
+    import alignkit.trainers.common as common
+    from alignkit.run import train_from_overrides
+
+    marks: dict[str, float] = {}
+    original_begin = common.begin
+
+    def timed_begin(*a, **k):
+        done = original_begin(*a, **k)
+        marks["loop_start"] = time.time()
+        return done
+
+    common.begin = timed_begin
+    with tempfile.TemporaryDirectory() as out:
+        data_file = Path(out) / "prompts.jsonl"
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(args.prompts * args.steps)))
+        code = train_from_overrides([
+            "recipe=grpo_smollm2", f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.prompts}",
+            f"trainer.micro_batch_size={args.prompts}", f"rl.num_generations={args.generations}",
+            f"generation.max_new_tokens={args.max_new_tokens}", "generation.temperature=1.0", "trainer.eval_every=0",
+            "trainer.export=false", "trainer.warmup_steps=0", "trainer.lr=1e-5", "loss.beta=0.0",
+            f"data.train=[{{path: {data_file}}}]", "data.eval=[]", f"data.layout={args.layout}",
+            f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
+        ])
+        assert code == 0
+        records = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    stamps = [marks["loop_start"]] + [r["time"] for r in records if r["split"] == "train"]
+    return {"step_times": [b - a for a, b in zip(stamps, stamps[1:])]}
+
+
+def run_worker(tool: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", tool, "--steps", str(args.steps), "--prompts", str(args.prompts),
+           "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--layout", args.layout]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not lines:
+        raise SystemExit(f"{tool} worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--generations", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
+    parser.add_argument("--worker", choices=["trl", "alignkit"])
+    args = parser.parse_args()
+    if args.worker:
+        result = (worker_trl if args.worker == "trl" else worker_alignkit)(args)
+        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        print(json.dumps(result))
+        return
+    completions = args.prompts * args.generations
+    print(f"{args.prompts} prompts x G={args.generations} = {completions} completions/step, "
+          f"up to {args.max_new_tokens} new tokens, {args.steps} steps x {args.repeats} repeats")
+    results: dict[str, list[dict]] = {"trl": [], "alignkit": []}
+    for repeat in range(args.repeats):
+        for tool in ("trl", "alignkit"):
+            results[tool].append(run_worker(tool, args))
+            r = results[tool][-1]
+            print(f"  repeat {repeat + 1} {tool:<8} steps {[round(t, 2) for t in r['step_times']]} "
+                  f"rss {r['peak_rss_gb']:.2f} GB", flush=True)
+    summary = {}
+    for tool, runs in results.items():
+        per_step = [statistics.median(r["step_times"][1:] or r["step_times"]) for r in runs]
+        s = statistics.median(per_step)
+        summary[tool] = (s, min(per_step), max(per_step), completions / s,
+                         statistics.median(r["peak_rss_gb"] for r in runs))
+    print(f"\n{'':<10}{'s/step':>20}{'completions/s':>15}{'RSS GB':>8}")
+    for tool, (s, lo, hi, cps, rss) in summary.items():
+        print(f"{tool:<10}{s:>8.2f} [{lo:.2f}-{hi:.2f}]{cps:>15.3f}{rss:>8.2f}")
+    print(f"\nalignkit / TRL: {summary['alignkit'][3] / summary['trl'][3]:.2f}x completions/s")
+
+
+if __name__ == "__main__":
+    main()
