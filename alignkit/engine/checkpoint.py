@@ -176,6 +176,12 @@ def _save_engine(engine, save_dir: Path, tag: str, client_state: dict[str, Any])
 
 
 def _load_engine(engine, load_dir: Path, tag: str) -> dict[str, Any]:
+    missing = UserError(
+        f"Checkpoint {load_dir / tag} could not be loaded by DeepSpeed (missing or incomplete files). "
+        "Pick another one with resume=PATH, or start fresh with resume=null."
+    )
+    if not (load_dir / tag).is_dir():
+        raise missing
     load_path, client_state = engine.load_checkpoint(
         str(load_dir),
         tag=tag,
@@ -184,10 +190,7 @@ def _load_engine(engine, load_dir: Path, tag: str) -> dict[str, Any]:
         load_lr_scheduler_states=True,
     )
     if load_path is None:
-        raise UserError(
-            f"Checkpoint {load_dir / tag} could not be loaded by DeepSpeed (missing or incomplete files). "
-            "Pick another one with resume=PATH, or start fresh with resume=null."
-        )
+        raise missing
     return client_state or {}
 
 

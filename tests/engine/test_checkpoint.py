@@ -155,7 +155,9 @@ def test_extra_engines_share_the_checkpoint(tmp_path):
     actor, critic = make_engine(0), make_engine(2, dropout=0.0)
     torch.manual_seed(1)
     train(actor, 0, 2), train(critic, 0, 2)
-    path = ckpt.save_checkpoint(actor, tmp_path, 2, {"step": 2}, keep_last=1, extra_engines={"critic": critic})
+    path = ckpt.save_checkpoint(
+        actor, tmp_path, 2, {"step": 2}, keep_last=1, extra_engines={"critic": critic}
+    )
     assert (path / "engine-critic").is_dir()
     expected = train(actor, 2, 4), train(critic, 2, 4)
 
