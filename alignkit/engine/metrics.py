@@ -132,7 +132,7 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if "console" in self.backends:
-            console().print(format_console_line(step, split, values), highlight=False)
+            console().print(format_console_line(step, split, values), highlight=False, markup=False)
         if self._tensorboard is not None:
             for name, value in values.items():
                 self._tensorboard.add_scalar(f"{split}/{name}", value, step)

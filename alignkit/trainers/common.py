@@ -225,7 +225,7 @@ def frozen_engine(module: torch.nn.Module, cfg: DictConfig):
     return init_frozen_engine(module, build_frozen_ds_config(OmegaConf.to_object(cfg.deepspeed)))
 
 
-def begin(run: Run, engine, steps: int) -> int:
+def begin(run: Run, engine, steps: int, extra_engines: dict | None = None) -> int:
     """Resume if asked (``resume=auto|PATH``), open the metrics log and the progress bar.
 
     Returns the last completed step (0 for a fresh run). Metrics logged after that step by an
@@ -239,7 +239,7 @@ def begin(run: Run, engine, steps: int) -> int:
     path = find_resume_checkpoint(run.run_dir, cfg.resume)
     done = 0
     if path is not None:
-        done = int(load_checkpoint(engine, path).get("step", 0))
+        done = int(load_checkpoint(engine, path, extra_engines=extra_engines).get("step", 0))
         run.print(f"[green]resumed[/] from {path} at step {done}")
     run.logger = MetricsLogger(run.run_dir, backends=tuple(cfg.logger.backends), rank=run.rank,
                                wandb_project=cfg.logger.wandb_project, wandb_mode=cfg.logger.wandb_mode,
@@ -249,10 +249,11 @@ def begin(run: Run, engine, steps: int) -> int:
     return done
 
 
-def save(run: Run, engine, step: int, extra: dict | None = None) -> None:
+def save(run: Run, engine, step: int, extra_engines: dict | None = None) -> None:
     from alignkit.engine.checkpoint import save_checkpoint
 
-    save_checkpoint(engine, run.run_dir, step, {"step": step, **(extra or {})}, keep_last=int(run.cfg.trainer.keep_last))
+    save_checkpoint(engine, run.run_dir, step, {"step": step}, keep_last=int(run.cfg.trainer.keep_last),
+                    extra_engines=extra_engines)
 
 
 def should(every: int, step: int, last: int) -> bool:
@@ -261,7 +262,7 @@ def should(every: int, step: int, last: int) -> bool:
 
 
 def after_step(run: Run, engine, step: int, steps: int, metrics: dict[str, float],
-               evaluate: Callable[[], dict[str, float]] | None) -> bool:
+               evaluate: Callable[[], dict[str, float]] | None, extra_engines: dict | None = None) -> bool:
     """Log the step, evaluate when due, checkpoint when due or when a stop was requested.
 
     Returns True when the run must stop now (SIGINT/SIGTERM on any rank): the checkpoint is saved
@@ -272,7 +273,7 @@ def after_step(run: Run, engine, step: int, steps: int, metrics: dict[str, float
         run.log(step, evaluate(), split="eval")
     stop = run.stop_requested()
     if stop or should(int(run.cfg.trainer.save_every), step, steps):
-        save(run, engine, step)
+        save(run, engine, step, extra_engines)
     if stop:
         run.print(f"[yellow]stopped at step {step}[/]; continue with resume=auto")
         run.finish()
@@ -287,23 +288,16 @@ def complete(run: Run, engine, tokenizer) -> dict:
 
 
 def export_final(run: Run, engine, tokenizer) -> Path | None:
-    """Write ``run_dir/final``: a transformers-loadable model + tokenizer (LoRA merged if asked)."""
+    """Write ``run_dir/final``: a transformers-loadable model + tokenizer (LoRA merged unless
+    ``trainer.merge_lora=false``, which saves the adapter alone)."""
     if not run.cfg.trainer.export:
         return None
     from alignkit.engine.export import export_hf_model
 
     out = run.run_dir / "final"
-    prepare = None
-    if int(run.cfg.model.lora.r) > 0 and run.cfg.trainer.merge_lora:
-        prepare = _merge_lora
-    export_hf_model(engine, tokenizer, out, prepare=prepare)
+    export_hf_model(engine, tokenizer, out, merge_lora=bool(run.cfg.trainer.merge_lora))
     run.print(f"[green]model exported[/] to {out}")
     return out
-
-
-def _merge_lora(model: torch.nn.Module) -> torch.nn.Module:
-    merge = getattr(model, "merge_and_unload", None)
-    return merge() if callable(merge) else model
 
 
 def hf_model(engine) -> torch.nn.Module:
