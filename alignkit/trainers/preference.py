@@ -64,7 +64,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             kl_batch = _mismatched(chunk, cfg, pad_id, run) if objective.needs_kl_pairs else None
             seq = sequence_logps(policy, reference, batch, objective, need_tokens, kl_batch)
             loss, metrics = objective(seq)
-            bad = _nonfinite(loss)
+            bad = _nonfinite(loss, run)
             if bad and cfg.trainer.on_nonfinite == "stop":
                 return _stop_nonfinite(run, step, bad)
             scale = token_share[i] if token_share else 1.0
@@ -192,8 +192,11 @@ def _token_shares(batches: list[Batch], run) -> list[float]:
     return [c * len(batches) * run.world / max(total, 1.0) for c in counts]
 
 
-def _nonfinite(loss: torch.Tensor) -> str | None:
-    return None if torch.isfinite(loss).all() else "loss"
+def _nonfinite(loss: torch.Tensor, run) -> str | None:
+    """"loss" when the loss is NaN/inf on any rank (all ranks then stop or skip together)."""
+    from alignkit.engine.faults import any_rank
+
+    return "loss" if any_rank(not bool(torch.isfinite(loss).all())) else None
 
 
 def _stop_nonfinite(run, step: int, tensor: str) -> dict:
