@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,13 +47,21 @@ def matmul_peak_gflops(size: int = 1024, seconds: float = 3.0) -> float:
     return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def bench_rows(steps: int, batch: int, seed: int) -> list[dict]:
-    """The pairs the run will see, in alignkit's step order (TRL then reads them sequentially)."""
+def bench_rows(steps: int, batch: int) -> list[dict]:
+    """The pairs of the run in the order both tools will see them (TRL reads them sequentially)."""
+    rows = [json.loads(line) for line in (ROOT / "data" / "demo" / "paired_train.jsonl").read_text().splitlines()]
+    return rows[: steps * batch]
+
+
+def alignkit_file_order(rows: list[dict], batch: int, seed: int = 0) -> list[dict]:
+    """Arrange ``rows`` so that alignkit's seeded step schedule visits them in the given order."""
     from alignkit.trainers.common import step_groups
 
-    rows = [json.loads(line) for line in (ROOT / "data" / "demo" / "paired_train.jsonl").read_text().splitlines()]
-    order = [i for s in range(steps) for i in step_groups(len(rows), s, batch, seed)]
-    return [rows[i] for i in order]
+    order = [i for s in range(len(rows) // batch) for i in step_groups(len(rows), s, batch, seed)]
+    arranged: list[dict] = [{}] * len(rows)
+    for position, index in enumerate(order):
+        arranged[index] = rows[position]
+    return arranged
 
 
 def worker_trl(args, rows: list[dict]) -> dict:
@@ -97,12 +106,11 @@ def worker_trl(args, rows: list[dict]) -> dict:
 
 
 def worker_alignkit(args, rows: list[dict]) -> dict:
-    import alignkit.trainers.common as common
     import alignkit.trainers.preference as preference
     from alignkit.run import train_from_overrides
 
-    marks: dict[str, float] = {}
-    original_precompute, original_begin = preference.precompute, common.begin
+    marks = bench_common.time_alignkit_loop()
+    original_precompute = preference.precompute
 
     def timed_precompute(*a, **k):
         start = time.perf_counter()
@@ -111,15 +119,10 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
         finally:
             marks["prepass_s"] = time.perf_counter() - start
 
-    def timed_begin(*a, **k):
-        done = original_begin(*a, **k)
-        marks["loop_start"] = time.time()
-        return done
-
-    preference.precompute, common.begin = timed_precompute, timed_begin
+    preference.precompute = timed_precompute
     with tempfile.TemporaryDirectory() as out:
         data_file = Path(out) / "pairs.jsonl"
-        data_file.write_text("".join(json.dumps(r) + "\n" for r in rows[: args.steps * args.batch]))
+        data_file.write_text("".join(json.dumps(r) + "\n" for r in alignkit_file_order(rows, args.batch)))
         code = train_from_overrides([
             "recipe=dpo_smollm2", f"trainer.max_steps={args.steps}", f"trainer.batch_size={args.batch}",
             f"trainer.micro_batch_size={args.batch}", "trainer.eval_every=0", "trainer.export=false",
@@ -129,12 +132,10 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
             f"trainer.reference_cache_dir={out}/ref",
         ])
         assert code == 0
-        records = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["split"] == "train"]
-    stamps = [marks["loop_start"]] + [r["time"] for r in train]
-    return {"step_times": [b - a for a, b in zip(stamps, stamps[1:])], "prepass_s": marks.get("prepass_s", 0.0),
-            "first_logps_chosen": train[0]["logps/chosen"], "first_logps_rejected": train[0]["logps/rejected"],
-            "first_loss": train[0]["loss"]}
+        times, first = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
+    return {"step_times": times, "prepass_s": marks.get("prepass_s", 0.0),
+            "first_logps_chosen": first["logps/chosen"], "first_logps_rejected": first["logps/rejected"],
+            "first_loss": first["loss"]}
 
 
 def count_tokens(rows: list[dict], steps: int, batch: int) -> float:
@@ -152,14 +153,7 @@ def count_tokens(rows: list[dict], steps: int, batch: int) -> float:
 
 
 def run_worker(tool: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, "--steps", str(args.steps), "--batch", str(args.batch),
-           "--max-length", str(args.max_length), "--layout", args.layout, "--reference", args.reference]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{tool} worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return bench_common.run_worker(__file__, tool, ["--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length), "--layout", args.layout, "--reference", args.reference])
 
 
 def main() -> None:
@@ -172,7 +166,7 @@ def main() -> None:
     parser.add_argument("--reference", default="precomputed", choices=["precomputed", "separate"])
     parser.add_argument("--worker", choices=["trl", "alignkit"])
     args = parser.parse_args()
-    rows = bench_rows(args.steps, args.batch, seed=0)
+    rows = bench_rows(args.steps, args.batch)
     if args.worker:
         result = (worker_trl if args.worker == "trl" else worker_alignkit)(args, rows)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,18 +77,9 @@ def worker_trl(args) -> dict:
 
 
 def worker_alignkit(args) -> dict:
-    import alignkit.trainers.common as common
     from alignkit.run import train_from_overrides
 
-    marks: dict[str, float] = {}
-    original_begin = common.begin
-
-    def timed_begin(*a, **k):
-        done = original_begin(*a, **k)
-        marks["loop_start"] = time.time()
-        return done
-
-    common.begin = timed_begin
+    marks = bench_common.time_alignkit_loop()
     with tempfile.TemporaryDirectory() as out:
         data_file = Path(out) / "prompts.jsonl"
         data_file.write_text("".join(json.dumps(r) + "\n" for r in prompt_rows(args.prompts * args.steps)))
@@ -100,20 +92,12 @@ def worker_alignkit(args) -> dict:
             f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
         ])
         assert code == 0
-        records = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
-    stamps = [marks["loop_start"]] + [r["time"] for r in records if r["split"] == "train"]
-    return {"step_times": [b - a for a, b in zip(stamps, stamps[1:])]}
+        times, _ = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
+    return {"step_times": times}
 
 
 def run_worker(tool: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", tool, "--steps", str(args.steps), "--prompts", str(args.prompts),
-           "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--layout", args.layout]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        raise SystemExit(f"{tool} worker failed:\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return bench_common.run_worker(__file__, tool, ["--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--layout", args.layout])
 
 
 def main() -> None:

@@ -49,7 +49,7 @@ def main() -> None:
     overrides = (run / "overrides.txt").read_text().split() if (run / "overrides.txt").exists() else []
     command = args.command or "alignkit train " + " ".join(o for o in overrides if not o.startswith(("output_dir", "run_name")))
     lines = [f"# {recipe}", "", cfg.get("description", ""), "", "## Recorded run", "",
-             "```bash", command, f"alignkit eval RUN_DIR   # held-out accuracy, judge score, win-rate vs the start",
+             "```bash", command, "alignkit eval RUN_DIR   # held-out accuracy, judge score, win-rate vs the start",
              "```", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, fp32, 1 process "
              f"(DeepSpeed ZeRO-{cfg['deepspeed']['zero_stage']}); wall time {wall / 60:.1f} min for "
