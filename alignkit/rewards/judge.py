@@ -19,15 +19,19 @@ answer), each in [0, 1]:
 correctness dominate: a correct but rambling reply (>= 1.0) beats a wrong reply in the perfect
 format (0.75), which beats rambling without any number (0.0).
 
-What SmolLM2-135M-Instruct (Q4_1 GGUF, its chat template with the default system prompt) does
-on ~20 such prompts, sampled before this design was fixed:
+What SmolLM2-135M-Instruct (Q4_1 GGUF, its chat template with the default system prompt) does,
+sampled before this design was fixed (20 hand-written prompts in several phrasings), then
+re-measured on the shipped prompts:
 
 * greedy: short equations (``7 + 5 = 12``, ``23 + 14 = 37``) or a copied sentence (``The blue key
-  opens door 7.``); the final number is right on about half of the arithmetic prompts (wrong
-  ones: ``12 - 4 = 12``, ``31 + 45 = 108``) and on every fact-copy prompt; it never writes the
-  ``Answer:`` tag, whatever the phrasing (also with an in-prompt example). Judge ~0.8 of 1.75.
+  opens door 7.``); wrong sums are common (``12 - 4 = 12``, ``53 + 54 = 167``); it never writes the
+  ``Answer:`` tag, whatever the phrasing (also with an in-prompt example), though it sometimes
+  ends with ``The answer is: 8``. On the first 40 ``prompts_eval`` rows: accuracy 0.40, format
+  0.15, concise 0.92, judge 0.71 of 1.75 (fact-copy 1.27, arithmetic and word problems ~0.58).
 * sampled at T=1 (full vocabulary, top_p=1): mostly rambling of 20-48 tokens, about 15% correct
-  final numbers, the ``Answer: N`` tag in ~3 of 60 samples, short equations in ~15%. Judge ~0.25.
+  final numbers, the ``Answer: N`` tag in ~3 of 60 samples, short equations in ~15%: judge 0.33
+  on the 60 hand-written samples, 0.32 on 16 samples of shipped prompts (accuracy 0.12, format
+  0.09, concise 0.58), with a wide spread within each prompt's group.
 
 So the starting reward is well above 0 and well below the maximum: conciseness and the
 "single line ending in a number" format level are within reach of the model's own samples
