@@ -46,10 +46,14 @@ def test_script_regenerates_the_committed_files(tmp_path):
 
 
 def test_other_seed_gives_other_data(tmp_path):
-    subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path), "--seed", "1", "--train", "20", "--eval", "5"],
-                   check=True, capture_output=True, timeout=60)
-    assert len((tmp_path / "paired_train.jsonl").read_text().splitlines()) == 20
-    assert (tmp_path / "paired_eval.jsonl").read_text() != "".join((DEMO / "paired_eval.jsonl").read_text().splitlines(True)[:5])
+    texts = {}
+    for seed in (0, 1):
+        out = tmp_path / str(seed)
+        subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--seed", str(seed), "--train", "20", "--eval", "5"],
+                       check=True, capture_output=True, timeout=60)
+        texts[seed] = (out / "paired_train.jsonl").read_text()
+        assert len(texts[seed].splitlines()) == 20
+    assert texts[0] != texts[1]
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
