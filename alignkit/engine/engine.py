@@ -67,15 +67,26 @@ def setup_distributed() -> DistInfo:
     has_cuda = torch.cuda.is_available()
     if not has_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    own_port = False
     if "RANK" not in os.environ:  # started without the DeepSpeed launcher: a world of one
         os.environ.update(
             {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
         )
+        own_port = "MASTER_PORT" not in os.environ
         os.environ.setdefault("MASTER_PORT", str(find_free_port()))
     import deepspeed  # imported late: DS_ACCELERATOR must be set first
 
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo")
+    for attempt in range(5):
+        if torch.distributed.is_initialized():
+            break
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo")
+        except torch.distributed.DistNetworkError:
+            # the free port we picked was taken before the store bound it (another run started at
+            # the same moment): pick another; a port given by the user or the launcher is kept
+            if not own_port or attempt == 4:
+                raise
+            os.environ["MASTER_PORT"] = str(find_free_port())
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if has_cuda:
         torch.cuda.set_device(local_rank)
