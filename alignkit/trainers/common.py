@@ -225,11 +225,14 @@ def frozen_engine(module: torch.nn.Module, cfg: DictConfig):
     return init_frozen_engine(module, build_frozen_ds_config(OmegaConf.to_object(cfg.deepspeed)))
 
 
-def begin(run: Run, engine, steps: int, extra_engines: dict | None = None) -> int:
+def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
+          evaluate: Callable[[], dict[str, float]] | None = None) -> int:
     """Resume if asked (``resume=auto|PATH``), open the metrics log and the progress bar.
 
     Returns the last completed step (0 for a fresh run). Metrics logged after that step by an
-    interrupted run are dropped, so a resumed run's log reads as an uninterrupted one.
+    interrupted run are dropped, so a resumed run's log reads as an uninterrupted one. A fresh run
+    with periodic evaluation is evaluated once before training (logged as step 0), so every run
+    records its held-out metrics before and after.
     """
     from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint
     from alignkit.engine.metrics import MetricsLogger
@@ -245,6 +248,8 @@ def begin(run: Run, engine, steps: int, extra_engines: dict | None = None) -> in
                                wandb_project=cfg.logger.wandb_project, wandb_mode=cfg.logger.wandb_mode,
                                run_name=run.run_dir.name, config=OmegaConf.to_container(cfg, resolve=True),
                                truncate_after=done)
+    if done == 0 and evaluate is not None and int(cfg.trainer.eval_every) > 0:
+        run.log(0, evaluate(), split="eval")
     run.progress = TrainProgress(steps, rank=run.rank, start_step=done).__enter__()
     return done
 

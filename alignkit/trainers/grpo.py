@@ -49,7 +49,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                  steps * mu)
     generator = HFGenerationEngine(common.hf_model(policy), tokenizer)
     reference = rollout.online_reference(cfg, run, policy, float(hparams.get("beta", 0.0)))
-    done = common.begin(run, policy, steps)
+    evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
+    done = common.begin(run, policy, steps, evaluate=evaluation)
 
     for step in range(done + 1, steps + 1):
         tick, lr = time.time(), policy.get_lr()[0]  # the rate this step uses
@@ -83,7 +84,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "frac_zero_std_groups": zero_std,
                    "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "lr": lr}
         if common.after_step(run, policy, step, steps, common.all_reduce_mean(metrics, run),
-                             rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)):
+                             evaluation):
             return {"exit_code": 0, "stopped": step}
     return common.complete(run, policy, tokenizer)
 

@@ -48,7 +48,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
     generator = HFGenerationEngine(common.hf_model(policy), tokenizer)
     reference = rollout.online_reference(cfg, run, policy, beta=1.0 if objective.needs_reference else 0.0)
-    done = common.begin(run, policy, steps)
+    evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
+    done = common.begin(run, policy, steps, evaluate=evaluation)
     round_length = max(1, steps // max(1, int(cfg.rl.rounds)))
     micro, pad_id = int(cfg.trainer.micro_batch_size), tokenizer.pad_token_id
 
@@ -75,7 +76,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "pairs": float(len(pairs)),
                    "lr": lr, "step_seconds": time.time() - tick}
         if common.after_step(run, policy, step, steps, common.all_reduce_mean(metrics, run),
-                             rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)):
+                             evaluation):
             return {"exit_code": 0, "stopped": step}
     return common.complete(run, policy, tokenizer)
 

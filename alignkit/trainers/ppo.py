@@ -49,7 +49,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                  lr=float(cfg.rl.critic_lr))
     generator = HFGenerationEngine(common.hf_model(actor), tokenizer)
     reference = rollout.online_reference(cfg, run, actor, beta=float(cfg.rl.kl_coef))
-    done = common.begin(run, actor, steps, extra_engines={"critic": critic})
+    evaluation = rollout.held_out_reward(run, actor, generator, tokenizer, data.eval, reward_mix)
+    done = common.begin(run, actor, steps, extra_engines={"critic": critic}, evaluate=evaluation)
     pad_id = tokenizer.pad_token_id
 
     for step in range(done + 1, steps + 1):
@@ -95,7 +96,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean()),
                    "lr": lr, "step_seconds": time.time() - tick}
         if common.after_step(run, actor, step, steps, common.all_reduce_mean(metrics, run),
-                             rollout.held_out_reward(run, actor, generator, tokenizer, data.eval, reward_mix),
+                             evaluation,
                              extra_engines={"critic": critic}):
             return {"exit_code": 0, "stopped": step}
     return common.complete(run, actor, tokenizer)

@@ -51,7 +51,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
     pad_id = tokenizer.pad_token_id
     reference = build_reference(cfg, run, policy, objective, data, pad_id)
-    done = common.begin(run, policy, steps)
+    evaluation = (lambda: evaluate(run, policy, reference, objective, data.eval, pad_id)) if data.eval else None
+    done = common.begin(run, policy, steps, evaluate=evaluation)
     need_tokens = objective.needs_token_logps
 
     for step in range(done + 1, steps + 1):
@@ -73,7 +74,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         metrics = common.all_reduce_mean(meter.means(), run)
         tokens = common.all_reduce_sum(sum(b.num_real_tokens() for b in batches), run)
         metrics.update(tokens_per_s=tokens / max(time.time() - tick, 1e-9), lr=lr)
-        evaluation = (lambda: evaluate(run, policy, reference, objective, data.eval, pad_id)) if data.eval else None
         if common.after_step(run, policy, step, steps, metrics, evaluation):
             return {"exit_code": 0, "stopped": step}
     return common.complete(run, policy, tokenizer)

@@ -57,8 +57,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="pairs")
     model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model))
     engine = common.train_engine(RewardScorer(model), cfg, run, steps)
-    done = common.begin(run, engine, steps)
     pad_id = tokenizer.pad_token_id
+    evaluation = (lambda: evaluate(run, engine, objective, data.eval, pad_id)) if data.eval else None
+    done = common.begin(run, engine, steps, evaluate=evaluation)
 
     for step in range(done + 1, steps + 1):
         tick, lr = time.time(), engine.get_lr()[0]  # the rate this step uses
@@ -70,7 +71,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             meter.add({"loss": loss, **metrics})
         metrics = {**common.all_reduce_mean(meter.means(), run), "lr": lr,
                    "step_seconds": time.time() - tick}
-        evaluation = (lambda: evaluate(run, engine, objective, data.eval, pad_id)) if data.eval else None
         if common.after_step(run, engine, step, steps, metrics, evaluation):
             return {"exit_code": 0, "stopped": step}
     return common.complete(run, engine, tokenizer)
