@@ -36,6 +36,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--command", default=None)
+    parser.add_argument("--eval-command", default="alignkit eval RUN_DIR --n 48")
+    parser.add_argument("--note", default="", help="a paragraph appended under the run (what to read into it)")
     args = parser.parse_args()
     run = Path(args.run_dir)
     import yaml
@@ -49,7 +51,7 @@ def main() -> None:
     overrides = (run / "overrides.txt").read_text().split() if (run / "overrides.txt").exists() else []
     command = args.command or "alignkit train " + " ".join(o for o in overrides if not o.startswith(("output_dir", "run_name")))
     lines = [f"# {recipe}", "", cfg.get("description", ""), "", "## Recorded run", "",
-             "```bash", command, "alignkit eval RUN_DIR   # held-out accuracy, judge score, win-rate vs the start",
+             "```bash", command, f"{args.eval_command}   # held-out accuracy, judge score, win-rate vs the start",
              "```", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, fp32, 1 process "
              f"(DeepSpeed ZeRO-{cfg['deepspeed']['zero_stage']}); wall time {wall / 60:.1f} min for "
@@ -84,6 +86,8 @@ def main() -> None:
         target.parent.mkdir(exist_ok=True)
         shutil.copy(png, target)
         lines += [f"![metrics](cards/{recipe}.png)", ""]
+    if args.note:
+        lines += ["### Notes", "", args.note, ""]
     (ROOT / "recipes" / f"{recipe}.md").write_text("\n".join(lines))
     print(f"wrote recipes/{recipe}.md")
 
