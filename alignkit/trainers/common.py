@@ -273,9 +273,9 @@ def after_step(run: Run, engine, step: int, steps: int, metrics: dict[str, float
     Returns True when the run must stop now (SIGINT/SIGTERM on any rank): the checkpoint is saved
     and the logs closed, so ``resume=auto`` continues exactly from here.
     """
-    run.log(step, metrics, split="train")
+    run.log(step, {**metrics, "cpu_time_s": time.process_time()}, split="train")
     if evaluate is not None and should(int(run.cfg.trainer.eval_every), step, steps):
-        run.log(step, evaluate(), split="eval")
+        run.log(step, {**evaluate(), "cpu_time_s": time.process_time()}, split="eval")
     stop = run.stop_requested()
     if stop or should(int(run.cfg.trainer.save_every), step, steps):
         save(run, engine, step, extra_engines)
