@@ -148,7 +148,7 @@ def count_tokens(rows: list[dict], steps: int, batch: int) -> float:
     total = 0
     for r in rows[: steps * batch]:
         for key in ("chosen", "rejected"):
-            total += len(tokenizer.apply_chat_template(r["prompt"] + r[key], tokenize=True))
+            total += len(tokenizer.apply_chat_template(r["prompt"] + r[key], tokenize=True, return_dict=True)["input_ids"])
     return total / steps
 
 
