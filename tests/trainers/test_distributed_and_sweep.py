@@ -18,8 +18,13 @@ def _losses(run_dir: Path, split: str = "train") -> list[float]:
     return [r["loss"] for r in rows if r.get("split") == split]
 
 
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# in-process tests set these in this pytest process; a child must not inherit (and collide with) them
+ENV = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = ENV
     return subprocess.run([*ALIGNKIT, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
 
 
@@ -82,8 +87,7 @@ def test_sigkill_then_resume_is_exact(tmp_path):
     common = ["recipe=dpo_tiny", "trainer.max_steps=5", "trainer.save_every=2", "trainer.eval_every=0",
               f"output_dir={tmp_path}", f"trainer.reference_cache_dir={tmp_path / 'ref'}"]
     assert _cli("train", *common, "run_name=full", cwd=tmp_path).returncode == 0
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*ALIGNKIT, "train", *common, "run_name=cut"], cwd=tmp_path, env=env,
+    proc = subprocess.Popen([*ALIGNKIT, "train", *common, "run_name=cut"], cwd=tmp_path, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     latest = tmp_path / "cut" / "checkpoints" / "latest"
     deadline = time.time() + 600

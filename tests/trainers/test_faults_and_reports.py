@@ -14,7 +14,9 @@ from alignkit.errors import UserError
 from alignkit.run import train_from_overrides
 
 ALIGNKIT = [sys.executable, "-m", "alignkit"]
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# in-process tests set these in this pytest process; a child must not inherit (and collide with) them
+ENV = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def _train_rows(run_dir: Path) -> list[dict]:
