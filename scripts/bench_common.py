@@ -47,3 +47,13 @@ def step_times(loop_start: float, metrics_path) -> tuple[list[float], dict]:
     train = [r for r in records if r["split"] == "train"]
     stamps = [loop_start] + [r["time"] for r in train]
     return [b - a for a, b in zip(stamps, stamps[1:])], train[0]
+
+
+def alternate(tools: tuple[str, ...], repeats: int, run, describe) -> dict[str, list[dict]]:
+    """Run each tool once per repetition, alternating (so load drift hits both alike); print each run."""
+    results: dict[str, list[dict]] = {tool: [] for tool in tools}
+    for repeat in range(repeats):
+        for tool in tools:
+            results[tool].append(run(tool))
+            print(f"  repeat {repeat + 1} {tool:<8} {describe(results[tool][-1])}", flush=True)
+    return results

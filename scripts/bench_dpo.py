@@ -184,13 +184,10 @@ def main() -> None:
     peak = matmul_peak_gflops()
     print(f"model {params / 1e6:.1f} M params, {tokens:.0f} non-pad tokens/step, fp32 matmul peak {peak:.1f} GFLOP/s, "
           f"torch threads {torch.get_num_threads()}")
-    results: dict[str, list[dict]] = {"trl": [], "alignkit": []}
-    for repeat in range(args.repeats):
-        for tool in ("trl", "alignkit"):
-            results[tool].append(run_worker(tool, args))
-            r = results[tool][-1]
-            print(f"  repeat {repeat + 1} {tool:<8} steps {[round(t, 2) for t in r['step_times']]} "
-                  f"prepass {r['prepass_s']:.1f}s rss {r['peak_rss_gb']:.2f} GB", flush=True)
+    results = bench_common.alternate(
+        ("trl", "alignkit"), args.repeats, lambda tool: run_worker(tool, args),
+        lambda r: f"steps {[round(t, 2) for t in r['step_times']]} prepass {r['prepass_s']:.1f}s "
+                  f"rss {r['peak_rss_gb']:.2f} GB")
     summary = {}
     for tool, runs in results.items():
         per_step = [statistics.median(r["step_times"][1:] or r["step_times"]) + r["prepass_s"] / args.steps

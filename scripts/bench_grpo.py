@@ -118,13 +118,9 @@ def main() -> None:
     completions = args.prompts * args.generations
     print(f"{args.prompts} prompts x G={args.generations} = {completions} completions/step, "
           f"up to {args.max_new_tokens} new tokens, {args.steps} steps x {args.repeats} repeats")
-    results: dict[str, list[dict]] = {"trl": [], "alignkit": []}
-    for repeat in range(args.repeats):
-        for tool in ("trl", "alignkit"):
-            results[tool].append(run_worker(tool, args))
-            r = results[tool][-1]
-            print(f"  repeat {repeat + 1} {tool:<8} steps {[round(t, 2) for t in r['step_times']]} "
-                  f"rss {r['peak_rss_gb']:.2f} GB", flush=True)
+    results = bench_common.alternate(
+        ("trl", "alignkit"), args.repeats, lambda tool: run_worker(tool, args),
+        lambda r: f"steps {[round(t, 2) for t in r['step_times']]} rss {r['peak_rss_gb']:.2f} GB")
     summary = {}
     for tool, runs in results.items():
         per_step = [statistics.median(r["step_times"][1:] or r["step_times"]) for r in runs]
