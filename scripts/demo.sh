@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# DeepSpeed JIT-builds small C++ ops on first use; keep the builds with this venv (two checkouts on one
+# machine would otherwise rebuild each other's ~/.cache/torch_extensions copy back and forth)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 run="demo-$(date +%Y%m%d-%H%M%S)"
 args=("$@"); [ ${#args[@]} -eq 0 ] && args=(recipe=dpo_smollm2)

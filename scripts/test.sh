@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
+# DeepSpeed JIT-builds small C++ ops on first use; keep the builds with this venv (two checkouts on one
+# machine would otherwise rebuild each other's ~/.cache/torch_extensions copy back and forth)
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 MARK=(-m "not slow")
 if [ "${1:-}" = "--slow" ]; then MARK=(); shift; fi
