@@ -126,9 +126,9 @@ def refill(run, generator, tokenizer, prompts, reward_mix, sampled, step: int, n
     cfg = run.cfg
     want = len(sampled.groups)
     groups, rewards, parts = _split_groups(sampled, num_samples)
-    keep = [i for i, z in enumerate(zero_std_groups_mask(sampled.rewards, rollout.group_index(sampled.groups)).tolist()) if not z]
-    kept = [i for i in keep]
-    spare = [i for i in range(want) if i not in kept]
+    zero = zero_std_groups_mask(sampled.rewards, rollout.group_index(sampled.groups)).tolist()
+    kept = [i for i in range(want) if not zero[i]]
+    spare = [i for i in range(want) if zero[i]]
     pool = [(groups[i], rewards[i], {k: v[i] for k, v in parts.items()}) for i in kept]
     for round_ in range(1, int(cfg.rl.max_refill_rounds) + 1):
         if len(pool) >= want:
