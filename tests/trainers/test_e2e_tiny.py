@@ -100,14 +100,39 @@ def test_reward_model_run_serves_as_reward_source(tmp_path):
     assert "reward/model" in row and "reward/judge" in row
 
 
+RL_GEN = "generation.max_new_tokens=6"
+
+
 @pytest.mark.parametrize("recipe, extra", [("dpo_tiny", ["trainer.reference=lora"]),
-                                           ("grpo_tiny", ["loss.beta=0.1", "generation.max_new_tokens=6"]),
-                                           ("sft_tiny", [])])
+                                           ("grpo_tiny", ["loss.beta=0.1", RL_GEN]),
+                                           ("sft_tiny", []),
+                                           ("ppo_tiny", [RL_GEN]),
+                                           ("online_dpo_tiny", [RL_GEN]),
+                                           ("rm_tiny", [])])
 def test_lora_training_exports_a_merged_model(tmp_path, recipe, extra):
+    """Only the adapters (and the reward head) train: in the merged export the weights LoRA does not
+    target (embeddings, norms) equal the starting model's, the targeted ones moved, no 'lora' names.
+    The reference is the adapter-disabled base: equal to the policy at step 1 (LoRA B starts at zero),
+    apart from it at step 2 (a policy serving as its own reference would stay at 0)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from alignkit.models.load import load_causal_lm, load_reward_model
+
     run_dir = _run(tmp_path, f"recipe={recipe}", "trainer.max_steps=2", "model.lora.r=4", *extra)
     rows = _metrics(run_dir)
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
-    assert not any("lora" in name for name, _ in model.named_parameters())
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    gap = {"dpo_tiny": "rewards/margin", "online_dpo_tiny": "rewards/margin", "grpo_tiny": "kl", "ppo_tiny": "kl"}
+    if recipe in gap:
+        assert rows[0][gap[recipe]] == 0.0 and abs(rows[1][gap[recipe]]) > 1e-7, rows
+    reward = recipe == "rm_tiny"
+    auto_class, loader = ((AutoModelForSequenceClassification, load_reward_model) if reward
+                          else (AutoModelForCausalLM, load_causal_lm))
+    exported = dict(auto_class.from_pretrained(run_dir / "final").named_parameters())
+    assert not any("lora" in name for name in exported)
+    start = dict(loader({"name_or_path": "tiny"})[0].named_parameters())
+    assert exported.keys() == start.keys()
+    for frozen in ("model.embed_tokens.weight", "model.norm.weight", "model.layers.0.input_layernorm.weight"):
+        assert torch.equal(exported[frozen], start[frozen]), frozen
+    trained = ["model.layers.0.self_attn.q_proj.weight"] + (["score.weight"] if reward else [])
+    for name in trained:
+        assert not torch.allclose(exported[name], start[name]), name
