@@ -8,6 +8,12 @@ hook to that copy, and hands it to ``alignkit.models.load.export_pretrained``, w
 to ``out_dir``. The live training module is never modified, so an export in the middle of a run
 is safe and training continues.
 
+Run folders: the policy (or reward model) goes to ``RUN_DIR/final``; PPO also writes its critic to
+``RUN_DIR/final_critic`` through this same path, with ``prepare=ValueModel.as_token_classifier``
+(a ``*ForTokenClassification`` folder, LoRA always merged, that ``alignkit.models.value.load_value_model``
+loads back). A sibling rather than a sub-folder of ``final``, so each folder is replaced atomically
+on its own and ``final`` stays exactly one model.
+
 Memory: while gathering, every rank holds the full model once (fine up to ~8B on 80 GB GPUs);
 rank 0 also holds a CPU copy. The copy keeps the engine's dtype (bf16 on GPU, fp32 here).
 

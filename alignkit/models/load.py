@@ -224,14 +224,20 @@ def load_causal_lm(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     return _finish(model, tokenizer, cfg, "CAUSAL_LM"), tokenizer
 
 
-def load_reward_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
+def load_reward_model(cfg: ModelConfig, *, per_token: bool = False) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` with one label (a scalar reward).
 
     From a causal-LM folder the decoder is reused and the ``score`` head is new (transformers
     reports it as newly initialised). The score is read at the last non-pad token, so the model's
-    ``pad_token_id`` is set from the tokenizer.
+    ``pad_token_id`` is set from the tokenizer. ``per_token=True`` loads the
+    ``AutoModelForTokenClassification`` twin instead (a value per position: an exported PPO critic).
     """
-    from transformers import AutoModelForSequenceClassification, LlamaForSequenceClassification
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        LlamaForSequenceClassification,
+        LlamaForTokenClassification,
+    )
 
     cfg = as_model_config(cfg)
     source = resolve_source(cfg.name_or_path, cfg.gguf_file)
@@ -242,15 +248,14 @@ def load_reward_model(cfg: ModelConfig) -> tuple[nn.Module, Any]:
             tokenizer,
             dtype=torch_dtype(cfg.dtype),
             attn_implementation=cfg.attn_implementation,
-            model_class=LlamaForSequenceClassification,
+            model_class=LlamaForTokenClassification if per_token else LlamaForSequenceClassification,
             num_labels=1,
         )
     else:
-        model = _from_pretrained(
-            AutoModelForSequenceClassification, source, cfg, "reward model", num_labels=1,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return _finish(model, tokenizer, cfg, "SEQ_CLS"), tokenizer
+        auto_class = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
+        model = _from_pretrained(auto_class, source, cfg, "value model" if per_token else "reward model",
+                                 num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    return _finish(model, tokenizer, cfg, "TOKEN_CLS" if per_token else "SEQ_CLS"), tokenizer
 
 
 def apply_lora(model: nn.Module, lora: LoraConfig, *, task_type: str = "CAUSAL_LM") -> nn.Module:

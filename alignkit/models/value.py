@@ -5,14 +5,19 @@ layers included when it was wrapped) and adds ``value_head: Linear(hidden, 1)``.
 the same inputs as ``TargetLogProbs`` and, given ``target_index``, returns the values at the
 target positions only (``[N]``), the gathering the trainers need; without it, ``[B, L]``.
 ``load_value_model`` builds it from any model source: from a sequence-classification (reward)
-folder the head starts from the reward head's weights, otherwise it starts small and random.
+folder the head starts from the reward head's weights, from a token-classification folder (an
+exported critic) it is that folder's head, otherwise it starts small and random.
 
-Deliberately left out: a transformers ``save_pretrained`` for the critic (it is a training-time
-module; its state lives in the engine's checkpoints) and multi-head values.
+Export: ``as_token_classifier`` turns a critic into a transformers ``*ForTokenClassification`` with
+one label (decoder with LoRA merged, ``score`` = the value head, bias included), which is exactly a
+value per position; ``save_pretrained`` writes it and ``AutoModelForTokenClassification`` or
+``load_value_model`` load it back with the same values. PPO exports its critic this way through the
+actor's export path (``alignkit.engine.export``). Deliberately left out: multi-head values.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -46,13 +51,27 @@ class ValueModel(nn.Module):
         score = getattr(_unwrapped(model), "score", None)
         head = None
         if isinstance(score, nn.Module):
-            weight = _module_weight(score)
-            if weight is not None and weight.shape[0] == 1:
-                head = nn.Linear(weight.shape[1], 1, dtype=weight.dtype)
+            score = _trained_copy(score)
+            if score.weight.shape[0] == 1:
+                head = nn.Linear(score.weight.shape[1], 1, dtype=score.weight.dtype)
                 with torch.no_grad():
-                    head.weight.copy_(weight)
-                    head.bias.zero_()
+                    head.weight.copy_(score.weight)
+                    head.bias.copy_(score.bias if score.bias is not None else torch.zeros(1))
         return cls(backbone, head, seed=seed)
+
+    def as_token_classifier(self) -> nn.Module:
+        """This critic as a transformers ``*ForTokenClassification`` (num_labels=1) sharing its modules,
+        LoRA layers merged into their base weights in place: call it on a copy (the export hook does)."""
+        from transformers import AutoModelForTokenClassification
+
+        backbone = _merge_lora_layers(self.backbone)
+        config = copy.deepcopy(backbone.config)
+        config.num_labels, config.architectures = 1, None
+        with torch.device("meta"):  # the body and head are replaced below; allocate nothing
+            model = AutoModelForTokenClassification.from_config(config)
+        setattr(model, model.base_model_prefix, backbone)
+        model.score = self.value_head
+        return model.eval()
 
     def forward(
         self,
@@ -78,29 +97,44 @@ def _unwrapped(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _module_weight(module: nn.Module) -> torch.Tensor | None:
+def _trained_copy(module: nn.Module) -> nn.Module:
     # peft's modules_to_save wrapper keeps the trained copy in .modules_to_save["default"]
-    weight = getattr(module, "weight", None)
-    if weight is None:
-        trained = getattr(module, "modules_to_save", None)
-        if trained is not None and len(trained):
-            weight = next(iter(trained.values())).weight
-    return weight.detach() if weight is not None else None
+    trained = getattr(module, "modules_to_save", None)
+    return next(iter(trained.values())) if trained is not None and len(trained) else module
 
 
-def _is_reward_folder(name_or_path: str) -> bool:
+def _merge_lora_layers(module: nn.Module) -> nn.Module:
+    """Merge every peft LoRA layer inside ``module`` into its base layer and put the base layer back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, layer in list(module.named_modules()):
+        if isinstance(layer, BaseTunerLayer):
+            layer.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent), child, layer.get_base_layer())
+    return module
+
+
+def _head_kind(name_or_path: str) -> str | None:
+    """``sequence`` (a reward model), ``token`` (an exported critic) or None, from a folder's config."""
     config_path = Path(name_or_path).expanduser() / "config.json"
     if not config_path.is_file():
-        return False
+        return None
     architectures = json.loads(config_path.read_text()).get("architectures") or []
-    return any(name.endswith("ForSequenceClassification") for name in architectures)
+    for kind in ("sequence", "token"):
+        if any(name.endswith(f"For{kind.title()}Classification") for name in architectures):
+            return kind
+    return None
 
 
 def load_value_model(cfg: ModelConfig) -> tuple[ValueModel, Any]:
-    """``(ValueModel, tokenizer)`` from any source; a reward-model folder also seeds the value head."""
+    """``(ValueModel, tokenizer)`` from any source; a reward-model or critic folder also gives the head."""
     from alignkit.models.load import as_model_config, load_causal_lm, load_reward_model
 
     cfg = as_model_config(cfg)
-    loader = load_reward_model if _is_reward_folder(cfg.name_or_path) else load_causal_lm
-    model, tokenizer = loader(cfg)
+    kind = _head_kind(cfg.name_or_path)
+    if kind is None:
+        model, tokenizer = load_causal_lm(cfg)
+    else:
+        model, tokenizer = load_reward_model(cfg, per_token=kind == "token")
     return ValueModel.from_pretrained_model(model, seed=cfg.tiny.seed), tokenizer

@@ -292,15 +292,15 @@ def complete(run: Run, engine, tokenizer) -> dict:
     return {"exit_code": 0}
 
 
-def export_final(run: Run, engine, tokenizer) -> Path | None:
-    """Write ``run_dir/final``: a transformers-loadable model + tokenizer (LoRA merged unless
-    ``trainer.merge_lora=false``, which saves the adapter alone)."""
+def export_final(run: Run, engine, tokenizer, name: str = "final", prepare=None) -> Path | None:
+    """Write ``run_dir/<name>``: a transformers-loadable model + tokenizer (LoRA merged unless
+    ``trainer.merge_lora=false``, which saves the adapter alone); ``prepare`` as in ``export_hf_model``."""
     if not run.cfg.trainer.export:
         return None
     from alignkit.engine.export import export_hf_model
 
-    out = run.run_dir / "final"
-    export_hf_model(engine, tokenizer, out, merge_lora=bool(run.cfg.trainer.merge_lora))
+    out = run.run_dir / name
+    export_hf_model(engine, tokenizer, out, prepare=prepare, merge_lora=bool(run.cfg.trainer.merge_lora))
     run.print(f"[green]model exported[/] to {out}")
     return out
 

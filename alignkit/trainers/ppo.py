@@ -6,6 +6,11 @@ token rewards ``-kl_coef * KL_t`` plus the scalar reward on the last token -> GA
 value targets (advantages whitened) -> ``rl.ppo_epochs`` passes of micro-batches, each updating
 the actor (clipped surrogate, ``loss=ppo``) and the critic (clipped value loss ``ppo_value``),
 both DeepSpeed engines. Left out: reward-model ensembles and PPO-max stabilisers.
+
+Export: the actor to ``RUN_DIR/final`` like every runner, the trained critic to
+``RUN_DIR/final_critic`` (same gathered export path, as a one-label ``*ForTokenClassification``
+folder with LoRA merged; ``alignkit.models.value.load_value_model`` loads it back, e.g. to start
+another PPO run's critic from it).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from alignkit.data.pipeline import prepare_data
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.models.logprobs import TargetLogProbs
-    from alignkit.models.value import load_value_model
+    from alignkit.models.value import ValueModel, load_value_model
     from alignkit.rl.advantages import compute_gae, whiten
     from alignkit.rl.generation import HFGenerationEngine
     from alignkit.rl.kl import kl_per_token, shape_token_rewards
@@ -99,6 +104,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                              evaluation,
                              extra_engines={"critic": critic}):
             return {"exit_code": 0, "stopped": step}
+    common.export_final(run, critic, tokenizer, "final_critic", prepare=ValueModel.as_token_classifier)
     return common.complete(run, actor, tokenizer)
 
 

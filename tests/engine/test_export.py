@@ -99,3 +99,38 @@ def test_lora_adapter_alone_when_not_merging(tmp_path):
     out = export_hf_model(engine, None, tmp_path / "adapter", merge_lora=False)
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_critic_exports_as_a_token_classifier_with_its_values(tmp_path, stage):
+    """PPO's critic export: the same gathered path with ``ValueModel.as_token_classifier``; the folder
+    loads with transformers and with ``load_value_model`` and gives the live engine's values."""
+    from transformers import AutoModelForTokenClassification
+
+    from alignkit.models.config import LoraConfig, ModelConfig
+    from alignkit.models.value import ValueModel, load_value_model
+
+    critic, tokenizer = load_value_model(ModelConfig(lora=LoraConfig(r=2)))
+    ds = build_train_ds_config(DeepSpeedConfig(zero_stage=stage, dtype="fp32"), micro_batch_size=2,
+                               grad_accum_steps=1, world_size=1)
+    engine = init_train_engine(critic, ds, lr=5e-2, warmup_steps=0, total_steps=10, scheduler="constant")
+    ids = torch.randint(0, 500, (2, 9), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    for _ in range(2):
+        engine.backward((engine(ids, mask) - 1.0).pow(2).mean())
+        engine.step()
+    with torch.no_grad():
+        expected = engine(ids, mask)
+        untrained = load_value_model(ModelConfig(lora=LoraConfig(r=2)))[0](ids, mask)
+    assert (expected - untrained).abs().max() > 1e-3  # adapters and head moved
+
+    out = export_hf_model(engine, tokenizer, tmp_path / "final_critic", prepare=ValueModel.as_token_classifier)
+    loaded, _ = load_value_model(ModelConfig(name_or_path=str(out)))
+    exported = AutoModelForTokenClassification.from_pretrained(out)
+    assert not any("lora" in name for name in exported.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), expected, atol=1e-5, rtol=1e-4)
+        logits = exported(input_ids=ids, attention_mask=mask).logits[..., 0]
+    torch.testing.assert_close(logits[mask.bool()], expected[mask.bool()], atol=1e-5, rtol=1e-4)
+    assert any("lora_A" in name for name, _ in engine.module.named_parameters())  # the live critic is intact

@@ -81,6 +81,21 @@ def test_other_runners_train(tmp_path, recipe):
     rows = _metrics(run_dir)
     assert len(rows) == 2 and all("loss" in r for r in rows)
     assert (run_dir / "final").is_dir()
+    if recipe == "ppo_tiny":
+        _check_critic(run_dir)
+
+
+def _check_critic(run_dir: Path) -> None:
+    """PPO's trained critic is exported next to the actor and loads back as a value model."""
+    from alignkit.models.value import load_value_model
+
+    critic, tokenizer = load_value_model({"name_or_path": str(run_dir / "final_critic")})
+    assert not any("lora" in name for name, _ in critic.named_parameters())
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris.")])
+    with torch.no_grad():
+        values = critic(ids, torch.ones_like(ids))
+    assert values.shape == ids.shape and torch.isfinite(values).all()
+    assert critic.value_head.bias.item() != 0.0  # the trained head, not a fresh zero-bias one
 
 
 def test_two_runs_never_share_a_run_dir(tmp_path):
@@ -124,6 +139,8 @@ def test_lora_training_exports_a_merged_model(tmp_path, recipe, extra):
     gap = {"dpo_tiny": "rewards/margin", "online_dpo_tiny": "rewards/margin", "grpo_tiny": "kl", "ppo_tiny": "kl"}
     if recipe in gap:
         assert rows[0][gap[recipe]] == 0.0 and abs(rows[1][gap[recipe]]) > 1e-7, rows
+    if recipe == "ppo_tiny":
+        _check_critic(run_dir)  # LoRA critic merged on export
     reward = recipe == "rm_tiny"
     auto_class, loader = ((AutoModelForSequenceClassification, load_reward_model) if reward
                           else (AutoModelForCausalLM, load_causal_lm))
