@@ -25,20 +25,79 @@ def run_worker(script: str, tool: str, argv: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def time_alignkit_loop() -> dict[str, float]:
-    """Record ``loop_start`` when ``trainers.common.begin`` returns (training steps start then)."""
+def time_alignkit_loop(profile: bool = False) -> dict:
+    """Record ``loop_start`` when ``trainers.common.begin`` returns (training steps start then).
+
+    With ``profile``, a ``torch.profiler`` starts there too (``marks["profiler"]``), and stops when
+    the run completes."""
     import alignkit.trainers.common as common
 
-    marks: dict[str, float] = {}
+    marks: dict = {}
     original = common.begin
 
     def timed_begin(*a, **k):
         done = original(*a, **k)
-        marks["loop_start"] = time.time()
+        if profile:
+            import torch
+
+            marks["profiler"] = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+            marks["profiler"].start()
+        marks["loop_start"], marks["loop_cpu_start"] = time.time(), time.process_time()
         return done
+
+    if profile:
+        original_complete = common.complete
+
+        def profiled_complete(*a, **k):
+            marks["profiler"].stop()
+            marks["loop_cpu_s"] = time.process_time() - marks["loop_cpu_start"]
+            return original_complete(*a, **k)
+
+        common.complete = profiled_complete
 
     common.begin = timed_begin
     return marks
+
+
+# operator name fragments -> kind, first match wins (self CPU time, so parents are not double counted)
+OPERATOR_KINDS = (
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax_backward", "_softmax")),
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear", "aten::dot")),
+    ("log-sum-exp", ("logsumexp", "log_softmax")),
+    ("optimizer", ("_foreach", "adam", "lerp", "addcdiv", "addcmul", "sqrt")),
+    ("copies", ("copy_", "aten::cat", "aten::index", "gather", "scatter", "aten::to", "contiguous", "clone",
+                "aten::stack", "aten::where", "empty", "fill_", "zero_", "masked_fill")),
+    ("element-wise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "silu", "aten::neg", "aten::exp",
+                      "aten::pow", "rsqrt", "aten::mean", "aten::sum", "sigmoid", "aten::cos", "aten::sin",
+                      "threshold", "aten::log", "aten::max", "aten::clamp", "aten::norm")),
+)
+
+
+def profile_by_kind(profiler) -> dict:
+    """Self CPU seconds per operator kind, and the 12 most expensive operators."""
+    kinds: dict[str, float] = {}
+    ops = []
+    for event in profiler.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        kind = next((k for k, frags in OPERATOR_KINDS if any(f in event.key for f in frags)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + seconds
+        ops.append((seconds, event.key, event.count))
+    return {"kinds": kinds, "top": sorted(ops, reverse=True)[:12]}
+
+
+def print_profile(profile: dict, wall_s: float, cpu_s: float) -> None:
+    """Operator time by kind as a share of the loop's process CPU time (robust to other load)."""
+    kinds = profile["kinds"]
+    total = sum(kinds.values())
+    print(f"training loop: wall {wall_s:.1f} s, process CPU {cpu_s:.1f} s; inside torch operators {total:.1f} s; "
+          f"outside (Python, DeepSpeed, logging, profiler) {max(cpu_s - total, 0.0):.1f} s")
+    print("\n| kind | seconds | share of the loop's CPU time |\n|---|---|---|")
+    for kind, seconds in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        print(f"| {kind} | {seconds:.2f} | {seconds / cpu_s:.1%} |")
+    print(f"| outside operators | {max(cpu_s - total, 0.0):.2f} | {max(cpu_s - total, 0.0) / cpu_s:.1%} |")
+    print("\n| operator | calls | seconds |\n|---|---|---|")
+    for seconds, name, count in profile["top"]:
+        print(f"| `{name}` | {count} | {seconds:.2f} |")
 
 
 def step_times(loop_start: float, metrics_path) -> tuple[list[float], dict]:

@@ -3,6 +3,7 @@
 
     python scripts/bench_dpo.py --steps 4 --repeats 3            # SmolLM2-135M-Instruct, fp32, CPU
     python scripts/bench_dpo.py --layout padded --reference separate   # alignkit's plain path
+    python scripts/bench_dpo.py --profile --steps 3              # where alignkit's step time goes
 
 Each repetition runs TRL's DPOTrainer and alignkit's trainer in fresh subprocesses, alternating,
 on the same pairs in the same order (batch of ``--batch`` pairs, one optimizer step per batch, no
@@ -13,6 +14,11 @@ tokens of prompt+chosen and prompt+rejected, counted the same way for both), pea
 forward — over the fp32 matmul peak this script measures), the first step's mean log-probs of
 chosen and rejected (they must agree: the same computation), and the ratios. alignkit's
 reference pre-pass is added to its time, spread over the measured steps.
+
+``--profile`` runs alignkit alone under ``torch.profiler`` from the first training step to the
+end and prints the self CPU time of its operators by kind (matmul, attention, log-sum-exp,
+optimizer, element-wise, copies, other) next to the loop's wall time; the gap is time spent outside
+torch operators (Python, DeepSpeed bookkeeping, logging).
 
 Needs TRL (``bash scripts/setup.sh --bench`` or ``pip install trl==1.16.0``).
 """
@@ -109,7 +115,7 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
     import alignkit.trainers.preference as preference
     from alignkit.run import train_from_overrides
 
-    marks = bench_common.time_alignkit_loop()
+    marks = bench_common.time_alignkit_loop(profile=args.profile)
     original_precompute = preference.precompute
 
     def timed_precompute(*a, **k):
@@ -133,6 +139,9 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
         ])
         assert code == 0
         times, first = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
+    if args.profile:
+        return {"profile": bench_common.profile_by_kind(marks.pop("profiler")), "loop_wall_s": sum(times),
+                "loop_cpu_s": marks["loop_cpu_s"]}
     return {"step_times": times, "prepass_s": marks.get("prepass_s", 0.0),
             "first_logps_chosen": first["logps/chosen"], "first_logps_rejected": first["logps/rejected"],
             "first_loss": first["loss"]}
@@ -152,8 +161,13 @@ def count_tokens(rows: list[dict], steps: int, batch: int) -> float:
     return total / steps
 
 
+def worker_argv(args) -> list[str]:
+    return ["--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
+            "--layout", args.layout, "--reference", args.reference]
+
+
 def run_worker(tool: str, args) -> dict:
-    return bench_common.run_worker(__file__, tool, ["--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length), "--layout", args.layout, "--reference", args.reference])
+    return bench_common.run_worker(__file__, tool, worker_argv(args))
 
 
 def main() -> None:
@@ -165,8 +179,13 @@ def main() -> None:
     parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
     parser.add_argument("--reference", default="precomputed", choices=["precomputed", "separate"])
     parser.add_argument("--worker", choices=["trl", "alignkit"])
+    parser.add_argument("--profile", action="store_true", help="profile alignkit's training loop instead of comparing")
     args = parser.parse_args()
     rows = bench_rows(args.steps, args.batch)
+    if args.profile and not args.worker:
+        result = bench_common.run_worker(__file__, "alignkit", [*worker_argv(args), "--profile"])
+        bench_common.print_profile(result["profile"], result["loop_wall_s"], result["loop_cpu_s"])
+        return
     if args.worker:
         result = (worker_trl if args.worker == "trl" else worker_alignkit)(args, rows)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

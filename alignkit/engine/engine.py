@@ -7,8 +7,10 @@
   with weight decay on matrices only (not on biases/norm weights):
     - CUDA without offload: DeepSpeed builds it from the config (FusedAdam);
     - optimizer offload (any device): DeepSpeed builds DeepSpeedCPUAdam from the config;
-    - CPU without offload: we build ``torch.optim.AdamW`` and pass it in
+    - CPU without offload: we build torch's fused ``AdamW`` and pass it in
       (``zero_allow_untested_optimizer``), since FusedAdam needs CUDA.
+  With one process under ZeRO-0 the engine's gradient all-reduce is switched off (it would only
+  flatten and copy every gradient).
   The LR schedule (linear warmup, then constant / linear / cosine decay to 0) is a torch
   ``LambdaLR`` handed to DeepSpeed as a callable, so the engine steps it at accumulation
   boundaries and saves it in its checkpoints.
@@ -169,7 +171,10 @@ def init_train_engine(
             "params": {"lr": lr, "betas": list(betas), "eps": eps, "weight_decay": weight_decay},
         }
     else:
-        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        # CPU: torch's fused AdamW (one vectorised pass per tensor, ~3x faster than the default
+        # per-op loop on CPU, the same update up to rounding)
+        optimizer = torch.optim.AdamW(param_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      fused=True)
         config["zero_allow_untested_optimizer"] = True
 
     def make_scheduler(opt):
@@ -187,6 +192,11 @@ def init_train_engine(
         lr_scheduler=make_scheduler,
         config=config,
     )
+    if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
+        # one process, plain data parallel: the gradient all-reduce averages over one rank, but
+        # DeepSpeed still flattens every gradient into buckets and copies them back (~10% of a
+        # SmolLM2 DPO step on CPU); skip it
+        engine.enable_backward_allreduce = False
     return engine
 
 
