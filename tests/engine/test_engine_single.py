@@ -18,6 +18,7 @@ from alignkit.engine.engine import (
     init_train_engine,
     lr_multiplier,
     setup_distributed,
+    shm_buffer_path,
 )
 from alignkit.errors import ConfigError
 
@@ -145,3 +146,13 @@ def test_frozen_engine_matches_module_and_has_no_grads(stage, offload_params):
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     if stage == 3:  # sharded: the module's own parameters are empty placeholders between forwards
         assert all(p.numel() == 0 for p in engine.module.parameters())
+
+
+def test_deepspeed_shared_memory_file_is_not_left_behind(dist):
+    """DeepSpeed's CPU all-reduce maps a ~67 MB /dev/shm file per rank and never deletes it."""
+    from deepspeed.comm import comm as ds_comm
+
+    if torch.cuda.is_available():
+        pytest.skip("the shared-memory all-reduce is the CPU backend's")
+    assert ds_comm.cdb.shm_comm_op is not None  # the op is built and initialised in this process
+    assert not shm_buffer_path(dist.rank).exists()
