@@ -104,7 +104,7 @@ def summarize_metrics(path: Path) -> dict[str, float]:
         if split != "eval":
             continue
         for key, value in rec.items():
-            if key in ("step", "split", "time") or not isinstance(value, (int, float)):
+            if key in ("step", "split", "time", "cpu_time_s") or not isinstance(value, (int, float)):
                 continue
             name = f"eval/{key}"
             final[name] = value
@@ -118,19 +118,54 @@ def summarize_metrics(path: Path) -> dict[str, float]:
 
 
 def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
+    """Write ``results.csv`` (every column) and ``results.md`` (the key columns) of a sweep.
+
+    Each row's ``varied`` holds the overrides that differ between jobs (floats shortened to 4
+    significant digits); the overrides shared by all jobs are stated once above the Markdown table.
+    """
     rows = [json.loads(p.read_text()) for p in sorted(Path(sweep_dir).glob("*/job_result.json"),
                                                        key=lambda p: _job_order(p.parent.name))]
     if not rows:
         return rows
-    keys = list(dict.fromkeys(k for row in rows for k in row if k != "error"))
+    common = _common_overrides(rows)
+    for row in rows:
+        row["varied"] = " ".join(_short(o) for o in row.get("overrides", "").split() if o not in common) or "-"
+    keys = ["job", "varied", *[k for k in dict.fromkeys(k for row in rows for k in row)
+                               if k not in ("job", "varied", "error")]]
     with open(Path(sweep_dir) / "results.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows]
+    shown = summary_columns(rows)
+    lines = [f"Overrides of every job: `{' '.join(common) or '-'}`", "",
+             "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(str(row.get(k, "")) for k in shown) + " |" for row in rows]
     (Path(sweep_dir) / "results.md").write_text("\n".join(lines) + "\n")
     return rows
+
+
+KEY_METRICS = ("rewards/accuracy", "rewards/margin", "reward/mean", "/loss")
+
+
+def summary_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """job, varied overrides, status, wall time, then final/best of the key eval metrics."""
+    metrics = [k for k in dict.fromkeys(k for row in rows for k in row)
+               if k.startswith(("final eval/", "best eval/")) and k.endswith(KEY_METRICS)]
+    return ["job", "varied", "status", "wall_s", *metrics, "final train/loss"]
+
+
+def _common_overrides(rows: list[dict[str, Any]]) -> list[str]:
+    split = [row.get("overrides", "").split() for row in rows]
+    return [o for o in split[0] if all(o in other for other in split[1:])] if len(rows) > 1 else []
+
+
+def _short(override: str) -> str:
+    key, sep, value = override.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        return override
+    return f"{key}{sep}{number:.4g}" if "." in value or "e" in value.lower() else override
 
 
 def _job_order(name: str) -> tuple[int, str]:
@@ -143,10 +178,12 @@ def print_table(rows: list[dict[str, Any]], sweep_dir: Path) -> None:
 
     if not rows:
         return
-    shown = ["job", "overrides", "status", "wall_s"] + [
-        k for k in rows[0] if k.startswith("final eval/") and ("accuracy" in k or k.endswith("/loss"))
-    ]
-    table = Table(*shown, title=f"sweep {sweep_dir}")
+    shown = [k for k in summary_columns(rows) if not k.startswith("best ")]
+    headers = [k.replace("final eval/", "").replace("final train/loss", "train loss").replace("rewards/", "")
+               for k in shown]
+    table = Table(title=f"sweep {sweep_dir} (final eval metrics; results.md has the best too)")
+    for header in headers:
+        table.add_column(header, overflow="fold")
     for row in rows:
         table.add_row(*(str(row.get(k, "")) for k in shown))
     Console().print(table)
