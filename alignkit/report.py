@@ -3,7 +3,10 @@
 Reads ``metrics.jsonl`` and draws one panel per metric family that the run logged — loss,
 reward margin and accuracy, KL, reward mean, lengths, learning rate, tokens/s — with train
 curves and eval points, into ``RUN_DIR/report/metrics.png``, and writes ``report.md`` with the
-first, last and best value of each metric. For a sweep directory it draws one curve per job.
+first, last and best value of each metric. For a sweep directory it draws
+``report/comparison.png``: one panel per key metric, one colour per job (the same in every
+panel), a legend naming each job by the overrides that vary between jobs, and a bar chart of the
+jobs' final held-out value of the first eval metric found (accuracy, reward, margin, loss).
 Left out: interactive dashboards (TensorBoard and W&B are logger backends for that).
 """
 
@@ -78,6 +81,57 @@ def plot_runs(runs: dict[str, list[dict]], out: Path) -> Path:
     return out
 
 
+SWEEP_PANELS = [  # (split, key), one panel each when any job logged it
+    ("eval", "rewards/accuracy"), ("eval", "rewards/margin"), ("eval", "reward/mean"), ("eval", "loss"),
+    ("train", "loss"), ("train", "reward/mean"), ("train", "kl"), ("train", "tokens_per_s"),
+]
+
+
+def plot_sweep(runs: dict[str, list[dict]], labels: dict[str, str], out: Path) -> Path:
+    """Sweep comparison: a panel per key metric, a colour per job, final values as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    panels = [(split, key) for split, key in SWEEP_PANELS if any(series(rows, key, split)[0] for rows in runs.values())]
+    bar_metric = next(((s, k) for s, k in panels if s == "eval"), None)
+    count = len(panels) + (bar_metric is not None)
+    cols = 2
+    fig, axes = plt.subplots((count + cols - 1) // cols, cols, figsize=(11, 3.0 * ((count + 1) // 2) + 0.4 * len(runs)),
+                             squeeze=False)
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
+    for ax, (split, key) in zip(axes.flat, panels):
+        for name, rows in runs.items():
+            steps, values = series(rows, key, split)
+            style = dict(marker="o", linestyle="--", markersize=4) if split == "eval" else dict(linewidth=1.2)
+            ax.plot(steps, values, color=colors[name], **style)
+        ax.set_title(f"{key} ({'held-out' if split == 'eval' else 'train'})")
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if bar_metric is not None:
+        ax = list(axes.flat)[len(panels)]
+        split, key = bar_metric
+        finals = {name: (series(rows, key, split)[1] or [float("nan")])[-1] for name, rows in runs.items()}
+        ax.bar(range(len(finals)), list(finals.values()), color=[colors[n] for n in finals])
+        ax.set_xticks(range(len(finals)), list(finals))
+        ax.set_xlabel("job")
+        ax.set_title(f"final held-out {key} by job")
+        ax.grid(alpha=0.3, axis="y")
+    for ax in list(axes.flat)[count:]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=colors[n], linewidth=3) for n in runs]
+    fig.legend(handles, [f"{n}: {labels.get(n, '')}" for n in runs], loc="lower center", ncol=1 if len(runs) > 4 else 2,
+               fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.035 * ((len(runs) + 1) // (1 if len(runs) > 4 else 2)) + 0.02, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def summary_table(rows: list[dict]) -> list[str]:
     lines = ["| metric | split | first | last | best |", "|---|---|---|---|---|"]
     keys = sorted({k for r in rows for k in r if k not in ("step", "split", "time")})
@@ -96,12 +150,18 @@ def write_report(target: str) -> Path:
     jobs = sorted(p for p in root.glob("*/metrics.jsonl")) if not (root / "metrics.jsonl").exists() else []
     out_dir = root / "report"
     if jobs:  # a sweep directory: one curve per job
-        runs = {p.parent.name: read_metrics(p.parent) for p in jobs}
-        png = plot_runs(runs, out_dir / "comparison.png")
-        lines = [f"# Sweep report: {root}", "", f"![comparison]({png.name})", ""]
+        from alignkit.sweep import varied_overrides
+
+        names = sorted((p.parent.name for p in jobs), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+        runs = {name: read_metrics(root / name) for name in names}
+        overrides = {name: (root / name / "overrides.txt").read_text().split()
+                     if (root / name / "overrides.txt").exists() else [] for name in names}
+        common, labels = varied_overrides(overrides)
+        png = plot_sweep(runs, labels, out_dir / "comparison.png")
+        lines = [f"# Sweep report: {root}", "", f"Overrides of every job: `{' '.join(common) or '-'}`", "",
+                 f"![comparison]({png.name})", ""]
         for name, rows in runs.items():
-            overrides = (root / name / "overrides.txt")
-            lines += [f"## job {name}: {overrides.read_text().split() if overrides.exists() else ''}", ""]
+            lines += [f"## job {name}: `{labels[name]}`", ""]
             lines += summary_table(rows) + [""]
     else:
         rows = read_metrics(root)

@@ -127,9 +127,9 @@ def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
                                                        key=lambda p: _job_order(p.parent.name))]
     if not rows:
         return rows
-    common = _common_overrides(rows)
+    common, varied = varied_overrides({row["job"]: row.get("overrides", "").split() for row in rows})
     for row in rows:
-        row["varied"] = " ".join(_short(o) for o in row.get("overrides", "").split() if o not in common) or "-"
+        row["varied"] = varied[row["job"]]
     keys = ["job", "varied", *[k for k in dict.fromkeys(k for row in rows for k in row)
                                if k not in ("job", "varied", "error")]]
     with open(Path(sweep_dir) / "results.csv", "w", newline="") as handle:
@@ -154,9 +154,12 @@ def summary_columns(rows: list[dict[str, Any]]) -> list[str]:
     return ["job", "varied", "status", "wall_s", *metrics, "final train/loss"]
 
 
-def _common_overrides(rows: list[dict[str, Any]]) -> list[str]:
-    split = [row.get("overrides", "").split() for row in rows]
-    return [o for o in split[0] if all(o in other for other in split[1:])] if len(rows) > 1 else []
+def varied_overrides(jobs: dict[str, list[str]]) -> tuple[list[str], dict[str, str]]:
+    """The overrides every job shares, and per job the others (floats to 4 significant digits)."""
+    lists = list(jobs.values())
+    common = [o for o in lists[0] if all(o in other for other in lists[1:])] if len(lists) > 1 else []
+    return common, {job: " ".join(_short(o) for o in overrides if o not in common) or "-"
+                    for job, overrides in jobs.items()}
 
 
 def _short(override: str) -> str:

@@ -44,3 +44,20 @@ def test_summary_takes_final_and_best_in_each_metrics_direction(tmp_path):
     assert out["final eval/rewards/accuracy"] == 0.7 and out["best eval/rewards/accuracy"] == 0.8
     assert out["final train/loss"] == 0.4
     assert not any("cpu_time_s" in k for k in out)
+
+
+def test_sweep_report_labels_jobs_by_what_varies(tmp_path):
+    from alignkit.report import write_report as write_plots
+
+    for job, beta, accuracies in (("0", "0.1", (0.5, 0.7)), ("1", "0.3", (0.5, 0.9)), ("2", "0.5", (0.5, 0.6))):
+        (tmp_path / job).mkdir()
+        (tmp_path / job / "overrides.txt").write_text(f"recipe=dpo_tiny\nloss.beta={beta}\n")
+        rows = [{"step": s, "split": "eval", "rewards/accuracy": a, "loss": 1 - a} for s, a in zip((0, 2), accuracies)]
+        rows.append({"step": 2, "split": "train", "loss": 0.3})
+        (tmp_path / job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = write_plots(str(tmp_path))
+    png = out / "comparison.png"
+    assert png.stat().st_size > 20_000 and png.read_bytes()[:4] == b"\x89PNG"
+    md = (out / "report.md").read_text()
+    assert "Overrides of every job: `recipe=dpo_tiny`" in md
+    assert "## job 1: `loss.beta=0.3`" in md
