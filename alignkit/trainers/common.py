@@ -316,7 +316,9 @@ def backward_step(engine, loss: torch.Tensor | None) -> None:
     accumulation boundary; DeepSpeed counts micro-batches through these calls).
 
     ``loss=None`` (a skipped, non-finite micro-batch) backpropagates an exact zero through every
-    trainable parameter so that all ranks keep the same collective sequence.
+    trainable parameter so that all ranks keep the same collective sequence. ZeRO 0-2 only: under
+    ZeRO-3 the parameters are partitioned outside a forward, so a rank with nothing to learn from
+    must run a real forward and scale its loss by 0 (as online DPO does for tied samples).
     """
     if loss is None:
         loss = sum((p.sum() for p in engine.module.parameters() if p.requires_grad), torch.zeros(())) * 0.0

@@ -8,7 +8,9 @@ Iterative rounds: ``rl.rounds`` equal stretches of the run; with
 ``rl.update_reference_each_round`` the reference becomes the current policy at each round start.
 
 The number of micro-batches per step is fixed (DeepSpeed counts them): missing pairs are filled by
-repeating this rank's valid pairs, and a rank with no valid pair backpropagates a zero loss.
+repeating this rank's valid pairs. A rank with no valid pair still runs the same micro-batches on
+its tied pairs with the loss scaled by 0: under ZeRO-3 every forward and backward gathers
+parameters collectively, so all ranks must run them (a loss built without a forward cannot serve).
 Left out: reference updates under ZeRO-3 (the frozen copy would need a gathered copy; refused).
 """
 
@@ -65,14 +67,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         pairs = best_vs_worst(sampled)
         policy.train()
         meter = common.MetricMeter()
-        for chunk in fill_chunks(pairs, len(sampled.groups), micro):
-            if not chunk:  # no valid pair on this rank: keep DeepSpeed's accumulation count in step
-                common.backward_step(policy, None)
-                continue
+        for chunk in fill_chunks(pairs or best_vs_worst(sampled, keep_ties=True), len(sampled.groups), micro):
             batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
             loss, metrics = objective(sequence_logps(policy, reference, batch, objective, objective.needs_token_logps))
-            common.backward_step(policy, loss)
-            meter.add({"loss": loss, **metrics})
+            common.backward_step(policy, loss if pairs else loss * 0.0)  # tied pairs: same collectives, no update
+            if pairs:
+                meter.add({"loss": loss, **metrics})
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "pairs": float(len(pairs)),
                    "lr": lr, "step_seconds": time.time() - tick}
         if common.after_step(run, policy, step, steps, common.all_reduce_mean(metrics, run),
@@ -81,15 +81,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return common.complete(run, policy, tokenizer)
 
 
-def best_vs_worst(sampled: rollout.SampledBatch) -> list:
-    """One (chosen, rejected) group per prompt whose samples do not all tie."""
+def best_vs_worst(sampled: rollout.SampledBatch, keep_ties: bool = False) -> list:
+    """One (chosen, rejected) group per prompt whose samples do not all tie (every prompt: ``keep_ties``)."""
     pairs = []
     offset = 0
     for group in sampled.groups:
         rewards = sampled.rewards[offset : offset + group.group_size]
         offset += group.group_size
         best, worst = int(rewards.argmax()), int(rewards.argmin())
-        if rewards[best] <= rewards[worst]:
+        if rewards[best] <= rewards[worst] and not keep_ties:
             continue
         pairs.append(replace(
             group,
@@ -102,10 +102,8 @@ def best_vs_worst(sampled: rollout.SampledBatch) -> list:
 
 
 def fill_chunks(pairs: list, num_groups: int, micro: int) -> list[list]:
-    """Exactly ceil(num_groups / micro) micro-batches of ``micro`` pairs, repeating pairs to fill."""
+    """Exactly ceil(num_groups / micro) micro-batches of ``micro`` pairs (non-empty), repeating pairs to fill."""
     count = -(-num_groups // micro)
-    if not pairs:
-        return [[] for _ in range(count)]
     filled = [pairs[i % len(pairs)] for i in range(count * micro)]
     return [filled[i * micro : (i + 1) * micro] for i in range(count)]
 

@@ -1,6 +1,7 @@
 """The DeepSpeed launcher with 2 CPU processes, Hydra multirun sweeps, and exact resume."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,9 @@ def _losses(run_dir: Path, split: str = "train") -> list[float]:
 
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # in-process tests set these in this pytest process; a child must not inherit (and collide with) them
-ENV = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+ENV = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+       # DeepSpeed's JIT-built ops (cpu_adam for offload) live with the venv, as in scripts/test.sh
+       "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))}
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -46,6 +49,31 @@ def test_two_processes_match_one_process(tmp_path, recipe, stage):
     assert len(_losses(tmp_path / "two")) == 3
     if recipe != "grpo_tiny":
         assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), rel=1e-4)
+
+
+OFFLOAD_RUNS = [(recipe, "zero3_offload") for recipe in
+                ("sft_tiny", "dpo_tiny", "rm_tiny", "grpo_tiny", "ppo_tiny", "online_dpo_tiny")]
+OFFLOAD_RUNS += [("sft_tiny", "zero2_offload"), ("dpo_tiny", "zero2_offload")]
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("recipe, stage", OFFLOAD_RUNS)
+def test_two_process_offload_runs(tmp_path, recipe, stage):
+    """Every trainer on 2 processes with the optimizer state (zero3: also the parameters) offloaded
+    to CPU through DeepSpeed's cpu_adam: 2 steps, finite losses, one train row per step, and the
+    model (PPO: also the critic) exported from the sharded engines."""
+    proc = _cli("train", "-g", "2", f"recipe={recipe}", f"deepspeed={stage}", "trainer.max_steps=2",
+                "trainer.eval_every=0", "generation.max_new_tokens=6", f"output_dir={tmp_path}", "run_name=run",
+                f"trainer.reference_cache_dir={tmp_path / 'ref'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses), losses
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    if recipe == "ppo_tiny":
+        from test_e2e_tiny import check_exported_critic
+
+        check_exported_critic(tmp_path / "run")
 
 
 def test_multirun_sweep_writes_one_run_per_job_and_a_table(tmp_path):

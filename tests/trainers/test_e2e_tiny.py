@@ -82,10 +82,10 @@ def test_other_runners_train(tmp_path, recipe):
     assert len(rows) == 2 and all("loss" in r for r in rows)
     assert (run_dir / "final").is_dir()
     if recipe == "ppo_tiny":
-        _check_critic(run_dir)
+        check_exported_critic(run_dir)
 
 
-def _check_critic(run_dir: Path) -> None:
+def check_exported_critic(run_dir: Path) -> None:
     """PPO's trained critic is exported next to the actor and loads back as a value model."""
     from alignkit.models.value import load_value_model
 
@@ -140,7 +140,7 @@ def test_lora_training_exports_a_merged_model(tmp_path, recipe, extra):
     if recipe in gap:
         assert rows[0][gap[recipe]] == 0.0 and abs(rows[1][gap[recipe]]) > 1e-7, rows
     if recipe == "ppo_tiny":
-        _check_critic(run_dir)  # LoRA critic merged on export
+        check_exported_critic(run_dir)  # LoRA critic merged on export
     reward = recipe == "rm_tiny"
     auto_class, loader = ((AutoModelForSequenceClassification, load_reward_model) if reward
                           else (AutoModelForCausalLM, load_causal_lm))
