@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_llama import tiny_llama
 
 from alignkit.data.batch import TokenizedGroup, sum_per_slot
 from alignkit.data.collate import MASK_VALUE, collate
@@ -14,13 +15,7 @@ TOLERANCE = 1e-5  # max abs difference of per-target log-probs between layouts (
 
 @pytest.fixture(scope="module")
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
-    config._attn_implementation = "sdpa"
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(vocab_size=VOCAB).eval()
 
 
 def _groups() -> list[TokenizedGroup]:
@@ -117,17 +112,11 @@ def test_prompt_only_groups_are_rejected():
 
 def test_layouts_agree_on_tokenized_chat_data(tiny_tokenizer):
     """End to end: records -> tokenize_group -> every layout -> the same per-slot sums."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from alignkit.data.config import DataConfig
     from alignkit.data.record import Record
     from alignkit.data.tokenize import tokenize_group
 
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    config._attn_implementation = "sdpa"
-    llama = LlamaForCausalLM(config).eval()
+    llama = tiny_llama(vocab_size=len(tiny_tokenizer), max_position_embeddings=256).eval()
     user = [{"role": "user", "content": "What is 12 + 30?"}]
     records = [
         Record("listwise", user, [[{"role": "assistant", "content": a}] for a in ("42", "It is 42.", "41")],

@@ -1,36 +1,23 @@
 """Shared fixtures of the engine tests: a tiny Llama and fixed, step-indexed training data.
 
 Imported both by the pytest files and by ``ds_worker.py`` (run under the DeepSpeed launcher), so
-the 1-process and N-process runs see exactly the same model and global batches.
+the 1-process and N-process runs see exactly the same model and global batches. The model is the
+shared ``tests/tiny_llama.py`` builder at a smaller size (hidden 16, tied embeddings, eager attention).
 """
 
 from __future__ import annotations
 
 import torch
+from tiny_llama import tiny_llama
 
 VOCAB = 64
 SEQ_LEN = 12
 
 
 def tiny_model(*, dropout: float = 0.0, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        attention_dropout=dropout,
-    )
-    config._attn_implementation = "eager"
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return model
+    return tiny_llama(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=True,
+                      attention_dropout=dropout, attn_implementation="eager", seed=seed)
 
 
 def global_batch(step: int, rows: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ shards, which must load with ``from_pretrained`` and carry the one-process weigh
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 def worker_env() -> dict:
     env = launch_env()
-    env.update(PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=os.pathsep.join((str(HERE), str(HERE.parent))), OMP_NUM_THREADS="1")  # + tests/: tiny_llama
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

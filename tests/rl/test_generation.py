@@ -3,7 +3,7 @@ log-probs against a fresh forward pass, shared vs per-sample prefill."""
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama
 
 from alignkit.errors import ConfigError
 from alignkit.rl.generation import (
@@ -24,21 +24,7 @@ PROMPTS = [[5, 17, 33, 2], [8, 9], [40, 41, 42, 43, 44, 45, 46], [12]]
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=UNUSED_EOS,
-        pad_token_id=PAD,
-        bos_token_id=1,
-        attn_implementation="sdpa",
-    )
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(eos_token_id=UNUSED_EOS, pad_token_id=PAD, bos_token_id=1).eval()
 
 
 def hf_greedy(model, prompts, max_new_tokens, eos):

@@ -30,6 +30,7 @@ def test_zero3_generation_matches_plain_model_and_ranks_stay_in_step(tmp_path):
             MASTER_PORT=port,
             DS_ACCELERATOR="cpu",
             OMP_NUM_THREADS="1",
+            PYTHONPATH=str(WORKER.parents[1]),  # tests/: the shared tiny_llama helper
         )
         procs.append(
             subprocess.Popen(

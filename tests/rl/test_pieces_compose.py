@@ -2,7 +2,7 @@
 rewards -> advantages -> RolloutLogps -> loss -> backward, on a tiny random Llama."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama
 
 from alignkit.losses import RolloutLogps, resolve_loss
 from alignkit.rl import compute_advantages, compute_gae, shape_token_rewards, stack_rollouts
@@ -12,19 +12,7 @@ torch.set_num_threads(1)
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=7,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(eos_token_id=7, pad_token_id=0)
 
 
 def token_logps(model, prompts, rollouts, width):

@@ -13,7 +13,7 @@ import sys
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_llama import tiny_llama  # tests/ is on PYTHONPATH (test_generation_zero3.py)
 
 from alignkit.rl.generation import HFGenerationEngine
 
@@ -24,19 +24,7 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
     rank = torch.distributed.get_rank()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=99,
-        pad_token_id=0,
-    )
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(eos_token_id=99, pad_token_id=0).eval()
     prompts = [[5, 17, 33, 2], [8, 9]] if rank == 0 else [[40, 41, 42], [12], [7, 7, 7, 7, 7]]
     max_new = 3 if rank == 0 else 9
     plain = HFGenerationEngine(model).generate(
