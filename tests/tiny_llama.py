@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-DEFAULTS = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=128)
+DEFAULTS = {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
 
 
 def tiny_llama(*, seed: int = 0, attn_implementation: str = "sdpa", **config):
