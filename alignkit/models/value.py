@@ -52,7 +52,7 @@ class ValueModel(nn.Module):
         head = None
         if isinstance(score, nn.Module):
             score = _trained_copy(score)
-            if score.weight.shape[0] == 1:
+            if isinstance(getattr(score, "weight", None), torch.Tensor) and score.weight.shape[0] == 1:
                 head = nn.Linear(score.weight.shape[1], 1, dtype=score.weight.dtype)
                 with torch.no_grad():
                     head.weight.copy_(score.weight)
