@@ -4,8 +4,8 @@
     python scripts/write_card.py runs/demo-dpo_smollm2 [--command "alignkit train recipe=dpo_smollm2"]
 
 Reads the run's config.yaml, metrics.jsonl and (if ``alignkit eval`` ran) eval/eval.json, and writes
-the held-out metrics at the first and last evaluation, the training reward/loss at the start and
-end (mean and spread over the first/last 10 steps), the wall time, and the machine.
+the held-out metrics at every evaluation, the training reward/loss at the start and
+end (mean and spread over the first/last 10 steps), the wall and process CPU time, and the machine.
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ def main() -> None:
              "```", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, fp32, 1 process "
              f"(DeepSpeed ZeRO-{cfg['deepspeed']['zero_stage']}); wall time {wall / 60:.1f} min for "
-             f"{len(train)} optimizer steps (model load and reference pre-pass included).", ""]
+             f"{len(train)} optimizer steps (model load and reference pre-pass included)"
+             + (f"; process CPU time {rows[-1]['cpu_time_s'] / 60:.1f} min." if "cpu_time_s" in rows[-1] else "."), ""]
     if evals:
-        first, last = evals[0], evals[-1]
-        lines += ["### Held-out evaluation", "", f"| metric | step {first['step']} | step {last['step']} |", "|---|---|---|"]
+        lines += ["### Held-out evaluation", "", "| metric | " + " | ".join(f"step {e['step']}" for e in evals) + " |",
+                  "|---|" + "---|" * len(evals)]
         for key in KEYS_EVAL:
-            if key in first:
-                lines.append(f"| {key} | {first[key]:.3f} | {last[key]:.3f} |")
+            if key in evals[0]:
+                lines.append(f"| {key} | " + " | ".join(f"{e[key]:.3f}" if key in e else "-" for e in evals) + " |")
         lines.append("")
     window = min(10, max(1, len(train) // 2))
     lines += [f"### Training (mean ± std over the first / last {window} steps)", "", "| metric | first | last |", "|---|---|---|"]

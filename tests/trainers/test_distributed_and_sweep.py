@@ -137,18 +137,20 @@ def test_sigkill_then_resume_is_exact(tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_sweeper_searches_beta_and_lr(tmp_path):
-    """Each job returns its objective (held-out preference accuracy), so Hydra's Optuna sweeper can search."""
+def test_optuna_sweeper_searches_loss_beta_and_lr(tmp_path):
+    """Each job returns its objective (held-out preference accuracy), so Hydra's Optuna sweeper can search
+    the loss type, beta and the learning rate."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     proc = _cli("train", "-m", "recipe=dpo_tiny", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3",
                 "hydra.sweeper.direction=maximize", "hydra.sweeper.sampler.seed=0",
-                "loss.beta=interval(0.05,0.5)", "trainer.lr=tag(log,interval(1e-4,1e-2))", "trainer.max_steps=2",
+                "loss=choice(dpo,ipo)", "loss.beta=interval(0.05,0.5)", "trainer.lr=tag(log,interval(1e-4,1e-2))", "trainer.max_steps=2",
                 "trainer.export=false", f"output_dir={tmp_path}", f"trainer.reference_cache_dir={tmp_path / 'ref'}",
                 cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     sweep = next((tmp_path / "sweeps").iterdir())
     results = (sweep / "optimization_results.yaml").read_text()
     assert "best_params" in results and "loss.beta" in results and "best_value" in results
+    assert "loss: " in results  # the loss type is one of the searched parameters
     rows = [json.loads(p.read_text()) for p in sweep.glob("*/job_result.json")]
     assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
     assert all("final eval/rewards/accuracy" in r for r in rows)
