@@ -10,6 +10,9 @@ model path plus overrides, it measures on held-out data:
 * generations: greedy replies of the model and of the baseline to held-out prompts, scored by the
   reward mix (the demo judge by default); the mean score of each and the win-rate of the model
   (ties count one half). Samples go to ``samples.jsonl``; a summary to ``eval.json``.
+* when the prompts carry a reference ``answer`` (the demo task), the judge's components apart for
+  both models: ``answer_accuracy`` (the fraction of correct final answers), ``format`` and
+  ``concise`` — a judge-score gain can come from format alone, and this says which it was.
 
 One process, plain PyTorch: evaluation needs no optimizer, so no DeepSpeed engine is started.
 Left out: reward-model accuracy for ``rm`` runs (their eval metrics are in ``metrics.jsonl``).
@@ -86,6 +89,22 @@ def generation_scores(model, tokenizer, prompts, cfg: DictConfig) -> tuple[list[
     return texts, scores
 
 
+def answer_metrics(samples: list[dict]) -> dict[str, float]:
+    """Mean judge components of the model's and the baseline's replies (samples with an ``answer``)."""
+    from alignkit.rewards.judge import score
+
+    rows = [r for r in samples if r.get("answer") is not None]
+    if not rows:
+        return {}
+    out: dict[str, float] = {}
+    for side, prefix in (("model", ""), ("baseline", "baseline_")):
+        parts = [score(r[side], r["answer"]) for r in rows]
+        out[f"{prefix}answer_accuracy"] = sum(p.accuracy for p in parts) / len(parts)
+        out[f"{prefix}format"] = sum(p.format for p in parts) / len(parts)
+        out[f"{prefix}concise"] = sum(p.concise for p in parts) / len(parts)
+    return out
+
+
 def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: int, out_dir: str | None) -> dict:
     from alignkit.config.compose import demo_data_dir
     from alignkit.data.config import DataConfig, SourceConfig
@@ -115,10 +134,12 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
                    "win_rate": sum(wins) / len(wins), "prompts": float(len(prompts))})
     out = Path(out_dir) if out_dir else (Path(target) / "eval" if (Path(target) / "config.yaml").is_file() else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
+    samples = [{"prompt": tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True),
+                "answer": prompt.extra.get("answer"), "model": text, "model_score": score,
+                "baseline": base_text, "baseline_score": base_score}
+               for prompt, text, score, base_text, base_score in zip(prompts, texts, scores, base_texts, base_scores)]
+    result.update(answer_metrics(samples))
     with open(out / "samples.jsonl", "w") as handle:
-        for prompt, text, score, base_text, base_score in zip(prompts, texts, scores, base_texts, base_scores):
-            handle.write(json.dumps({"prompt": tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True),
-                                     "answer": prompt.extra.get("answer"), "model": text, "model_score": score,
-                                     "baseline": base_text, "baseline_score": base_score}) + "\n")
+        handle.writelines(json.dumps(sample) + "\n" for sample in samples)
     (out / "eval.json").write_text(json.dumps(result, indent=1))
     return result

@@ -75,9 +75,14 @@ def main() -> None:
     eval_json = run / "eval" / "eval.json"
     if eval_json.exists():
         result = json.loads(eval_json.read_text())
+        samples = run / "eval" / "samples.jsonl"
+        if "answer_accuracy" not in result and samples.exists():  # an eval.json from before these keys
+            from alignkit.evaluate import answer_metrics
+
+            result.update(answer_metrics([json.loads(line) for line in samples.read_text().splitlines()]))
         lines += ["### `alignkit eval` against the starting model", "", "| metric | value |", "|---|---|"]
         for key in ("preference_accuracy", "likelihood_accuracy", "judge_score", "baseline_judge_score", "win_rate",
-                    "pairs", "prompts"):
+                    "answer_accuracy", "baseline_answer_accuracy", "format", "baseline_format", "pairs", "prompts"):
             if key in result:
                 lines.append(f"| {key} | {result[key]:.3f} |")
         lines.append("")

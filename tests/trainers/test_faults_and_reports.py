@@ -78,10 +78,25 @@ def test_eval_and_report_write_their_files(tmp_path):
     from alignkit.report import write_report
 
     result = run_eval(str(tmp_path / "r"), ["generation.max_new_tokens=6"], baseline=None, limit=8, out_dir=None)
-    for key in ("preference_accuracy", "likelihood_accuracy", "judge_score", "baseline_judge_score", "win_rate"):
+    for key in ("preference_accuracy", "likelihood_accuracy", "judge_score", "baseline_judge_score", "win_rate",
+                "answer_accuracy", "baseline_answer_accuracy", "format", "baseline_concise"):
         assert 0.0 <= result[key] <= 1.75
     samples = (tmp_path / "r" / "eval" / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 8 and "baseline" in json.loads(samples[0])
     out = write_report(str(tmp_path / "r"))
     assert (out / "metrics.png").stat().st_size > 10_000
     assert "rewards/accuracy" in (out / "report.md").read_text()
+
+
+def test_answer_metrics_separate_correctness_from_format():
+    from alignkit.evaluate import answer_metrics
+
+    samples = [  # the model learned the format but not the arithmetic; the baseline rambles correctly
+        {"answer": "14", "model": "Answer: 8", "baseline": "Mia has 8 + 6 = 14 pens."},
+        {"answer": "5", "model": "Answer: 5", "baseline": "10 - 5 = 5, so Sam has 5 books left."},
+        {"answer": None, "model": "Answer: 1", "baseline": "1"},  # no reference answer: left out
+    ]
+    out = answer_metrics(samples)
+    assert out["answer_accuracy"] == 0.5 and out["baseline_answer_accuracy"] == 1.0
+    assert out["format"] == 1.0 and out["baseline_format"] < 0.5
+    assert answer_metrics([{"answer": None, "model": "x", "baseline": "y"}]) == {}
