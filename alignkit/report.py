@@ -5,8 +5,9 @@ reward margin and accuracy, KL, reward mean, lengths, learning rate, tokens/s â€
 curves and eval points, into ``RUN_DIR/report/metrics.png``, and writes ``report.md`` with the
 first, last and best value of each metric. For a sweep directory it draws
 ``report/comparison.png``: one panel per key metric, one colour per job (the same in every
-panel), a legend naming each job by the overrides that vary between jobs, and a bar chart of the
-jobs' final held-out value of the first eval metric found (accuracy, reward, margin, loss).
+panel), a legend naming each job by the overrides that vary between jobs; metrics logged at
+several steps are curves, a held-out metric evaluated once per job (``eval_every=0``) is a bar
+chart of the jobs' values (and the first held-out metric's final values are always shown as bars).
 Left out: interactive dashboards (TensorBoard and W&B are logger backends for that).
 """
 
@@ -88,44 +89,53 @@ SWEEP_PANELS = [  # (split, key), one panel each when any job logged it
 
 
 def plot_sweep(runs: dict[str, list[dict]], labels: dict[str, str], out: Path) -> Path:
-    """Sweep comparison: a panel per key metric, a colour per job, final values as bars."""
+    """Sweep comparison: a colour per job; metrics logged at several steps as curves, metrics with
+    a single held-out evaluation per job (``eval_every=0``) as bars with their values."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    panels = [(split, key) for split, key in SWEEP_PANELS if any(series(rows, key, split)[0] for rows in runs.values())]
-    bar_metric = next(((s, k) for s, k in panels if s == "eval"), None)
-    count = len(panels) + (bar_metric is not None)
+    logged = [(split, key) for split, key in SWEEP_PANELS if any(series(rows, key, split)[0] for rows in runs.values())]
+    curves = [(split, key) for split, key in logged
+              if max(len(series(rows, key, split)[0]) for rows in runs.values()) > 1]
+    bars = [(split, key) for split, key in logged if split == "eval" and (split, key) not in curves]
+    if not bars and curves and curves[0][0] == "eval":
+        bars = [curves[0]]  # the first held-out metric's final values, side by side
+    panels = [("curve", split, key) for split, key in curves] + [("bar", split, key) for split, key in bars]
     cols = 2
-    fig, axes = plt.subplots((count + cols - 1) // cols, cols, figsize=(11, 3.0 * ((count + 1) // 2) + 0.4 * len(runs)),
-                             squeeze=False)
+    rows_of_panels = (len(panels) + cols - 1) // cols
+    legend_rows = len(runs) if len(runs) > 4 else (len(runs) + 1) // 2
+    legend_in = 0.2 + 0.2 * legend_rows
+    height = 3.0 * rows_of_panels + legend_in
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(11, height), squeeze=False)
     colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(runs)}
-    for ax, (split, key) in zip(axes.flat, panels):
-        for name, rows in runs.items():
-            steps, values = series(rows, key, split)
-            style = dict(marker="o", linestyle="--", markersize=4) if split == "eval" else dict(linewidth=1.2)
-            ax.plot(steps, values, color=colors[name], **style)
-        ax.set_title(f"{key} ({'held-out' if split == 'eval' else 'train'})")
-        ax.set_xlabel("optimizer step")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    for ax, (kind, split, key) in zip(axes.flat, panels):
+        where = "held-out" if split == "eval" else "train"
+        if kind == "curve":
+            for name, rows in runs.items():
+                steps, values = series(rows, key, split)
+                style = dict(marker="o", linestyle="--", markersize=4) if split == "eval" else dict(linewidth=1.2)
+                ax.plot(steps, values, color=colors[name], **style)
+            ax.set_title(f"{key} ({where})")
+            ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        else:
+            finals = {name: (series(rows, key, split)[1] or [float("nan")])[-1] for name, rows in runs.items()}
+            bars_drawn = ax.bar(range(len(finals)), list(finals.values()), color=[colors[n] for n in finals])
+            ax.bar_label(bars_drawn, labels=[f"{v:.3g}" for v in finals.values()], fontsize=8)
+            ax.set_xticks(range(len(finals)), list(finals))
+            ax.set_xlabel("job")
+            ax.set_title(f"final {key} ({where}) by job")
+            ax.margins(y=0.15)
         ax.grid(alpha=0.3)
-    if bar_metric is not None:
-        ax = list(axes.flat)[len(panels)]
-        split, key = bar_metric
-        finals = {name: (series(rows, key, split)[1] or [float("nan")])[-1] for name, rows in runs.items()}
-        ax.bar(range(len(finals)), list(finals.values()), color=[colors[n] for n in finals])
-        ax.set_xticks(range(len(finals)), list(finals))
-        ax.set_xlabel("job")
-        ax.set_title(f"final held-out {key} by job")
-        ax.grid(alpha=0.3, axis="y")
-    for ax in list(axes.flat)[count:]:
+    for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color=colors[n], linewidth=3) for n in runs]
-    fig.legend(handles, [f"{n}: {labels.get(n, '')}" for n in runs], loc="lower center", ncol=1 if len(runs) > 4 else 2,
-               fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.035 * ((len(runs) + 1) // (1 if len(runs) > 4 else 2)) + 0.02, 1, 1))
+    fig.legend(handles, [f"{n}: {labels.get(n, '')}" for n in runs], loc="lower center",
+               ncol=1 if len(runs) > 4 else 2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, legend_in / height, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)

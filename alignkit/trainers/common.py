@@ -41,6 +41,11 @@ class Run:
     progress: Any = None
     stop: Any = None
     started: float = field(default_factory=time.time)
+    cpu_started: float = field(default_factory=time.process_time)  # sweep jobs can share one process
+
+    def cpu_time(self) -> float:
+        """This process's CPU seconds since the run started (logged as ``cpu_time_s``)."""
+        return time.process_time() - self.cpu_started
 
     @property
     def is_main(self) -> bool:
@@ -273,9 +278,9 @@ def after_step(run: Run, engine, step: int, steps: int, metrics: dict[str, float
     Returns True when the run must stop now (SIGINT/SIGTERM on any rank): the checkpoint is saved
     and the logs closed, so ``resume=auto`` continues exactly from here.
     """
-    run.log(step, {**metrics, "cpu_time_s": time.process_time()}, split="train")
+    run.log(step, {**metrics, "cpu_time_s": run.cpu_time()}, split="train")
     if evaluate is not None and should(int(run.cfg.trainer.eval_every), step, steps):
-        run.log(step, {**evaluate(), "cpu_time_s": time.process_time()}, split="eval")
+        run.log(step, {**evaluate(), "cpu_time_s": run.cpu_time()}, split="eval")
     stop = run.stop_requested()
     if stop or should(int(run.cfg.trainer.save_every), step, steps):
         save(run, engine, step, extra_engines)

@@ -100,3 +100,15 @@ def test_answer_metrics_separate_correctness_from_format():
     assert out["answer_accuracy"] == 0.5 and out["baseline_answer_accuracy"] == 1.0
     assert out["format"] == 1.0 and out["baseline_format"] < 0.5
     assert answer_metrics([{"answer": None, "model": "x", "baseline": "y"}]) == {}
+
+
+def test_cpu_time_counts_from_the_run_start_not_the_process_start():
+    """Sweep jobs run one after another in one process: each job's cpu_time_s must start near 0."""
+    import torch
+
+    from alignkit.trainers.common import Run
+
+    sum(i * i for i in range(2_000_000))  # spend CPU before the run starts
+    run = Run(cfg=None, run_dir=Path("."), rank=0, world=1, device=torch.device("cpu"))
+    assert time.process_time() > 0.05
+    assert 0.0 <= run.cpu_time() < 0.05
