@@ -97,7 +97,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                     logps=logps.detach(), old_logps=old, advantages=advantages, mask=mask,
                     values=values, old_values=old_values, returns=returns))
                 common.backward_step(critic, v_loss)
-                meter.add({"loss": loss, **metrics, "value_loss": v_loss, **{f"value/{k}": v for k, v in v_metrics.items()}})
+                meter.add({"loss": loss, **metrics, "value_loss": v_loss, **v_metrics})  # v_metrics: value/...
         metrics = {**meter.means(), **rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean()),
                    "lr": lr, "step_seconds": time.time() - tick}
         if common.after_step(run, actor, step, steps, common.all_reduce_mean(metrics, run),

@@ -83,6 +83,8 @@ def test_other_runners_train(tmp_path, recipe):
     assert (run_dir / "final").is_dir()
     if recipe == "ppo_tiny":
         check_exported_critic(run_dir)
+        assert {"value_loss", "value/mean", "value/clip_fraction", "kl", "clip_fraction"} <= rows[0].keys()
+        assert not any(key.startswith("value/value/") for key in rows[0])
 
 
 def check_exported_critic(run_dir: Path) -> None:
