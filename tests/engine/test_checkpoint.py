@@ -170,7 +170,7 @@ def test_extra_engines_share_the_checkpoint(tmp_path):
 
 
 def run_worker(*args):
-    env = dict(os.environ, PYTHONPATH=str(HERE), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join((str(HERE), str(HERE.parent))), OMP_NUM_THREADS="1")  # + tests/: tiny_llama
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # each worker is its own world of one
     return subprocess.run(
