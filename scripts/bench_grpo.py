@@ -73,7 +73,8 @@ def worker_trl(args) -> dict:
         trainer = GRPOTrainer(model=model, reward_funcs=judge_reward, args=config, train_dataset=data,
                               processing_class=tokenizer, callbacks=[Timer()])
         trainer.train()
-    return {"step_times": times}
+    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
+    return {"step_times": times, "mean_length": statistics.fmean(lengths) if lengths else float("nan")}
 
 
 def worker_alignkit(args) -> dict:
@@ -93,7 +94,9 @@ def worker_alignkit(args) -> dict:
         ])
         assert code == 0
         times, _ = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
-    return {"step_times": times}
+        rows = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
+    lengths = [r["response_length"] for r in rows if r["split"] == "train" and "response_length" in r]
+    return {"step_times": times, "mean_length": statistics.fmean(lengths) if lengths else float("nan")}
 
 
 def run_worker(tool: str, args) -> dict:
@@ -120,16 +123,18 @@ def main() -> None:
           f"up to {args.max_new_tokens} new tokens, {args.steps} steps x {args.repeats} repeats")
     results = bench_common.alternate(
         ("trl", "alignkit"), args.repeats, lambda tool: run_worker(tool, args),
-        lambda r: f"steps {[round(t, 2) for t in r['step_times']]} rss {r['peak_rss_gb']:.2f} GB")
+        lambda r: f"steps {[round(t, 2) for t in r['step_times']]} rss {r['peak_rss_gb']:.2f} GB "
+                  f"mean completion length {r['mean_length']:.1f} tokens")
     summary = {}
     for tool, runs in results.items():
         per_step = [statistics.median(r["step_times"][1:] or r["step_times"]) for r in runs]
         s = statistics.median(per_step)
         summary[tool] = (s, min(per_step), max(per_step), completions / s,
-                         statistics.median(r["peak_rss_gb"] for r in runs))
-    print(f"\n{'':<10}{'s/step':>20}{'completions/s':>15}{'RSS GB':>8}")
-    for tool, (s, lo, hi, cps, rss) in summary.items():
-        print(f"{tool:<10}{s:>8.2f} [{lo:.2f}-{hi:.2f}]{cps:>15.3f}{rss:>8.2f}")
+                         statistics.median(r["peak_rss_gb"] for r in runs),
+                         statistics.fmean(r["mean_length"] for r in runs))
+    print(f"\n{'':<10}{'s/step':>20}{'completions/s':>15}{'RSS GB':>8}{'mean length':>13}")
+    for tool, (s, lo, hi, cps, rss, length) in summary.items():
+        print(f"{tool:<10}{s:>8.2f} [{lo:.2f}-{hi:.2f}]{cps:>15.3f}{rss:>8.2f}{length:>13.1f}")
     print(f"\nalignkit / TRL: {summary['alignkit'][3] / summary['trl'][3]:.2f}x completions/s")
 
 
