@@ -48,27 +48,26 @@ def series(rows: list[dict], key: str, split: str) -> tuple[list[int], list[floa
     return [s for s, _ in picked], [v for _, v in picked]
 
 
-def plot_runs(runs: dict[str, list[dict]], out: Path) -> Path:
+def plot_run(rows: list[dict], out: Path) -> Path:
+    """One run: a panel per metric family it logged, train curves and eval points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = [(title, keys) for title, keys in PANELS
-              if any(series(rows, k, s)[0] for rows in runs.values() for k in keys for s in ("train", "eval"))]
+              if any(series(rows, k, s)[0] for k in keys for s in ("train", "eval"))]
     cols = 2
     fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(11, 3.2 * ((len(panels) + 1) // 2)),
                              squeeze=False)
     for ax, (title, keys) in zip(axes.flat, panels):
-        for name, rows in runs.items():
-            for key in keys:
-                label = key if len(runs) == 1 else f"{name}: {key}"
-                steps, values = series(rows, key, "train")
-                if steps:
-                    ax.plot(steps, values, label=f"{label} (train)", linewidth=1.2)
-                steps, values = series(rows, key, "eval")
-                if steps:
-                    ax.plot(steps, values, "o--", label=f"{label} (eval)", markersize=4)
+        for key in keys:
+            steps, values = series(rows, key, "train")
+            if steps:
+                ax.plot(steps, values, label=f"{key} (train)", linewidth=1.2)
+            steps, values = series(rows, key, "eval")
+            if steps:
+                ax.plot(steps, values, "o--", label=f"{key} (eval)", markersize=4)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -160,9 +159,9 @@ def write_report(target: str) -> Path:
     jobs = sorted(p for p in root.glob("*/metrics.jsonl")) if not (root / "metrics.jsonl").exists() else []
     out_dir = root / "report"
     if jobs:  # a sweep directory: one curve per job
-        from alignkit.sweep import varied_overrides
+        from alignkit.sweep import job_order, varied_overrides
 
-        names = sorted((p.parent.name for p in jobs), key=lambda n: (not n.isdigit(), int(n) if n.isdigit() else 0, n))
+        names = sorted((p.parent.name for p in jobs), key=job_order)
         runs = {name: read_metrics(root / name) for name in names}
         overrides = {name: (root / name / "overrides.txt").read_text().split()
                      if (root / name / "overrides.txt").exists() else [] for name in names}
@@ -175,7 +174,7 @@ def write_report(target: str) -> Path:
             lines += summary_table(rows) + [""]
     else:
         rows = read_metrics(root)
-        png = plot_runs({root.name: rows}, out_dir / "metrics.png")
+        png = plot_run(rows, out_dir / "metrics.png")
         lines = [f"# Run report: {root.name}", "", f"![metrics]({png.name})", ""] + summary_table(rows)
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return out_dir

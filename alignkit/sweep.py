@@ -124,7 +124,7 @@ def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
     significant digits); the overrides shared by all jobs are stated once above the Markdown table.
     """
     rows = [json.loads(p.read_text()) for p in sorted(Path(sweep_dir).glob("*/job_result.json"),
-                                                       key=lambda p: _job_order(p.parent.name))]
+                                                       key=lambda p: job_order(p.parent.name))]
     if not rows:
         return rows
     common, varied = varied_overrides({row["job"]: row.get("overrides", "").split() for row in rows})
@@ -171,7 +171,8 @@ def _short(override: str) -> str:
     return f"{key}{sep}{number:.4g}" if "." in value or "e" in value.lower() else override
 
 
-def _job_order(name: str) -> tuple[int, str]:
+def job_order(name: str) -> tuple[int, str]:
+    """Sort key of a sweep's job folders: numbered jobs in numeric order (2 before 10), others last."""
     return (int(name), name) if name.isdigit() else (10**9, name)
 
 

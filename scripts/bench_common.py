@@ -4,7 +4,7 @@
 RSS and warm-up are its own) and returns the JSON line it prints; ``time_alignkit_loop`` patches
 the trainer so the worker knows when the training loop started (after model load, data and the
 reference pre-pass, which the DPO bench times separately); ``step_times`` turns the loop start and
-the metrics' timestamps into per-step seconds.
+the metrics' timestamps into per-step seconds (and returns the train records).
 """
 
 from __future__ import annotations
@@ -103,12 +103,12 @@ def print_profile(profile: dict, wall_s: float, cpu_s: float) -> None:
         print(f"| `{name}` | {count} | {seconds:.2f} |")
 
 
-def step_times(loop_start: float, metrics_path) -> tuple[list[float], dict]:
-    """Seconds of each train step from the metrics' timestamps, and the first train record."""
+def step_times(loop_start: float, metrics_path) -> tuple[list[float], list[dict]]:
+    """Seconds of each train step from the metrics' timestamps, and the train records themselves."""
     records = [json.loads(line) for line in open(metrics_path).read().splitlines()]
     train = [r for r in records if r["split"] == "train"]
     stamps = [loop_start] + [r["time"] for r in train]
-    return [b - a for a, b in zip(stamps, stamps[1:])], train[0]
+    return [b - a for a, b in zip(stamps, stamps[1:])], train
 
 
 def alternate(tools: tuple[str, ...], repeats: int, run, describe) -> dict[str, list[dict]]:

@@ -138,7 +138,8 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
             f"trainer.reference_cache_dir={out}/ref",
         ])
         assert code == 0
-        times, first = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
+        times, train = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
+    first = train[0]
     if args.profile:
         return {"profile": bench_common.profile_by_kind(marks.pop("profiler")), "loop_wall_s": sum(times),
                 "loop_cpu_s": marks["loop_cpu_s"]}

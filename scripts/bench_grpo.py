@@ -93,9 +93,8 @@ def worker_alignkit(args) -> dict:
             f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
         ])
         assert code == 0
-        times, _ = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
-        rows = [json.loads(line) for line in (Path(out) / "bench" / "metrics.jsonl").read_text().splitlines()]
-    lengths = [r["response_length"] for r in rows if r["split"] == "train" and "response_length" in r]
+        times, train = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
+    lengths = [r["response_length"] for r in train if "response_length" in r]
     return {"step_times": times, "mean_length": statistics.fmean(lengths) if lengths else float("nan")}
 
 

@@ -33,9 +33,9 @@ from __future__ import annotations
 import math
 import os
 import socket
-from pathlib import Path
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
