@@ -135,7 +135,7 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
             "trainer.warmup_steps=0", "trainer.lr=5e-6", "trainer.scheduler=constant", f"data.layout={args.layout}",
             f"trainer.reference={args.reference}", f"data.train=[{{path: {data_file}}}]", "data.eval=[]",
             "data.max_length=256", f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
-            f"trainer.reference_cache_dir={out}/ref",
+            f"trainer.reference_cache_dir={out}/ref", *args.override,
         ])
         assert code == 0
         times, train = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
@@ -164,7 +164,8 @@ def count_tokens(rows: list[dict], steps: int, batch: int) -> float:
 
 def worker_argv(args) -> list[str]:
     return ["--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
-            "--layout", args.layout, "--reference", args.reference]
+            "--layout", args.layout, "--reference", args.reference,
+            *(f"--override={o}" for o in args.override)]
 
 
 def run_worker(tool: str, args) -> dict:
@@ -179,6 +180,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
     parser.add_argument("--reference", default="precomputed", choices=["precomputed", "separate"])
+    parser.add_argument("--override", action="append", default=[],
+                        help="an extra alignkit override (repeatable), e.g. data.max_tokens_per_row=1024")
     parser.add_argument("--worker", choices=["trl", "alignkit"])
     parser.add_argument("--profile", action="store_true", help="profile alignkit's training loop instead of comparing")
     args = parser.parse_args()

@@ -99,9 +99,10 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
     gradient_checkpointing: bool = False
+    lean_mlp: bool = True  # SwiGLU MLPs keep one activation fewer for backward (alignkit.models.lean_mlp)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
-    logprob_chunk_size: int = 1024  # targets per LM-head chunk in TargetLogProbs
+    logprob_chunk_size: int = 256  # targets per LM-head chunk in TargetLogProbs
 
     def validate(self, prefix: str = "model") -> None:
         if not self.name_or_path:

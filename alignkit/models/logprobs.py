@@ -9,6 +9,15 @@ forward pass and recomputed in backward, so memory is O(chunk x vocab) instead o
 O(tokens x vocab), and no logits at all are computed for prompt or pad positions. The
 log-sum-exp runs in fp32 whatever the model dtype.
 
+When only log-probs are asked for and the head is a plain bias-free ``nn.Linear`` (or the tied
+embedding matrix) that ZeRO-3 does not partition, the chunks run in one autograd function,
+``FusedHeadLogProbs``, whose backward recomputes each chunk's logits into a single ``[chunk, vocab]``
+fp32 buffer, turns it into the gradient in place (``g * (onehot - softmax)``) and accumulates the
+head's weight gradient into one ``[vocab, H]`` tensor. The generic checkpointed path holds ~5
+``[chunk, vocab]`` temporaries plus one weight gradient per chunk at the start of backward, when
+all decoder activations are still alive: the peak of a training step (~250 MB for a SmolLM2 DPO
+batch). Both paths compute the same numbers up to float rounding (tests compare them).
+
 Optional per-target statistics from the same chunk: ``entropy`` of the next-token distribution and
 ``log_sq_mass`` = log sum_v p_v^2 (WPO's weight).
 
@@ -79,6 +88,66 @@ def _target_stats(
     return tuple(stats)
 
 
+def _logit_dtype(weight: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 heads (fp64 stays fp64, for gradcheck)."""
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+class FusedHeadLogProbs(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T)[i, target_ids[i]]`` for ``[N, H]`` hidden, chunk by chunk.
+
+    Saves only ``hidden``, ``weight`` and the per-target log-sum-exp; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, target_ids, chunk_size):
+        n, dtype = hidden.shape[0], _logit_dtype(weight)
+        logps = torch.empty(n, dtype=dtype, device=hidden.device)
+        log_normalizer = torch.empty(n, dtype=dtype, device=hidden.device)
+        for start in range(0, n, chunk_size):
+            span = slice(start, start + chunk_size)
+            logits = F.linear(hidden[span], weight).to(dtype)
+            log_normalizer[span] = torch.logsumexp(logits, dim=-1)
+            logps[span] = logits.gather(-1, target_ids[span].unsqueeze(-1)).squeeze(-1) - log_normalizer[span]
+        ctx.save_for_backward(hidden, weight, target_ids, log_normalizer)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, target_ids, log_normalizer = ctx.saved_tensors
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_logps = grad_logps.to(log_normalizer.dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            span = slice(start, start + ctx.chunk_size)
+            g = grad_logps[span].unsqueeze(-1)
+            # d logp / d logits = onehot(target) - softmax, scaled by the incoming gradient; in place
+            grad_logits = F.linear(hidden[span], weight).to(log_normalizer.dtype)
+            grad_logits.sub_(log_normalizer[span].unsqueeze(-1)).exp_().mul_(-g)
+            grad_logits.scatter_add_(-1, target_ids[span].unsqueeze(-1), g)
+            grad_logits = grad_logits.to(weight.dtype)
+            if want_hidden:
+                torch.mm(grad_logits, weight, out=grad_hidden[span])
+            if want_weight:
+                grad_weight.addmm_(grad_logits.t(), hidden[span])
+        return grad_hidden, grad_weight, None, None
+
+
+def fused_head_weight(head: nn.Module | torch.Tensor, softcap: float | None, with_entropy: bool,
+                      with_log_sq_mass: bool) -> torch.Tensor | None:
+    """The head's weight when ``FusedHeadLogProbs`` applies, else None (see the module docstring)."""
+    if softcap or with_entropy or with_log_sq_mass:
+        return None
+    if isinstance(head, torch.Tensor):
+        weight = head
+    elif type(head) is nn.Linear and head.bias is None and not head._forward_hooks and not head._forward_pre_hooks:
+        weight = head.weight
+    else:
+        return None  # LoRA/quantised heads, biases, hooks (ZeRO-3 gathers through module hooks)
+    return None if hasattr(weight, "ds_id") else weight  # ds_id: a ZeRO-3 partitioned parameter
+
+
 def output_head(model: nn.Module) -> nn.Module | torch.Tensor:
     """The LM head module, or the input embedding matrix when the model exposes no output module."""
     head = model.get_output_embeddings()
@@ -94,7 +163,7 @@ class TargetLogProbs(nn.Module):
     decoder, so ``disabled_adapter`` applies here too).
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, fused_head: bool = True):
         super().__init__()
         if chunk_size <= 0:
             raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -104,6 +173,7 @@ class TargetLogProbs(nn.Module):
                 raise NotImplementedError(f"TargetLogProbs does not apply config.{name}; use naive_target_logps")
         self.model = model
         self.chunk_size = chunk_size
+        self.fused_head = fused_head
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def hidden_states(
@@ -133,6 +203,9 @@ class TargetLogProbs(nn.Module):
         hidden = self.hidden_states(input_ids, attention_mask, position_ids)
         targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # [N, H]
         head = output_head(self.model)
+        weight = fused_head_weight(head, self.softcap, with_entropy, with_log_sq_mass) if self.fused_head else None
+        if weight is not None:
+            return {"logps": FusedHeadLogProbs.apply(targets, weight, target_ids, self.chunk_size)}
         recompute = torch.is_grad_enabled() and targets.requires_grad
         chunks = []
         for start in range(0, max(targets.shape[0], 1), self.chunk_size):

@@ -211,3 +211,64 @@ def test_bf16_model_with_additive_mask():
         naive = naive_target_logps(model, batch)
     assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
     torch.testing.assert_close(fast, naive, rtol=0, atol=1e-3)  # bf16 matmuls may block differently
+
+
+@pytest.mark.parametrize("chunk_size", [2, 1000])
+def test_fused_head_matches_the_checkpointed_head(chunk_size):
+    """FusedHeadLogProbs (the default for plain heads) and the generic checkpointed chunks agree."""
+    from alignkit.models.logprobs import FusedHeadLogProbs, fused_head_weight, output_head
+
+    model = tiny_model()
+    batch = LAYOUTS["prefix_shared"]()
+    assert fused_head_weight(output_head(model), None, False, False) is not None  # the tiny head takes it
+    weights = torch.linspace(-1.0, 2.0, batch.target_ids.numel())
+    calls = []
+    original = FusedHeadLogProbs.apply
+    FusedHeadLogProbs.apply = lambda *a: calls.append(1) or original(*a)
+    try:
+        fused = TargetLogProbs(model, chunk_size)(batch.input_ids, batch.attention_mask, batch.position_ids,
+                                                  batch.target_index, batch.target_ids)["logps"]
+    finally:
+        FusedHeadLogProbs.apply = original
+    assert calls, "the fused head was not used"
+    fused_grads = grads_of(model, (weights * fused).sum())
+    generic = TargetLogProbs(model, chunk_size, fused_head=False)(
+        batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_index, batch.target_ids)["logps"]
+    generic_grads = grads_of(model, (weights * generic).sum())
+    torch.testing.assert_close(fused, generic, rtol=0, atol=ATOL)
+    assert_same_grads(fused_grads, generic_grads)
+
+
+def test_fused_head_falls_back_where_it_does_not_apply():
+    from alignkit.models.logprobs import fused_head_weight
+
+    head = torch.nn.Linear(4, 8, bias=False)
+    assert fused_head_weight(head, None, False, False) is head.weight
+    assert fused_head_weight(head.weight, None, False, False) is head.weight  # tied embedding matrix
+    assert fused_head_weight(head, 30.0, False, False) is None  # softcapping
+    assert fused_head_weight(head, None, True, False) is None  # entropy asked for
+    assert fused_head_weight(head, None, False, True) is None
+    assert fused_head_weight(torch.nn.Linear(4, 8), None, False, False) is None  # bias
+    hooked = torch.nn.Linear(4, 8, bias=False)
+    hooked.register_forward_pre_hook(lambda *a: None)  # e.g. ZeRO-3 gathering the weight
+    assert fused_head_weight(hooked, None, False, False) is None
+    partitioned = torch.nn.Linear(4, 8, bias=False)
+    partitioned.weight.ds_id = 7
+    assert fused_head_weight(partitioned, None, False, False) is None
+
+
+def test_fused_head_grads_against_the_direct_formula():
+    """Independent check on fixed tensors: d/dh and d/dW of sum_i g_i log_softmax(h W^T)[i, t_i]."""
+    from alignkit.models.logprobs import FusedHeadLogProbs
+
+    torch.manual_seed(0)
+    hidden = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 6, 3, 3, 1])
+    g = torch.tensor([1.0, -2.0, 0.5, 0.0, 3.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda h, w: FusedHeadLogProbs.apply(h, w, targets, 2).double(), (hidden, weight))
+    (g * FusedHeadLogProbs.apply(hidden, weight, targets, 2)).sum().backward()
+    probs = torch.softmax(hidden.detach() @ weight.detach().T, dim=-1)
+    grad_logits = g[:, None] * (torch.nn.functional.one_hot(targets, 7) - probs)
+    torch.testing.assert_close(hidden.grad, grad_logits @ weight.detach())
+    torch.testing.assert_close(weight.grad, grad_logits.T @ hidden.detach())
