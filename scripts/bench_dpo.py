@@ -126,6 +126,16 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
             marks["prepass_s"] = time.perf_counter() - start
 
     preference.precompute = timed_precompute
+    import alignkit.trainers.common as common
+
+    original_collate, shapes = common.collate_groups, []
+
+    def counted_collate(*a, **k):  # what alignkit's forward passes actually process
+        batch = original_collate(*a, **k)
+        shapes.append((*batch.input_ids.shape, batch.target_ids.numel()))
+        return batch
+
+    common.collate_groups = counted_collate
     with tempfile.TemporaryDirectory() as out:
         data_file = Path(out) / "pairs.jsonl"
         data_file.write_text("".join(json.dumps(r) + "\n" for r in alignkit_file_order(rows, args.batch)))
@@ -143,9 +153,28 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
     if args.profile:
         return {"profile": bench_common.profile_by_kind(marks.pop("profiler")), "loop_wall_s": sum(times),
                 "loop_cpu_s": marks["loop_cpu_s"]}
+    # the last `steps` collations are the training batches (one micro-batch per step), the rest the pre-pass
     return {"step_times": times, "prepass_s": marks.get("prepass_s", 0.0),
+            "train_shapes": shapes[-args.steps:], "prepass_shapes": shapes[:-args.steps],
             "first_logps_chosen": first["logps/chosen"], "first_logps_rejected": first["logps/rejected"],
             "first_loss": first["loss"]}
+
+
+def executed_gflops_per_step(result: dict, config, steps: int) -> float:
+    """Matmul FLOPs alignkit actually runs per step: decoder over every row position (padding
+    included), dense attention over each row, the LM head on targets only; x3 for the training
+    forward+backward, x1 for the pre-pass forward (spread over the steps). Embedding lookups,
+    norms and element-wise ops are not counted."""
+    d, layers = config.hidden_size, config.num_hidden_layers
+    kv = d * config.num_key_value_heads // config.num_attention_heads
+    body = layers * (2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size)  # q,o + k,v + MLP weights
+    head = config.vocab_size * d
+
+    def forward(rows: int, length: int, targets: int) -> float:
+        return 2 * body * rows * length + 4 * layers * d * rows * length**2 + 2 * head * targets
+
+    train = sum(3 * forward(*shape) for shape in result["train_shapes"][1:]) / max(len(result["train_shapes"]) - 1, 1)
+    return (train + sum(forward(*shape) for shape in result["prepass_shapes"]) / steps) / 1e9
 
 
 def count_tokens(rows: list[dict], steps: int, batch: int) -> float:
@@ -201,8 +230,9 @@ def main() -> None:
     from alignkit.models.smollm2 import smollm2_dir
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    config = AutoConfig.from_pretrained(smollm2_dir())
     with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(smollm2_dir())).parameters())
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     tokens = count_tokens(rows, args.steps, args.batch)
     peak = matmul_peak_gflops()
     print(f"model {params / 1e6:.1f} M params, {tokens:.0f} non-pad tokens/step, fp32 matmul peak {peak:.1f} GFLOP/s, "
@@ -220,6 +250,9 @@ def main() -> None:
             "s_per_step": s, "spread": (min(per_step), max(per_step)), "pairs_per_s": args.batch / s,
             "tokens_per_s": tokens / s, "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
             "mfu": 8 * params * tokens / s / (peak * 1e9),
+            "hfu": (statistics.median(executed_gflops_per_step(r, config, args.steps) / (
+                statistics.median(r["step_times"][1:] or r["step_times"]) + r["prepass_s"] / args.steps)
+                for r in runs) / peak) if tool == "alignkit" else None,
             "first_logps": (runs[0]["first_logps_chosen"], runs[0]["first_logps_rejected"]),
             "first_loss": runs[0]["first_loss"],
         }
@@ -231,6 +264,8 @@ def main() -> None:
     a, t = summary["alignkit"], summary["trl"]
     print(f"\nalignkit / TRL: {a['pairs_per_s'] / t['pairs_per_s']:.2f}x pairs/s, "
           f"{a['peak_rss_gb'] / t['peak_rss_gb']:.2f}x peak RSS")
+    print(f"alignkit's executed matmul FLOPs (prompt once, padding and dense attention included, LM head on "
+          f"targets only) over the measured peak: {a['hfu']:.1%}")
 
 
 if __name__ == "__main__":
