@@ -99,7 +99,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
     gradient_checkpointing: bool = False
-    lean_mlp: bool = True  # SwiGLU MLPs keep one activation fewer for backward (alignkit.models.lean_mlp)
+    lean_activations: bool = True  # SwiGLU MLPs and RMSNorms keep fewer activations (alignkit.models.lean)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     logprob_chunk_size: int = 256  # targets per LM-head chunk in TargetLogProbs

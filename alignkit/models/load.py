@@ -31,7 +31,7 @@ from torch import nn
 from alignkit.errors import ConfigError, ModelLoadError
 from alignkit.models.config import SPECIAL_SOURCES, LoraConfig, ModelConfig, torch_dtype
 from alignkit.models.fsutil import atomic_directory
-from alignkit.models.lean_mlp import make_mlps_lean
+from alignkit.models.lean import make_lean
 from alignkit.models.smollm2 import smollm2_dir, strip_gguf_quantization_config
 from alignkit.models.tiny import build_tiny_model, load_tiny_tokenizer
 
@@ -190,8 +190,8 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 def _finish(model: nn.Module, tokenizer, cfg: ModelConfig, lora_task_type: str) -> nn.Module:
     ensure_pad_token(tokenizer, model)
-    if cfg.lean_mlp:
-        make_mlps_lean(model)
+    if cfg.lean_activations:
+        make_lean(model)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
         model.config.use_cache = False

@@ -78,11 +78,13 @@ class Run:
 
 def start(cfg: DictConfig, run_dir: Path) -> Run:
     """Distributed set-up, seeds, logger and signal handling for one process of a run."""
-    from alignkit.engine.engine import setup_distributed
+    from alignkit.engine.engine import return_freed_memory_to_os, setup_distributed
     from alignkit.engine.faults import StopRequest
 
     placement = setup_distributed()
     rank, world, device = placement.rank, placement.world_size, placement.device
+    if device.type == "cpu" and cfg.trainer.get("cpu_release_freed_memory", False):
+        return_freed_memory_to_os()
     expected = world_size(cfg)
     if world != expected:
         from alignkit.errors import ConfigError

@@ -47,3 +47,16 @@ def test_user_setting_wins(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
     assert return_freed_memory_to_os() is False
+
+
+@pytest.mark.parametrize("switch", [True, False])
+def test_the_trainer_switch_applies_it_on_cpu(tmp_path, monkeypatch, switch):
+    import alignkit.engine.engine as engine
+    from alignkit.run import train_from_overrides
+
+    calls = []
+    monkeypatch.setattr(engine, "return_freed_memory_to_os", lambda: calls.append(1) or True)
+    code = train_from_overrides(["recipe=dpo_tiny", "trainer.max_steps=1", "trainer.eval_every=0",
+                                 "trainer.export=false", f"trainer.cpu_release_freed_memory={switch}",
+                                 f"output_dir={tmp_path}", "run_name=r", f"trainer.reference_cache_dir={tmp_path}/ref"])
+    assert code == 0 and len(calls) == int(switch)

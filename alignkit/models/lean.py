@@ -1,0 +1,103 @@
+"""Lean layers: the model's own numbers, fewer activations kept for backward.
+
+Plain autograd keeps, per decoder layer, tensors that backward can recompute with one cheap
+element-wise pass. Two are replaced here (``make_lean(model)``), for a SmolLM2 DPO batch ~140 MB
+less activation memory at the start of backward (the step's peak) and no measurable time:
+
+* **SwiGLU MLP** ``down(silu(gate(x)) * up(x))``: autograd keeps ``gate(x)``, ``silu(gate(x))``,
+  ``up(x)`` and the product; ``SiluMul`` keeps ``gate(x)`` and ``up(x)`` and recomputes the silu.
+  It runs the same aten ops as autograd (``silu``, ``mul``, ``silu_backward``): bit-identical.
+* **RMSNorm** ``w * (x * rsqrt(mean(x^2) + eps))``: autograd keeps ``x``, the normalised ``x``
+  and ``rsqrt``; ``RMSNormFunction`` keeps ``x`` and ``rsqrt`` (the normalised ``x`` is recomputed).
+  The forward is the same sequence of ops (bit-identical); the input gradient is computed as one
+  sum where autograd adds three contributions in its own order, so gradients agree to rounding.
+
+The projections stay module calls, so LoRA layers and ZeRO-3's parameter-gathering hooks work
+unchanged. Only classes known to have exactly these forwards are changed (``LEAN_MLP_CLASSES``,
+``LEAN_NORM_CLASSES``); others (GELU MLPs, Gemma's ``1 + w`` norm, fused projections) are left alone.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LEAN_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP")
+LEAN_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm")
+
+
+class SiluMul(torch.autograd.Function):
+    """``silu(gate) * up``, saving ``gate`` and ``up`` only."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for bf16/fp16/fp32 inputs, as Llama's norm does (fp64 stays fp64, for gradcheck)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+class RMSNormFunction(torch.autograd.Function):
+    """Llama's RMSNorm (fp32 statistics, output in the input dtype), saving ``x`` and ``rsqrt`` only."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xf = x.to(_stat_dtype(x))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        xf = x.to(rstd.dtype)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * (xf * rstd).to(x.dtype)).sum_to_size(weight.shape)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_normed = (grad * weight).to(rstd.dtype)
+            grad_rstd = (grad_normed * xf).sum(-1, keepdim=True)
+            grad_mean = (-0.5 * grad_rstd) * rstd.pow(3)  # d rsqrt(a) / da = -a^(-3/2) / 2
+            grad_x = grad_normed * rstd + (grad_mean.expand_as(xf) / xf.shape[-1]) * (2.0 * xf)
+            grad_x = grad_x.to(x.dtype)
+        return grad_x, grad_weight, None
+
+
+def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
+    return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon)
+
+
+def is_silu(module: nn.Module | None) -> bool:
+    return isinstance(module, nn.SiLU) or type(module).__name__ == "SiLUActivation"
+
+
+def make_lean(model: nn.Module) -> int:
+    """Give every known SwiGLU MLP and RMSNorm its lean forward; returns how many modules changed."""
+    changed = 0
+    for module in model.modules():
+        name = type(module).__name__
+        if name in LEAN_MLP_CLASSES and is_silu(getattr(module, "act_fn", None)):
+            module.forward = types.MethodType(_lean_mlp_forward, module)
+            changed += 1
+        elif name in LEAN_NORM_CLASSES and isinstance(getattr(module, "weight", None), torch.Tensor):
+            module.forward = types.MethodType(_lean_norm_forward, module)
+            changed += 1
+    return changed
