@@ -13,7 +13,11 @@ tokens of prompt+chosen and prompt+rejected, counted the same way for both), pea
 (model FLOPs = 8 x parameters x tokens per step — policy forward+backward and the reference
 forward — over the fp32 matmul peak this script measures), the first step's mean log-probs of
 chosen and rejected (they must agree: the same computation), and the ratios. alignkit's
-reference pre-pass is added to its time, spread over the measured steps.
+reference pre-pass is added to its time, spread over the measured steps. For alignkit it also
+prints the utilisation by executed matmul FLOPs, counted from the batches it actually ran
+(``executed_gflops_per_step``): MFU's "model FLOPs" count every pair's prompt twice and the LM
+head on every position, work that prefix sharing and target-only heads skip.
+``--override KEY=VALUE`` (repeatable) passes extra overrides to alignkit's run.
 
 ``--profile`` runs alignkit alone under ``torch.profiler`` from the first training step to the
 end and prints the self CPU time of its operators by kind (matmul, attention, log-sum-exp,
