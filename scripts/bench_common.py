@@ -16,8 +16,8 @@ import sys
 import time
 
 
-def run_worker(script: str, tool: str, argv: list[str]) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
+def run_worker(script: str, tool: str, argv: list[str], extra_env: dict[str, str] | None = None) -> dict:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     proc = subprocess.run([sys.executable, script, "--worker", tool, *argv], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:

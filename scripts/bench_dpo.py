@@ -6,8 +6,9 @@
     python scripts/bench_dpo.py --profile --steps 3              # where alignkit's step time goes
 
 Each repetition runs TRL's DPOTrainer and alignkit's trainer in fresh subprocesses, alternating,
-on the same pairs in the same order (batch of ``--batch`` pairs, one optimizer step per batch, no
-gradient checkpointing for either, fp32). It prints per tool: seconds/step (median and spread over
+on the same pairs in the same order (batch of ``--batch`` pairs, one optimizer step per batch,
+fp32; gradient clipping ``--max-grad-norm``, activation checkpointing ``--gradient-checkpointing``
+and the allocator setting ``--release-freed-memory`` apply to both alike). It prints per tool: seconds/step (median and spread over
 repetitions; the first step of each run is left out as warm-up), pairs/s, non-pad tokens/s (the
 tokens of prompt+chosen and prompt+rejected, counted the same way for both), peak RSS, MFU
 (model FLOPs = 8 x parameters x tokens per step — policy forward+backward and the reference
@@ -104,8 +105,9 @@ def worker_trl(args, rows: list[dict]) -> dict:
     with tempfile.TemporaryDirectory() as out:
         config = DPOConfig(output_dir=out, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
                            max_steps=args.steps, learning_rate=5e-6, beta=0.1, max_length=args.max_length,
+                           max_grad_norm=args.max_grad_norm,
                            logging_steps=1, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
-                           gradient_checkpointing=False, dataloader_num_workers=0, seed=0)
+                           gradient_checkpointing=args.gradient_checkpointing, dataloader_num_workers=0, seed=0)
         trainer = Sequential(model=model, ref_model=ref, args=config, train_dataset=data, processing_class=tokenizer,
                              callbacks=[Timer()])
         trainer.train()
@@ -149,7 +151,8 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
             "trainer.warmup_steps=0", "trainer.lr=5e-6", "trainer.scheduler=constant", f"data.layout={args.layout}",
             f"trainer.reference={args.reference}", f"data.train=[{{path: {data_file}}}]", "data.eval=[]",
             "data.max_length=256", f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
-            f"trainer.reference_cache_dir={out}/ref", *args.override,
+            f"trainer.reference_cache_dir={out}/ref", f"deepspeed.gradient_clipping={args.max_grad_norm}",
+            f"model.gradient_checkpointing={str(args.gradient_checkpointing).lower()}", *args.override,
         ])
         assert code == 0
         times, train = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
@@ -197,12 +200,15 @@ def count_tokens(rows: list[dict], steps: int, batch: int) -> float:
 
 def worker_argv(args) -> list[str]:
     return ["--steps", str(args.steps), "--batch", str(args.batch), "--max-length", str(args.max_length),
-            "--layout", args.layout, "--reference", args.reference,
+            "--layout", args.layout, "--reference", args.reference, "--max-grad-norm", str(args.max_grad_norm),
+            *(["--gradient-checkpointing"] if args.gradient_checkpointing else []),
             *(f"--override={o}" for o in args.override)]
 
 
 def run_worker(tool: str, args) -> dict:
-    return bench_common.run_worker(__file__, tool, worker_argv(args))
+    # the same allocator setting for both processes (alignkit's cpu_release_freed_memory does the same)
+    env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.release_freed_memory else None
+    return bench_common.run_worker(__file__, tool, worker_argv(args), env)
 
 
 def main() -> None:
@@ -213,6 +219,11 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
     parser.add_argument("--reference", default="precomputed", choices=["precomputed", "separate"])
+    parser.add_argument("--max-grad-norm", type=float, default=1.0,
+                        help="global gradient clipping for both tools (0: none, needed by optimizer_in_backward)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing for both tools")
+    parser.add_argument("--release-freed-memory", action="store_true",
+                        help="both processes: glibc serves allocations >= 128 KiB with mmap (MALLOC_MMAP_THRESHOLD_)")
     parser.add_argument("--override", action="append", default=[],
                         help="an extra alignkit override (repeatable), e.g. data.max_tokens_per_row=1024")
     parser.add_argument("--worker", choices=["trl", "alignkit"])

@@ -108,6 +108,8 @@ def validate(cfg: DictConfig) -> None:
     terms = loss_terms(cfg.loss)
     objective_from_cfg(cfg.loss)  # views combine, knob values valid
     _check_batch(cfg)
+    if cfg.deepspeed.get("optimizer_in_backward", False):
+        _check_optimizer_in_backward(cfg, runner)
     if runner in ("ppo", "grpo", "online_dpo"):
         _check_online(cfg, runner)
     needs_ref = any(spec.needs_reference for spec, _, _ in terms)
@@ -155,6 +157,20 @@ def _check_batch(cfg: DictConfig) -> None:
             f"trainer.batch_size={t.batch_size} is not divisible by trainer.micro_batch_size={t.micro_batch_size} "
             f"x {world} process(es) = {per_step}. Choose a batch size that is a multiple of {per_step}."
         )
+
+
+def _check_optimizer_in_backward(cfg: DictConfig, runner: str) -> None:
+    problems = []
+    if world_size(cfg) != 1:
+        problems.append(f"one process (the run asks for {world_size(cfg)}; gradients would be updated "
+                        "before they are averaged)")
+    if grad_accum_steps(cfg) != 1:
+        problems.append(f"no gradient accumulation (trainer.batch_size={cfg.trainer.batch_size} must equal "
+                        f"trainer.micro_batch_size={cfg.trainer.micro_batch_size})")
+    if runner not in ("sft", "preference", "reward"):
+        problems.append(f"an offline runner: sft, preference or reward (got {runner})")
+    if problems:
+        raise ConfigError("deepspeed.optimizer_in_backward=true needs " + "; ".join(problems) + ".")
 
 
 def grad_accum_steps(cfg: DictConfig) -> int:

@@ -198,8 +198,11 @@ def init_train_engine(
     warmup_steps: int = 0,
     total_steps: int,
     scheduler: str = "cosine",
+    optimizer_in_backward: bool = False,
 ):
     """Wrap ``module`` in a training ``DeepSpeedEngine`` with AdamW and a warmup LR schedule.
+
+    ``optimizer_in_backward``: see ``step_in_backward`` (CPU fp32 path only).
 
     Call ``setup_distributed()`` first. Returns the engine: ``engine(**inputs)`` runs forward,
     ``engine.backward(loss)``, ``engine.step()`` (steps optimizer and scheduler at accumulation
@@ -244,12 +247,38 @@ def init_train_engine(
         lr_scheduler=make_scheduler,
         config=config,
     )
+    if optimizer_in_backward:
+        if optimizer is None or engine.world_size != 1 or engine.zero_optimization_stage() != 0:
+            raise ConfigError("deepspeed.optimizer_in_backward=true is implemented for one CPU process with "
+                              "torch's AdamW (ZeRO-0, no offload, no raw_json optimizer); this run has "
+                              f"{'CUDA' if torch.cuda.is_available() else 'another optimizer set-up'}.")
+        step_in_backward(optimizer)
     if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
         # one process, plain data parallel: the gradient all-reduce averages over one rank, but
         # DeepSpeed still flattens every gradient into buckets and copies them back (~10% of a
         # SmolLM2 DPO step on CPU); skip it
         engine.enable_backward_allreduce = False
     return engine
+
+
+def step_in_backward(optimizer: torch.optim.Optimizer) -> None:
+    """Apply ``optimizer`` to each parameter as soon as its gradient is complete, then free the gradient.
+
+    A post-accumulate-grad hook calls ``optimizer.step()`` while that parameter is the only one
+    holding a gradient (the others are not computed yet or already consumed), so the update is
+    the optimizer's own, with its state, param groups and the scheduler's current LR; the
+    engine's ``step()`` afterwards finds no gradients and only advances the schedule. The full set
+    of gradients never exists at once: at the end of a SmolLM2 backward that is 0.5 GB. Exact
+    only without global-norm clipping and without accumulation (``validate`` enforces both).
+    """
+
+    def update(param: torch.Tensor) -> None:
+        optimizer.step()
+        param.grad = None
+
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            param.register_post_accumulate_grad_hook(update)
 
 
 def init_frozen_engine(module: torch.nn.Module, ds_config: dict[str, Any]):

@@ -222,6 +222,7 @@ def train_engine(module: torch.nn.Module, cfg: DictConfig, run: Run, steps: int,
         warmup_steps=int(t.warmup_steps),
         total_steps=steps,
         scheduler=str(t.scheduler),
+        optimizer_in_backward=bool(cfg.deepspeed.get("optimizer_in_backward", False)),
     )
 
 
