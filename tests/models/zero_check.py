@@ -21,6 +21,7 @@ def main(stage: int, tie: bool) -> None:
     from deepspeed.utils import safe_get_full_grad
     from hand_batches import LAYOUTS
 
+    from alignkit.engine.engine import setup_distributed
     from alignkit.models import ModelConfig, TargetLogProbs, load_causal_lm, naive_target_logps
     from alignkit.models.config import TinyModelConfig
 
@@ -33,6 +34,7 @@ def main(stage: int, tie: bool) -> None:
         "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
         "zero_allow_untested_optimizer": True,
     }
+    setup_distributed()  # before DeepSpeed initialises it itself: removes its /dev/shm all-reduce files
     engine, *_ = deepspeed.initialize(model=TargetLogProbs(model, 3), config=ds_config)
     logps = engine(batch.input_ids, batch.attention_mask, batch.position_ids, batch.target_index, batch.target_ids)["logps"]
     want = naive_target_logps(reference, batch)

@@ -21,8 +21,10 @@ from alignkit.rl.generation import HFGenerationEngine
 def main(out_dir: str) -> None:
     import deepspeed
 
+    from alignkit.engine.engine import setup_distributed
+
     torch.set_num_threads(1)
-    deepspeed.init_distributed(dist_backend="gloo")
+    setup_distributed()  # gloo on CPU, and removes DeepSpeed's /dev/shm all-reduce files
     rank = torch.distributed.get_rank()
     model = tiny_llama(eos_token_id=99, pad_token_id=0).eval()
     prompts = [[5, 17, 33, 2], [8, 9]] if rank == 0 else [[40, 41, 42], [12], [7, 7, 7, 7, 7]]
