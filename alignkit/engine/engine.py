@@ -14,6 +14,8 @@
       (``zero_allow_untested_optimizer``), since FusedAdam needs CUDA.
   With one process under ZeRO-0 the engine's gradient all-reduce is switched off (it would only
   flatten and copy every gradient).
+  With ``optimizer_in_backward`` (one CPU process, ZeRO-0) each parameter is updated, and its
+  gradient freed, as soon as its gradient is complete (``step_in_backward``).
   The LR schedule (linear warmup, then constant / linear / cosine decay to 0) is a torch
   ``LambdaLR`` handed to DeepSpeed as a callable, so the engine steps it at accumulation
   boundaries and saves it in its checkpoints.
