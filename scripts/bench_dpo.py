@@ -8,9 +8,9 @@
 Each repetition runs TRL's DPOTrainer and alignkit's trainer in fresh subprocesses, alternating,
 on the same pairs in the same order (batch of ``--batch`` pairs, one optimizer step per batch,
 fp32; gradient clipping ``--max-grad-norm``, activation checkpointing ``--gradient-checkpointing``
-and the allocator setting ``--release-freed-memory`` apply to both alike). It prints per tool: seconds/step (median and spread over
-repetitions; the first step of each run is left out as warm-up), pairs/s, non-pad tokens/s (the
-tokens of prompt+chosen and prompt+rejected, counted the same way for both), peak RSS, MFU
+and the allocator setting ``--release-freed-memory`` apply to both alike). It prints per tool:
+seconds/step (median and spread over repetitions; the first step of each run is left out as
+warm-up), pairs/s, non-pad tokens/s (the tokens of prompt+chosen and prompt+rejected, counted the same way for both), peak RSS, MFU
 (model FLOPs = 8 x parameters x tokens per step — policy forward+backward and the reference
 forward — over the fp32 matmul peak this script measures), the first step's mean log-probs of
 chosen and rejected (they must agree: the same computation), and the ratios. alignkit's
@@ -265,9 +265,8 @@ def main() -> None:
             "s_per_step": s, "spread": (min(per_step), max(per_step)), "pairs_per_s": args.batch / s,
             "tokens_per_s": tokens / s, "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
             "mfu": 8 * params * tokens / s / (peak * 1e9),
-            "hfu": (statistics.median(executed_gflops_per_step(r, config, args.steps) / (
-                statistics.median(r["step_times"][1:] or r["step_times"]) + r["prepass_s"] / args.steps)
-                for r in runs) / peak) if tool == "alignkit" else None,
+            "hfu": (statistics.median(executed_gflops_per_step(r, config, args.steps) / run_s
+                                      for r, run_s in zip(runs, per_step)) / peak) if tool == "alignkit" else None,
             "first_logps": (runs[0]["first_logps_chosen"], runs[0]["first_logps_rejected"]),
             "first_loss": runs[0]["first_loss"],
         }

@@ -251,9 +251,11 @@ def init_train_engine(
     )
     if optimizer_in_backward:
         if optimizer is None or engine.world_size != 1 or engine.zero_optimization_stage() != 0:
+            built = ("torch's AdamW" if optimizer is not None
+                     else "an optimizer built by DeepSpeed (CUDA, offload or raw_json)")
             raise ConfigError("deepspeed.optimizer_in_backward=true is implemented for one CPU process with "
-                              "torch's AdamW (ZeRO-0, no offload, no raw_json optimizer); this run has "
-                              f"{'CUDA' if torch.cuda.is_available() else 'another optimizer set-up'}.")
+                              f"torch's AdamW (ZeRO-0, no offload, no raw_json optimizer); this run has {built}, "
+                              f"{engine.world_size} process(es), ZeRO-{engine.zero_optimization_stage()}.")
         step_in_backward(optimizer)
     if engine.world_size == 1 and engine.zero_optimization_stage() == 0:
         # one process, plain data parallel: the gradient all-reduce averages over one rank, but

@@ -125,6 +125,14 @@ class ModelConfig:
         self.lora.validate(f"{prefix}.lora")
 
 
+def compute_dtype(dtype):
+    """The dtype for statistics and log-sum-exps of ``dtype`` tensors: fp32 for bf16/fp16/fp32
+    (fp64 stays fp64, for gradcheck)."""
+    import torch
+
+    return torch.promote_types(dtype, torch.float32)
+
+
 def torch_dtype(name: str):
     """``fp32|bf16|fp16`` -> the torch dtype."""
     import torch

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from alignkit.models.config import compute_dtype
+
 LEAN_MLP_CLASSES = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "SmolLM3MLP")
 LEAN_NORM_CLASSES = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "SmolLM3RMSNorm")
 
@@ -45,17 +47,12 @@ class SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
-def _stat_dtype(x: torch.Tensor) -> torch.dtype:
-    """fp32 for bf16/fp16/fp32 inputs, as Llama's norm does (fp64 stays fp64, for gradcheck)."""
-    return torch.promote_types(x.dtype, torch.float32)
-
-
 class RMSNormFunction(torch.autograd.Function):
     """Llama's RMSNorm (fp32 statistics, output in the input dtype), saving ``x`` and ``rsqrt`` only."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(_stat_dtype(x))
+        xf = x.to(compute_dtype(x.dtype))  # fp32 statistics, as Llama's norm
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         return weight * (xf * rstd).to(x.dtype)

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from alignkit.models.config import compute_dtype
+
 UNSUPPORTED_LOGIT_SCALES = ("logit_scale", "logits_scaling")
 
 
@@ -88,11 +90,6 @@ def _target_stats(
     return tuple(stats)
 
 
-def _logit_dtype(weight: torch.Tensor) -> torch.dtype:
-    """fp32 for bf16/fp16/fp32 heads (fp64 stays fp64, for gradcheck)."""
-    return torch.promote_types(weight.dtype, torch.float32)
-
-
 class FusedHeadLogProbs(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T)[i, target_ids[i]]`` for ``[N, H]`` hidden, chunk by chunk.
 
@@ -100,7 +97,7 @@ class FusedHeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target_ids, chunk_size):
-        n, dtype = hidden.shape[0], _logit_dtype(weight)
+        n, dtype = hidden.shape[0], compute_dtype(weight.dtype)
         logps = torch.empty(n, dtype=dtype, device=hidden.device)
         log_normalizer = torch.empty(n, dtype=dtype, device=hidden.device)
         for start in range(0, n, chunk_size):
