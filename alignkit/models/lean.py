@@ -7,6 +7,11 @@ less activation memory at the start of backward (the step's peak) and no measura
 * **SwiGLU MLP** ``down(silu(gate(x)) * up(x))``: autograd keeps ``gate(x)``, ``silu(gate(x))``,
   ``up(x)`` and the product; ``SiluMul`` keeps ``gate(x)`` and ``up(x)`` and recomputes the silu.
   It runs the same aten ops as autograd (``silu``, ``mul``, ``silu_backward``): bit-identical.
+  When ``down`` is a plain bias-free ``nn.Linear`` (no LoRA, no hooks, not ZeRO-3 partitioned;
+  ``plain_linear_weight``), ``SwiGLUDown`` applies it too and recomputes the product for the
+  weight gradient instead of keeping it: one ``[tokens, intermediate]`` tensor less per layer for a
+  multiply in backward that the silu's gradient needs anyway (forward bit-identical, gradients to
+  rounding).
 * **RMSNorm** ``w * (x * rsqrt(mean(x^2) + eps))``: autograd keeps ``x``, the normalised ``x``
   and ``rsqrt``; ``RMSNormFunction`` keeps ``x`` and ``rsqrt`` (the normalised ``x`` is recomputed).
   The forward is the same sequence of ops (bit-identical); the input gradient is computed as one
@@ -47,6 +52,29 @@ class SiluMul(torch.autograd.Function):
         return grad_gate, grad_up
 
 
+class SwiGLUDown(torch.autograd.Function):
+    """``F.linear(silu(gate) * up, down_weight)``, saving ``gate`` and ``up`` only (the product is
+    recomputed in backward for the weight gradient)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up, down_weight)
+        return F.linear(F.silu(gate) * up, down_weight)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up, down_weight = ctx.saved_tensors
+        silu_gate = F.silu(gate)
+        grad_weight = None
+        if ctx.needs_input_grad[2]:
+            product = (silu_gate * up).flatten(0, -2)
+            grad_weight = grad.flatten(0, -2).t().mm(product)
+        grad_product = grad.matmul(down_weight)
+        grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate) if ctx.needs_input_grad[0] else None
+        grad_up = grad_product * silu_gate if ctx.needs_input_grad[1] else None
+        return grad_gate, grad_up, grad_weight
+
+
 class RMSNormFunction(torch.autograd.Function):
     """Llama's RMSNorm (fp32 statistics, output in the input dtype), saving ``x`` and ``rsqrt`` only."""
 
@@ -74,8 +102,21 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+def plain_linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight of a plain bias-free ``nn.Linear`` that may be used without calling the module, else
+    None: subclasses and wrappers (LoRA, quantised layers), biases, forward hooks and ZeRO-3
+    partitioned weights (``ds_id``; ZeRO-3 gathers them through module hooks) all need the module call."""
+    if type(module) is not nn.Linear or module.bias is not None or module._forward_hooks or module._forward_pre_hooks:
+        return None
+    return None if hasattr(module.weight, "ds_id") else module.weight
+
+
 def _lean_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.down_proj(SiluMul.apply(self.gate_proj(x), self.up_proj(x)))
+    gate, up = self.gate_proj(x), self.up_proj(x)
+    down_weight = plain_linear_weight(self.down_proj)  # checked per call: ZeRO-3 and LoRA come later
+    if down_weight is not None:
+        return SwiGLUDown.apply(gate, up, down_weight)
+    return self.down_proj(SiluMul.apply(gate, up))
 
 
 def _lean_norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

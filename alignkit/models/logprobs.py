@@ -21,9 +21,15 @@ batch). Both paths compute the same numbers up to float rounding (tests compare 
 Optional per-target statistics from the same chunk: ``entropy`` of the next-token distribution and
 ``log_sq_mass`` = log sum_v p_v^2 (WPO's weight).
 
-The LM head is called as a module (``get_output_embeddings()(h)``) so DeepSpeed ZeRO-3 hooks
-gather its weight; tied embeddings need nothing special (the head shares the embedding's weight),
-and a model without an output module falls back to its input embedding matrix.
+When that fused head shares its weight with a plain ``nn.Embedding`` input embedding (tied
+weights, as SmolLM2), the lookup runs as ``TiedEmbeddingLookup`` and the decoder gets
+``inputs_embeds``: its backward adds the looked-up rows into the head's weight gradient in place,
+so the weight has one ``[vocab, H]`` gradient tensor instead of autograd's three at the end of
+backward (the head's, the embedding's dense one and their sum).
+
+Otherwise the LM head is called as a module (``get_output_embeddings()(h)``) so DeepSpeed ZeRO-3
+hooks gather its weight; tied embeddings need nothing special there (the head shares the
+embedding's weight), and a model without an output module falls back to its input embedding matrix.
 ``final_logit_softcapping`` (Gemma-2 style) is honoured. Wrap the ``TargetLogProbs`` module itself
 in the DeepSpeed engine, so that its ``forward`` is the root forward ZeRO-3 traces.
 
@@ -43,6 +49,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from alignkit.models.config import compute_dtype
+from alignkit.models.lean import plain_linear_weight
 
 UNSUPPORTED_LOGIT_SCALES = ("logit_scale", "logits_scaling")
 
@@ -93,10 +100,12 @@ def _target_stats(
 class FusedHeadLogProbs(torch.autograd.Function):
     """``log_softmax(hidden @ weight.T)[i, target_ids[i]]`` for ``[N, H]`` hidden, chunk by chunk.
 
-    Saves only ``hidden``, ``weight`` and the per-target log-sum-exp; see the module docstring."""
+    Saves only ``hidden``, ``weight`` and the per-target log-sum-exp; see the module docstring. With a
+    ``TiedGradSlot``, the weight gradient is handed to the tied input embedding's backward (which
+    adds its own part and returns the sum) instead of being returned here."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, target_ids, chunk_size):
+    def forward(ctx, hidden, weight, target_ids, chunk_size, tied_slot=None):
         n, dtype = hidden.shape[0], compute_dtype(weight.dtype)
         logps = torch.empty(n, dtype=dtype, device=hidden.device)
         log_normalizer = torch.empty(n, dtype=dtype, device=hidden.device)
@@ -106,7 +115,7 @@ class FusedHeadLogProbs(torch.autograd.Function):
             log_normalizer[span] = torch.logsumexp(logits, dim=-1)
             logps[span] = logits.gather(-1, target_ids[span].unsqueeze(-1)).squeeze(-1) - log_normalizer[span]
         ctx.save_for_backward(hidden, weight, target_ids, log_normalizer)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.tied_slot = chunk_size, tied_slot
         return logps
 
     @staticmethod
@@ -128,7 +137,44 @@ class FusedHeadLogProbs(torch.autograd.Function):
                 torch.mm(grad_logits, weight, out=grad_hidden[span])
             if want_weight:
                 grad_weight.addmm_(grad_logits.t(), hidden[span])
-        return grad_hidden, grad_weight, None, None
+        if ctx.tied_slot is not None and grad_weight is not None:
+            ctx.tied_slot.grad, grad_weight = grad_weight, None
+        return grad_hidden, grad_weight, None, None, None
+
+
+class TiedGradSlot:
+    """Carries the fused head's weight gradient to the tied input embedding's backward (one per forward)."""
+
+    grad: torch.Tensor | None = None
+
+
+class TiedEmbeddingLookup(torch.autograd.Function):
+    """``F.embedding(input_ids, weight)`` for an embedding tied to the fused LM head.
+
+    Autograd would give this lookup its own dense ``[vocab, H]`` gradient and then add it to the
+    head's, two such tensors at the end of backward (~113 MB for SmolLM2, when all parameter
+    gradients exist: the step's peak); this backward adds the looked-up rows into the head's
+    gradient (left in ``slot`` by ``FusedHeadLogProbs``) in place and returns it as the weight's
+    only gradient. Rows of ``padding_idx`` get no gradient, as in ``nn.Embedding``."""
+
+    @staticmethod
+    def forward(ctx, weight, input_ids, padding_idx, slot):
+        ctx.save_for_backward(input_ids)
+        ctx.padding_idx, ctx.slot, ctx.weight_like = padding_idx, slot, (weight.shape, weight.dtype, weight.device)
+        return F.embedding(input_ids, weight, padding_idx)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (input_ids,) = ctx.saved_tensors
+        shape, dtype, device = ctx.weight_like
+        grad_weight, ctx.slot.grad = ctx.slot.grad, None
+        if grad_weight is None:  # the head's backward did not run (it needed no weight gradient)
+            grad_weight = torch.zeros(shape, dtype=dtype, device=device)
+        ids, rows = input_ids.reshape(-1), grad_output.reshape(-1, shape[-1]).to(dtype)
+        if ctx.padding_idx is not None:
+            keep = ids != ctx.padding_idx
+            ids, rows = ids[keep], rows[keep]
+        return grad_weight.index_add_(0, ids, rows), None, None, None
 
 
 def fused_head_weight(head: nn.Module | torch.Tensor, softcap: float | None, with_entropy: bool,
@@ -137,12 +183,23 @@ def fused_head_weight(head: nn.Module | torch.Tensor, softcap: float | None, wit
     if softcap or with_entropy or with_log_sq_mass:
         return None
     if isinstance(head, torch.Tensor):
-        weight = head
-    elif type(head) is nn.Linear and head.bias is None and not head._forward_hooks and not head._forward_pre_hooks:
-        weight = head.weight
-    else:
-        return None  # LoRA/quantised heads, biases, hooks (ZeRO-3 gathers through module hooks)
-    return None if hasattr(weight, "ds_id") else weight  # ds_id: a ZeRO-3 partitioned parameter
+        return None if hasattr(head, "ds_id") else head  # ds_id: a ZeRO-3 partitioned parameter
+    return plain_linear_weight(head)  # None for LoRA/quantised heads, biases, hooks, ZeRO-3
+
+
+def tied_input_embedding(model: nn.Module, head_weight: torch.Tensor) -> nn.Embedding | None:
+    """The input embedding when it is a plain ``nn.Embedding`` sharing ``head_weight`` and training it,
+    so that ``TiedEmbeddingLookup`` can add its gradient into the fused head's in place; else None."""
+    embedding = model.get_input_embeddings()
+    plain = (
+        type(embedding) is nn.Embedding
+        and embedding.weight is head_weight
+        and not (embedding._forward_hooks or embedding._forward_pre_hooks)
+        and embedding.max_norm is None
+        and not embedding.scale_grad_by_freq
+        and not embedding.sparse
+    )
+    return embedding if plain and head_weight.requires_grad and torch.is_grad_enabled() else None
 
 
 def output_head(model: nn.Module) -> nn.Module | torch.Tensor:
@@ -174,12 +231,17 @@ class TargetLogProbs(nn.Module):
         self.softcap = getattr(config, "final_logit_softcapping", None)
 
     def hidden_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-layer (post-norm) hidden states ``[B, L, H]``."""
+        """Final-layer (post-norm) hidden states ``[B, L, H]`` (from ``inputs_embeds`` when given)."""
         decoder = self.model.get_decoder()
         output = decoder(
-            input_ids=input_ids,
+            input_ids=None if inputs_embeds is not None else input_ids,
+            inputs_embeds=inputs_embeds,
             attention_mask=prepare_attention_mask(attention_mask, model_dtype(decoder)),
             position_ids=position_ids,
             use_cache=False,
@@ -197,12 +259,17 @@ class TargetLogProbs(nn.Module):
         with_entropy: bool = False,
         with_log_sq_mass: bool = False,
     ) -> dict[str, torch.Tensor]:
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids)
-        targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # [N, H]
         head = output_head(self.model)
         weight = fused_head_weight(head, self.softcap, with_entropy, with_log_sq_mass) if self.fused_head else None
+        embedding = tied_input_embedding(self.model, weight) if weight is not None else None
+        slot = TiedGradSlot() if embedding is not None else None
+        inputs_embeds = None
+        if embedding is not None:
+            inputs_embeds = TiedEmbeddingLookup.apply(weight, input_ids, embedding.padding_idx, slot)
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds)
+        targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # [N, H]
         if weight is not None:
-            return {"logps": FusedHeadLogProbs.apply(targets, weight, target_ids, self.chunk_size)}
+            return {"logps": FusedHeadLogProbs.apply(targets, weight, target_ids, self.chunk_size, slot)}
         recompute = torch.is_grad_enabled() and targets.requires_grad
         chunks = []
         for start in range(0, max(targets.shape[0], 1), self.chunk_size):

@@ -39,7 +39,7 @@ def test_lean_layers_give_the_same_numbers_and_save_activations():
         scale = float(plain_grads[name].abs().max())  # measured: at most 3e-7 of it
         torch.testing.assert_close(lean_grads[name], plain_grads[name], rtol=1e-5, atol=2e-6 * scale, msg=name)
     tokens, config = LAYOUTS["prefix_shared"]().input_ids.numel(), model.config
-    mlp = tokens * config.intermediate_size * 4  # silu(gate): one fp32 [B, L, intermediate] per layer
+    mlp = 2 * tokens * config.intermediate_size * 4  # silu(gate) and silu(gate) * up: fp32 [B, L, intermediate]
     norm = tokens * config.hidden_size * 4  # the normalised x: one fp32 [B, L, hidden] per norm
     norms = 2 * config.num_hidden_layers + 1  # two per layer and the final one
     assert plain_bytes - lean_bytes == config.num_hidden_layers * mlp + norms * norm
@@ -83,3 +83,44 @@ def test_rms_norm_keeps_bf16_outputs_and_fp32_statistics():
     assert out.dtype == torch.bfloat16 and torch.equal(out.detach(), want)
     out.sum().backward()
     assert x.grad.dtype == torch.bfloat16 and weight.grad.dtype == torch.bfloat16
+
+
+def test_swiglu_down_against_the_formula_and_autograd():
+    """Fixed tensors: output, and the gradients of gate, up and the down weight from the written-out chain rule."""
+    from alignkit.models.lean import SwiGLUDown
+
+    torch.manual_seed(0)
+    gate = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    down = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLUDown.apply, (gate, up, down))
+    grad = torch.randn(2, 3, 4, dtype=torch.float64)
+    out = SwiGLUDown.apply(gate, up, down)
+    g, u, w = gate.detach(), up.detach(), down.detach()
+    sig = torch.sigmoid(g)
+    product = g * sig * u
+    torch.testing.assert_close(out, product @ w.T)
+    out.backward(grad)
+    grad_product = grad @ w
+    torch.testing.assert_close(down.grad, grad.reshape(-1, 4).T @ product.reshape(-1, 5))
+    torch.testing.assert_close(up.grad, grad_product * g * sig)
+    torch.testing.assert_close(gate.grad, grad_product * u * sig * (1 + g * (1 - sig)))
+
+
+def test_lean_mlp_keeps_the_module_call_where_the_down_projection_is_not_plain():
+    """LoRA-wrapped, hooked (ZeRO-3 gathers through hooks) or biased down projections are called as modules."""
+    from alignkit.models.lean import plain_linear_weight
+
+    model, _ = load_causal_lm(ModelConfig(lean_activations=True))
+    mlp = model.model.layers[0].mlp
+    assert plain_linear_weight(mlp.down_proj) is mlp.down_proj.weight
+    calls = []
+    mlp.down_proj.register_forward_hook(lambda *a: calls.append(1))
+    assert plain_linear_weight(mlp.down_proj) is None
+    x = torch.randn(1, 2, model.config.hidden_size)
+    mlp(x)
+    assert calls == [1]  # the hook ran: the module was called
+    assert plain_linear_weight(torch.nn.Linear(3, 4)) is None  # bias
+    partitioned = torch.nn.Linear(3, 4, bias=False)
+    partitioned.weight.ds_id = 1
+    assert plain_linear_weight(partitioned) is None

@@ -107,6 +107,71 @@ def test_tied_embeddings_share_the_gradient():
     assert_same_grads(fast_grads, naive_grads)
 
 
+def _vocab_sized_tensors_made_in_backward(model, loss) -> int:
+    """Distinct storages of ``[vocab, H]`` tensors that aten ops produce while ``loss`` backpropagates."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shape, storages = model.get_input_embeddings().weight.shape, set()
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor) and tensor.shape == shape:
+                    storages.add(tensor.untyped_storage().data_ptr())
+            return out
+
+    model.zero_grad(set_to_none=True)
+    with Watch():
+        loss.backward()
+    return len(storages)
+
+
+def test_tied_embedding_adds_into_the_head_gradient_in_place(monkeypatch):
+    """With a tied, fused head the whole weight gradient is one [vocab, H] tensor (autograd's own
+    embedding backward makes more), and the gradients are the same."""
+    import alignkit.models.logprobs as logprobs
+
+    model = tiny_model(tie_word_embeddings=True)
+    batch = LAYOUTS["prefix_shared"]()
+    weights = torch.linspace(-1.0, 2.0, batch.target_ids.numel())
+    assert logprobs.tied_input_embedding(model, model.get_input_embeddings().weight) is not None
+    tied_loss = (weights * run_fast(model, batch, 3)["logps"]).sum()
+    assert _vocab_sized_tensors_made_in_backward(model, tied_loss) == 1
+    tied_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    monkeypatch.setattr(logprobs, "tied_input_embedding", lambda *a: None)
+    plain_loss = (weights * run_fast(model, batch, 3)["logps"]).sum()
+    # autograd's path: the head's, the embedding's dense gradient and (torch 2.13) their sum
+    assert _vocab_sized_tensors_made_in_backward(model, plain_loss) >= 2
+    plain_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert_same_grads(tied_grads, plain_grads)
+
+
+def test_tied_embedding_lookup_against_nn_embedding():
+    """Fixed tensors: the lookup's gradient (no rows for padding_idx) added to what the slot holds."""
+    from alignkit.models.logprobs import TiedEmbeddingLookup, TiedGradSlot
+
+    torch.manual_seed(0)
+    weight = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([[1, 3, 3, 0], [5, 1, 2, 3]])
+    grad = torch.randn(2, 4, 3, dtype=torch.float64)
+    head_grad = torch.randn(6, 3, dtype=torch.float64)
+    want = torch.nn.functional.embedding(ids, weight, padding_idx=3)
+    (want_grad,) = torch.autograd.grad(want, weight, grad)
+    slot = TiedGradSlot()
+    slot.grad = head_grad.clone()
+    held = slot.grad
+    got = TiedEmbeddingLookup.apply(weight, ids, 3, slot)
+    torch.testing.assert_close(got, want.detach(), rtol=0, atol=0)
+    (got_grad,) = torch.autograd.grad(got, weight, grad)
+    assert got_grad.data_ptr() == held.data_ptr() and slot.grad is None  # added in place, slot emptied
+    torch.testing.assert_close(got_grad, head_grad + want_grad)
+    assert torch.equal(got_grad[3], head_grad[3])  # padding_idx: nothing added
+    (alone,) = torch.autograd.grad(TiedEmbeddingLookup.apply(weight, ids, None, TiedGradSlot()), weight, grad)
+    (want_alone,) = torch.autograd.grad(torch.nn.functional.embedding(ids, weight), weight, grad)
+    torch.testing.assert_close(alone, want_alone)  # empty slot, no padding_idx
+
+
 def test_lora_model_matches_naive_and_adapter_can_be_disabled():
     torch.manual_seed(0)  # peft draws lora_A from the global RNG
     model, _ = load_causal_lm(ModelConfig(lora=LoraConfig(r=4, alpha=8.0)))
