@@ -16,6 +16,18 @@ import sys
 import time
 
 
+def add_threads_argument(parser) -> None:
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for both tools' processes and the matmul peak (default 1, as in the README)")
+
+
+def pin_threads(threads: int) -> None:
+    """Both tools' worker processes (and this one) run ``threads`` torch/OpenMP threads."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+
+
 def run_worker(script: str, tool: str, argv: list[str], extra_env: dict[str, str] | None = None) -> dict:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", **(extra_env or {})}
     proc = subprocess.run([sys.executable, script, "--worker", tool, *argv], capture_output=True, text=True, env=env)

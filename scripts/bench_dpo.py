@@ -18,7 +18,8 @@ reference pre-pass is added to its time, spread over the measured steps. For ali
 prints the utilisation by executed matmul FLOPs, counted from the batches it actually ran
 (``executed_gflops_per_step``): MFU's "model FLOPs" count every pair's prompt twice and the LM
 head on every position, work that prefix sharing and target-only heads skip.
-``--override KEY=VALUE`` (repeatable) passes extra overrides to alignkit's run.
+``--override KEY=VALUE`` (repeatable) passes extra overrides to alignkit's run. Both tools and the
+matmul peak use ``--threads`` torch threads (default 1, the setting of the README's numbers).
 
 ``--profile`` runs alignkit alone under ``torch.profiler`` from the first training step to the
 end and prints the self CPU time of its operators by kind (matmul, attention, log-sum-exp,
@@ -227,8 +228,11 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[],
                         help="an extra alignkit override (repeatable), e.g. data.max_tokens_per_row=1024")
     parser.add_argument("--worker", choices=["trl", "alignkit"])
+    bench_common.add_threads_argument(parser)
     parser.add_argument("--profile", action="store_true", help="profile alignkit's training loop instead of comparing")
     args = parser.parse_args()
+    if not args.worker:
+        bench_common.pin_threads(args.threads)
     rows = bench_rows(args.steps, args.batch)
     if args.profile and not args.worker:
         result = bench_common.run_worker(__file__, "alignkit", [*worker_argv(args), "--profile"])

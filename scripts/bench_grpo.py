@@ -111,7 +111,10 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
     parser.add_argument("--worker", choices=["trl", "alignkit"])
+    bench_common.add_threads_argument(parser)
     args = parser.parse_args()
+    if not args.worker:
+        bench_common.pin_threads(args.threads)
     if args.worker:
         result = (worker_trl if args.worker == "trl" else worker_alignkit)(args)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

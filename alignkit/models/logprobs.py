@@ -151,9 +151,9 @@ class TiedGradSlot:
 class TiedEmbeddingLookup(torch.autograd.Function):
     """``F.embedding(input_ids, weight)`` for an embedding tied to the fused LM head.
 
-    Autograd would give this lookup its own dense ``[vocab, H]`` gradient and then add it to the
-    head's, two such tensors at the end of backward (~113 MB for SmolLM2, when all parameter
-    gradients exist: the step's peak); this backward adds the looked-up rows into the head's
+    Autograd would give this lookup its own dense ``[vocab, H]`` gradient and add it to the head's
+    into a third (113 MB each for SmolLM2, at the end of backward, when all parameter gradients
+    exist: the step's peak after the LM head's); this backward adds the looked-up rows into the head's
     gradient (left in ``slot`` by ``FusedHeadLogProbs``) in place and returns it as the weight's
     only gradient. Rows of ``padding_idx`` get no gradient, as in ``nn.Embedding``."""
 

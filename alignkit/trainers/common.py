@@ -78,13 +78,11 @@ class Run:
 
 def start(cfg: DictConfig, run_dir: Path) -> Run:
     """Distributed set-up, seeds, logger and signal handling for one process of a run."""
-    from alignkit.engine.engine import return_freed_memory_to_os, setup_distributed
+    from alignkit.engine.engine import setup_distributed
     from alignkit.engine.faults import StopRequest
 
     placement = setup_distributed()
     rank, world, device = placement.rank, placement.world_size, placement.device
-    if device.type == "cpu" and cfg.trainer.get("cpu_release_freed_memory", False):
-        return_freed_memory_to_os()
     expected = world_size(cfg)
     if world != expected:
         from alignkit.errors import ConfigError
@@ -243,10 +241,15 @@ def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
     records its held-out metrics before and after.
     """
     from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from alignkit.engine.engine import return_freed_memory_to_os
     from alignkit.engine.metrics import MetricsLogger
     from alignkit.engine.progress import TrainProgress
 
     cfg = run.cfg
+    if run.device.type == "cpu" and cfg.trainer.get("cpu_release_freed_memory", False):
+        # from here on: loading and a reference pre-pass stay below the training peak, and
+        # their page faults under the fixed threshold would only cost time
+        return_freed_memory_to_os()
     path = find_resume_checkpoint(run.run_dir, cfg.resume)
     done = 0
     if path is not None:
