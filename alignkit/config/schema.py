@@ -58,7 +58,7 @@ class TrainerConfig:
     reference_cache_dir: Optional[str] = None  # default: <cache>/ref_logps
     on_nonfinite: str = "stop"  # stop | skip
     # CPU runs: glibc serves allocations >= 128 KiB with mmap, so freed activations leave RSS. Lower
-    # peak RSS, slower steps (page faults); measured on SmolLM2 DPO: 2.94 -> 2.57 GB, ~+25% step time
+    # peak RSS, slower steps (page faults); measured on SmolLM2 DPO: 2.94 -> 2.49 GB, ~+25% step time
     cpu_release_freed_memory: bool = False
     export: bool = True  # write a transformers-loadable model at the end
     merge_lora: bool = True

@@ -1,8 +1,9 @@
 """Lean layers: the model's own numbers, fewer activations kept for backward.
 
 Plain autograd keeps, per decoder layer, tensors that backward can recompute with one cheap
-element-wise pass. Two are replaced here (``make_lean(model)``), for a SmolLM2 DPO batch ~140 MB
-less activation memory at the start of backward (the step's peak) and no measurable time:
+element-wise pass. Two are replaced here (``make_lean(model)``): for one 434-token SmolLM2 row the
+saved activations go from 556 to 346 MiB (at the start of backward, one of the step's two peaks)
+for no measurable time:
 
 * **SwiGLU MLP** ``down(silu(gate(x)) * up(x))``: autograd keeps ``gate(x)``, ``silu(gate(x))``,
   ``up(x)`` and the product; ``SiluMul`` keeps ``gate(x)`` and ``up(x)`` and recomputes the silu.
