@@ -207,8 +207,10 @@ def worker_argv(args) -> list[str]:
 
 
 def run_worker(tool: str, args) -> dict:
-    # the same allocator setting for both processes (alignkit's cpu_release_freed_memory does the same)
-    env = {"MALLOC_MMAP_THRESHOLD_": "131072"} if args.release_freed_memory else None
+    # the same allocator setting for both processes: the threshold alignkit's cpu_release_freed_memory sets
+    from alignkit.engine.engine import MMAP_THRESHOLD_BYTES
+
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)} if args.release_freed_memory else None
     return bench_common.run_worker(__file__, tool, worker_argv(args), env)
 
 

@@ -48,9 +48,18 @@ class SiluMul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up = ctx.saved_tensors
-        grad_gate = torch.ops.aten.silu_backward(grad * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad * F.silu(gate) if ctx.needs_input_grad[1] else None
-        return grad_gate, grad_up
+        return _silu_mul_input_grads(ctx.needs_input_grad, grad, gate, up)
+
+
+def _silu_mul_input_grads(needs_input_grad, grad_product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                          silu_gate: torch.Tensor | None = None):
+    """Gradients of ``silu(gate) * up`` w.r.t. ``gate`` and ``up`` (None where not needed), with the
+    aten ops autograd uses; ``silu_gate`` when the caller has it already."""
+    grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate) if needs_input_grad[0] else None
+    grad_up = None
+    if needs_input_grad[1]:
+        grad_up = grad_product * (F.silu(gate) if silu_gate is None else silu_gate)
+    return grad_gate, grad_up
 
 
 class SwiGLUDown(torch.autograd.Function):
@@ -70,9 +79,7 @@ class SwiGLUDown(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             product = (silu_gate * up).flatten(0, -2)
             grad_weight = grad.flatten(0, -2).t().mm(product)
-        grad_product = grad.matmul(down_weight)
-        grad_gate = torch.ops.aten.silu_backward(grad_product * up, gate) if ctx.needs_input_grad[0] else None
-        grad_up = grad_product * silu_gate if ctx.needs_input_grad[1] else None
+        grad_gate, grad_up = _silu_mul_input_grads(ctx.needs_input_grad, grad.matmul(down_weight), gate, up, silu_gate)
         return grad_gate, grad_up, grad_weight
 
 
@@ -103,11 +110,16 @@ class RMSNormFunction(torch.autograd.Function):
         return grad_x, grad_weight, None
 
 
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether something (ZeRO-3's parameter gathering, a user) hooks the module's forward call."""
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 def plain_linear_weight(module: nn.Module) -> torch.Tensor | None:
     """The weight of a plain bias-free ``nn.Linear`` that may be used without calling the module, else
     None: subclasses and wrappers (LoRA, quantised layers), biases, forward hooks and ZeRO-3
     partitioned weights (``ds_id``; ZeRO-3 gathers them through module hooks) all need the module call."""
-    if type(module) is not nn.Linear or module.bias is not None or module._forward_hooks or module._forward_pre_hooks:
+    if type(module) is not nn.Linear or module.bias is not None or has_forward_hooks(module):
         return None
     return None if hasattr(module.weight, "ds_id") else module.weight
 

@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from alignkit.models.config import compute_dtype
-from alignkit.models.lean import plain_linear_weight
+from alignkit.models.lean import has_forward_hooks, plain_linear_weight
 
 UNSUPPORTED_LOGIT_SCALES = ("logit_scale", "logits_scaling")
 
@@ -159,18 +159,17 @@ class TiedEmbeddingLookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, input_ids, padding_idx, slot):
-        ctx.save_for_backward(input_ids)
-        ctx.padding_idx, ctx.slot, ctx.weight_like = padding_idx, slot, (weight.shape, weight.dtype, weight.device)
+        ctx.save_for_backward(weight, input_ids)
+        ctx.padding_idx, ctx.slot = padding_idx, slot
         return F.embedding(input_ids, weight, padding_idx)
 
     @staticmethod
     def backward(ctx, grad_output):
-        (input_ids,) = ctx.saved_tensors
-        shape, dtype, device = ctx.weight_like
+        weight, input_ids = ctx.saved_tensors
         grad_weight, ctx.slot.grad = ctx.slot.grad, None
         if grad_weight is None:  # the head's backward did not run (it needed no weight gradient)
-            grad_weight = torch.zeros(shape, dtype=dtype, device=device)
-        ids, rows = input_ids.reshape(-1), grad_output.reshape(-1, shape[-1]).to(dtype)
+            grad_weight = torch.zeros_like(weight)
+        ids, rows = input_ids.reshape(-1), grad_output.reshape(-1, weight.shape[-1]).to(weight.dtype)
         if ctx.padding_idx is not None:
             keep = ids != ctx.padding_idx
             ids, rows = ids[keep], rows[keep]
@@ -194,7 +193,7 @@ def tied_input_embedding(model: nn.Module, head_weight: torch.Tensor) -> nn.Embe
     plain = (
         type(embedding) is nn.Embedding
         and embedding.weight is head_weight
-        and not (embedding._forward_hooks or embedding._forward_pre_hooks)
+        and not has_forward_hooks(embedding)
         and embedding.max_norm is None
         and not embedding.scale_grad_by_freq
         and not embedding.sparse
