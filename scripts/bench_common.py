@@ -37,6 +37,15 @@ def run_worker(script: str, tool: str, argv: list[str], extra_env: dict[str, str
     return json.loads(lines[-1])
 
 
+def describe_block_cache(result: dict) -> str:
+    """alignkit's block cache counters from a worker's result ("" when it was not in use)."""
+    stats = result.get("block_cache") or {}
+    if not stats.get("peak_live_bytes"):
+        return ""
+    return (f"; block cache: {stats['hits']} hits, {stats['resizes']} resizes, {stats['fresh_mappings']} fresh "
+            f"mappings, live peak {stats['peak_live_bytes'] / 2**30:.2f} GiB")
+
+
 def time_alignkit_loop(profile: bool = False) -> dict:
     """Record ``loop_start`` when ``trainers.common.begin`` returns (training steps start then).
 

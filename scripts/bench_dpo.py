@@ -162,7 +162,9 @@ def worker_alignkit(args, rows: list[dict]) -> dict:
         return {"profile": bench_common.profile_by_kind(marks.pop("profiler")), "loop_wall_s": sum(times),
                 "loop_cpu_s": marks["loop_cpu_s"]}
     # the last `steps` collations are the training batches (one micro-batch per step), the rest the pre-pass
-    return {"step_times": times, "prepass_s": marks.get("prepass_s", 0.0),
+    from alignkit.engine.cpu_memory import block_cache_stats
+
+    return {"step_times": times, "prepass_s": marks.get("prepass_s", 0.0), "block_cache": block_cache_stats(),
             "train_shapes": shapes[-args.steps:], "prepass_shapes": shapes[:-args.steps],
             "first_logps_chosen": first["logps/chosen"], "first_logps_rejected": first["logps/rejected"],
             "first_loss": first["loss"]}
@@ -207,8 +209,9 @@ def worker_argv(args) -> list[str]:
 
 
 def run_worker(tool: str, args) -> dict:
-    # the same allocator setting for both processes: the threshold alignkit's cpu_release_freed_memory sets
-    from alignkit.engine.engine import MMAP_THRESHOLD_BYTES
+    # the same allocator setting for both processes: the glibc threshold alignkit falls back to without its
+    # block cache (with MALLOC_MMAP_THRESHOLD_ set alignkit leaves the allocator alone)
+    from alignkit.engine.cpu_memory import MMAP_THRESHOLD_BYTES
 
     env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD_BYTES)} if args.release_freed_memory else None
     return bench_common.run_worker(__file__, tool, worker_argv(args), env)
@@ -226,7 +229,8 @@ def main() -> None:
                         help="global gradient clipping for both tools (0: none, needed by optimizer_in_backward)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="activation checkpointing for both tools")
     parser.add_argument("--release-freed-memory", action="store_true",
-                        help="both processes: glibc serves allocations >= 128 KiB with mmap (MALLOC_MMAP_THRESHOLD_)")
+                        help="both processes: glibc serves allocations >= 128 KiB with mmap (MALLOC_MMAP_THRESHOLD_); "
+                             "alignkit then runs without its block cache")
     parser.add_argument("--override", action="append", default=[],
                         help="an extra alignkit override (repeatable), e.g. data.max_tokens_per_row=1024")
     parser.add_argument("--worker", choices=["trl", "alignkit"])
@@ -261,7 +265,7 @@ def main() -> None:
     results = bench_common.alternate(
         ("trl", "alignkit"), args.repeats, lambda tool: run_worker(tool, args),
         lambda r: f"steps {[round(t, 2) for t in r['step_times']]} prepass {r['prepass_s']:.1f}s "
-                  f"rss {r['peak_rss_gb']:.2f} GB")
+                  f"rss {r['peak_rss_gb']:.2f} GB{bench_common.describe_block_cache(r)}")
     summary = {}
     for tool, runs in results.items():
         per_step = [statistics.median(r["step_times"][1:] or r["step_times"]) + r["prepass_s"] / args.steps

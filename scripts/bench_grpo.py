@@ -94,8 +94,11 @@ def worker_alignkit(args) -> dict:
         ])
         assert code == 0
         times, train = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
+    from alignkit.engine.cpu_memory import block_cache_stats
+
     lengths = [r["response_length"] for r in train if "response_length" in r]
-    return {"step_times": times, "mean_length": statistics.fmean(lengths) if lengths else float("nan")}
+    return {"step_times": times, "mean_length": statistics.fmean(lengths) if lengths else float("nan"),
+            "block_cache": block_cache_stats()}
 
 
 def run_worker(tool: str, args) -> dict:
@@ -126,7 +129,7 @@ def main() -> None:
     results = bench_common.alternate(
         ("trl", "alignkit"), args.repeats, lambda tool: run_worker(tool, args),
         lambda r: f"steps {[round(t, 2) for t in r['step_times']]} rss {r['peak_rss_gb']:.2f} GB "
-                  f"mean completion length {r['mean_length']:.1f} tokens")
+                  f"mean completion length {r['mean_length']:.1f} tokens{bench_common.describe_block_cache(r)}")
     summary = {}
     for tool, runs in results.items():
         per_step = [statistics.median(r["step_times"][1:] or r["step_times"]) for r in runs]

@@ -7,6 +7,7 @@
 * ``export``     consolidated transformers export (ZeRO-3 gathered), atomic
 * ``metrics``    metrics.jsonl + console / TensorBoard / wandb; ``progress`` the rich bar
 * ``faults``     stop-on-signal flag, non-finite tensor check
+* ``cpu_memory`` CPU runs: the block cache that keeps peak RSS at the live peak (glibc fallback)
 
 Submodules are imported on demand: importing ``alignkit.engine`` does not import DeepSpeed.
 """

@@ -4,8 +4,6 @@
   env vars DeepSpeed's launcher would set, a free port on loopback), selects the CPU accelerator
   when there is no GPU, and initialises the process group (gloo on CPU, nccl on CUDA). On CPU it
   then unlinks DeepSpeed's shared-memory all-reduce files, which DeepSpeed itself never removes.
-* ``return_freed_memory_to_os()`` (``trainer.cpu_release_freed_memory``) fixes glibc's mmap
-  threshold so that freed activations leave RSS: a lower peak for slower steps.
 * ``init_train_engine(module, ds_config, ...)`` wraps a model for training. The optimizer is AdamW
   with weight decay on matrices only (not on biases/norm weights):
     - CUDA without offload: DeepSpeed builds it from the config (FusedAdam);
@@ -37,7 +35,6 @@ from __future__ import annotations
 import math
 import os
 import socket
-import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,35 +86,6 @@ def _unlink_shm_buffer() -> None:
         return
     torch.distributed.barrier()
     shm_buffer_path(torch.distributed.get_rank()).unlink(missing_ok=True)
-
-
-# glibc's mallopt parameter and the threshold we set (glibc's own initial value, kept fixed)
-M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES = -3, 128 * 1024
-
-
-def return_freed_memory_to_os() -> bool:
-    """CPU training: have glibc serve allocations >= 128 KiB with mmap, so freed tensors leave RSS.
-
-    glibc raises its mmap threshold each time a large block is freed (up to 32 MiB), after which
-    activations come from the heap, and its fragmentation stays resident: a SmolLM2 DPO process
-    peaks ~370 MB above what is live (2.94 GB; the idle RSS between steps grew by ~1 GB over three
-    steps). With the threshold fixed the peak is what is live and the idle RSS stays at weights +
-    optimizer state, but every activation is a fresh mapping whose page faults cost ~25% of a step
-    on this VM; hence opt-in. Trainers call it when their training loop begins; what the heap
-    already holds free then goes back at once (``malloc_trim``). A no-op off glibc or when the user
-    set ``MALLOC_MMAP_THRESHOLD_``. Returns whether the setting was applied."""
-    import ctypes
-
-    if os.environ.get("MALLOC_MMAP_THRESHOLD_") or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
-    applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    malloc_trim(0)
-    return applied
 
 
 def setup_distributed() -> DistInfo:

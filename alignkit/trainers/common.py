@@ -241,15 +241,17 @@ def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
     records its held-out metrics before and after.
     """
     from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint
-    from alignkit.engine.engine import return_freed_memory_to_os
+    from alignkit.engine.cpu_memory import release_freed_memory
     from alignkit.engine.metrics import MetricsLogger
     from alignkit.engine.progress import TrainProgress
 
     cfg = run.cfg
-    if run.device.type == "cpu" and cfg.trainer.get("cpu_release_freed_memory", False):
-        # from here on: loading and a reference pre-pass stay below the training peak, and
-        # their page faults under the fixed threshold would only cost time
-        return_freed_memory_to_os()
+    if run.device.type == "cpu" and cfg.trainer.get("cpu_release_freed_memory", True):
+        # from here on: loading and a reference pre-pass stay below the training peak
+        released = release_freed_memory()
+        if released.reason:
+            run.print(f"[yellow]CPU block cache unavailable, unmapping freed tensors instead (slower steps):[/] "
+                      f"{released.reason}")
     path = find_resume_checkpoint(run.run_dir, cfg.resume)
     done = 0
     if path is not None:
