@@ -4,18 +4,19 @@
 // glibc either keeps freed tensors in its heap (fast, but fragmentation leaves the peak RSS several
 // hundred MB above what is live) or, with a fixed mmap threshold, unmaps each one at once (RSS is
 // what is live, but every new activation is a fresh mapping whose page faults cost time). This
-// allocator serves allocations of at least `min_bytes` from its own mappings and keeps a freed
-// mapping for a later request of the same size (layers repeat their shapes, so most requests hit).
-// On a miss it first unmaps cached mappings, oldest first, until it has released at least the bytes
-// it is about to map. So mapped bytes (live + cached) only grow when the cache is empty, i.e. they
-// never exceed the peak of live bytes. Smaller requests go to the allocator it replaces.
+// allocator serves requests of at least `min_bytes` from its own mappings and keeps freed ones:
+// a request takes a cached mapping of its size (up to 1/8 larger; layers repeat their shapes), else
+// the cached mapping nearest in size resized with mremap (its resident pages move over: no faults,
+// no zeroing), else a fresh mapping. Before resizing or mapping it unmaps the oldest cached
+// mappings until live + cached bytes stay within the peak of live bytes so far, so mapped bytes
+// never exceed that peak. Smaller requests go to the allocator it replaces.
 //
-// Exposed with a C ABI for ctypes (alignkit/engine/cpu_allocator.py builds and loads it):
+// Exposed with a C ABI for ctypes (alignkit/engine/cpu_memory.py builds and loads it):
 //   alignkit_block_cache_install(min_bytes) -> 1 if installed now, 0 if it already was
 //   alignkit_block_cache_stats(out[8]): live, cached, peak mapped and peak live bytes; requests served
 //     from the cache, by resizing a cached mapping, by a fresh mapping; bytes unmapped
-//   alignkit_block_cache_set_enabled(on): when off, new allocations go to the replaced allocator
-//   (tensors it mapped are still freed by it); for tests.
+// Not handled: forking while another thread holds the lock; removing it (it lives as long as the
+// process, since tensors it mapped must come back to it).
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE  // mremap
 #endif
@@ -48,7 +49,6 @@ struct CachedMapping {
 struct BlockCache final : public c10::Allocator {
   c10::Allocator* replaced;
   size_t min_bytes;
-  bool enabled = true;
   std::mutex mutex;
   std::unordered_map<void*, size_t> live;  // our mappings in use -> mapped bytes
   CachedList oldest_first;
@@ -62,7 +62,7 @@ struct BlockCache final : public c10::Allocator {
   static void free_block(void* ptr);
 
   c10::DataPtr allocate(size_t n) override {
-    if (n < min_bytes || !enabled) {
+    if (n < min_bytes) {
       return replaced->allocate(n);
     }
     void* ptr = obtain((n + kPageBytes - 1) / kPageBytes * kPageBytes);
@@ -193,12 +193,6 @@ void alignkit_block_cache_stats(uint64_t* out) {
   out[5] = g_cache->resizes;
   out[6] = g_cache->fresh;
   out[7] = g_cache->unmapped_bytes;
-}
-
-void alignkit_block_cache_set_enabled(int on) {
-  if (g_cache != nullptr) {
-    g_cache->enabled = on != 0;
-  }
 }
 
 }  // extern "C"
