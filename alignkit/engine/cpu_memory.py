@@ -115,13 +115,16 @@ def build_block_cache() -> Path:
     target = cache_root() / "extensions" / f"cpu_block_cache-{key[:16]}.so"
     if target.is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        built = Path(scratch) / target.name
-        command = [compiler, *flags, f"-I{include_dir}", str(SOURCE), f"-L{library_dir}", "-lc10",
-                   f"-Wl,-rpath,{library_dir}", "-o", str(built)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode:
-            raise BlockCacheUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
-        os.replace(built, target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
+            built = Path(scratch) / target.name
+            command = [compiler, *flags, f"-I{include_dir}", str(SOURCE), f"-L{library_dir}", "-lc10",
+                       f"-Wl,-rpath,{library_dir}", "-o", str(built)]
+            result = subprocess.run(command, capture_output=True, text=True)
+            if result.returncode:
+                raise BlockCacheUnavailable(f"compiling {SOURCE.name} failed:\n{result.stderr.strip()[-2000:]}")
+            os.replace(built, target)
+    except OSError as error:  # an unwritable cache folder, a compiler that cannot start
+        raise BlockCacheUnavailable(f"cannot build {target}: {error}") from None
     return target

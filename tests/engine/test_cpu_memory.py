@@ -175,3 +175,13 @@ def test_the_trainer_warns_when_it_falls_back(tmp_path, monkeypatch, capsys):
                                  f"trainer.reference_cache_dir={tmp_path}/ref"])
     assert code == 0
     assert "CPU block cache unavailable" in capsys.readouterr().err
+
+
+def test_an_unwritable_cache_folder_is_reported(tmp_path, monkeypatch):
+    from alignkit.engine import cpu_memory
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(blocker))  # extensions/ cannot be made under a file
+    with pytest.raises(cpu_memory.BlockCacheUnavailable, match="cannot build"):
+        cpu_memory.build_block_cache()
