@@ -18,7 +18,7 @@ of preference:
 
 Trainers call it when the training loop begins (after loading and the reference pre-pass), and it
 trims what glibc's heap holds free then. Nothing is done off Linux, or when the user set
-``MALLOC_MMAP_THRESHOLD_`` (they manage the allocator themselves). Not done here: GPU memory (the
+``MALLOC_MMAP_THRESHOLD_`` (they manage the allocator themselves); off glibc there is no fallback. Not done here: GPU memory (the
 CUDA caching allocator already reuses blocks), removing the replacement (tensors it mapped must be
 freed by it; it stays for the process's life), and fork safety while another thread allocates.
 """
@@ -64,14 +64,15 @@ def release_freed_memory() -> Released:
         libc = ctypes.CDLL(None)
         mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
     except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return Released("")
+        mallopt = malloc_trim = None
     try:
         install_block_cache()
         released = Released("block_cache")
     except BlockCacheUnavailable as unavailable:
-        applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        applied = mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
         released = Released("mmap_threshold" if applied else "", reason=str(unavailable))
-    malloc_trim(0)
+    if malloc_trim is not None:
+        malloc_trim(0)
     return released
 
 

@@ -250,8 +250,9 @@ def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
         # from here on: loading and a reference pre-pass stay below the training peak
         released = release_freed_memory()
         if released.reason:
-            run.print(f"[yellow]CPU block cache unavailable, unmapping freed tensors instead (slower steps):[/] "
-                      f"{released.reason}")
+            instead = ("glibc unmaps freed tensors instead (slower steps)" if released.mechanism == "mmap_threshold"
+                       else "freed tensors stay in the C library's heap (higher peak RSS)")
+            run.print(f"[yellow]CPU block cache unavailable; {instead}:[/] {released.reason}")
     path = find_resume_checkpoint(run.run_dir, cfg.resume)
     done = 0
     if path is not None:
