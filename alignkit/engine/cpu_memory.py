@@ -10,17 +10,19 @@ of preference:
   size, resized with ``mremap`` (its resident pages move over: no page faults, no zeroing), else a
   fresh mapping. Before mapping anything new it unmaps the oldest cached mappings until live +
   cached bytes stay within the peak of live bytes so far. On the SmolLM2 DPO bench: RSS at the live
-  peak (2.48 GB against glibc's 2.95), steps ~6% slower than with glibc's heap. The library is compiled once per torch version with the system C++
-  compiler (~1 s, c10 headers only) into ``$ALIGNKIT_CACHE/extensions`` and loaded with ctypes.
+  peak (2.48 GB against glibc's 2.95), steps ~6% slower than with glibc's heap. The library is
+  compiled once per torch version with the system C++ compiler (~1 s, c10 headers only) into
+  ``$ALIGNKIT_CACHE/extensions`` and loaded with ctypes.
 * **glibc mmap threshold** when no compiler is available: allocations >= 128 KiB are mmapped and
   unmapped on free. The same RSS, but every activation is a fresh mapping whose page faults cost
   ~25% of a step on this VM.
 
 Trainers call it when the training loop begins (after loading and the reference pre-pass), and it
 trims what glibc's heap holds free then. Nothing is done off Linux, or when the user set
-``MALLOC_MMAP_THRESHOLD_`` (they manage the allocator themselves); off glibc there is no fallback. Not done here: GPU memory (the
-CUDA caching allocator already reuses blocks), removing the replacement (tensors it mapped must be
-freed by it; it stays for the process's life), and fork safety while another thread allocates.
+``MALLOC_MMAP_THRESHOLD_`` (they manage the allocator themselves); off glibc there is no fallback.
+Not done here: GPU memory (the CUDA caching allocator already reuses blocks), removing the
+replacement (tensors it mapped must be freed by it; it stays for the process's life), and fork
+safety while another thread allocates.
 """
 
 from __future__ import annotations
@@ -107,9 +109,10 @@ def build_block_cache() -> Path:
 
     from alignkit.models.smollm2 import cache_root
 
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    compiler_name = os.environ.get("CXX", "c++")
+    compiler = shutil.which(compiler_name)
     if compiler is None:
-        raise BlockCacheUnavailable(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found; set CXX)")
+        raise BlockCacheUnavailable(f"no C++ compiler ({compiler_name!r} not found; set CXX)")
     include_dir, library_dir = Path(torch.__file__).parent / "include", Path(torch.__file__).parent / "lib"
     flags = ["-O2", "-std=c++17", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, compiler, *flags]).encode()).hexdigest()

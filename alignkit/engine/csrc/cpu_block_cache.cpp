@@ -23,15 +23,14 @@
 #include <c10/core/CPUAllocator.h>
 #include <sys/mman.h>
 
+#include <algorithm>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
-#include <cerrno>
 #include <list>
 #include <map>
 #include <mutex>
 #include <unordered_map>
-#include <utility>
-#include <vector>
 
 namespace {
 
