@@ -35,11 +35,15 @@ def check_choice(section: str, name: str, value: object, choices: tuple[str, ...
 
 @dataclass
 class SourceConfig:
-    """One data source: a local file/folder or a hub dataset name."""
+    """One data source: a file (``.jsonl``, ``.jsonl.gz``, ``.parquet`` ...), a glob, a folder or a hub name.
 
-    path: str = ""
+    ``split`` and ``subset`` apply to folders and hub names (see ``alignkit/data/resolve.py``).
+    """
+
+    path: str = ""  # file, glob (data/*.jsonl), folder (train.parquet + test.parquet, data/train-*.parquet) or org/name
     weight: float = 1.0  # records drawn = round(weight * size): 0.5 = a seeded half, 2.0 = twice
-    split: str = "train"  # split of a hub dataset / datasets folder with several splits
+    split: Optional[str] = None  # folder / hub split; None = "train" (or the only split); a lone file is "train"
+    subset: Optional[str] = None  # load_dataset's name (a config such as gsm8k's "main"); None = the default
     format: Optional[str] = None  # None = DataConfig.format
     columns: Optional[str] = None  # column preset; None = DataConfig.columns
     column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> column, over the preset

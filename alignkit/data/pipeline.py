@@ -84,7 +84,7 @@ class PreparedData:
 
 def read_records(
     path: str, fmt: str = "auto", columns: str = "trl", column_map: dict[str, str] | None = None,
-    split: str = "train",
+    split: str | None = None, subset: str | None = None,
 ) -> tuple[list[Record], list[DataError]]:
     """Every valid record of one source plus every problem found (nothing raised for bad rows).
 
@@ -93,7 +93,7 @@ def read_records(
     """
     records: list[Record] = []
     errors: list[DataError] = []
-    for raw in iter_rows(path, split):
+    for raw in iter_rows(path, split, subset):
         if raw.error is not None:
             errors.append(raw.error)
             continue
@@ -119,7 +119,7 @@ def summarize_errors(errors: list[DataError]) -> DataError:
 def _source_records(source: SourceConfig, cfg: DataConfig, stats: DataStats) -> list[Record]:
     records, errors = read_records(
         source.path, source.format or cfg.format, source.columns or cfg.columns,
-        {**cfg.column_map, **source.column_map}, source.split,
+        {**cfg.column_map, **source.column_map}, source.split, source.subset,
     )
     if errors and cfg.on_error == "raise":
         raise summarize_errors(errors)

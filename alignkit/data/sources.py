@@ -1,10 +1,13 @@
 """Reading raw rows from files, ``datasets`` folders and hub names, each row with its location.
 
-Supported: JSONL (``.jsonl``/``.jsonl.gz`` not included: plain text only), JSON (a list of objects,
-or an object holding one such list), Parquet, CSV (cells that look like JSON lists/objects are
-decoded), a local ``datasets.save_to_disk`` folder, and hub names through ``datasets.load_dataset``.
-Every row comes as ``RawRow(location, data)`` where location is ``file:line`` (JSONL, CSV, JSON
-errors) or ``file:row N`` so that every later error can point at it.
+Supported files: JSONL, JSON (a list of objects, or an object holding one such list; a ``.json``
+file that is really JSON Lines, as many hub datasets ship, is read as JSON Lines), Parquet (read
+batch by batch), CSV (cells that look like JSON lists/objects are decoded); the text formats also
+compressed as ``.gz``, ``.bz2``, ``.xz``, or ``.zst`` when the ``zstandard`` package is installed.
+Which files a source names (a file, a glob, a folder's split, a ``save_to_disk`` folder, a hub
+name) is decided in ``resolve.py``. Every row comes as ``RawRow(location, data)`` where location
+is ``file:line`` (JSONL, CSV, JSON; inside a compressed file, the line of the decompressed text) or
+``file:row N`` (Parquet, ``datasets`` tables) so that every later error can point at it.
 
 Also here: mixing sources by weight and splitting train/eval by a seeded fraction of prompts.
 
@@ -15,17 +18,23 @@ reported after a short connection probe instead of ``datasets``' half-minute of 
 
 from __future__ import annotations
 
+import bz2
 import csv
+import glob
+import gzip
 import io
+import itertools
 import json
+import lzma
 import os
 import random
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 from urllib.parse import urlparse
 
+from alignkit.data.resolve import GLOB_CHARS, SET_SPLIT, Resolved, looks_like_hub_name, pick_split, readable_suffix, resolve_source
 from alignkit.errors import DataError
 
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer JSONL line is reported instead of read
@@ -85,12 +94,60 @@ def _parse_object(text: str, location: str) -> dict[str, Any]:
     return value
 
 
+def _open_binary(path: Path) -> BinaryIO:
+    """The file's bytes, decompressed by its last suffix (``.gz``, ``.bz2``, ``.xz``, ``.zst``)."""
+    suffix = path.suffix.lower()
+    if suffix == ".gz":
+        return gzip.open(path, "rb")
+    if suffix == ".bz2":
+        return bz2.open(path, "rb")
+    if suffix == ".xz":
+        return lzma.open(path, "rb")
+    if suffix == ".zst":
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError("expected a readable file / found zstd compression, which needs the zstandard "
+                            "package: pip install zstandard (or decompress it: zstd -d FILE).",
+                            location=str(path)) from None
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _corrupt(path: Path, err: Exception, location: str) -> DataError:
+    return DataError(f"expected {path.suffix} compressed data / found data that cannot be decompressed "
+                     f"({type(err).__name__}: {err}); the file may be truncated or not {path.suffix} at all.",
+                     location=location)
+
+
+def _compressed(path: Path) -> bool:
+    return path.suffix.lower() in (".gz", ".bz2", ".xz", ".zst")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        with _open_binary(path) as handle:
+            return handle.read()
+    except Exception as err:  # gzip/zlib/lzma/bz2/zstd each raise their own kinds for bad data
+        if not _compressed(path) or isinstance(err, DataError):
+            raise
+        raise _corrupt(path, err, str(path)) from None
+
+
 def iter_jsonl(path: Path, max_line_bytes: int | None = None) -> Iterator[RawRow]:
     limit = max_line_bytes or MAX_LINE_BYTES
-    with open(path, "rb") as handle:
+    compressed = _compressed(path)
+    with _open_binary(path) as handle:
         line_number = 0
         while True:
-            raw = handle.readline(limit + 1)
+            try:
+                raw = handle.readline(limit + 1)
+            except Exception as err:  # gzip/zlib/lzma/bz2/zstd each raise their own kinds for bad data
+                if not compressed:
+                    raise
+                location = f"{path}:{line_number + 1}"
+                yield RawRow(location, {}, _corrupt(path, err, location))
+                return
             if not raw:
                 return
             line_number += 1
@@ -129,11 +186,19 @@ def _array_item_lines(text: str) -> list[int]:
         _, position = decoder.raw_decode(text, position)
 
 
+def _is_json_lines(text: str, err: json.JSONDecodeError) -> bool:
+    """A ``.json`` file holding one object per line (``Extra data`` after a first object that ends its line)."""
+    return err.msg == "Extra data" and err.lineno > 1 and text.lstrip().startswith("{")
+
+
 def iter_json(path: Path) -> Iterator[RawRow]:
-    text = _decode_file(path.read_bytes(), path)
+    text = _decode_file(_read_bytes(path), path)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
+        if _is_json_lines(text, err):
+            yield from iter_jsonl(path)
+            return
         raise DataError(
             f"expected a JSON document / found invalid JSON ({err.msg} at column {err.colno})",
             location=f"{path}:{err.lineno}",
@@ -169,7 +234,7 @@ def _maybe_json_cell(cell: str) -> Any:
 
 
 def iter_csv(path: Path) -> Iterator[RawRow]:
-    text = _decode_file(path.read_bytes(), path)
+    text = _decode_file(_read_bytes(path), path)
     reader = csv.DictReader(io.StringIO(text, newline=""))
     start_line = 2  # line 1 is the header; a quoted cell may span several lines
     for row in reader:
@@ -182,22 +247,29 @@ def iter_csv(path: Path) -> Iterator[RawRow]:
         yield RawRow(location, {key: _maybe_json_cell(value or "") for key, value in row.items()})
 
 
-def _iter_table(rows: list[dict[str, Any]], name: str) -> Iterator[RawRow]:
-    for index, item in enumerate(rows, start=1):
-        yield RawRow(f"{name}:row {index}", item)
-
-
 def iter_parquet(path: Path) -> Iterator[RawRow]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for corrupt files
         raise DataError(f"expected a Parquet file / found unreadable data ({err})", location=str(path)) from None
-    return _iter_table(table.to_pylist(), str(path))
+    return _iter_parquet_batches(parquet, str(path))
 
 
-def iter_datasets_folder(path: Path, split: str) -> Iterator[RawRow]:
+def _iter_parquet_batches(parquet: Any, name: str) -> Iterator[RawRow]:
+    index = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=4096):
+            for item in batch.to_pylist():
+                index += 1
+                yield RawRow(f"{name}:row {index}", item)
+    except OSError as err:  # a corrupt column chunk shows up while reading
+        raise DataError(f"expected a Parquet file / found unreadable data after row {index} ({err})",
+                        location=name) from None
+
+
+def iter_datasets_folder(path: Path, split: str | None = None) -> Iterator[RawRow]:
     import datasets
 
     try:
@@ -206,13 +278,26 @@ def iter_datasets_folder(path: Path, split: str) -> Iterator[RawRow]:
         raise DataError(f"expected a folder written by datasets' save_to_disk / found one it cannot read "
                         f"({type(err).__name__}: {str(err)[:200]})", location=str(path)) from None
     if isinstance(loaded, datasets.DatasetDict):
-        if split not in loaded:
-            raise DataError(
-                f"expected split {split!r} / found splits {sorted(loaded)}; set the source's split.",
-                location=str(path),
-            )
+        split = pick_split(sorted(loaded), split, str(path), "in the folder's dataset_dict.json")
         loaded = loaded[split]
-    return _iter_table(loaded.to_list(), f"{path}[{split}]")
+    return _iter_dataset(loaded, f"{path}[{split or 'train'}]")
+
+
+def _iter_dataset(dataset: Any, name: str) -> Iterator[RawRow]:
+    for index, item in enumerate(dataset, start=1):  # row by row: a large split is not copied into a list
+        yield RawRow(f"{name}:row {index}", item)
+
+
+def iter_loader_folder(path: Path, split: str, subset: str | None) -> Iterator[RawRow]:
+    """A folder split whose files only ``datasets`` reads (``.txt``, ``.arrow``, ``.tsv`` ...)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(str(path), name=subset, split=split)
+    except Exception as err:
+        raise DataError(f"could not load split {split!r} of the folder with datasets.load_dataset "
+                        f"({type(err).__name__}: {str(err)[:200]})", location=str(path)) from None
+    return _iter_dataset(loaded, f"{path}[{split}]")
 
 
 def _hub_unreachable(timeout: float = 3.0) -> str | None:
@@ -233,23 +318,37 @@ def _hub_unreachable(timeout: float = 3.0) -> str | None:
     return None
 
 
-def iter_hub(name: str, split: str) -> Iterator[RawRow]:
+def _unknown_split(err: Exception) -> str | None:
+    """``datasets``' 'Unknown split "x". Should be one of [...]' as a list of split names, if it is that."""
+    import re
+
+    found = re.search(r"Unknown split \"?([^\".]*)\"?\. Should be one of (\[.*?\])", str(err))
+    return found.group(2) if found else None
+
+
+def iter_hub(name: str, split: str | None = None, subset: str | None = None) -> Iterator[RawRow]:
     advice = ("No local file or folder has this name either. Without network access, download it elsewhere, "
               "`save_to_disk` it, and point the source's path at that folder (or, if it is in the local "
               "datasets cache, set HF_DATASETS_OFFLINE=1).")
+    what = f"hub dataset {name!r}" + (f" (subset {subset!r})" if subset else "")
     why = _hub_unreachable()
     if why is not None:
-        raise DataError(f"could not load hub dataset {name!r}: {why}. {advice}", location=name)
+        raise DataError(f"could not load {what}: {why}. {advice}", location=name)
+    split = split or "train"
     try:
         import datasets
 
-        loaded = datasets.load_dataset(name, split=split)
+        loaded = datasets.load_dataset(name, subset, split=split)
     except Exception as err:
+        splits = _unknown_split(err)
+        if splits is not None:
+            raise DataError(f"expected split {split!r} / found splits {splits} in {what}; {SET_SPLIT}",
+                            location=name) from None
         raise DataError(
-            f"could not load hub dataset {name!r} (split {split!r}): {type(err).__name__}: {str(err)[:200]}. {advice}",
+            f"could not load {what} (split {split!r}): {type(err).__name__}: {str(err)[:200]}. {advice}",
             location=name,
         ) from None
-    return _iter_table(loaded.to_list(), f"{name}[{split}]")
+    return _iter_dataset(loaded, f"{name}[{split}]")
 
 
 READERS: dict[str, Callable[[Path], Iterator[RawRow]]] = {
@@ -260,37 +359,56 @@ READERS: dict[str, Callable[[Path], Iterator[RawRow]]] = {
 }
 
 
-def looks_like_hub_name(path: str) -> bool:
-    parts = path.split("/")
-    return len(parts) <= 2 and not path.startswith((".", "/", "~")) and not Path(path).suffix
+def _reader(path: Path) -> Callable[[Path], Iterator[RawRow]]:
+    reader = READERS.get(readable_suffix(path))
+    if reader is None or (reader is iter_parquet and _compressed(path)):
+        raise DataError(
+            f"expected a file ending in {', '.join(READERS)} (the text formats also as .gz, .bz2, .xz, .zst) "
+            f"/ found {''.join(path.suffixes) or 'no suffix'!r}",
+            location=str(path),
+        )
+    return reader
 
 
-def iter_rows(path: str, split: str = "train") -> Iterator[RawRow]:
-    """Rows of one source: a file, a ``save_to_disk`` folder or a hub name."""
-    local = Path(os.path.expanduser(path))
-    if local.is_dir():
-        return iter_datasets_folder(local, split)
-    if local.is_file():
-        reader = READERS.get(local.suffix.lower())
-        if reader is None:
-            raise DataError(
-                f"expected a file ending in {', '.join(READERS)} / found suffix {local.suffix!r}",
-                location=str(local),
-            )
-        return reader(local)
-    if looks_like_hub_name(path):
-        return iter_hub(path, split)
-    raise DataError(f"expected an existing file or folder / found nothing at {path!r}", location=path)
+def iter_rows(path: str, split: str | None = None, subset: str | None = None) -> Iterator[RawRow]:
+    """Rows of one source (a file, a glob, a folder's split, a hub name; see ``resolve.py``).
+
+    Unreadable sources (nothing there, an empty glob, a wrong split) raise ``DataError`` here, before any
+    row is read; rows that cannot be read come as ``RawRow.error``.
+    """
+    resolved = resolve_source(path, split, subset)
+    return rows_of(resolved)
+
+
+def rows_of(resolved: Resolved) -> Iterator[RawRow]:
+    """The rows of a resolved source, file after file."""
+    if resolved.kind == "files":
+        readers = [(_reader(file), file) for file in resolved.files]  # every suffix checked before reading
+        return itertools.chain.from_iterable(reader(file) for reader, file in readers)
+    if resolved.kind == "saved":
+        if resolved.subset is not None:
+            raise DataError(f"subset {resolved.subset!r} was asked of a save_to_disk folder, which has none; "
+                            "drop the subset.", location=resolved.path)
+        return iter_datasets_folder(Path(resolved.path), resolved.split)
+    if resolved.kind == "loader":
+        return iter_loader_folder(Path(resolved.path), resolved.split or "train", resolved.subset)
+    return iter_hub(resolved.path, resolved.split, resolved.subset)
 
 
 def fingerprint_source(path: str) -> str:
-    """What identifies a source's content for the cache: file bytes' hash, or the hub name."""
+    """What identifies a source's content for the cache: its files' names and bytes (a file, a folder's
+    files, a glob's matches), or the hub name."""
     import hashlib
 
     local = Path(os.path.expanduser(path))
     digest = hashlib.sha256()
-    files = sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir() else [local]
-    if not local.exists():
+    if local.is_dir():
+        files = sorted(p for p in local.rglob("*") if p.is_file())
+    elif local.exists():
+        files = [local]
+    elif any(c in path for c in GLOB_CHARS):
+        files = sorted(Path(p) for p in glob.glob(str(local), recursive=True) if Path(p).is_file())
+    else:
         return f"hub:{path}"
     for file in files:
         digest.update(str(file.relative_to(local) if local.is_dir() else file.name).encode())
