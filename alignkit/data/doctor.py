@@ -50,8 +50,9 @@ class ValidationReport:
 
 
 def validate_path(path: str, fmt: str = "auto", columns: str = "trl",
-                  column_map: dict[str, str] | None = None) -> ValidationReport:
-    records, errors = read_records(path, fmt, columns, column_map)
+                  column_map: dict[str, str] | None = None, *, split: str | None = None,
+                  subset: str | None = None) -> ValidationReport:
+    records, errors = read_records(path, fmt, columns, column_map, split, subset)
     return ValidationReport(path, records, errors)
 
 
@@ -108,8 +109,9 @@ def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
 
 
 def inspect_path(path: str, tokenizer: Any, *, n: int = 3, max_length: int = 1024, eval_path: str | None = None,
-                 fmt: str = "auto", columns: str = "trl", column_map: dict[str, str] | None = None) -> InspectReport:
-    records, errors = read_records(path, fmt, columns, column_map)
+                 fmt: str = "auto", columns: str = "trl", column_map: dict[str, str] | None = None,
+                 split: str | None = None, subset: str | None = None, eval_split: str | None = None) -> InspectReport:
+    records, errors = read_records(path, fmt, columns, column_map, split, subset)
     measure = DataConfig(max_length=UNLIMITED, max_prompt_length=UNLIMITED - 1)
     groups: list[TokenizedGroup] = []
     for record in records:
@@ -133,7 +135,7 @@ def inspect_path(path: str, tokenizer: Any, *, n: int = 3, max_length: int = 102
         report.mean_length_gap = sum(gaps) / len(gaps)
         report.chosen_longer = sum(gap > 0 for gap in gaps) / len(gaps)
     if eval_path is not None:
-        eval_records, _ = read_records(eval_path, fmt, columns, column_map)
+        eval_records, _ = read_records(eval_path, fmt, columns, column_map, eval_split, subset)
         report.eval_overlap = len(set(prompt_keys) & {r.prompt_key() for r in eval_records})
     for record, group in list(zip(records, groups))[:n]:
         report.samples.append(Sample(record.location, tokenizer.decode(group.prompt_ids), [
@@ -174,11 +176,12 @@ def convert_records(records: list[Record], to: str, *, strategy: str = "all_pair
 
 def convert_path(source: str, target: str, to: str, *, strategy: str = "all_pairs", min_gap: float = 0.0,
                  threshold: float | None = None, fmt: str = "auto", columns: str = "trl",
-                 column_map: dict[str, str] | None = None) -> ConvertStats:
+                 column_map: dict[str, str] | None = None, split: str | None = None,
+                 subset: str | None = None) -> ConvertStats:
     """Convert a file; any problem in the input raises before the output is touched."""
     if Path(target).resolve() == Path(source).resolve():
         raise UserError(f"{target}: the output must differ from the input (the input would be overwritten).")
-    records, errors = read_records(source, fmt, columns, column_map)
+    records, errors = read_records(source, fmt, columns, column_map, split, subset)
     if errors:
         raise summarize_errors(errors)
     converted, stats = convert_records(records, to, strategy=strategy, min_gap=min_gap, threshold=threshold)

@@ -266,3 +266,45 @@ def test_fingerprint_of_a_glob_follows_its_files(tmp_path):
     before = fingerprint_source(str(tmp_path / "*.jsonl"))
     (tmp_path / "b.jsonl").write_bytes(_lines([PAIR]))
     assert fingerprint_source(str(tmp_path / "*.jsonl")) != before
+
+
+# ---------------------------------------------------------------- the data CLI takes the same source options
+
+
+def test_cli_validate_and_inspect_take_split_subset_and_column_map(tmp_path):
+    from typer.testing import CliRunner
+
+    from alignkit.data.cli import data_app
+
+    runner = CliRunner()
+    folder = tmp_path / "gsm8k"
+    _parquet(folder / "train.parquet", [{"question": "Q1", "answer": "#### 1"}])
+    _parquet(folder / "test.parquet", [{"question": "T1", "answer": "#### 2"}, {"question": None, "answer": "x"}])
+    result = runner.invoke(data_app, ["validate", str(folder), "--split", "test", "--column-map", "prompt=question"])
+    assert result.exit_code == 1, result.output
+    assert f"{folder}/test.parquet:row 2: prompt" in result.output
+    assert f"{folder} [split test]: 1 valid records (1 prompt), 1 problems" in result.output
+    result = runner.invoke(data_app, ["validate", str(folder), "--split", "nope", "--map", "prompt=question"])
+    assert isinstance(result.exception, DataError) and "found splits ['test', 'train']" in str(result.exception)
+    result = runner.invoke(data_app, ["inspect", str(folder), "--split", "train", "--column-map", "prompt=question",
+                                      "--eval", str(folder), "--eval-split", "test", "--n", "1"])
+    assert result.exit_code == 0, result.output
+    assert "records: 1 (1 prompt)" in result.output and "prompts shared with the eval file: 0" in result.output
+
+
+def test_cli_validate_reads_what_training_reads_from_config_overrides(tmp_path):
+    from typer.testing import CliRunner
+
+    from alignkit.data.cli import data_app
+
+    runner = CliRunner()
+    path = tmp_path / "mine.jsonl.gz"
+    path.write_bytes(gzip.compress(_lines([PAIR, {"prompt": "Q2", "chosen": "A"}])))
+    result = runner.invoke(data_app, ["validate", "recipe=dpo_tiny", f"data.train=[{{path: '{path}'}}]",
+                                      "data.eval=[]"])
+    assert result.exit_code == 1, result.output
+    assert f"{path}:2: rejected" in result.output
+    assert f"data.train[0]: {path}: 1 valid records (1 paired), 1 problems" in result.output
+    assert "data.eval" not in result.output
+    result = runner.invoke(data_app, ["validate", "recipe=dpo_tiny", "--split", "test"])
+    assert "--split only go with a PATH" in str(result.exception)
