@@ -6,7 +6,9 @@ and counted), splits eval off (separate sources, or a seeded ``eval_fraction`` o
 source weights, converts to the loss view, tokenizes, and caches the result on disk when
 ``cache_dir`` is set. The cache key covers the sources' bytes, the tokenizer (vocabulary, special
 tokens, chat template), every data setting that changes the output, and the view; any change
-rebuilds. Cache files are written atomically.
+rebuilds. Cache files (``alignkit.data.cache``: safetensors + JSON, never pickle) are written
+atomically and carry their key and a checksum; a damaged or planted file is reported (in the
+stats line), moved aside and rebuilt.
 
 ``iterate_batches`` yields collated batches for one epoch: a permutation seeded by (seed, epoch),
 sharded so that rank r takes the r-th ``batch_groups`` of every global batch, the last global batch
@@ -19,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import pickle
+import logging
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from alignkit.data import cache as data_cache
 from alignkit.data.batch import Batch, TokenizedGroup
 from alignkit.data.collate import collate
 from alignkit.data.config import DataConfig, SourceConfig
@@ -38,7 +39,9 @@ from alignkit.data.tokenize import TokenizeStats, adds_bos, tokenize_group
 from alignkit.data.views import to_view
 from alignkit.errors import DataError
 
-CACHE_VERSION = 1
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 2
 MAX_REPORTED_ERRORS = 20
 
 
@@ -54,6 +57,7 @@ class DataStats:
     train_groups: int = 0
     eval_groups: int = 0
     cached: bool = False
+    cache_note: str = ""  # a cache file found damaged and rebuilt, or data the cache cannot carry
 
     def __str__(self) -> str:
         parts = [f"{self.train_groups} train / {self.eval_groups} eval groups from "
@@ -69,6 +73,8 @@ class DataStats:
             parts.append(f"skipped {self.skipped} bad rows (first: {self.skipped_examples[0]})")
         if self.cached:
             parts.append("from cache")
+        if self.cache_note:
+            parts.append(self.cache_note)
         return "; ".join(parts)
 
 
@@ -198,31 +204,25 @@ def cache_key(cfg: DataConfig, view: str, tokenizer: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _write_atomically(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
 def prepare_data(cfg: DataConfig, view: str, tokenizer: Any) -> PreparedData:
     """Config -> tokenized train/eval groups for a loss consuming ``view`` (see the module docstring)."""
     cfg.validate()
-    cache_file = Path(cfg.cache_dir) / f"{cache_key(cfg, view, tokenizer)}.pkl" if cfg.cache_dir else None
-    if cache_file is not None and cache_file.exists():
+    key = cache_key(cfg, view, tokenizer) if cfg.cache_dir else ""
+    cache_file = data_cache.cache_path(cfg.cache_dir, key) if cfg.cache_dir else None
+    note = ""
+    if cache_file is not None:
         try:
-            with open(cache_file, "rb") as handle:
-                prepared: PreparedData = pickle.load(handle)
-            prepared.stats.cached = True
-            return prepared
-        except Exception:  # written by an incompatible version: rebuild it
-            pass
-    stats = DataStats()
+            found = data_cache.read_cache(cache_file, key)
+        except data_cache.CacheDamaged as damaged:
+            moved = data_cache.move_aside(cache_file)
+            note = f"data cache {cache_file} was damaged ({damaged}): moved aside to {moved} and rebuilt"
+            log.warning(note)
+            found = None
+        if found is not None:
+            train, evaluation, stats = found
+            stats.cached = True
+            return PreparedData(train, evaluation, stats)
+    stats = DataStats(cache_note=note)
     train_records, eval_records = load_split_records(cfg, stats)
     train_records, stats.convert = to_view(train_records, view, cfg)
     eval_records, _ = to_view(eval_records, view, cfg)
@@ -234,7 +234,11 @@ def prepare_data(cfg: DataConfig, view: str, tokenizer: Any) -> PreparedData:
     stats.train_groups, stats.eval_groups = len(train), len(evaluation)
     prepared = PreparedData(train, evaluation, stats)
     if cache_file is not None:
-        _write_atomically(cache_file, pickle.dumps(prepared))
+        try:
+            data_cache.write_cache(cache_file, key, train, evaluation, dataclasses.replace(stats, cache_note=""))
+        except data_cache.CacheUnsupported as unsupported:
+            stats.cache_note = f"not cached: {unsupported}"
+            log.warning("data.cache_dir: %s", stats.cache_note)
     return prepared
 
 

@@ -46,7 +46,7 @@ def test_bad_settings_fail_with_the_valid_choices(paired_file, tiny_tokenizer):
 def test_cache_is_reused_and_rebuilt_when_inputs_change(paired_file, tiny_tokenizer, tmp_path):
     cfg = DataConfig(train=[SourceConfig(path=str(paired_file))], cache_dir=str(tmp_path / "cache"))
     built = prepare_data(cfg, "pairwise", tiny_tokenizer)
-    assert not built.stats.cached and len(list((tmp_path / "cache").glob("*.pkl"))) == 1
+    assert not built.stats.cached and len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
     cached = prepare_data(cfg, "pairwise", tiny_tokenizer)
     assert cached.stats.cached and [g.example_id for g in cached.train] == [g.example_id for g in built.train]
     key = cache_key(cfg, "pairwise", tiny_tokenizer)
