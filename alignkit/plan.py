@@ -21,6 +21,35 @@ from alignkit.config.validate import grad_accum_steps, objective_from_cfg, runne
 console = Console()
 
 
+FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+
+
+def check_attention_layout(cfg: DictConfig) -> None:
+    """Compose-time rule: packed and prefix-shared rows need an attention that takes dense masks.
+
+    Both layouts describe which tokens see which with a 4D additive mask ``[B, 1, L, L]`` and
+    per-row ``position_ids``; flash-attention kernels take no such mask (transformers would drop
+    it or fail on the GPU), so those combinations are refused here rather than mixing sequences
+    silently. ``sdpa``/``eager`` run the dense masks and are what the log-prob equality tests cover.
+    """
+    from alignkit.errors import ConfigError
+
+    layout, attn = str(cfg.data.layout), str(cfg.model.attn_implementation)
+    if layout in ("packed", "prefix_shared") and attn in FLASH_ATTENTION:
+        raise ConfigError(
+            f"data.layout={layout} needs dense 4D attention masks, which model.attn_implementation={attn} does not "
+            "take. Use model.attn_implementation=sdpa (the default) with this layout, or data.layout=padded "
+            "with flash attention.")
+
+
+def check_scale_rules(cfg: DictConfig) -> None:
+    """The compose-time checks of settings that only break at scale or on a GPU (called by ``validate``)."""
+    from alignkit.losses.unpaired import check_kl_pairs_config
+
+    check_attention_layout(cfg)
+    check_kl_pairs_config(cfg)
+
+
 def count_parameters(cfg: DictConfig) -> tuple[int, int]:
     """(total parameters, largest layer's parameters) from the model's config on the meta device."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -108,6 +108,9 @@ def validate(cfg: DictConfig) -> None:
     terms = loss_terms(cfg.loss)
     objective_from_cfg(cfg.loss)  # views combine, knob values valid
     _check_batch(cfg)
+    from alignkit.plan import check_scale_rules  # packing + flash attention, KTO's mismatched pairs
+
+    check_scale_rules(cfg)
     if cfg.deepspeed.get("optimizer_in_backward", False):
         _check_optimizer_in_backward(cfg, runner)
     if runner in ("ppo", "grpo", "online_dpo"):

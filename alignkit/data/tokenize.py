@@ -204,5 +204,6 @@ def tokenize_group(
         scores=list(record.scores) if record.scores is not None else None,
         labels=list(record.labels) if record.labels is not None else None,
         example_id=record.example_id(),
-        extra=dict(record.extra),
+        # a prompt record keeps its prompt as the data has it (text or messages) for TRL-style reward functions
+        extra={**record.extra, "prompt": record.prompt} if record.format == "prompt" else dict(record.extra),
     )

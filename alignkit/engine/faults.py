@@ -58,13 +58,9 @@ class StopRequest:
 
 def any_rank(flag: bool) -> bool:
     """True when ``flag`` is true on any rank (a collective: every rank must call it)."""
-    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
-        return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0])
-    if torch.distributed.get_backend() == "nccl":
-        value = value.cuda()
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    from alignkit.engine.collectives import any_rank as reduce_any  # on the process group's device
+
+    return reduce_any(bool(flag))
 
 
 def _is_finite(value: TensorLike) -> bool:

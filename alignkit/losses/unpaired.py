@@ -8,9 +8,14 @@ batch leaves its keys (and ``rewards/margin``) out rather than logging nan. Ther
 ``rewards/accuracy``: without pairs there is nothing to compare.
 
 KTO's reference point is the batch KL estimate ``mean(kl_logps - ref_kl_logps)`` over mismatched
-(prompt, completion) pairs, clamped at 0 and detached, as TRL (which also averages it across ranks;
-the trainer may all-reduce ``kl_logps`` before calling). Without ``kl_logps`` the estimate is 0, as
-TRL with ``calculate_KL=False``.
+(prompt, completion) pairs, clamped at 0 and detached. The preference trainer builds the pairs
+over the whole optimizer step (group ``i`` of the step with the completion of group ``i + 1``,
+across every micro-batch and rank, as TRL's KL dataset rotates completions by one) and averages
+over ranks, so the estimate does not depend on ``trainer.micro_batch_size``; it hands the step's
+estimate in as one pair. TRL builds its pairs inside each per-device batch and refuses a per-device
+batch of 1 (the "mismatched" completion would be the example's own: the loss is then exactly
+``0.5``); here the step as a whole must hold at least two groups (``check_kl_pairs_config``, at
+compose time). Without ``kl_logps`` the estimate is 0, as TRL with ``calculate_KL=False``.
 
 Left out: the BCO classifier loss and KTO's reference-free variant.
 """
@@ -23,6 +28,20 @@ from alignkit.losses.common import validate_knobs
 from alignkit.losses.registry import SequenceLogps, register_loss
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
+def check_kl_pairs_config(cfg) -> None:
+    """Compose-time rule: a loss with mismatched KL pairs (KTO) needs >= 2 groups per optimizer step."""
+    from alignkit.config.validate import loss_terms
+    from alignkit.errors import ConfigError
+
+    names = [spec.name for spec, _, _ in loss_terms(cfg.loss) if spec.needs_kl_pairs]
+    if names and int(cfg.trainer.batch_size) < 2:
+        raise ConfigError(
+            f"loss {names} estimates its KL reference point from mismatched (prompt, completion) pairs of the "
+            f"optimizer step, but trainer.batch_size={cfg.trainer.batch_size} holds one example: its only "
+            "'mismatched' completion is its own and the loss degenerates (0.5 at every step). "
+            "Use trainer.batch_size >= 2 (any micro_batch_size works).")
 
 
 def _batch_kl(inputs: SequenceLogps) -> torch.Tensor:

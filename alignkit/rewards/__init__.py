@@ -1,10 +1,15 @@
-"""Rule-based reward functions by name or dotted path, and the demo task's judge.
+"""Rule-based reward functions by name or dotted path, the demo task's judge, and the correctness reward.
 
 Importing this package registers the built-in rewards (``accuracy``, ``format``, ``concise``,
-``judge``; see ``alignkit.rewards.judge``). Reward models are not here: the online trainers load them.
+``judge``; see ``alignkit.rewards.judge``; ``correctness``, see ``alignkit.rewards.math``). User
+functions in TRL's or verl's convention are called as those toolkits call them (see
+``alignkit.rewards.registry``). Reward models are not here: the online trainers load them.
 """
 
-from alignkit.rewards.registry import MixedRewards, RewardMix, register_reward, resolve_reward, reward_names
+from alignkit.rewards.registry import (MixedRewards, RewardFunctionError, RewardMix, register_reward, resolve_reward,
+                                       reward_names, reward_style)
 from alignkit.rewards import judge  # noqa: F401  (registers the demo task's rewards)
+from alignkit.rewards import math as correctness  # noqa: F401  (registers the correctness reward)
 
-__all__ = ["MixedRewards", "RewardMix", "register_reward", "resolve_reward", "reward_names", "judge"]
+__all__ = ["MixedRewards", "RewardFunctionError", "RewardMix", "register_reward", "resolve_reward", "reward_names",
+           "reward_style", "judge", "correctness"]

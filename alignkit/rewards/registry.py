@@ -1,30 +1,57 @@
-"""Reward functions by name or dotted path, and their weighted mix.
+"""Reward functions by name or dotted path, the conventions they are called in, and their weighted mix.
 
-A reward function is batched and synchronous::
+Three calling conventions, told apart by the function itself (``reward_style``):
 
-    fn(prompts: list[str], completions: list[str], **columns: list) -> list[float]
+* ``alignkit`` -- the built-ins and anything ``@register_reward`` adds::
 
-``prompts[i]`` is the rendered prompt text of ``completions[i]``; ``columns`` holds the prompt
-record's extra columns (the demo task's ``answer``, ...), one list entry per completion. A function
-must accept (and may ignore) columns it does not use, so always give it ``**columns``.
+      fn(prompts: list[str], completions: list[str], **columns: list) -> list[float]
+
+  ``prompts[i]`` is the rendered prompt text of ``completions[i]``; ``columns`` holds the prompt
+  record's extra columns (the demo task's ``answer``, ...), one list entry per completion.
+* ``trl`` -- any other function given by dotted path, called as TRL's
+  ``GRPOTrainer._calculate_rewards`` (TRL 1.16) calls it: by keyword,
+  ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` with every column of the record
+  except ``prompt``. ``prompts`` are the records' prompts as the data has them (a string, or a list
+  of ``{role, content}`` messages); a completion is a string for a string prompt and
+  ``[{"role": "assistant", "content": text}]`` for a conversational one. ``None`` in the returned
+  list means "not applicable": it becomes NaN, the weighted sum skips it (TRL's ``nansum``), and a
+  completion no function applies to scores 0 (said once, counted in ``RewardMix.unscored``). TRL's
+  ``trainer_state``, ``log_extra``, ``log_metric`` and ``environments`` are not provided: a function
+  that requires one is rejected by the dry call; one that takes ``**kwargs`` works. A function
+  without ``**kwargs`` gets only the columns it names.
+* ``verl`` -- a function with a ``solution_str`` parameter, called as verl's reward managers call
+  ``compute_score``: once per completion, by keyword, ``data_source`` (the ``data_source`` column),
+  ``solution_str`` (the completion text), ``ground_truth`` (``reward_model["ground_truth"]`` of a
+  verl parquet row, else a ``ground_truth`` column, else the reference read from an ``answer``
+  column) and ``extra_info`` (the ``extra_info`` column, ``{}`` without one), each only when the
+  function accepts it. It returns a number, or a dict whose ``"score"`` is the reward; ``None`` is
+  "not applicable".
+
+Names and paths:
 
 * ``@register_reward(name)`` adds a function to the registry; the built-in ones (the demo
-  task's ``accuracy``, ``format``, ``concise``, ``judge``) register when ``alignkit.rewards`` is
-  imported, and ``resolve_reward`` imports them on first use.
+  task's ``accuracy``, ``format``, ``concise``, ``judge``; ``correctness`` from
+  ``alignkit.rewards.math``) register when ``alignkit.rewards`` is imported, and ``resolve_reward``
+  imports them on first use.
 * ``resolve_reward("judge")`` looks a name up; ``resolve_reward("mypkg.rewards:fn")`` or
   ``resolve_reward("mypkg.rewards.fn")`` imports only the module ``mypkg.rewards`` and takes its
   attribute ``fn``. Unknown names and unimportable paths raise ``ConfigError`` listing the valid
   names, so a typo fails at compose time.
 * ``RewardMix(names, weights)`` resolves every name once; calling it returns
-  ``MixedRewards(total, per_function)``: ``total[i] = sum_k weights[k] * r_k[i]`` and the
-  unweighted ``r_k`` per function, keyed by the function's short name (the registry name, or the
-  attribute name of a dotted path) for the ``reward/<name>`` metrics. A weight of 0 logs a
-  function without rewarding it. A function that returns the wrong number of values, or a value
-  that is not a finite number, raises ``ConfigError`` naming it.
+  ``MixedRewards(total, per_function)``: ``total[i] = nansum_k weights[k] * r_k[i]`` and the
+  unweighted ``r_k`` per function (NaN where it returned ``None``), keyed by the function's short
+  name (the registry name, or the attribute name of a dotted path) for the ``reward/<name>``
+  metrics. A weight of 0 logs a function without rewarding it.
+* ``RewardMix.dry_run(prompt, columns)`` calls every function once on one record, with the
+  completion ``DRY_RUN_COMPLETION``, before any model loads: a function whose signature cannot be
+  served, that raises, or that returns the wrong thing fails there with ``RewardFunctionError``
+  (a ``ConfigError``) naming it, its ``file:line``, what it was called with and what went wrong.
+  The same error, with the line that raised, stops a run when a function fails later; no
+  traceback either way.
 
 Left out: asynchronous reward functions beyond the trivial case (a coroutine result is run with
 ``asyncio.run``, so not from inside a running event loop), remote reward servers, reward models
-(the online trainers add those themselves).
+(the online trainers add those themselves), TRL's trainer state and logging callbacks.
 """
 
 from __future__ import annotations
@@ -33,13 +60,15 @@ import asyncio
 import importlib
 import inspect
 import math
+import sys
+import traceback
 from typing import Any, Callable, NamedTuple, Sequence
 
 from alignkit.errors import ConfigError
 
 RewardFn = Callable[..., Sequence[float]]
 
-BUILTIN_MODULES = ("alignkit.rewards.judge",)
+BUILTIN_MODULES = ("alignkit.rewards.judge", "alignkit.rewards.math")
 
 _REGISTRY: dict[str, RewardFn] = {}
 
@@ -95,8 +124,9 @@ def resolve_reward(name_or_path: str) -> RewardFn:
     valid = ", ".join(sorted(_REGISTRY))
     hint = (
         f"Valid reward names: {valid}; or give a dotted path to your own function "
-        "('mypkg.rewards:my_reward' or 'mypkg.rewards.my_reward') taking "
-        "(prompts, completions, **columns) and returning one float per completion."
+        "('mypkg.rewards:my_reward' or 'mypkg.rewards.my_reward'): a TRL-style function called by keyword "
+        "with prompts, completions and the record's columns, returning one float (or None) per completion, "
+        "or a verl-style compute_score(data_source, solution_str, ground_truth, extra_info)."
     )
     if "." not in name and ":" not in name:
         raise ConfigError(f"reward.fns: unknown reward function {name!r}. {hint}")
@@ -113,25 +143,195 @@ def resolve_reward(name_or_path: str) -> RewardFn:
     return fn
 
 
-class MixedRewards(NamedTuple):
-    total: list[float]  # weighted sum per completion
-    per_function: dict[str, list[float]]  # unweighted rewards per function short name
+TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")  # TRL passes these; alignkit does not
+DRY_RUN_COMPLETION = "The answer is 0."
 
 
-def _call(fn: RewardFn, name: str, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
-    result: Any = fn(prompts, completions, **columns)
-    if inspect.isawaitable(result):
-        result = asyncio.run(result)
+class RewardFunctionError(ConfigError):
+    """A reward function cannot be called, raised, or returned something that is not one reward per completion."""
+
+
+def where_defined(fn: Callable) -> str:
+    """``file:line`` of a function's definition (``module.qualname`` when the source is unknown)."""
+    target = inspect.unwrap(fn)
+    target = getattr(target, "__func__", target)
+    if not inspect.isfunction(target) and not inspect.ismethod(target) and hasattr(target, "__call__"):
+        target = getattr(type(target), "__call__", target)
     try:
-        values = [float(v) for v in result]
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"reward function {name!r} must return a list of numbers; it returned {result!r:.200}") from exc
-    if len(values) != len(completions):
-        raise ConfigError(f"reward function {name!r} returned {len(values)} values for {len(completions)} completions")
-    bad = [v for v in values if not math.isfinite(v)]
-    if bad:
-        raise ConfigError(f"reward function {name!r} returned non-finite rewards ({bad[:3]}); return finite floats")
-    return values
+        file = inspect.getsourcefile(target) or inspect.getfile(target)
+        line = inspect.getsourcelines(target)[1]
+        return f"{file}:{line}"
+    except (TypeError, OSError):
+        return _qualified(fn)
+
+
+def reward_style(fn: Callable) -> str:
+    """``alignkit`` (registered), ``verl`` (has ``solution_str``) or ``trl`` (anything else)."""
+    _load_builtins()
+    if any(fn is known for known in _REGISTRY.values()):
+        return "alignkit"
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return "trl"
+    return "verl" if "solution_str" in params else "trl"
+
+
+def _short(value: Any, width: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _user_frame(exc: BaseException) -> str:
+    """``file:line`` of the innermost frame of the traceback outside alignkit (where the user's code raised)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    outside = [f for f in frames if "/alignkit/rewards/registry.py" not in f.filename.replace("\\", "/")]
+    frame = (outside or frames or [None])[-1]
+    return f"{frame.filename}:{frame.lineno}" if frame is not None else "?"
+
+
+class _Ground:
+    """The reference answer a verl ``compute_score`` gets, read the way verl's reward managers read it."""
+
+    @staticmethod
+    def of(columns: dict[str, list], i: int) -> Any:
+        reward_model = columns.get("reward_model")
+        if reward_model is not None and isinstance(reward_model[i], dict) and "ground_truth" in reward_model[i]:
+            return reward_model[i]["ground_truth"]
+        if "ground_truth" in columns:
+            return columns["ground_truth"][i]
+        if "answer" in columns:
+            from alignkit.rewards.answer import gold_answer
+
+            value = columns["answer"][i]
+            return gold_answer(value) if gold_answer(value) is not None else value
+        raise KeyError("ground_truth")
+
+
+class RewardFunction:
+    """One reward function with its calling convention, its name and where it is defined."""
+
+    def __init__(self, name: str, fn: Callable):
+        self.name, self.fn, self.style = name, fn, reward_style(fn)
+        self.where = where_defined(fn)
+        try:
+            self.params = dict(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            self.params = {}
+        self.var_kw = any(p.kind is p.VAR_KEYWORD for p in self.params.values()) or not self.params
+
+    def label(self) -> str:
+        return f"reward function {self.name!r} ({self.where}, {self.style} convention)"
+
+    # ------------------------------------------------------------ the calls of each convention
+
+    def _accepts(self, key: str) -> bool:
+        param = self.params.get(key)
+        return self.var_kw or (param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY))
+
+    def _required_missing(self, given: set[str]) -> list[str]:
+        missing = []
+        for key, p in self.params.items():
+            if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is not p.empty:
+                continue
+            if p.kind is p.POSITIONAL_ONLY or key not in given:
+                missing.append(key)
+        return missing
+
+    def _keyword_call(self, available: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        kwargs = {k: v for k, v in available.items() if self._accepts(k)}
+        missing = self._required_missing(set(kwargs))
+        if missing:
+            extras = [m for m in missing if m in TRL_EXTRAS]
+            hint = (f" alignkit does not provide TRL's {', '.join(extras)}: give it a default or take **kwargs."
+                    if extras else "")
+            raise RewardFunctionError(
+                f"{self.label()} needs {', '.join(repr(m) for m in missing)}, which alignkit does not pass; it can be "
+                f"given {', '.join(repr(k) for k in available)}.{hint}"
+            )
+        return kwargs, self.fn(**kwargs)
+
+    def call(self, prompts: list[str], completions: list[str], columns: dict[str, list],
+             raw_prompts: list[Any] | None, completion_ids: list[list[int]] | None) -> tuple[dict, Any]:
+        """(what it was called with, what it returned) -- one batch, or one call per completion (verl)."""
+        if self.style == "alignkit":
+            return {"prompts": prompts, "completions": completions, **columns}, self.fn(prompts, completions, **columns)
+        if self.style == "trl":
+            given_prompts = raw_prompts if raw_prompts is not None else prompts
+            conversational = [isinstance(p, list) for p in given_prompts]
+            shown = [[{"role": "assistant", "content": c}] if conv else c for c, conv in zip(completions, conversational)]
+            available = {"prompts": list(given_prompts), "completions": shown, **columns}
+            if completion_ids is not None:
+                available["completion_ids"] = completion_ids
+            return self._keyword_call(available)
+        results, first = [], None
+        for i, text in enumerate(completions):
+            try:
+                truth = _Ground.of(columns, i)
+            except KeyError:
+                raise RewardFunctionError(
+                    f"{self.label()} needs a ground truth: a verl-style 'reward_model' column with 'ground_truth' "
+                    f"(as in verl's parquet files), a 'ground_truth' column or an 'answer' column; the record's "
+                    f"columns are {sorted(columns) or 'none'}."
+                ) from None
+            extra = columns.get("extra_info", [None] * len(completions))[i]
+            available = {"data_source": columns.get("data_source", [None] * len(completions))[i],
+                         "solution_str": text, "ground_truth": truth, "extra_info": extra if extra is not None else {}}
+            kwargs, value = self._keyword_call(available)
+            first = kwargs if first is None else first
+            if isinstance(value, dict):
+                if "score" not in value:
+                    raise RewardFunctionError(f"{self.label()} returned a dict without 'score' ({_short(value)}); "
+                                              "verl's convention is a number or a dict with 'score'.")
+                value = value["score"]
+            results.append(value)
+        return first or {}, results
+
+    def __call__(self, prompts, completions, columns, raw_prompts=None, completion_ids=None) -> list[float]:
+        """Rewards of one batch, NaN where the function returned ``None``; errors name the function."""
+        called: dict = {}
+        try:
+            called, result = self.call(prompts, completions, columns, raw_prompts, completion_ids)
+            if inspect.isawaitable(result):
+                result = asyncio.run(result)
+        except RewardFunctionError:
+            raise
+        except Exception as exc:  # the user's code failed: say which function, on what, and where it raised
+            shown = called or {"prompts": prompts[:1], "completions": completions[:1]}
+            args = ", ".join(f"{k}={_short(v[:1] if isinstance(v, list) else v, 100)}" for k, v in shown.items())
+            raise RewardFunctionError(
+                f"{self.label()} raised {type(exc).__name__}: {exc} (at {_user_frame(exc)}), when called with "
+                f"{len(completions)} completion(s), the first being: {args}"
+            ) from exc
+        return self._check(result, len(completions))
+
+    def _check(self, result: Any, n: int) -> list[float]:
+        if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
+            raise RewardFunctionError(f"{self.label()} must return a list of numbers (or None); it returned "
+                                      f"{_short(result, 200)}")
+        values = []
+        for v in result:
+            if v is None:
+                values.append(math.nan)
+                continue
+            try:
+                number = float(v)
+            except (TypeError, ValueError):
+                raise RewardFunctionError(f"{self.label()} must return a list of numbers (or None); it returned "
+                                          f"{_short(list(result), 200)}") from None
+            if not math.isfinite(number):
+                raise RewardFunctionError(f"{self.label()} returned a non-finite reward ({number}); return finite "
+                                          "floats, or None where the function does not apply")
+            values.append(number)
+        if len(values) != n:
+            raise RewardFunctionError(f"{self.label()} returned {len(values)} values for {n} completions; return "
+                                      "one reward per completion")
+        return values
+
+
+class MixedRewards(NamedTuple):
+    total: list[float]  # weighted sum per completion (NaN parts skipped)
+    per_function: dict[str, list[float]]  # unweighted rewards per function short name, NaN = not applicable
 
 
 class RewardMix:
@@ -156,15 +356,49 @@ class RewardMix:
         self.names = keys
         self.weights = weights
         self.fns = [resolve_reward(n) for n in names]
+        self.functions = [RewardFunction(k, fn) for k, fn in zip(keys, self.fns)]
+        self.unscored = 0  # completions no function applied to (all returned None)
+        self._quiet = False
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> MixedRewards:
+        """Rewards of a batch. ``columns`` may carry ``prompt`` (the records' prompts as the data has them,
+        for TRL-style functions) and ``completion_ids``; every other column goes to every function."""
         if len(prompts) != len(completions):
             raise ValueError(f"{len(prompts)} prompts for {len(completions)} completions")
-        per_function = {name: _call(fn, name, prompts, completions, columns) for name, fn in zip(self.names, self.fns)}
-        total = [
-            sum(w * per_function[name][i] for name, w in zip(self.names, self.weights)) for i in range(len(completions))
-        ]
+        columns = dict(columns)
+        raw_prompts = columns.pop("prompt", None)
+        completion_ids = columns.pop("completion_ids", None)
+        per_function = {f.name: f(prompts, completions, columns, raw_prompts, completion_ids) for f in self.functions}
+        total, unscored = [], 0
+        for i in range(len(completions)):
+            parts = [(w, per_function[name][i]) for name, w in zip(self.names, self.weights)]
+            applicable = [(w, r) for w, r in parts if not math.isnan(r)]
+            unscored += not applicable
+            total.append(sum(w * r for w, r in applicable))
+        if unscored and not self.unscored and not self._quiet:
+            print(f"alignkit: {unscored} of {len(completions)} completions got None from every reward function "
+                  f"({', '.join(self.names)}); they score 0 (counted in reward/unscored)", file=sys.stderr)
+        self.unscored += 0 if self._quiet else unscored
         return MixedRewards(total, per_function)
+
+    def dry_run(self, prompt: str, columns: dict[str, Any], raw_prompt: Any = None,
+                completion: str = DRY_RUN_COMPLETION, completion_ids: list[int] | None = None) -> MixedRewards:
+        """Call every function once on one record (before any model loads); errors say it was the dry call."""
+        batch = {k: [v] for k, v in columns.items()}
+        if raw_prompt is not None:
+            batch["prompt"] = [raw_prompt]
+        if completion_ids is not None:
+            batch["completion_ids"] = [list(completion_ids)]
+        self._quiet = True
+        try:
+            return self([prompt or ""], [completion], **batch)
+        except RewardFunctionError as exc:
+            raise RewardFunctionError(
+                f"{exc} [dry call on the first prompt record, with the completion {completion!r}, before any model "
+                "loads]"
+            ) from None
+        finally:
+            self._quiet = False
 
     def __repr__(self) -> str:
         terms = " + ".join(f"{w:g}*{n}" for n, w in zip(self.names, self.weights))

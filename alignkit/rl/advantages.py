@@ -33,8 +33,9 @@ Estimators (definitions checked against verl's ``core_algos`` and OpenRLHF's exp
   targets (``returns = advantages + values`` before whitening) that ``ppo_value`` needs.
 
 Deliberately left out: ReMax, OPO, GPG and other estimators (add one function each), and
-distributed statistics: whitening and group means are over the tensors given, so a trainer
-running several ranks gathers rewards first (groups must not be split across ranks).
+distributed group statistics: group means are over the tensors given, so groups must not be split
+across ranks. ``whiten_batch`` whitens a batch held as several tensors (micro-batches), over ranks
+when given a sum-reducer (PPO whitens its GAE advantages over the whole rollout batch this way).
 """
 
 from __future__ import annotations
@@ -120,6 +121,29 @@ def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, *, epsilon: float 
     mean = torch.where(keep, x, 0.0).sum() / count
     var = torch.where(keep, (x - mean).square(), 0.0).sum() / (count - 1).clamp(min=1)
     return torch.where(keep, (x - mean) * torch.rsqrt(var + epsilon), 0.0)
+
+
+def whiten_batch(
+    xs: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    *,
+    epsilon: float = 1e-8,
+    all_reduce: Callable[[list[float]], list[float]] | None = None,
+) -> list[torch.Tensor]:
+    """``whiten`` over the union of several tensors (e.g. every micro-batch of a rollout batch, whose
+    padded lengths differ), optionally also over ranks: ``all_reduce`` sums a list of floats over
+    processes. Two passes (mean, then squared deviations) in float64; same result as ``whiten`` of
+    the concatenated entries, so it does not depend on how the batch was split."""
+    reduce = all_reduce or (lambda values: values)
+    keeps = [m.bool() for m in masks]
+    total = sum(float(torch.where(k, x.double(), 0.0).sum()) for x, k in zip(xs, keeps))
+    count = sum(float(k.sum()) for k in keeps)
+    total, count = reduce([total, count])
+    mean = total / max(count, 1.0)
+    squares = sum(float(torch.where(k, (x.double() - mean).square(), 0.0).sum()) for x, k in zip(xs, keeps))
+    (squares,) = reduce([squares])
+    scale = (squares / max(count - 1.0, 1.0) + epsilon) ** -0.5
+    return [torch.where(k, (x - mean) * scale, 0.0).to(x.dtype) for x, k in zip(xs, keeps)]
 
 
 def zero_std_groups_mask(

@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
@@ -158,11 +157,17 @@ def all_reduce_mean(values: dict[str, float], run: Run) -> dict[str, float]:
 
 
 def all_reduce_sum(value: float, run: Run) -> float:
-    if run.world == 1:
-        return value
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
-    dist.all_reduce(tensor)
-    return float(tensor.item())
+    """Sum of ``value`` over processes (on the process group's device: see ``engine.collectives``)."""
+    from alignkit.engine import collectives
+
+    return collectives.all_reduce_sum(value)
+
+
+def all_reduce_values(values: list[float], run: Run) -> list[float]:
+    """Element-wise sums of a few floats over processes (one collective)."""
+    from alignkit.engine import collectives
+
+    return collectives.all_reduce(values, "sum")
 
 
 class MetricMeter:
@@ -183,10 +188,9 @@ class MetricMeter:
 
     def reduced(self, run: Run) -> dict[str, float]:
         """Means over every process's entries (weighted by their counts)."""
-        if run.world == 1:
-            return self.means()
-        parts: list = [None] * run.world
-        dist.all_gather_object(parts, (self.sums, self.counts))
+        from alignkit.engine import collectives
+
+        parts = collectives.all_gather_object((self.sums, self.counts))
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for part_sums, part_counts in parts:

@@ -11,11 +11,14 @@ The number of micro-batches per step is fixed (DeepSpeed counts them): missing p
 repeating this rank's valid pairs. A rank with no valid pair still runs the same micro-batches on
 its tied pairs with the loss scaled by 0: under ZeRO-3 every forward and backward gathers
 parameters collectively, so all ranks must run them (a loss built without a forward cannot serve).
-Left out: reference updates under ZeRO-3 (the frozen copy would need a gathered copy; refused).
+With LoRA the reference is the adapter-disabled base until the first round ends, then the policy
+with a saved copy of its adapter (``AdapterSnapshotReference``). Left out: reference updates
+under ZeRO-3 (the frozen copy would need a gathered copy; refused).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +30,7 @@ from alignkit.config.validate import objective_from_cfg
 from alignkit.errors import ConfigError
 from alignkit.trainers import common, rollout
 from alignkit.trainers.preference import sequence_logps
+from alignkit.trainers.reference import ModuleReference
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -39,17 +43,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from alignkit.data.pipeline import prepare_data
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.models.logprobs import TargetLogProbs
-    from alignkit.rl.generation import HFGenerationEngine
+    from alignkit.rl.generation import engine_for_run
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
-    reward_mix = rollout.build_reward_mix(cfg)
+    reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
     steps = common.total_steps(cfg, len(data.train))
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
     model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
-    generator = HFGenerationEngine(common.hf_model(policy), tokenizer)
-    reference = rollout.online_reference(cfg, run, policy, beta=1.0 if objective.needs_reference else 0.0)
+    generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
+    if objective.needs_reference and int(cfg.model.lora.r) > 0 and cfg.rl.update_reference_each_round:
+        reference = AdapterSnapshotReference(policy)  # LoRA: the reference moves to a saved copy of the adapter
+    else:
+        reference = rollout.online_reference(cfg, run, policy, beta=1.0 if objective.needs_reference else 0.0)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     done = common.begin(run, policy, steps, evaluate=evaluation)
     round_length = max(1, steps // max(1, int(cfg.rl.rounds)))
@@ -108,8 +115,50 @@ def fill_chunks(pairs: list, num_groups: int, micro: int) -> list[list]:
     return [filled[i * micro : (i + 1) * micro] for i in range(count)]
 
 
+class AdapterSnapshotReference(ModuleReference):
+    """The reference of a LoRA policy whose reference moves: the policy with its trainable (adapter)
+    weights swapped, for the reference forward only, for a copy saved at the last ``sync()``.
+
+    Before the first sync it is the adapter-disabled base (LoRA starts as the identity, so that is
+    the starting policy). The copy holds only the trainable tensors (the adapter), and the swap is
+    an exact in-place copy out and back, so the policy's weights, optimizer and gradients are
+    untouched. ZeRO 0-2 (the caller refuses reference updates under ZeRO-3).
+    """
+
+    def __init__(self, policy):
+        from alignkit.models.load import disabled_adapter
+
+        self.params = [p for p in policy.module.parameters() if p.requires_grad]
+        self.snapshot: list[torch.Tensor] | None = None
+        inner = common.hf_model(policy)
+        super().__init__(policy, context=lambda: disabled_adapter(inner) if self.snapshot is None else self._swapped())
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        self.snapshot = [p.detach().clone() for p in self.params]
+
+    @contextlib.contextmanager
+    def _swapped(self):
+        with torch.no_grad():
+            current = [p.detach().clone() for p in self.params]
+            for p, saved in zip(self.params, self.snapshot):
+                p.copy_(saved)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, value in zip(self.params, current):
+                    p.copy_(value)
+
+
 @torch.no_grad()
 def sync_reference(reference, policy) -> None:
-    """Copy the policy's weights into the frozen reference (ZeRO 0-2)."""
+    """The reference becomes the current policy: a saved adapter copy (LoRA) or the policy's weights
+    copied into the frozen reference model (ZeRO 0-2)."""
+    if isinstance(reference, AdapterSnapshotReference):
+        reference.sync()
+        return
     target = common.hf_model(reference.module)
+    if target is common.hf_model(policy):
+        raise RuntimeError("the reference is the policy itself; it cannot be moved to the current policy")
     target.load_state_dict(common.hf_model(policy).state_dict())

@@ -3,7 +3,8 @@
 One step: this rank's prompts -> ``rl.num_generations`` samples each -> scalar rewards -> one
 no-grad pass for the sampling log-probs, the reference log-probs and the critic's values ->
 token rewards ``-kl_coef * KL_t`` plus the scalar reward on the last token -> GAE advantages and
-value targets (advantages whitened) -> ``rl.ppo_epochs`` passes of micro-batches, each updating
+value targets (advantages whitened over the whole rollout batch: every micro-batch of every rank,
+so ``trainer.micro_batch_size`` and the process count change nothing) -> ``rl.ppo_epochs`` passes of micro-batches, each updating
 the actor (clipped surrogate, ``loss=ppo``) and the critic (clipped value loss ``ppo_value``),
 both DeepSpeed engines. Left out: reward-model ensembles and PPO-max stabilisers.
 
@@ -35,13 +36,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.models.logprobs import TargetLogProbs
     from alignkit.models.value import ValueModel, load_value_model
-    from alignkit.rl.advantages import compute_gae, whiten
-    from alignkit.rl.generation import HFGenerationEngine
+    from alignkit.rl.advantages import compute_gae, whiten_batch
+    from alignkit.rl.generation import engine_for_run
     from alignkit.rl.kl import kl_per_token, shape_token_rewards
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
-    reward_mix = rollout.build_reward_mix(cfg)
+    reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
     steps = common.total_steps(cfg, len(data.train))
     num_samples, epochs = int(cfg.rl.num_generations), int(cfg.rl.ppo_epochs)
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
@@ -52,7 +53,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     critic_model, _ = load_value_model(OmegaConf.to_object(cfg.model))
     critic = common.train_engine(critic_model, cfg, run, steps * epochs,
                                  lr=float(cfg.rl.critic_lr))
-    generator = HFGenerationEngine(common.hf_model(actor), tokenizer)
+    generator = engine_for_run(cfg, actor, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     reference = rollout.online_reference(cfg, run, actor, beta=float(cfg.rl.kl_coef))
     evaluation = rollout.held_out_reward(run, actor, generator, tokenizer, data.eval, reward_mix)
     done = common.begin(run, actor, steps, extra_engines={"critic": critic}, evaluate=evaluation)
@@ -80,10 +81,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                                     kl_coef=float(cfg.rl.kl_coef), estimator=cfg.rl.kl_estimator)
                 advantages, returns = compute_gae(token_rewards, values, mask, gamma=float(cfg.rl.gamma),
                                                   lam=float(cfg.rl.lam))
-                if cfg.rl.whiten_advantages:
-                    advantages = whiten(advantages, mask)
                 kl_values.append(kl_per_token(old, ref, cfg.rl.kl_estimator)[mask].mean())
                 experience.append((batch, old, values, advantages, returns, mask))
+        if cfg.rl.whiten_advantages:  # over the whole rollout batch (every micro-batch, every rank)
+            whitened = whiten_batch([e[3] for e in experience], [e[5] for e in experience],
+                                    all_reduce=lambda values: common.all_reduce_values(values, run))
+            experience = [(*e[:3], adv, *e[4:]) for e, adv in zip(experience, whitened)]
         actor.train()
         meter = common.MetricMeter()
         for _ in range(epochs):

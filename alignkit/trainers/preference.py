@@ -61,9 +61,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         batches = [common.collate_groups(chunk, cfg, pad_id).to(run.device) for chunk in chunks]
         token_share = _token_shares(batches, run) if objective.view == "sft" else None
         meter = common.MetricMeter()
+        step_kl = None
+        if objective.needs_kl_pairs:  # KTO: one reference point for the whole step, over every rank
+            order = [data.train[i] for i in common.step_groups(len(data.train), step - 1, int(cfg.trainer.batch_size),
+                                                                int(cfg.trainer.seed))]
+            step_kl = kl_estimate(policy, reference, [(c, True) for c in chunks], successors(order), cfg, pad_id, run)
         for i, (chunk, batch) in enumerate(zip(chunks, batches)):
-            kl_batch = _mismatched(chunk, cfg, pad_id, run) if objective.needs_kl_pairs else None
-            seq = sequence_logps(policy, reference, batch, objective, need_tokens, kl_batch)
+            seq = sequence_logps(policy, reference, batch, objective, need_tokens, step_kl=step_kl)
             loss, metrics = objective(seq)
             bad = _nonfinite(loss, run)
             if bad and cfg.trainer.on_nonfinite == "stop":
@@ -129,12 +133,18 @@ def _frozen_model_cfg(cfg: DictConfig):
 
 
 def sequence_logps(policy, reference, batch: Batch, objective, need_tokens: bool,
-                   kl_batch: Batch | None = None) -> SequenceLogps:
-    """Policy (with grad) and reference log-probs of one batch, as the loss functions take them."""
+                   step_kl: float | None = None) -> SequenceLogps:
+    """Policy (with grad) and reference log-probs of one batch, as the loss functions take them.
+
+    ``step_kl`` (KTO): the step's KL estimate from ``kl_estimate``, handed to the loss as one
+    mismatched "pair" whose log-ratio is the estimate, so the loss's batch mean returns it unchanged.
+    """
+    # the reference first: a reference that swaps weights in and out of the policy (online DPO's moving
+    # LoRA reference) must not touch tensors the policy's graph has saved
+    ref_seq, ref_tokens = reference.logps(batch, with_tokens=need_tokens)
     wpo = any(part.hparams.get("use_weighting") for part in objective.parts)
     out = forward_logps(policy, batch, with_log_sq_mass=wpo) if wpo else forward_logps(policy, batch)
     token_logps = out["logps"].float()
-    ref_seq, ref_tokens = reference.logps(batch, with_tokens=need_tokens)
     seq = SequenceLogps(
         logps=sum_per_slot(token_logps, batch),
         lengths=batch.slot_lengths().float(),
@@ -149,25 +159,46 @@ def sequence_logps(policy, reference, batch: Batch, objective, need_tokens: bool
             seq.ref_token_logps, _ = per_token_view(ref_tokens, batch)
         if "log_sq_mass" in out:
             seq.token_log_sq_mass, _ = per_token_view(out["log_sq_mass"].float(), batch)
-    if kl_batch is not None:
-        with torch.no_grad():  # KTO's KL estimate carries no gradient (as in the paper and TRL)
-            seq.kl_logps = sum_per_slot(forward_logps(policy, kl_batch)["logps"].float(), kl_batch)[:, 0]
-            ref_kl, _ = reference.logps(kl_batch)
-            seq.ref_kl_logps = ref_kl[:, 0] if ref_kl is not None else None
+    if step_kl is not None:
+        seq.kl_logps = token_logps.new_full((1,), float(step_kl))
+        seq.ref_kl_logps = token_logps.new_zeros(1)
     return seq
 
 
-def _mismatched(chunk, cfg, pad_id, run) -> Batch:
-    """KTO's mismatched pairs: prompt g with the completion of group g+1 of the same micro-batch."""
+def successors(order: list) -> dict[int, object]:
+    """KTO's mismatched completions: group ``i`` of the step (in the step's global order, across every
+    micro-batch and rank) takes the completion of group ``i + 1`` (the last one the first's), as TRL's
+    KL dataset rotates completions by one. Keyed by ``id(group)``."""
+    return {id(group): order[(i + 1) % len(order)] for i, group in enumerate(order)}
+
+
+def _mismatched(chunk, successor: dict[int, object], cfg, pad_id, run) -> Batch:
     from dataclasses import replace
 
     rotated = [
-        replace(group, completion_ids=chunk[(i + 1) % len(chunk)].completion_ids,
-                completion_train_mask=chunk[(i + 1) % len(chunk)].completion_train_mask,
+        replace(group, completion_ids=successor[id(group)].completion_ids,
+                completion_train_mask=successor[id(group)].completion_train_mask,
                 example_id=group.example_id + "/kl")
-        for i, group in enumerate(chunk)
+        for group in chunk
     ]
     return common.collate_groups(rotated, cfg, pad_id).to(run.device)
+
+
+@torch.no_grad()
+def kl_estimate(policy, reference, chunks, successor: dict[int, object], cfg, pad_id, run) -> float:
+    """KTO's reference point ``max(0, mean(logp - ref_logp))`` over the mismatched pairs of every
+    ``(chunk, counted)`` of every rank (no gradient, as in the paper and TRL). Every rank forwards the
+    same number of chunks (ZeRO-3); uncounted padding chunks add nothing."""
+    total, count = 0.0, 0
+    for chunk, counted in chunks:
+        kl_batch = _mismatched(chunk, successor, cfg, pad_id, run)
+        logps = sum_per_slot(forward_logps(policy, kl_batch)["logps"].float(), kl_batch)[:, 0]
+        ref, _ = reference.logps(kl_batch)
+        if counted:
+            total += float((logps - ref[:, 0]).sum())
+            count += len(chunk)
+    total, count = common.all_reduce_values([total, count], run)
+    return max(total / max(count, 1.0), 0.0)
 
 
 @torch.no_grad()
@@ -175,10 +206,14 @@ def evaluate(run, policy, reference, objective, groups, pad_id) -> dict[str, flo
     """Held-out loss and metrics (rewards/accuracy = held-out preference accuracy)."""
     policy.eval()
     meter = common.MetricMeter()
-    for chunk, counted in common.eval_chunks(run, groups):
+    chunks = common.eval_chunks(run, groups)
+    step_kl = None
+    if objective.needs_kl_pairs:  # one KL estimate over the whole held-out set
+        order = groups[: int(run.cfg.trainer.max_eval_groups)]
+        step_kl = kl_estimate(policy, reference, chunks, successors(order), run.cfg, pad_id, run)
+    for chunk, counted in chunks:
         batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
-        kl_batch = _mismatched(chunk, run.cfg, pad_id, run) if objective.needs_kl_pairs else None
-        seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps, kl_batch)
+        seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps, step_kl=step_kl)
         loss, metrics = objective(seq)
         meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)
     policy.train()

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from alignkit.data.batch import Batch, TokenizedGroup, sum_per_slot
 
@@ -153,8 +152,9 @@ def precompute(
                 values[slots == g * batch.group_size + k].tolist() for k in range(group.group_size)
             ]
     if world > 1:
-        parts: list[dict] = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(parts, mine)
+        from alignkit.engine.collectives import all_gather_object
+
+        parts = all_gather_object(mine)
         table = {k: v for part in parts for k, v in part.items()}
     else:
         table = mine

@@ -32,13 +32,24 @@ class SampledBatch:
     gen_tokens: int
 
 
-def build_reward_mix(cfg: DictConfig):
-    """Rule rewards by name (``reward.fns``) plus, with ``reward.model``, a trained reward model."""
+def build_reward_mix(cfg: DictConfig, data=None, tokenizer=None):
+    """Rule rewards by name (``reward.fns``) plus, with ``reward.model``, a trained reward model.
+
+    With ``data`` (prepared prompts) every rule function is called once on the first record before
+    the reward model (or anything else) loads, so a function that cannot serve fails here, named.
+    """
     from alignkit.rewards.registry import RewardMix
 
     mix = None
     if cfg.reward.fns:
         mix = RewardMix(list(cfg.reward.fns), list(cfg.reward.weights) or [1.0] * len(cfg.reward.fns))
+        first = (list(data.train[:1]) or list(data.eval[:1])) if data is not None else []
+        if first and tokenizer is not None:
+            columns = {k: v for k, v in first[0].extra.items() if k != "prompt"}
+            from alignkit.rewards.registry import DRY_RUN_COMPLETION
+
+            mix.dry_run(decode_prompt(first[0], tokenizer), columns, raw_prompt=first[0].extra.get("prompt"),
+                        completion_ids=tokenizer.encode(DRY_RUN_COMPLETION, add_special_tokens=False))
     model = ModelReward(cfg) if cfg.reward.model else None
     return CombinedReward(mix, model, float(cfg.reward.model_weight))
 
@@ -76,7 +87,8 @@ class CombinedReward:
     def __call__(self, groups, prompt_texts, texts, columns) -> tuple[list[float], dict[str, list[float]]]:
         total, parts = [0.0] * len(texts), {}
         if self.mix is not None:
-            total, parts = self.mix(prompt_texts, texts, **columns)
+            ids = [list(c) for g in groups for c in g.completion_ids]
+            total, parts = self.mix(prompt_texts, texts, **{**columns, "completion_ids": ids})
             total, parts = list(total), dict(parts)
         if self.model is not None:
             scores = self.model(groups)
@@ -133,8 +145,8 @@ def sample_groups(
             texts.append(tokenizer.decode(r.completion_ids, skip_special_tokens=True))
             prompt_texts.append(prompt_text)
             finished.append(bool(r.finished))
-            for key, value in prompt.extra.items():
-                columns.setdefault(key, []).append(value)
+    for key in sorted({k for p in prompts for k in p.extra}):  # every column; None where a record lacks it
+        columns[key] = [p.extra.get(key) for p, g in zip(prompts, groups) for _ in g.completion_ids]
     total, parts = reward_mix(groups, prompt_texts, texts, columns)
     return SampledBatch(
         groups=groups,
@@ -156,7 +168,7 @@ def reward_metrics(sampled: SampledBatch) -> dict[str, float]:
         "finished_fraction": float(sampled.finished.float().mean()),
         "gen_tokens_per_s": sampled.gen_tokens / max(sampled.gen_seconds, 1e-9),
     }
-    out.update({f"reward/{k}": float(v.mean()) for k, v in sampled.reward_parts.items()})
+    out.update({f"reward/{k}": float(v.nanmean()) for k, v in sampled.reward_parts.items()})  # NaN: not applicable
     return out
 
 
