@@ -29,6 +29,7 @@ def run_sweep(overrides: list[str]) -> int:
     import hydra
 
     from alignkit.config.compose import conf_dir, loss_overrides_forced, register_schema
+    from alignkit.data.overrides import own_data_overrides  # data.train without data.eval drops the preset's eval
 
     register_schema()
     stray = [o for o in overrides if o.startswith("-")]
@@ -38,7 +39,7 @@ def run_sweep(overrides: list[str]) -> int:
         raise ConfigError(f"unknown option {stray[0]!r}. Sweep values are written key=a,b,c.")
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)
     saved = sys.argv
-    sys.argv = ["alignkit", "--multirun", *loss_overrides_forced(overrides)]
+    sys.argv = ["alignkit", "--multirun", *loss_overrides_forced(own_data_overrides(overrides))]
     try:
         main()
     finally:

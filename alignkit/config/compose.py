@@ -108,6 +108,8 @@ def compose(overrides: Iterable[str] = ()) -> DictConfig:
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf.errors import OmegaConfBaseException
 
+    from alignkit.data.overrides import own_data_overrides  # data.train without data.eval drops the preset's eval
+
     overrides = list(overrides)
     stray = [o for o in overrides if o.startswith("-")]
     if stray:
@@ -119,7 +121,7 @@ def compose(overrides: Iterable[str] = ()) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=loss_overrides_forced(overrides))
+            cfg = hydra_compose(config_name="config", overrides=loss_overrides_forced(own_data_overrides(overrides)))
     except (OmegaConfBaseException, Exception) as exc:  # noqa: BLE001 - Hydra raises many kinds
         if isinstance(exc, ConfigError):
             raise

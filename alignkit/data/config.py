@@ -22,6 +22,8 @@ PAIR_EXPANSIONS = ("all_pairs", "best_vs_worst", "best_vs_rest", "adjacent")
 ON_ERROR = ("raise", "skip")
 LAYOUTS = ("padded", "packed", "prefix_shared")
 TRAIN_ON = ("all_assistant", "last_assistant")
+# held out of the user's own data.train when it is overridden without data.eval (data/overrides.py)
+OWN_DATA_EVAL_FRACTION = 0.05
 
 
 def check_choice(section: str, name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -58,10 +58,13 @@ class DataStats:
     eval_groups: int = 0
     cached: bool = False
     cache_note: str = ""  # a cache file found damaged and rebuilt, or data the cache cannot carry
+    eval_set: str = ""  # where the eval records come from (or that there are none), with their count
 
     def __str__(self) -> str:
         parts = [f"{self.train_groups} train / {self.eval_groups} eval groups from "
                  + ", ".join(f"{Path(p).name} ({n})" for p, n in self.sources.items())]
+        if self.eval_set:
+            parts.append(self.eval_set)
         if self.convert is not None and (self.convert.dropped or self.convert.records_in != self.convert.records_out):
             parts.append(str(self.convert))
         tok = self.tokenize
@@ -135,7 +138,8 @@ def _source_records(source: SourceConfig, cfg: DataConfig, stats: DataStats) -> 
         raise DataError("expected at least one valid record / found none", location=source.path)
     if cfg.max_records is not None:
         records = records[: cfg.max_records]
-    stats.sources[source.path] = stats.sources.get(source.path, 0) + len(records)
+    name = source_label(source)
+    stats.sources[name] = stats.sources.get(name, 0) + len(records)
     return records
 
 
@@ -155,7 +159,30 @@ def load_split_records(cfg: DataConfig, stats: DataStats) -> tuple[list[Record],
         train += apply_weight(records, source.weight, rng)
     for source in cfg.eval:
         held_out += _source_records(source, cfg, stats)
+    stats.eval_set = describe_eval_set(cfg, held_out)
     return train, held_out
+
+
+def source_label(source: SourceConfig) -> str:
+    """``path``, or ``path[split]`` / ``path[subset/split]`` when the source names them."""
+    inner = "/".join(x for x in (source.subset, source.split) if x)
+    return f"{source.path}[{inner}]" if inner else source.path
+
+
+def describe_eval_set(cfg: DataConfig, held_out: list[Record]) -> str:
+    """One sentence for the data summary: where the eval records come from and how many, or that there are none."""
+    prompts = len({r.prompt_key() for r in held_out})
+    count = f"{len(held_out)} record{'s' * (len(held_out) != 1)} ({prompts} prompt{'s' * (prompts != 1)})"
+    if cfg.eval:
+        names = ", ".join(source_label(s) for s in cfg.eval)
+        return f"eval set: {count} from data.eval ({names})"
+    if cfg.eval_fraction > 0 and held_out:
+        return (f"eval set: {count} held out of data.train by prompt "
+                f"(data.eval_fraction={cfg.eval_fraction:g}, data.seed={cfg.seed}; not trained on)")
+    why = (f"data.eval_fraction={cfg.eval_fraction:g} held out nothing (a source needs 2+ prompts)"
+           if cfg.eval_fraction > 0 else "data.eval is empty and data.eval_fraction=0")
+    return (f"no eval set ({why}): the run is not evaluated; give data.eval=[{{path: FILE}}] or "
+            "data.eval_fraction=0.05")
 
 
 # ---------------------------------------------------------------- tokenizing and caching

@@ -8,6 +8,8 @@ trainers should agree across ranks (``any_rank(stop.requested)``) so all ranks s
 
 ``check_finite(loss, named_tensors)`` names the first non-finite tensor (the loss first), so the
 trainer can stop or skip the step with a message saying which step and which tensor.
+``nonfinite_parameter(module)`` names the first trainable parameter holding NaN/inf (this rank's
+ZeRO-3 shard included): checkpoints are saved only when it is None on every rank.
 
 Left out: watchdogs for hung collectives, OOM recovery, automatic restarts.
 """
@@ -87,5 +89,21 @@ def check_finite(
     items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
     for name, tensor in items:
         if not _is_finite(tensor):
+            return name
+    return None
+
+
+def nonfinite_parameter(module: torch.nn.Module) -> str | None:
+    """Name of the first trainable parameter of ``module`` with a NaN/inf value on this rank, else None.
+
+    Under ZeRO-3 a parameter's local values live in ``ds_tensor`` (the parameter itself is empty
+    outside a forward); that shard is what this rank checks.
+    """
+    for name, param in module.named_parameters():
+        if not param.requires_grad:
+            continue
+        values = getattr(param, "ds_tensor", None)
+        values = param if values is None else values
+        if values.numel() and not bool(torch.isfinite(values.detach()).all()):
             return name
     return None

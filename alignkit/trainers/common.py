@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
+from rich.markup import escape
 
 from alignkit.config.validate import grad_accum_steps, world_size
 from alignkit.data.batch import Batch, TokenizedGroup
@@ -244,7 +245,7 @@ def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
     with periodic evaluation is evaluated once before training (logged as step 0), so every run
     records its held-out metrics before and after.
     """
-    from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint
+    from alignkit.engine.checkpoint import resume_checkpoint
     from alignkit.engine.cpu_memory import release_freed_memory
     from alignkit.engine.metrics import MetricsLogger
     from alignkit.engine.progress import TrainProgress
@@ -257,10 +258,10 @@ def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
             instead = ("glibc unmaps freed tensors instead (slower steps)" if released.mechanism == "mmap_threshold"
                        else "freed tensors stay in the C library's heap (higher peak RSS)")
             run.print(f"[yellow]CPU block cache unavailable; {instead}:[/] {released.reason}")
-    path = find_resume_checkpoint(run.run_dir, cfg.resume)
-    done = 0
+    path, state = resume_checkpoint(engine, run.run_dir, cfg.resume, extra_engines=extra_engines,
+                                    say=lambda text: run.print(f"[yellow]{escape(text)}[/]"))
+    done = int(state.get("step", 0))
     if path is not None:
-        done = int(load_checkpoint(engine, path, extra_engines=extra_engines).get("step", 0))
         run.print(f"[green]resumed[/] from {path} at step {done}")
     run.logger = MetricsLogger(run.run_dir, backends=tuple(cfg.logger.backends), rank=run.rank,
                                wandb_project=cfg.logger.wandb_project, wandb_mode=cfg.logger.wandb_mode,
