@@ -8,6 +8,14 @@ The job returns its objective (``objective``, e.g. ``eval/rewards/accuracy``) so
 can search over it. At the end the table of all jobs is printed and written as ``results.csv``
 and ``results.md`` in the sweep directory; ``alignkit sweep-report DIR`` rebuilds it.
 Jobs with the same model and data share one reference log-prob cache (see trainers/reference).
+
+The table is written by the parent process, from the job folders' ``job_result.json``, by the Hydra
+callback ``ResultsTable`` (``hydra.callbacks.results_table`` in ``conf/config.yaml``): its
+``on_multirun_end`` runs in the process that started the sweep whatever the launcher -- in-process
+(basic), worker processes (``hydra/launcher=joblib``), local or SLURM jobs (``submitit_local``,
+``submitit_slurm``; those need a filesystem the parent shares). The plugins come with
+``pip install 'alignkit[sweep]'``. A sweep in which any job failed (an error, a non-zero exit, or a
+job folder without a result) still writes its table, then exits 1.
 """
 
 from __future__ import annotations
@@ -20,9 +28,24 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-_SWEEP_DIRS: list[Path] = []
+# sweep directories this (parent) process started / finished, filled by ``ResultsTable``
+_STARTED: list[Path] = []
+_FINISHED: list[Path] = []
+
+
+class ResultsTable(Callback):
+    """Hydra callback: the results table of a multirun, written by the parent when it ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        _STARTED.append(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        _FINISHED.append(sweep_dir)
+        print_table(write_report(sweep_dir), sweep_dir)
 
 
 def run_sweep(overrides: list[str]) -> int:
@@ -39,15 +62,36 @@ def run_sweep(overrides: list[str]) -> int:
         raise ConfigError(f"unknown option {stray[0]!r}. Sweep values are written key=a,b,c.")
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_job)
     saved = sys.argv
+    started = len(_STARTED)
     sys.argv = ["alignkit", "--multirun", *loss_overrides_forced(own_data_overrides(overrides))]
     try:
         main()
     finally:
         sys.argv = saved
-    for sweep_dir in dict.fromkeys(_SWEEP_DIRS):
-        rows = write_report(sweep_dir)
-        print_table(rows, sweep_dir)
+        for sweep_dir in dict.fromkeys(_STARTED[started:]):
+            if sweep_dir not in _FINISHED:  # the launcher raised: the jobs that did finish are still tabulated
+                print_table(write_report(sweep_dir), sweep_dir)
+    failed = [problem for sweep_dir in dict.fromkeys(_STARTED[started:]) for problem in failed_jobs(sweep_dir)]
+    if failed:
+        print(f"{len(failed)} sweep job(s) failed: " + "; ".join(failed), file=sys.stderr)
+        return 1
     return 0
+
+
+def failed_jobs(sweep_dir: Path) -> list[str]:
+    """``job: reason`` of every job of the sweep that did not end ``ok`` (a job folder Hydra created
+    without a ``job_result.json`` counts: its process died)."""
+    out = []
+    jobs = sorted((p for p in Path(sweep_dir).iterdir() if (p / ".hydra").is_dir()), key=lambda p: job_order(p.name))
+    for job in jobs:
+        result = job / "job_result.json"
+        if not result.is_file():
+            out.append(f"{job.name}: no result (the job's process died)")
+            continue
+        row = json.loads(result.read_text())
+        if row.get("status") != "ok":
+            out.append(f"{job.name}: {row.get('status')} {row.get('error', '')}".rstrip())
+    return out
 
 
 def _job(cfg: DictConfig) -> Any:
@@ -58,7 +102,6 @@ def _job(cfg: DictConfig) -> Any:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    _SWEEP_DIRS.append(Path(hydra_cfg.sweep.dir))
     overrides = list(hydra_cfg.overrides.task)
     started = time.time()
     result: dict[str, Any] = {"overrides": " ".join(overrides), "job": run_dir.name}
