@@ -10,26 +10,47 @@ Saving (every rank calls ``save_checkpoint``):
    is always complete), then rewrites ``latest`` atomically (temp file + ``os.replace``), then
    deletes the oldest ``step-*`` beyond ``keep_last``; barrier.
 
+Before step 2 every rank checks that its (shard of the) trainable weights is finite: a step that
+produced NaN/inf weights is never saved; ``NonFiniteWeights`` is raised instead, naming the last
+good checkpoint or saying there is none. Last in the temporary folder, rank 0 writes
+``manifest.json`` (every file's size and sha256) atomically; the rename commits it with the rest.
+
 A crash at any point leaves the previous ``step-*`` and ``latest`` untouched. Frozen parameters
 (a LoRA model's base weights) are not saved: a resumed run reloads them from the model source, so
 a LoRA checkpoint holds only adapters, optimizer state and RNG. The run directory
 must be on a filesystem every node sees (rank 0 renames the directory all ranks wrote into).
 
-RNG states are JSON (no pickle). ``load_checkpoint`` restores this rank's RNG if the file exists
-(a run resumed with another world size keeps the fresh RNG and says so).
+RNG states are JSON. DeepSpeed's own files are ``torch.save`` pickles: ``load_checkpoint`` makes
+DeepSpeed read them with ``torch.load(weights_only=True)`` (its checkpoint engine's ``load`` is
+replaced, and ``TORCH_FORCE_WEIGHTS_ONLY_LOAD`` covers any direct ``torch.load``), allowing only
+tensors, containers and the few bookkeeping types DeepSpeed 0.19 stores (``SAFE_GLOBALS``, found
+with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 0-3, fp32/bf16/fp16, CPU
+offload, LoRA). A file holding anything else (a planted ``__reduce__`` payload) is refused with
+``UnsafeCheckpoint`` before any of it runs. ``load_checkpoint`` restores this rank's RNG if the
+file exists (a run resumed with another world size keeps the fresh RNG and says so).
 
-Left out: DeepSpeed's universal checkpoints (changing ZeRO stage / world size across a resume),
+Resume (``resume_checkpoint``) verifies a checkpoint against its manifest (and that its RNG files
+parse) before loading it; a damaged one (truncated or missing files, changed bytes, garbage RNG)
+is reported and, for ``resume=auto``, moved aside to ``damaged-step-N-<time>`` and the previous
+checkpoint is tried. A checkpoint without a manifest (older alignkit) is loaded with a warning.
+
+Left out: DeepSpeed's universal checkpoints (changing ZeRO stage / world size across a resume;
+refused, as DeepSpeed reads them with full pickle),
 asynchronous saving, and the trainer's data-order bookkeeping (it goes in ``client_state``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -46,7 +67,20 @@ LATEST = "latest"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-step-"
 _STALE_PREFIX = ".old-step-"
+_DAMAGED_PREFIX = "damaged-"
 _CLIENT_KEY = "alignkit_client_state"  # DeepSpeed returns its own keys next to ours; ours live under this one
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "alignkit-checkpoint/1"
+
+
+class UnsafeCheckpoint(UserError):
+    """A checkpoint file holds Python objects that loading would run (refused, nothing executed)."""
+
+
+class NonFiniteWeights(UserError):
+    """The weights after a step are NaN/inf: that step is not saved (exit code 3, as a non-finite loss)."""
+
+    exit_code = 3
 
 
 def _rank() -> int:
@@ -112,6 +146,146 @@ def has_frozen_parameters(engine) -> bool:
     return any(not p.requires_grad for p in engine.module.parameters())
 
 
+# --- loading DeepSpeed's files without running code --------------------------------------------------
+
+
+def safe_globals() -> list:
+    """The non-tensor types DeepSpeed 0.19 pickles into model/optimizer state files (nothing else loads).
+
+    Found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` on checkpoints of ZeRO 0-3,
+    fp32/bf16/fp16, CPU optimizer/parameter offload and LoRA: the loss scalers and the ZeRO stage
+    enum of the optimizer states, ``fragment_address`` (ZeRO 1/2 parameter slices), and
+    ``argparse.Namespace`` (the ``args`` DeepSpeed saves when ``deepspeed.initialize`` got them).
+    All are rebuilt from plain attributes: unpickling them runs no user code.
+    """
+    import argparse
+
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [argparse.Namespace, LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_torch_load(path: str | os.PathLike, map_location=None):
+    """``torch.load(weights_only=True)`` with ``safe_globals()`` allowed; anything else -> ``UnsafeCheckpoint``."""
+    with torch.serialization.safe_globals(safe_globals()):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = re.search(r"GLOBAL (\S+)", str(error)) or re.search(r"global[s]?:? (\S+)", str(error))
+            what = f" ({found.group(1).rstrip('.,')})" if found else ""
+            raise UnsafeCheckpoint(
+                f"{path} holds Python objects other than tensors and DeepSpeed's bookkeeping{what}; loading it "
+                "would run code, so it was refused and nothing in it ran. If this checkpoint did not come from "
+                "alignkit, do not use it; otherwise resume from another one with resume=PATH, or start fresh "
+                "with resume=null."
+            ) from None
+
+
+@contextlib.contextmanager
+def weights_only_loading(engine):
+    """While active, ``engine``'s checkpoint engine (and any direct ``torch.load``) load weights only."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    replaced = checkpoint_engine is not None
+    if replaced:
+        previous = checkpoint_engine.__dict__.get("load")
+        checkpoint_engine.load = lambda path, map_location=None: safe_torch_load(path, map_location)
+    saved_env = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            yield
+    finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        if replaced:
+            if previous is None:
+                del checkpoint_engine.load
+            else:
+                checkpoint_engine.load = previous
+
+
+# --- integrity: a manifest of sizes and sha256 ---------------------------------------------------------
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(folder: Path, step: int) -> Path:
+    """``folder/manifest.json``: size and sha256 of every file below ``folder`` (written atomically)."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        if path.name.startswith(f".{MANIFEST}."):
+            continue
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    out = folder / MANIFEST
+    _write_text_atomic(out, json.dumps({"format": MANIFEST_FORMAT, "step": step, "files": files}, indent=1))
+    return out
+
+
+def _check_rng_files(path: Path) -> str | None:
+    for rng_file in sorted((path / "rng").glob("rank-*.json")):
+        try:
+            state = json.loads(rng_file.read_text())["state"]
+            for key in ("python", "numpy", "torch"):
+                state[key]
+        except Exception as error:  # garbage, truncated JSON, wrong layout
+            return f"{rng_file.relative_to(path)} is not an RNG state ({type(error).__name__}: {error})"
+    return None
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """What is wrong with checkpoint ``path`` (``step-N``), or None when it is intact.
+
+    Intact: every file its manifest lists has the recorded size and sha256, and its RNG files parse.
+    A checkpoint without a manifest (written before manifests existed) gets only the RNG check.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return "not a directory"
+    manifest_file = path / MANIFEST
+    if manifest_file.is_file():
+        try:
+            manifest = json.loads(manifest_file.read_text())
+            files = manifest["files"]
+            if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
+                raise ValueError(f"format {manifest.get('format')!r}")
+        except Exception as error:
+            return f"{MANIFEST} is unreadable ({type(error).__name__}: {error})"
+        for name, entry in files.items():
+            file = path / name
+            if ".." in Path(name).parts or not file.is_file():
+                return f"{name} is missing"
+            size = file.stat().st_size
+            if size != entry.get("size"):
+                return f"{name} has {size} bytes instead of {entry.get('size')} (truncated or replaced)"
+            if _sha256(file) != entry.get("sha256"):
+                return f"{name} was changed after it was saved (sha256 mismatch)"
+    else:
+        log.warning("%s has no %s (saved by an older alignkit): its files cannot be verified", path, MANIFEST)
+    return _check_rng_files(path)
+
+
+def last_good_message(run_dir: str | os.PathLike) -> str:
+    """One sentence: the newest checkpoint of ``run_dir`` (resume=auto continues from it), or that there is none."""
+    existing = list_checkpoints(checkpoints_root(run_dir))
+    if not existing:
+        return ("No checkpoint was saved before it (trainer.save_every=0, or none was due yet): there is nothing "
+                "to resume from.")
+    step, path = existing[-1]
+    return f"The last good checkpoint, {path}, is kept: resume=auto continues from step {step}."
+
+
 # --- save ------------------------------------------------------------------------------------------
 
 
@@ -131,7 +305,18 @@ def save_checkpoint(
     ``extra_engines`` (e.g. ``{"critic": critic}``) are saved in the same checkpoint, each in an
     ``engine-NAME`` subfolder, and committed by the same rename. Returns ``RUN_DIR/checkpoints/step-N``.
     """
+    from alignkit.engine.faults import any_rank, nonfinite_parameter
+
     root = checkpoints_root(run_dir)
+    bad = nonfinite_parameter(engine.module)
+    for name, extra in (extra_engines or {}).items():
+        bad = bad or (f"{name}:{b}" if (b := nonfinite_parameter(extra.module)) else None)
+    if any_rank(bad is not None):
+        raise NonFiniteWeights(
+            f"non-finite weights after step {step}{f' ({bad})' if bad else ' (on another rank)'}: this step is "
+            f"not saved. {last_good_message(run_dir)} Lower trainer.lr (or raise deepspeed.gradient_clipping "
+            "protection), or set trainer.on_nonfinite=skip to skip steps whose loss is non-finite."
+        )
     tmp_tag = f"{_TMP_PREFIX}{step}"
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -147,11 +332,12 @@ def save_checkpoint(
     rng_dir.mkdir(parents=True, exist_ok=True)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rng = {"world_size": world, "step": step, "state": capture_rng_state()}
-    (rng_dir / f"rank-{_rank()}.json").write_text(json.dumps(rng))
+    _write_text_atomic(rng_dir / f"rank-{_rank()}.json", json.dumps(rng))
     _barrier()
 
     final = root / f"step-{step}"
     if _rank() == 0:
+        write_manifest(root / tmp_tag, step)  # last: a manifest vouches for every file written before it
         _commit(root / tmp_tag, final)
         _write_text_atomic(root / LATEST, final.name + "\n")
         _prune(root, keep_last, protect=final)
@@ -182,13 +368,19 @@ def _load_engine(engine, load_dir: Path, tag: str) -> dict[str, Any]:
     )
     if not (load_dir / tag).is_dir():
         raise missing
-    load_path, client_state = engine.load_checkpoint(
-        str(load_dir),
-        tag=tag,
-        load_module_strict=not has_frozen_parameters(engine),
-        load_optimizer_states=True,
-        load_lr_scheduler_states=True,
-    )
+    if getattr(engine, "load_universal_checkpoint", lambda: False)():
+        raise UserError(
+            "DeepSpeed universal checkpoints (checkpoint.load_universal in deepspeed.raw_json) are not supported: "
+            "DeepSpeed reads them with full pickle. Remove that key to resume from an alignkit checkpoint."
+        )
+    with weights_only_loading(engine):
+        load_path, client_state = engine.load_checkpoint(
+            str(load_dir),
+            tag=tag,
+            load_module_strict=not has_frozen_parameters(engine),
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
     if load_path is None:
         raise missing
     return client_state or {}
@@ -271,3 +463,80 @@ def load_checkpoint(
             "No RNG state for rank %d in %s (different world size?); keeping the current RNG.", _rank(), path
         )
     return dict(client_state.get(_CLIENT_KEY, {}))
+
+
+def _candidates(run_dir: str | os.PathLike, resume: str | None) -> tuple[list[Path], bool]:
+    """Checkpoints to try, newest first, and whether they may be moved aside (this run's own, resume=auto)."""
+    first = find_resume_checkpoint(run_dir, resume)
+    if first is None:
+        return [], False
+    if str(resume).strip().lower() != "auto" and first == Path(str(resume)).expanduser():
+        return [first], False  # an explicit step-N: that one or an error
+    older = [p for _, p in reversed(list_checkpoints(first.parent)) if p != first]
+    return [first, *older], str(resume).strip().lower() == "auto"
+
+
+def _agreed(value):
+    """Rank 0's ``value`` on every rank (verification is done once, on rank 0)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _move_aside(path: Path) -> Path:
+    target = path.with_name(f"{_DAMAGED_PREFIX}{path.name}-{int(time.time())}")
+    os.replace(path, target)
+    return target
+
+
+def resume_checkpoint(
+    engine,
+    run_dir: str | os.PathLike,
+    resume: str | None,
+    *,
+    extra_engines: Mapping[str, Any] | None = None,
+    say=None,
+) -> tuple[Path | None, dict[str, Any]]:
+    """Find, verify and load the checkpoint ``resume`` names: ``(path, client_state)``, ``(None, {})`` if none.
+
+    A damaged checkpoint is reported through ``say`` (default: the log) and the previous one is
+    tried; under ``resume=auto`` the damaged one is moved aside to ``damaged-step-N-<time>``. An
+    explicit ``resume=.../step-N`` that is damaged, or no intact checkpoint at all, is a
+    ``UserError``; so is a file that would run code (``UnsafeCheckpoint``: never skipped silently).
+    """
+    say = say or log.warning
+    candidates, own = _candidates(run_dir, resume)
+    problems: list[str] = []
+    for index, path in enumerate(candidates):
+        problem = _agreed(verify_checkpoint(path) if _rank() == 0 else None)
+        if problem is None:
+            try:
+                return path, load_checkpoint(engine, path, extra_engines=extra_engines)
+            except UnsafeCheckpoint:
+                raise
+            except Exception as error:  # DeepSpeed failed on files the manifest could not vouch for
+                world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+                if world > 1:
+                    raise
+                problem = f"DeepSpeed could not load it ({type(error).__name__}: {str(error)[:200]})"
+        problems.append(f"{path.name}: {problem}")
+        nxt = candidates[index + 1].name if index + 1 < len(candidates) else None
+        where = ""
+        if own and _rank() == 0:
+            where = f"; moved aside to {_move_aside(path).name}"
+        _barrier()
+        say(f"checkpoint {path} is damaged ({problem}){where}; "
+            + (f"trying the previous one, {nxt}" if nxt else "no older checkpoint to try"))
+    if not candidates:
+        return None, {}
+    if len(candidates) == 1 and not own:
+        raise UserError(
+            f"Checkpoint {candidates[0]} is damaged ({problems[0].split(': ', 1)[1]}). Resume from another "
+            "checkpoint with resume=PATH, or start fresh with resume=null."
+        )
+    raise UserError(
+        f"No intact checkpoint to resume from in {candidates[0].parent} ({'; '.join(problems)}). Start fresh "
+        "with resume=null (or another run_name), or resume from a copy with resume=PATH."
+    )

@@ -235,8 +235,13 @@ def _nonfinite(loss: torch.Tensor, run) -> str | None:
 
 
 def _stop_nonfinite(run, step: int, tensor: str) -> dict:
+    from rich.markup import escape
+
+    from alignkit.engine.checkpoint import last_good_message
+
     run.print(
-        f"[bold red]non-finite {tensor} at step {step}[/]: stopping; the last good checkpoint is kept. "
+        f"[bold red]non-finite {tensor} at step {step}[/]: stopping; nothing of this step is saved. "
+        f"{escape(last_good_message(run.run_dir))} "
         "Lower trainer.lr or set trainer.on_nonfinite=skip."
     )
     run.finish()
