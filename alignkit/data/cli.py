@@ -124,6 +124,8 @@ def validate(
         report = validate_path(source.path, **_read_options(source, data))
         for error in report.errors:
             console.print(str(error), markup=False)
+        for note in report.notes:  # fields dropped, prompts cut out, columns not trained on (summary.py)
+            console.print(note, markup=False)
         name = _label(role, source)
         kinds = ", ".join(f"{n} {f}" for f, n in report.formats.items()) or "none"
         line = f"{name}: {len(report.records)} valid records ({kinds}), {len(report.errors)} problems"
@@ -167,6 +169,8 @@ def _print_inspect(report: InspectReport) -> None:
                       markup=False)
     if report.eval_overlap is not None:
         console.print(f"prompts shared with the eval file: {report.eval_overlap}", markup=False)
+    for note in report.notes:  # fields dropped, prompts cut out, columns not trained on (summary.py)
+        console.print(note, markup=False)
 
 
 @data_app.command(context_settings=OVERRIDES)
@@ -206,7 +210,8 @@ def inspect(
             markup=False)
     tokenizer = load_tokenizer(model or "tiny")
     _print_inspect(inspect_path(train.path, tokenizer, n=n, max_length=max_length or 1024, eval_path=eval,
-                                eval_split=eval_split, **_read_options(train, data)))
+                                eval_split=eval_split, chat_template=data.chat_template,
+                                input_template=data.input_template, **_read_options(train, data)))
 
 
 @data_app.command()

@@ -15,7 +15,8 @@ from typing import Optional
 from alignkit.errors import ConfigError
 
 FORMATS = ("auto", "sft", "paired", "unpaired", "listwise", "prompt")
-COLUMN_PRESETS = ("trl", "openrlhf", "llamafactory", "nemo")
+COLUMN_PRESETS = ("trl", "openrlhf", "llamafactory", "nemo", "hh_rlhf", "ultrafeedback", "nectar", "orca")  # layouts.py
+CHAT_TEMPLATES = ("auto", "always", "never")
 PROMPT_TRUNCATIONS = ("keep_end", "keep_start")
 RESPONSE_TRUNCATIONS = ("truncate", "drop")
 PAIR_EXPANSIONS = ("all_pairs", "best_vs_worst", "best_vs_rest", "adjacent")
@@ -69,8 +70,10 @@ class DataConfig:
     eval: list[SourceConfig] = field(default_factory=list)  # empty = split off eval_fraction of train
     eval_fraction: float = 0.0
     format: str = "auto"
-    columns: str = "trl"  # preset of column names; see formats.COLUMN_PRESET_MAPS
-    column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> column, over the preset
+    columns: str = "trl"  # column layout (alignkit/data/layouts.py): trl, openrlhf, llamafactory, hh_rlhf, ...
+    column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> column or path (a[].b), over it
+    chat_template: str = "auto"  # plain-string data: auto = the tokenizer's template when it has one; always; never
+    input_template: Optional[str] = None  # OpenRLHF's --input_template ("User: {}\nAssistant: "), untemplated text
     max_length: int = 1024  # prompt + one completion, in tokens
     max_prompt_length: int = 512
     prompt_truncation: str = "keep_end"
@@ -99,6 +102,8 @@ class DataConfig:
         check_choice("data", "on_error", self.on_error, ON_ERROR)
         check_choice("data", "layout", self.layout, LAYOUTS)
         check_choice("data", "train_on", self.train_on, TRAIN_ON)
+        check_choice("data", "chat_template", self.chat_template, CHAT_TEMPLATES)
+        self._check_input_template()
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1).")
         if self.max_length <= 0 or self.max_prompt_length <= 0:
@@ -114,3 +119,20 @@ class DataConfig:
             raise ConfigError(f"data.max_records={self.max_records} must be positive (or null for all records).")
         if self.max_tokens_per_row is not None and self.max_tokens_per_row <= 0:
             raise ConfigError(f"data.max_tokens_per_row={self.max_tokens_per_row} must be positive (or null).")
+
+    def _check_input_template(self) -> None:
+        if self.input_template is None:
+            return
+        import string
+
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(self.input_template) if f is not None]
+        except ValueError as err:
+            raise ConfigError(f"data.input_template={self.input_template!r} is not a format string ({err}).") from None
+        if fields != [""]:
+            raise ConfigError(f"data.input_template={self.input_template!r} must hold exactly one {{}} where the "
+                              "prompt goes (OpenRLHF's --input_template), e.g. 'User: {}\\nAssistant: '.")
+        if self.chat_template == "always":
+            raise ConfigError("data.input_template and data.chat_template=always both shape the prompt; OpenRLHF "
+                              "ignores --input_template under --apply_chat_template. Choose one: drop "
+                              "data.input_template, or set data.chat_template=never (or auto).")

@@ -1,9 +1,11 @@
 """The data doctor: what ``alignkit data validate|inspect|convert`` compute (printing is in ``cli.py``).
 
-* ``validate_path``: every record of a file checked; all problems, located.
+* ``validate_path``: every record of a file checked; all problems, located; ``notes``: what reading
+  did to the rows (fields dropped, prompts cut out, columns not trained on; ``summary.py``).
 * ``inspect_path``: token-length statistics and a text histogram, truncation rate at a given
   length, chosen == rejected pairs, empty responses, duplicate prompts, train/eval prompt overlap,
-  chosen-vs-rejected length bias, and a few samples split into (text, trained?) runs.
+  chosen-vs-rejected length bias, the same ``notes``, and a few samples split into (text, trained?)
+  runs, rendered as training renders them (``chat_template``, ``input_template``).
 * ``convert_path``: a converter applied to a file, written as JSONL in TRL's column names through a
   temporary file renamed into place (an error never leaves a partial output).
 
@@ -26,6 +28,7 @@ from alignkit.data.convert import ConvertStats, scores_to_labels
 from alignkit.data.formats import to_row
 from alignkit.data.pipeline import read_records, summarize_errors
 from alignkit.data.record import Record
+from alignkit.data.summary import describe_records
 from alignkit.data.tokenize import TokenizeStats, tokenize_group
 from alignkit.data.views import ACCEPTS, to_view
 from alignkit.errors import ConfigError, DataError, UserError
@@ -47,6 +50,11 @@ class ValidationReport:
     @property
     def fields(self) -> Counter:
         return Counter(e.field or "(row)" for e in self.errors)
+
+    @property
+    def notes(self) -> list[str]:
+        """What reading did to the rows: fields dropped, prompts cut, columns not trained on (summary.py)."""
+        return describe_records(self.records)
 
 
 def validate_path(path: str, fmt: str = "auto", columns: str = "trl",
@@ -80,6 +88,7 @@ class InspectReport:
     chosen_longer: float | None = None  # share of pairs whose chosen has more tokens
     mean_length_gap: float | None = None  # mean (chosen - rejected) tokens
     samples: list[Sample] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what reading did to the rows (summary.py)
 
 
 def _runs(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[tuple[str, bool]]:
@@ -110,9 +119,11 @@ def histogram(values: list[int], bins: int = 10, width: int = 40) -> list[str]:
 
 def inspect_path(path: str, tokenizer: Any, *, n: int = 3, max_length: int = 1024, eval_path: str | None = None,
                  fmt: str = "auto", columns: str = "trl", column_map: dict[str, str] | None = None,
-                 split: str | None = None, subset: str | None = None, eval_split: str | None = None) -> InspectReport:
+                 split: str | None = None, subset: str | None = None, eval_split: str | None = None,
+                 chat_template: str = "auto", input_template: str | None = None) -> InspectReport:
     records, errors = read_records(path, fmt, columns, column_map, split, subset)
-    measure = DataConfig(max_length=UNLIMITED, max_prompt_length=UNLIMITED - 1)
+    measure = DataConfig(max_length=UNLIMITED, max_prompt_length=UNLIMITED - 1, chat_template=chat_template,
+                         input_template=input_template)
     groups: list[TokenizedGroup] = []
     for record in records:
         group = tokenize_group(record, tokenizer, measure, TokenizeStats())
@@ -126,7 +137,7 @@ def inspect_path(path: str, tokenizer: Any, *, n: int = 3, max_length: int = 102
         sequence_lengths=sequence_lengths, prompt_lengths=[len(g.prompt_ids) for g in groups], max_length=max_length,
         truncation_rate=too_long / max(len(groups), 1),
         empty_responses=sum("non-empty" in e.detail for e in errors),
-        duplicate_prompts=len(prompt_keys) - len(set(prompt_keys)),
+        duplicate_prompts=len(prompt_keys) - len(set(prompt_keys)), notes=describe_records(records),
     )
     pairs = [(r, g) for r, g in zip(records, groups) if r.format == "paired"]
     if pairs:

@@ -1,22 +1,28 @@
-"""Raw rows -> canonical ``Record``s: column presets, format detection, located validation.
+"""Raw rows -> canonical ``Record``s: format detection, located validation, what each record means.
 
-Column layouts (``columns`` preset, then the explicit ``column_map`` canonical -> column on top):
-
-* ``trl``: TRL's names as-is: ``prompt``, ``chosen``, ``rejected``, ``completion``, ``label``,
-  ``messages``, plus ``responses`` + ``scores``/``ranks`` for listwise data. Paired rows may omit
-  ``prompt`` when ``chosen``/``rejected`` are whole conversations sharing a prefix (implicit prompt).
-* ``openrlhf``: OpenRLHF's default keys ``input`` (prompt) and ``output`` (completion); other keys as
-  in TRL (its ``--input_key``-style custom keys are given through ``column_map``).
-* ``llamafactory``: Alpaca (``instruction`` + ``input``, ``output``, ``system``, ``history``) and
-  ShareGPT (``conversations`` of ``{from, value}``) layouts, the ranking layout (``chosen``/``rejected``
-  as strings or single ``{from, value}`` messages) and ``kto_tag`` labels.
-* ``nemo``: ``context`` as the prompt, ``completions: [{rank, completion}]`` (listwise, lower rank =
-  better), ``chosen_response``/``rejected_response`` and ``input``/``output``.
-
-Formats: ``sft``, ``paired``, ``unpaired``, ``listwise``, ``prompt`` (see ``record.py``); ``auto``
+A row first goes through its column layout (``layouts.py``: TRL, OpenRLHF, LLaMA-Factory, NeMo and
+the published datasets hh-rlhf, UltraFeedback, Nectar, orca pairs), then through the parser of its
+format: ``sft``, ``paired``, ``unpaired``, ``listwise``, ``prompt`` (see ``record.py``); ``auto``
 detects it from the first row of a source. Optional scores: paired ``chosen_score``/``rejected_score``
 (or ``score_chosen``/``score_rejected``) or ``margin`` (becomes scores [margin, 0]); unpaired
 ``score`` instead of ``label``. Columns not used go to ``Record.extra`` (reward functions see them).
+
+What the parsers decide, following the source toolkits (each case is noted on the record, and the
+data summary counts it, see ``summary.py``):
+
+* A string ``prompt`` with ``chosen``/``rejected`` conversations that repeat it (HuggingFaceH4/
+  ultrafeedback_binarized): the conversations' shared leading turns are the prompt and are cut out
+  of the completions (TRL's ``maybe_extract_prompt`` rule). A message-list prompt repeated at the
+  start of both conversations is cut out the same way.
+* ``messages`` + ``label`` (LLaMA-Factory's and TRL's KTO rows as conversations): the last turn is
+  the completion.
+* ``label``/``score`` with a prompt and no completion: prompt-only data; the value stays a column
+  (OpenRLHF's ``label_key`` for rule rewards).
+* A lone ``chosen_score`` (no ``rejected_score``): kept as a column, not as pair scores.
+* Listwise lists with a missing score (``null``, ``NaN``, ``"N/A"``, ``""``, or an item without the
+  field): that response is dropped and counted; fewer than 2 left is an error.
+* Prompt-only detection that would leave a list of candidate responses unread (Nectar's
+  ``answers``) fails, naming the options, instead of silently dropping them.
 
 Every problem raises ``DataError`` located ``file:line`` with the field and "expected / found".
 Deliberately left out: converting between formats (``convert.py``) and tokens (``tokenize.py``).
@@ -28,106 +34,15 @@ import math
 from typing import Any
 
 from alignkit.data.config import FORMATS
+from alignkit.data.layouts import fail, hint, normalize, response_lists
 from alignkit.data.record import Record, Text
 from alignkit.data.sources import RawRow, describe
 from alignkit.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "observation": "tool", "function_call": "assistant", "tool": "tool"}
-RENAMES = {  # preset -> {column in the file: canonical name}
-    "trl": {},
-    "openrlhf": {"input": "prompt", "output": "completion"},
-    "llamafactory": {"output": "completion", "kto_tag": "label"},
-    "nemo": {"context": "prompt", "input": "prompt", "output": "completion",
-             "chosen_response": "chosen", "rejected_response": "rejected"},
-}
 CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "score", "messages", "responses",
              "scores", "ranks", "margin", "chosen_score", "rejected_score")
-SCORE_ALIASES = {"score_chosen": "chosen_score", "score_rejected": "rejected_score"}
-
-
-def fail(location: str, field: str | None, expected: str, found: str) -> DataError:
-    return DataError(f"expected {expected} / found {found}", location=location, field=field)
-
-
-# ---------------------------------------------------------------- column layouts
-
-
-def _sharegpt_message(item: Any, location: str, field: str) -> dict[str, Any]:
-    if not isinstance(item, dict) or "value" not in item or item.get("from") not in SHAREGPT_ROLES:
-        raise fail(location, field, f"a message {{from: {'|'.join(SHAREGPT_ROLES)}, value: str}}", describe(item))
-    return {"role": SHAREGPT_ROLES[item["from"]], "content": item["value"]}
-
-
-def _llamafactory(row: dict[str, Any], location: str) -> dict[str, Any]:
-    out = dict(row)
-    if "kto_tag" in out:
-        out["label"] = out.pop("kto_tag")
-    system = out.pop("system", None)
-    if "conversations" in out:
-        turns = out.pop("conversations")
-        if not isinstance(turns, list):
-            raise fail(location, "conversations", "a list of {from, value} messages", describe(turns))
-        messages = [_sharegpt_message(t, location, "conversations") for t in turns]
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
-        for name in ("chosen", "rejected"):
-            if isinstance(out.get(name), dict):
-                out[name] = [_sharegpt_message(out[name], location, name)]
-        if "chosen" in out or "completion" in out or "label" in out:
-            out["prompt"] = messages
-            if "label" in out and "completion" not in out and messages and messages[-1]["role"] == "assistant":
-                out["prompt"], out["completion"] = messages[:-1], messages[-1:]
-        else:
-            out["messages"] = messages
-        return out
-    if "instruction" in out:
-        instruction = out.pop("instruction")
-        extra_input = out.pop("input", "") or ""
-        prompt = f"{instruction}\n{extra_input}" if extra_input else instruction
-        history = out.pop("history", None) or []
-        if system or history:
-            messages = [{"role": "system", "content": system}] if system else []
-            for pair in history:
-                if not (isinstance(pair, list) and len(pair) == 2):
-                    raise fail(location, "history", "a list of [query, response] pairs", describe(pair))
-                messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
-            prompt = messages + [{"role": "user", "content": prompt}]
-        out["prompt"] = prompt
-    return out
-
-
-def _nemo(row: dict[str, Any], location: str) -> dict[str, Any]:
-    out = dict(row)
-    completions = out.pop("completions", None)
-    if completions is not None:
-        if not isinstance(completions, list) or not all(isinstance(c, dict) for c in completions):
-            raise fail(location, "completions", "a list of {rank, completion} objects", describe(completions))
-        for index, item in enumerate(completions):
-            if "completion" not in item or "rank" not in item:
-                raise fail(location, f"completions[{index}]", "keys rank and completion", f"keys {sorted(item)}")
-        out["responses"] = [c["completion"] for c in completions]
-        out["ranks"] = [c["rank"] for c in completions]
-    return out
-
-
-def normalize_columns(
-    data: dict[str, Any], location: str, preset: str = "trl", column_map: dict[str, str] | None = None
-) -> dict[str, Any]:
-    """Rename a raw row's columns to the canonical (TRL) names."""
-    row = dict(data)
-    for canonical, column in (column_map or {}).items():
-        if column in row and column != canonical:
-            row[canonical] = row.pop(column)
-    if preset == "llamafactory":
-        row = _llamafactory(row, location)
-    elif preset == "nemo":
-        row = _nemo(row, location)
-    for column, canonical in {**RENAMES.get(preset, {}), **SCORE_ALIASES}.items():
-        if column in row and canonical not in row:
-            row[canonical] = row.pop(column)
-    return row
+MISSING_SCORES = ("", "n/a", "na", "none", "null")
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
@@ -136,7 +51,7 @@ def detect_format(row: dict[str, Any]) -> str | None:
         return "paired"
     if "responses" in row or "ranks" in row or "scores" in row:
         return "listwise"
-    if "label" in row or "score" in row:
+    if ("label" in row or "score" in row) and ("completion" in row or "messages" in row):
         return "unpaired"
     if "messages" in row or "completion" in row:
         return "sft"
@@ -193,6 +108,11 @@ def _number(value: Any, location: str, field: str) -> float:
     return float(value)
 
 
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or (
+        isinstance(value, str) and value.strip().lower() in MISSING_SCORES)
+
+
 def _label(value: Any, location: str) -> float:
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return 1.0 if value.strip().lower() in ("true", "1") else 0.0
@@ -217,94 +137,162 @@ def _rest(row: dict[str, Any], used: tuple[str, ...]) -> dict[str, Any]:
 # ---------------------------------------------------------------- one parser per format
 
 
-def _parse_sft(row: dict[str, Any], location: str) -> Record:
+def _split_conversation(messages: list[dict[str, Any]], location: str, field: str, last: bool) -> tuple[list, list]:
+    """A conversation -> (prompt, completion) at its first (SFT) or last (KTO) assistant turn."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise fail(location, field, "at least one assistant message", "none")
+    cut = turns[-1] if last else turns[0]
+    if cut == 0:
+        raise fail(location, f"{field}[0].role", "a user or system message before the first assistant message",
+                   "assistant")
+    if last and cut != len(messages) - 1:
+        raise fail(location, field, "a conversation ending in the assistant turn that is labelled",
+                   f"{messages[-1]['role']} last")
+    return messages[:cut], messages[cut:]
+
+
+def _parse_sft(row: dict[str, Any], location: str, notes: list[str]) -> Record:
     if "messages" in row and "completion" not in row:
         messages = _text(row, "messages", location, response=True)
         if isinstance(messages, str):
             raise fail(location, "messages", "a list of messages", describe(messages))
-        first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
-        if first is None:
-            raise fail(location, "messages", "at least one assistant message", "none")
-        if first == 0:
-            raise fail(location, "messages[0].role", "a user or system message before the first assistant message",
-                       "assistant")
-        return Record("sft", messages[:first], [messages[first:]], extra=_rest(row, ("messages",)), location=location)
+        prompt, completion = _split_conversation(messages, location, "messages", last=False)
+        return Record("sft", prompt, [completion], extra=_rest(row, ("messages",)), location=location)
     prompt, completions = _align(_text(row, "prompt", location),
                                  [_text(row, "completion", location, response=True)])
     return Record("sft", prompt, completions, extra=_rest(row, ("prompt", "completion")), location=location)
 
 
-def _implicit_prompt(chosen: Text, rejected: Text, location: str) -> tuple[Text, Text, Text]:
-    if not (isinstance(chosen, list) and isinstance(rejected, list)):
-        raise fail(location, "prompt", "a prompt column (or chosen/rejected as conversations sharing a prefix)",
-                   "no prompt column and plain-string responses")
+def _shared_turns(chosen: list[dict[str, Any]], rejected: list[dict[str, Any]]) -> int:
+    """Leading messages both conversations share, cut back before the first differing assistant turn."""
     shared = 0
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     while shared > 0 and chosen[shared - 1]["role"] == "assistant":
-        shared -= 1  # the prompt ends before the first differing assistant turn
+        shared -= 1
+    return shared
+
+
+def _implicit_prompt(chosen: Text, rejected: Text, location: str, row: dict[str, Any]) -> tuple[Text, Text, Text]:
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise fail(location, "prompt", "a prompt column (or chosen/rejected as conversations sharing a prefix, or "
+                   "Human:/Assistant: transcripts)", "no prompt column and plain-string responses" + hint(row))
+    shared = _shared_turns(chosen, rejected)
     if shared == 0 or shared == len(chosen) or shared == len(rejected):
         raise fail(location, "chosen", "conversations sharing a non-empty prompt prefix then differing",
                    f"{shared} shared leading messages")
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
-def _parse_paired(row: dict[str, Any], location: str) -> Record:
+def _last_user(messages: list[dict[str, Any]]) -> str | None:
+    return next((m["content"] for m in reversed(messages) if m["role"] == "user"), None)
+
+
+def _repeated_prompt(prompt: Text, chosen: Text, rejected: Text, notes: list[str]) -> tuple[Text, Text, Text]:
+    """Cut a prompt that the chosen/rejected conversations repeat (see the module docstring)."""
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        return prompt, chosen, rejected
+    shared = _shared_turns(chosen, rejected)
+    if shared == 0 or shared == len(chosen) or shared == len(rejected):
+        return prompt, chosen, rejected
+    turns = chosen[:shared]
+    if isinstance(prompt, list):
+        if prompt[-shared:] != turns:
+            return prompt, chosen, rejected
+        notes.append("prompt repeated at the start of chosen/rejected: cut out")
+        return prompt, chosen[shared:], rejected[shared:]
+    if _last_user(turns) is None:
+        return prompt, chosen, rejected
+    if (_last_user(turns) or "").strip() == prompt.strip():
+        notes.append("prompt repeated at the start of chosen/rejected: cut out")
+    else:
+        notes.append("prompt column differs from the conversations' shared turns: the turns were used (TRL's rule)")
+    return turns, chosen[shared:], rejected[shared:]
+
+
+def _pair_scores(row: dict[str, Any], location: str, notes: list[str]) -> list[float] | None:
+    has_chosen, has_rejected = "chosen_score" in row, "rejected_score" in row
+    if has_chosen and has_rejected:
+        if _is_missing(row["chosen_score"]) and _is_missing(row["rejected_score"]):
+            notes.append("pair scores missing: pair kept without scores")
+            return None
+        return [_number(row.get("chosen_score"), location, "chosen_score"),
+                _number(row.get("rejected_score"), location, "rejected_score")]
+    if has_chosen or has_rejected:
+        notes.append(f"{'chosen_score' if has_chosen else 'rejected_score'} without its partner: kept as a column, "
+                     "not as pair scores")
+        return None
+    if "margin" in row:
+        return [_number(row["margin"], location, "margin"), 0.0]
+    return None
+
+
+def _parse_paired(row: dict[str, Any], location: str, notes: list[str]) -> Record:
     chosen = _text(row, "chosen", location, response=True)
     rejected = _text(row, "rejected", location, response=True)
     if "prompt" in row:
-        prompt = _text(row, "prompt", location)
+        prompt, chosen, rejected = _repeated_prompt(_text(row, "prompt", location), chosen, rejected, notes)
     else:
-        prompt, chosen, rejected = _implicit_prompt(chosen, rejected, location)
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected, location, row)
     prompt, completions = _align(prompt, [chosen, rejected])
-    scores = None
-    if "chosen_score" in row or "rejected_score" in row:
-        scores = [_number(row.get("chosen_score"), location, "chosen_score"),
-                  _number(row.get("rejected_score"), location, "rejected_score")]
-    elif "margin" in row:
-        scores = [_number(row["margin"], location, "margin"), 0.0]
-    used = ("prompt", "chosen", "rejected", "chosen_score", "rejected_score", "margin")
+    scores = _pair_scores(row, location, notes)
+    used = ("prompt", "chosen", "rejected", "margin") + (("chosen_score", "rejected_score") if scores else ())
     return Record("paired", prompt, completions, scores=scores, extra=_rest(row, used), location=location)
 
 
-def _parse_unpaired(row: dict[str, Any], location: str) -> Record:
-    prompt, completions = _align(_text(row, "prompt", location),
-                                 [_text(row, "completion", location, response=True)])
+def _parse_unpaired(row: dict[str, Any], location: str, notes: list[str]) -> Record:
+    if "prompt" not in row and "messages" in row and "completion" not in row:
+        messages = _text(row, "messages", location, response=True)
+        if isinstance(messages, str):
+            raise fail(location, "messages", "a list of messages", describe(messages))
+        prompt, completion = _split_conversation(messages, location, "messages", last=True)
+        used: tuple[str, ...] = ("messages", "label", "score")
+        completions: list[Text] = [completion]
+    else:
+        prompt, completions = _align(_text(row, "prompt", location),
+                                     [_text(row, "completion", location, response=True)])
+        used = ("prompt", "completion", "label", "score")
     labels = [_label(row["label"], location)] if "label" in row else None
     scores = [_number(row["score"], location, "score")] if "score" in row else None
     if labels is None and scores is None:
         raise fail(location, "label", "a label (or a score) column", f"neither (columns: {sorted(row)})")
-    used = ("prompt", "completion", "label", "score")
     return Record("unpaired", prompt, completions, scores=scores, labels=labels, extra=_rest(row, used),
                   location=location)
 
 
-def _numbers(row: dict[str, Any], field: str, count: int, location: str) -> list[float]:
+def _listed(row: dict[str, Any], field: str, location: str) -> list[Any]:
     values = row[field]
     if not isinstance(values, list):
-        raise fail(location, field, f"a list of {count} numbers", describe(values))
-    if len(values) != count:
-        raise fail(location, field, f"{count} {field} (one per response)", f"{len(values)}")
-    return [_number(v, location, f"{field}[{i}]") for i, v in enumerate(values)]
+        raise fail(location, field, "a list (one value per response)", describe(values))
+    return values
 
 
-def _parse_listwise(row: dict[str, Any], location: str) -> Record:
+def _parse_listwise(row: dict[str, Any], location: str, notes: list[str]) -> Record:
     responses = row.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
         raise fail(location, "responses", "a list of at least 2 responses", describe(responses))
-    completions = [_text(row, f"responses[{i}]", location, response=True, value=r) for i, r in enumerate(responses)]
-    if "scores" in row:
-        scores = _numbers(row, "scores", len(completions), location)
-    elif "ranks" in row:
-        scores = [-rank for rank in _numbers(row, "ranks", len(completions), location)]
-    else:
+    field = "scores" if "scores" in row else "ranks" if "ranks" in row else None
+    if field is None:
         raise fail(location, "scores", "a scores or ranks column", f"neither (columns: {sorted(row)})")
+    values = _listed(row, field, location)
+    if len(values) != len(responses):
+        raise fail(location, field, f"{len(responses)} {field} (one per response)", f"{len(values)}")
+    kept = [i for i, v in enumerate(values) if not _is_missing(v) and responses[i] is not None]
+    if len(kept) < len(responses):
+        notes += [f"response without a score dropped ({field}[{i}])" for i in range(len(responses)) if i not in kept]
+        if len(kept) < 2:
+            raise fail(location, field, "at least 2 responses with a score",
+                       f"{len(kept)} ({len(responses) - len(kept)} without a score)")
+    completions = [_text(row, f"responses[{i}]", location, response=True, value=responses[i]) for i in kept]
+    numbers = [_number(values[i], location, f"{field}[{i}]") for i in kept]
+    scores = numbers if field == "scores" else [-rank for rank in numbers]
     prompt, completions = _align(_text(row, "prompt", location), completions)
     used = ("prompt", "responses", "scores", "ranks")
     return Record("listwise", prompt, completions, scores=scores, extra=_rest(row, used), location=location)
 
 
-def _parse_prompt(row: dict[str, Any], location: str) -> Record:
+def _parse_prompt(row: dict[str, Any], location: str, notes: list[str]) -> Record:
     prompt = _text(row, "prompt", location)
     return Record("prompt", prompt, [], extra=_rest(row, ("prompt",)), location=location)
 
@@ -313,20 +301,49 @@ PARSERS = {"sft": _parse_sft, "paired": _parse_paired, "unpaired": _parse_unpair
            "listwise": _parse_listwise, "prompt": _parse_prompt}
 
 
+def _apply_system(record: Record, system: Any, notes: list[str]) -> None:
+    """A ``system`` column -> the prompt's system message (the prompt becomes messages)."""
+    if system is None or (isinstance(system, str) and not system.strip()):
+        return
+    if not isinstance(system, str):
+        raise fail(record.location, "system", "a string system prompt", describe(system))
+    prompt, completions = _align(record.prompt, record.completions)
+    if not isinstance(prompt, list):  # _align keeps strings only when nothing is a list
+        prompt = [{"role": "user", "content": prompt}]
+        completions = [[{"role": "assistant", "content": c}] if isinstance(c, str) else c for c in completions]
+    if prompt and prompt[0]["role"] == "system":
+        notes.append("system column not used: the conversation has its own system message")
+        record.extra["system"] = system
+    else:
+        prompt = [{"role": "system", "content": system}] + prompt
+    record.prompt, record.completions = prompt, completions
+
+
 def parse_row(
     raw: RawRow, fmt: str = "auto", preset: str = "trl", column_map: dict[str, str] | None = None
 ) -> Record:
     """One raw row -> a validated ``Record`` (``fmt="auto"`` detects the format of this row)."""
-    row = normalize_columns(raw.data, raw.location, preset, column_map)
+    notes: list[str] = []
+    row = normalize(raw.data, raw.location, preset, column_map, notes)
+    system = row.pop("system", None) if preset != "llamafactory" else None
     if fmt == "auto":
         detected = detect_format(row)
         if detected is None:
             raise fail(raw.location, None, f"columns of a known format (e.g. {', '.join(CANONICAL[:5])}) "
-                       f"with columns={preset!r}", f"columns {sorted(raw.data)}")
+                       f"with columns={preset!r}", f"columns {sorted(raw.data)}" + hint(raw.data))
+        if detected == "prompt" and response_lists(row):
+            lists = ", ".join(response_lists(row))
+            advice = hint(raw.data) or "; map them with column_map={responses: COL[].FIELD, scores|ranks: ...}"
+            raise fail(raw.location, lists, "responses this layout reads",
+                       f"column(s) {lists} holding lists of candidate responses that would be dropped as prompt-only "
+                       f"data{advice}; or set data.format=prompt to keep prompt-only records (the lists stay columns)")
         fmt = detected
     if fmt not in PARSERS:
         raise fail(raw.location, "format", f"one of {', '.join(FORMATS)}", repr(fmt))
-    return PARSERS[fmt](row, raw.location)
+    record = PARSERS[fmt](row, raw.location, notes)
+    _apply_system(record, system, notes)
+    record.notes = notes
+    return record
 
 
 def to_row(record: Record) -> dict[str, Any]:

@@ -33,8 +33,10 @@ from alignkit.data.collate import collate
 from alignkit.data.config import DataConfig, SourceConfig
 from alignkit.data.convert import ConvertStats
 from alignkit.data.formats import parse_row
+from alignkit.data.llamafactory import apply_dataset_info, fingerprint_paths
 from alignkit.data.record import Record
 from alignkit.data.sources import apply_weight, fingerprint_source, iter_rows, split_by_key
+from alignkit.data.summary import describe_records
 from alignkit.data.tokenize import TokenizeStats, adds_bos, tokenize_group
 from alignkit.data.views import to_view
 from alignkit.errors import DataError
@@ -59,12 +61,14 @@ class DataStats:
     cached: bool = False
     cache_note: str = ""  # a cache file found damaged and rebuilt, or data the cache cannot carry
     eval_set: str = ""  # where the eval records come from (or that there are none), with their count
+    notes: list[str] = field(default_factory=list)  # per source: fields dropped, prompts cut, columns unused
 
     def __str__(self) -> str:
         parts = [f"{self.train_groups} train / {self.eval_groups} eval groups from "
                  + ", ".join(f"{Path(p).name} ({n})" for p, n in self.sources.items())]
         if self.eval_set:
             parts.append(self.eval_set)
+        parts += getattr(self, "notes", [])  # what reading the sources did (summary.py)
         if self.convert is not None and (self.convert.dropped or self.convert.records_in != self.convert.records_out):
             parts.append(str(self.convert))
         tok = self.tokenize
@@ -100,6 +104,7 @@ def read_records(
     With ``fmt="auto"`` the first readable row fixes the format of the whole source, so a later row
     missing a field is reported instead of silently read as another format.
     """
+    path, columns, column_map, split, subset = apply_dataset_info(path, columns, column_map, split, subset)
     records: list[Record] = []
     errors: list[DataError] = []
     for raw in iter_rows(path, split, subset):
@@ -140,6 +145,7 @@ def _source_records(source: SourceConfig, cfg: DataConfig, stats: DataStats) -> 
         records = records[: cfg.max_records]
     name = source_label(source)
     stats.sources[name] = stats.sources.get(name, 0) + len(records)
+    stats.notes += describe_records(records, Path(name).name)
     return records
 
 
@@ -225,7 +231,7 @@ def cache_key(cfg: DataConfig, view: str, tokenizer: Any) -> str:
     settings = dataclasses.asdict(cfg)
     for batching_only in ("cache_dir", "layout", "max_tokens_per_row"):
         settings.pop(batching_only)
-    sources = [fingerprint_source(s.path) for s in [*cfg.train, *cfg.eval]]
+    sources = [fingerprint_source(p) for s in [*cfg.train, *cfg.eval] for p in fingerprint_paths(s.path)]
     blob = json.dumps({"version": CACHE_VERSION, "settings": settings, "sources": sources, "view": view,
                        "tokenizer": tokenizer_fingerprint(tokenizer)}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]

@@ -11,6 +11,8 @@ A ``Record`` is one prompt with K candidate completions:
 
 Prompt and completions are either all plain strings or all chat messages (``[{"role", "content"}]``,
 a completion being the list of messages after the prompt); the parser normalizes mixed rows.
+``notes`` say what parsing did to the row (a repeated prompt cut out, a field dropped ...); they are
+not content (not part of ``example_id``) and are counted by ``summary.py``.
 
 Deliberately left out: tokens (see ``tokenize.py``) and any knowledge of column names (``formats.py``).
 """
@@ -39,6 +41,7 @@ class Record:
     labels: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     location: str = ""  # "file:line" for error messages
+    notes: list[str] = field(default_factory=list)  # what parsing did to the row (counted in the data summary)
 
     @property
     def group_size(self) -> int:

@@ -9,8 +9,15 @@ response, BOS/EOS come only from the template (never doubled), and assistant bod
 or the last one, per ``cfg.train_on``) are the only trained tokens; headers and user turns inside a
 multi-turn completion are context.
 
-Plain-string data: the prompt gets BOS when the tokenizer adds one by itself, the completion gets
-EOS appended; all completion tokens are trained.
+Plain-string data and ``cfg.chat_template`` (one decision per run, so every record of a file is
+treated alike): ``auto`` (the default) renders strings through the chat template when the tokenizer
+has one, as a user turn and assistant turns (what TRL, LLaMA-Factory and OpenRLHF's
+``--apply_chat_template`` do); ``always`` requires a template; ``never`` keeps plain text, and then
+``cfg.input_template`` (OpenRLHF's ``--input_template``, e.g. ``"User: {}\nAssistant: "``) wraps each
+string prompt; setting it under ``auto`` also keeps plain text (OpenRLHF applies it only without a
+chat template). Chat-message data always needs the template (``never`` with messages is an error).
+Untemplated plain text: the prompt gets BOS when the tokenizer adds one by itself, the completion
+gets EOS appended; all completion tokens are trained.
 
 Truncation: a prompt longer than ``max_prompt_length`` keeps its end or its start (a leading BOS
 is kept when the tokenizer adds one by itself); a completion longer than what ``max_length``
@@ -22,7 +29,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from alignkit.data.batch import TokenizedGroup
@@ -106,6 +113,34 @@ def chat_pieces(
     return pieces
 
 
+def uses_chat_template(tokenizer: Any, cfg: DataConfig) -> bool:
+    """Whether plain-string records are rendered through the chat template (see the module docstring)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if cfg.chat_template == "always" and not has_template:
+        raise ConfigError("data.chat_template=always but the tokenizer has no chat template; use a model with one, "
+                          "or data.chat_template=auto|never for plain text.")
+    if cfg.chat_template == "never" or (cfg.chat_template == "auto" and cfg.input_template is not None):
+        return False
+    return has_template
+
+
+def as_rendered(record: Record, tokenizer: Any, cfg: DataConfig) -> Record:
+    """The record as it will be tokenized: strings as chat turns, or with ``input_template`` applied."""
+    if isinstance(record.prompt, list):
+        if cfg.chat_template == "never":
+            raise ConfigError(
+                f"data.chat_template=never but the data is chat messages (e.g. {record.location}); messages need "
+                "the chat template: use data.chat_template=auto (or always), or plain-string data.")
+        return record
+    if uses_chat_template(tokenizer, cfg):
+        return replace(record, prompt=[{"role": "user", "content": record.prompt}],
+                       completions=[[{"role": "assistant", "content": c}] if isinstance(c, str) else c
+                                    for c in record.completions])
+    if cfg.input_template is not None:
+        return replace(record, prompt=cfg.input_template.format(record.prompt))
+    return record
+
+
 def prompt_text(tokenizer: Any, record: Record) -> str:
     """The rendered prompt: chat prompts end with the assistant header (generation prompt)."""
     if isinstance(record.prompt, str):
@@ -170,6 +205,8 @@ def tokenize_group(
     """
     stats = stats if stats is not None else TokenizeStats()
     stats.groups_in += 1
+    read = record  # as the data has it: its id and prompt do not depend on the template
+    record = as_rendered(record, tokenizer, cfg)
     prompt_key = record.prompt_key()
     rendered_prompt, prompt_ids = _memoized(memo, ("prompt", prompt_key), lambda: (
         (rendered := prompt_text(tokenizer, record)), tokenize_prompt(tokenizer, record, rendered)))
@@ -203,7 +240,7 @@ def tokenize_group(
         completion_train_mask=[list(mask) for mask in masks],
         scores=list(record.scores) if record.scores is not None else None,
         labels=list(record.labels) if record.labels is not None else None,
-        example_id=record.example_id(),
+        example_id=read.example_id(),
         # a prompt record keeps its prompt as the data has it (text or messages) for TRL-style reward functions
-        extra={**record.extra, "prompt": record.prompt} if record.format == "prompt" else dict(record.extra),
+        extra={**record.extra, "prompt": read.prompt} if record.format == "prompt" else dict(record.extra),
     )

@@ -59,12 +59,13 @@ def test_inspect_prints_samples_and_statistics(tmp_path, write_jsonl, extra):
     rows = [{"prompt": [{"role": "user", "content": "Q?"}], "chosen": "Long answer here.", "rejected": "Short."},
             {"prompt": "Q1", "chosen": "Same", "rejected": "Same"}]
     path = write_jsonl(tmp_path / "p.jsonl", rows)
-    result = runner.invoke(data_app, ["inspect", str(path), "--n", "1", "--max-length", "8", *extra])
+    # both records are rendered through the chat template (the string one too: data.chat_template=auto): 19 and 16 tokens
+    result = runner.invoke(data_app, ["inspect", str(path), "--n", "1", "--max-length", "17", *extra])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "Long answer here.<|im_end|>" in out and "records: 2 (2 paired)" in out
     assert "chosen == rejected: 1; chosen longer than rejected in 50.0% of pairs" in out
-    assert "truncated at max_length=8: 50.0% of records" in out
+    assert "truncated at max_length=17: 50.0% of records" in out
     if extra:
         assert "prompts shared with the eval file: 1" in out  # "Q1" is in both
 

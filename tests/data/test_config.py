@@ -23,7 +23,8 @@ def test_structured_config_round_trip():
 
 @pytest.mark.parametrize("field,value,choices", [
     ("format", "pairs", "auto, sft, paired, unpaired, listwise, prompt"),
-    ("columns", "axolotl", "trl, openrlhf, llamafactory, nemo"),
+    ("columns", "axolotl", "trl, openrlhf, llamafactory, nemo, hh_rlhf, ultrafeedback, nectar, orca"),
+    ("chat_template", "sometimes", "auto, always, never"),
     ("prompt_truncation", "middle", "keep_end, keep_start"),
     ("response_truncation", "cut", "truncate, drop"),
     ("pair_expansion", "random", "all_pairs, best_vs_worst, best_vs_rest, adjacent"),

@@ -67,7 +67,10 @@ def test_openrlhf_keys_and_explicit_column_map():
 
 def test_llamafactory_layouts():
     alpaca = parse({"instruction": "Add", "input": "2 2", "chosen": "4", "rejected": "5"}, preset="llamafactory")
-    assert (alpaca.format, alpaca.prompt, alpaca.completions) == ("paired", "Add\n2 2", ["4", "5"])
+    # LLaMA-Factory renders every row through the chat template: the prompt is a user turn
+    assert (alpaca.format, alpaca.prompt, alpaca.completions) == (
+        "paired", [{"role": "user", "content": "Add\n2 2"}],
+        [[{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]])
     sharegpt = parse({"conversations": [{"from": "human", "value": "2+2?"}],
                       "chosen": {"from": "gpt", "value": "4"}, "rejected": {"from": "gpt", "value": "5"}},
                      preset="llamafactory")
@@ -76,9 +79,10 @@ def test_llamafactory_layouts():
                  "kto_tag": True}, preset="llamafactory")
     assert (kto.format, kto.prompt, kto.completions, kto.labels) == ("unpaired", USER, [GOOD], [1.0])
     sft = parse({"instruction": "Hi", "output": "Hello", "system": "S", "history": [["a", "b"]]}, preset="llamafactory")
-    assert sft.prompt == [{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
-                          {"role": "assistant", "content": "b"}, {"role": "user", "content": "Hi"}]
-    assert sft.completions == [[{"role": "assistant", "content": "Hello"}]]
+    # LLaMA-Factory trains the history's responses too in SFT: they are part of the completion
+    assert sft.prompt == [{"role": "system", "content": "S"}, {"role": "user", "content": "a"}]
+    assert sft.completions == [[{"role": "assistant", "content": "b"}, {"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": "Hello"}]]
 
 
 def test_nemo_layouts():

@@ -72,7 +72,7 @@ def test_plain_strings_get_one_bos_and_one_eos():
 
 
 def test_plain_strings_without_bos_tokenizer(tiny_tokenizer):
-    group = tokenize_group(Record("sft", "Question", [" Answer"]), tiny_tokenizer, DataConfig())
+    group = tokenize_group(Record("sft", "Question", [" Answer"]), tiny_tokenizer, DataConfig(chat_template="never"))
     assert group.prompt_ids == tiny_tokenizer("Question", add_special_tokens=False)["input_ids"]
     assert group.completion_ids[0][-1] == tiny_tokenizer.eos_token_id
     assert group.completion_ids[0][:-1] == tiny_tokenizer(" Answer", add_special_tokens=False)["input_ids"]
