@@ -1,145 +1,424 @@
-"""``alignkit eval``: held-out preference accuracy, judge scores of generations, win-rate vs a baseline.
+"""``alignkit eval``: a run (or any model) scored on the run's own held-out data, with 95% intervals.
 
-Given a run directory (its ``final/`` model is evaluated against the run's starting model) or a
-model path plus overrides, it measures on held-out data:
+What is evaluated, and on what:
 
-* preference accuracy: the fraction of held-out pairs whose implicit reward
-  ``(log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))`` is positive,
-  the reference being the baseline model (as DPO's reward is defined), plus the plain
-  likelihood accuracy ``log p(chosen) > log p(rejected)``;
-* generations: greedy replies of the model and of the baseline to held-out prompts, scored by the
-  reward mix (the demo judge by default); the mean score of each and the win-rate of the model
-  (ties count one half). Samples go to ``samples.jsonl``; a summary to ``eval.json``.
-* when the prompts carry a reference ``answer`` (the demo task), the judge's components apart for
-  both models: ``answer_accuracy`` (the fraction of correct final answers), ``format`` and
-  ``concise`` — a judge-score gain can come from format alone, and this says which it was.
+* ``alignkit eval RUN_DIR`` -- the run's ``final/`` model (a folder inside a run, e.g. a
+  checkpoint export, works too) against the run's starting model, on the run's held-out data as
+  its frozen ``config.yaml`` rebuilds it: ``data.eval`` sources, else the seeded
+  ``data.eval_fraction`` of ``data.train`` (the same split training held out). A run without an
+  eval set is refused with the overrides that give one; it is never scored on the demo task
+  unless it trained on it.
+* ``alignkit eval MODEL data=FILE`` -- any transformers folder (or a hub name, or ``tiny``); it
+  needs data (``data=FILE``: every record of FILE, a path/glob/folder/hub name; or
+  ``data.train=...``/``data.eval=...`` as in training; or a ``recipe=...``), and says so without
+  it. The baseline is ``--baseline`` (none without it: the model's rates alone).
+* ``data=FILE`` on a run evaluates on FILE instead; ``reward.fns=[...]`` replaces the reward
+  functions; any other ``key=value`` goes into the config as in training.
 
-One process, plain PyTorch: evaluation needs no optimizer, so no DeepSpeed engine is started.
-Left out: reward-model accuracy for ``rm`` runs (their eval metrics are in ``metrics.jsonl``).
+What it measures (each with N and a 95% interval, ``alignkit.stats``):
+
+* **answer accuracy** first -- the share of prompts whose greedy reply's final answer equals the
+  record's reference (``answer`` / ``reward_model.ground_truth`` / ``ground_truth`` / ``solution``
+  column; ``alignkit.rewards.answer`` reads both sides with the same parser), Wilson intervals; and
+  the model-minus-baseline difference on the same prompts with Newcombe's paired interval
+  (method 10). Records without a reference are left out of N (and counted).
+* every reward function's mean (the run's ``reward.fns``; with the demo ``judge`` also its
+  ``format`` and ``concise`` parts beside it), model and baseline, with normal intervals and the
+  paired mean difference; the win rate of the model's total reward over the baseline's (ties 1/2),
+  a mean with a normal interval clipped to [0, 1].
+* preference accuracy on held-out pairs (paired/listwise/unpaired data): the share whose implicit
+  reward ``(log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))`` is
+  positive, the reference being the baseline (as DPO's reward is defined), and the likelihood
+  accuracy ``log p(chosen) > log p(rejected)``; Wilson intervals.
+
+A reward function that cannot score the data (a demo judge on data without ``answer``) is an error
+when the user named it or the run trained on it (RL runs); for an offline run's default it is
+left out with a printed note. Duplicate prompts are scored once (counted). The model and the
+baseline run on the GPU when ``torch.cuda.is_available()``. Greedy replies go to ``samples.jsonl``;
+everything to ``eval.json`` (``metrics``: ``{name: {n, rate, ci_low, ci_high}}``; the plain
+values also at the top level, as before). One process, plain PyTorch, no DeepSpeed engine.
+Left out: sampling-based (pass@k) accuracy, reward-model accuracy of ``rm`` runs (their eval
+metrics are in ``metrics.jsonl``).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alignkit.config.compose import compose, load_frozen
-from alignkit.errors import UserError
+from alignkit.config.compose import compose, conf_dir, load_frozen
+from alignkit.errors import ConfigError, DataError, UserError
+from alignkit.stats import Interval, mean_interval, paired_difference, paired_mean_difference, wilson
+
+RL_RUNNERS = ("grpo", "ppo", "online_dpo")
+JUDGE_PARTS = ("format", "concise")  # shown beside the demo judge, never instead of answer accuracy
 
 
-def resolve_target(target: str, overrides: list[str]) -> tuple[DictConfig, str, str]:
-    """(config, model to evaluate, baseline model) for a run directory or a model path."""
+@dataclass
+class EvalTarget:
+    cfg: DictConfig
+    model: str
+    baseline: str | None
+    run_dir: Path | None
+    data_source: str  # where the eval records come from, in words
+    use_train_split: bool  # evaluate every record of data.train (a data=FILE / a model with its own data)
+    reward_explicit: bool  # the user named reward.fns, or the run trained on them
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_data_group(name: str) -> bool:
+    return (conf_dir() / "data" / f"{name}.yaml").is_file()
+
+
+def _split_overrides(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """(``data=FILE`` shorthand's FILE or None, the other overrides)."""
+    data, rest = None, []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep and key.strip() == "data" and not _is_data_group(value.strip()):
+            data = value.strip().strip("'\"")
+        else:
+            rest.append(o)
+    return data, rest
+
+
+def _own_data(cfg: DictConfig, path: str) -> None:
+    from alignkit.data.config import SourceConfig
+
+    cfg.data.train = [SourceConfig(path=path)]
+    cfg.data.eval = []
+    cfg.data.eval_fraction = 0.0
+
+
+def _names_key(overrides: list[str], prefix: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0].strip().startswith(prefix) for o in overrides)
+
+
+def resolve_target(target: str, overrides: list[str], baseline: str | None = None) -> EvalTarget:
+    """What to evaluate, against what, on which data (see the module docstring)."""
+    from alignkit.config.validate import runner_for
+    from alignkit.data.overrides import expand_shorthand
+
+    data_file, rest = _split_overrides(list(overrides))
     path = Path(target)
-    if (path / "config.yaml").is_file():
-        cfg = load_frozen(path / "config.yaml")
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
-        final = path / "final"
-        if not final.is_dir():
-            raise UserError(f"{path} has no final/ model yet (the run did not finish); evaluate a checkpoint's export.")
-        return cfg, str(final), str(cfg.model.name_or_path)
-    cfg = compose(overrides)
-    return cfg, target, str(cfg.model.name_or_path)
+    run_dir = path if (path / "config.yaml").is_file() else (
+        path.parent if path.is_dir() and (path.parent / "config.yaml").is_file() else None)
+    reward_named = _names_key(rest, "reward.fns")
+    if run_dir is not None:
+        cfg = load_frozen(run_dir / "config.yaml")
+        dotlist = [expand_shorthand(o) for o in rest if "=" in o]
+        if any(o.lstrip("+~").split("=", 1)[0].strip() == "recipe" for o in dotlist):
+            raise ConfigError("recipe=... does not apply to a run directory (its config is frozen); give data=FILE "
+                              "or data.eval=[{path: FILE}] to evaluate on other data.")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in dotlist]))
+        except Exception as exc:  # noqa: BLE001 - OmegaConf raises many kinds
+            raise ConfigError(f"cannot apply the overrides {dotlist} to {run_dir}/config.yaml: {exc}") from None
+        model = str(run_dir / "final") if path == run_dir else str(path)
+        if not Path(model).is_dir():
+            raise UserError(f"{run_dir} has no final/ model yet (the run did not finish); evaluate a checkpoint's "
+                            "export folder instead (alignkit eval RUN_DIR/checkpoints/...).")
+        base = baseline or str(cfg.model.name_or_path)
+        explicit = reward_named or runner_for(cfg) in RL_RUNNERS
+        if data_file is not None:
+            _own_data(cfg, data_file)
+            return EvalTarget(cfg, model, base, run_dir, f"every record of {data_file} (data=...)", True, explicit)
+        if not cfg.data.eval and not cfg.data.eval_fraction > 0:
+            raise UserError(
+                f"{run_dir} has no held-out data: its data.eval is empty and data.eval_fraction=0, so every record "
+                "was trained on. Evaluate on other data: alignkit eval RUN_DIR data=FILE (or data.eval=[{path: FILE}]).")
+        where = (f"the run's data.eval ({', '.join(str(s.path) for s in cfg.data.eval)})" if cfg.data.eval else
+                 f"the run's held-out {cfg.data.eval_fraction:g} of data.train (data.seed={cfg.data.seed})")
+        return EvalTarget(cfg, model, base, run_dir, where, False, explicit)
+    # a model folder / hub name: it brings no data and no reward functions of its own
+    data_given = data_file is not None or _names_key(rest, "data.train") or _names_key(rest, "data.eval") or any(
+        o.split("=", 1)[0].strip() in ("recipe", "data") for o in rest)
+    if not data_given:
+        raise UserError(
+            f"{target} is a model, not a run directory, so there is no run data to evaluate it on. Give the data: "
+            f"alignkit eval {target} data=FILE (prompt records with a reference 'answer' column score answer "
+            "accuracy; paired records score preference accuracy), or data.eval=[{path: FILE}], or recipe=NAME "
+            "for a preset's data.")
+    cfg = compose([*rest, f"model.name_or_path={target}"])
+    if data_file is not None:
+        _own_data(cfg, data_file)
+        where = f"every record of {data_file} (data=...)"
+    else:
+        where = ("data.eval (" + ", ".join(str(s.path) for s in cfg.data.eval) + ")" if cfg.data.eval else
+                 "data.train (no eval set given: every record)")
+    use_train = data_file is not None or not (cfg.data.eval or cfg.data.eval_fraction > 0)
+    return EvalTarget(cfg, target, baseline, None, where, use_train, reward_named or runner_for(cfg) in RL_RUNNERS)
 
 
-def _load(name_or_path: str, cfg: DictConfig):
+# ---------------------------------------------------------------- models and data
+
+
+def eval_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _load(name_or_path: str, cfg: DictConfig, device: torch.device):
     from alignkit.models.load import load_causal_lm
 
     model_cfg = OmegaConf.to_object(cfg.model)
     model_cfg.name_or_path = name_or_path
     model_cfg.lora.r = 0
     model, tokenizer = load_causal_lm(model_cfg)
-    return model.eval(), tokenizer
+    return model.eval().to(device), tokenizer
+
+
+def _records(target: EvalTarget, view: str, tokenizer, limit: int) -> list:
+    from alignkit.data.pipeline import prepare_data
+
+    prepared = prepare_data(OmegaConf.to_object(target.cfg.data), view, tokenizer)
+    groups = prepared.train if target.use_train_split else prepared.eval
+    return list(groups[:limit]) if limit > 0 else list(groups)
+
+
+def _unique_prompts(groups: list) -> tuple[list, int]:
+    seen, out = set(), []
+    for g in groups:
+        key = tuple(g.prompt_ids)
+        if key not in seen:
+            seen.add(key)
+            out.append(g)
+    return out, len(groups) - len(out)
 
 
 @torch.no_grad()
-def preference_accuracy(model, reference, groups, cfg: DictConfig, pad_id: int) -> dict[str, float]:
+def preference_accuracy(model, reference, groups, cfg: DictConfig, pad_id: int) -> dict[str, Interval]:
     from alignkit.data.batch import sum_per_slot
     from alignkit.models.logprobs import TargetLogProbs
     from alignkit.trainers.common import collate_groups
     from alignkit.trainers.reference import forward_logps
 
+    device = next(model.parameters()).device
     policy, ref = TargetLogProbs(model), TargetLogProbs(reference)
     implicit, likelihood = [], []
     for i in range(0, len(groups), 8):
-        batch = collate_groups(groups[i : i + 8], cfg, pad_id)
+        batch = collate_groups(groups[i : i + 8], cfg, pad_id).to(device)
         lp = sum_per_slot(forward_logps(policy, batch)["logps"].float(), batch)
         lr = sum_per_slot(forward_logps(ref, batch)["logps"].float(), batch)
         margin = (lp[:, 0] - lr[:, 0]) - (lp[:, 1] - lr[:, 1])
-        implicit += (margin > 0).float().tolist()
-        likelihood += (lp[:, 0] > lp[:, 1]).float().tolist()
-    return {"preference_accuracy": sum(implicit) / len(implicit),
-            "likelihood_accuracy": sum(likelihood) / len(likelihood), "pairs": float(len(implicit))}
+        implicit += (margin > 0).tolist()
+        likelihood += (lp[:, 0] > lp[:, 1]).tolist()
+    return {"preference_accuracy": wilson(sum(implicit), len(implicit)),
+            "likelihood_accuracy": wilson(sum(likelihood), len(likelihood))}
+
+
+def _reward_names(target: EvalTarget) -> list[str]:
+    from alignkit.rewards.registry import reward_names, short_name
+
+    names = [str(n) for n in target.cfg.reward.fns]
+    if "judge" in [short_name(n) for n in names]:
+        names += [p for p in JUDGE_PARTS if p in reward_names() and p not in names]
+    return names
+
+
+def build_scoring(target: EvalTarget, first, tokenizer):
+    """The reward mix for eval: the run's (or the named) functions that can score this data."""
+    from alignkit.rewards.registry import DRY_RUN_COMPLETION, RewardMix
+    from alignkit.trainers.rollout import decode_prompt
+
+    names = _reward_names(target)
+    if not names:
+        return None
+    columns = {k: v for k, v in first.extra.items() if k != "prompt"}
+    call = dict(raw_prompt=first.extra.get("prompt"),
+                completion_ids=tokenizer.encode(DRY_RUN_COMPLETION, add_special_tokens=False))
+    prompt = decode_prompt(first, tokenizer)
+    if target.reward_explicit:
+        mix = RewardMix(names)
+        try:
+            mix.dry_run(prompt, columns, **call)
+        except (DataError, ConfigError) as exc:
+            raise type(exc)(f"{exc} -- eval scores with reward.fns={names}; pass reward.fns=[...] to choose others "
+                            "(or reward.fns=[] for answer accuracy alone).") from None
+        return mix
+    kept = []
+    for name in names:
+        try:
+            RewardMix([name]).dry_run(prompt, columns, **call)
+            kept.append(name)
+        except (DataError, ConfigError) as exc:
+            target.notes.append(f"reward {name!r} left out: it cannot score this data ({str(exc)[:160]}); "
+                                "pass reward.fns=[...] to choose")
+    return RewardMix(kept) if kept else None
 
 
 @torch.no_grad()
-def generation_scores(model, tokenizer, prompts, cfg: DictConfig) -> tuple[list[str], list[float]]:
+def generate(model, tokenizer, prompts: list, cfg: DictConfig, mix) -> tuple[list[str], dict[str, list[float]],
+                                                                             list[float]]:
+    """Greedy replies, each reward function's scores and the total (empty without reward functions)."""
     from alignkit.rl.generation import HFGenerationEngine
-    from alignkit.trainers.rollout import build_reward_mix, sample_groups
 
-    engine, mix = HFGenerationEngine(model, tokenizer), build_reward_mix(cfg)
-    texts, scores = [], []
+    engine = HFGenerationEngine(model, tokenizer)
+    texts: list[str] = []
+    parts: dict[str, list[float]] = {}
+    total: list[float] = []
     for i in range(0, len(prompts), 16):
-        sampled = sample_groups(engine, tokenizer, prompts[i : i + 16], mix, cfg, num_samples=1, seed=0, greedy=True)
-        texts += [tokenizer.decode(g.completion_ids[0], skip_special_tokens=True) for g in sampled.groups]
-        scores += sampled.rewards.tolist()
-    return texts, scores
+        chunk = prompts[i : i + 16]
+        rollouts = sorted(engine.generate([p.prompt_ids for p in chunk], num_samples=1,
+                                          max_new_tokens=int(cfg.generation.max_new_tokens), temperature=0.0,
+                                          seed=0), key=lambda r: r.prompt_index)
+        replies = [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in rollouts]
+        texts += replies
+        if mix is not None:
+            from alignkit.trainers.rollout import decode_prompt
+
+            columns = {k: [p.extra.get(k) for p in chunk] for k in sorted({k for p in chunk for k in p.extra})}
+            columns["completion_ids"] = [list(r.completion_ids) for r in rollouts]
+            scored = mix([decode_prompt(p, tokenizer) for p in chunk], replies, **columns)
+            total += scored.total
+            for name, values in scored.per_function.items():
+                parts.setdefault(name, []).extend(values)
+    return texts, parts, total
+
+
+def _reference(group) -> Any:
+    from alignkit.rewards.math import reference_of
+
+    try:
+        return reference_of({k: [v] for k, v in group.extra.items()}, 0)
+    except DataError:
+        return None
 
 
 def answer_metrics(samples: list[dict]) -> dict[str, float]:
-    """Mean judge components of the model's and the baseline's replies (samples with an ``answer``)."""
-    from alignkit.rewards.judge import score
+    """Plain answer accuracy of the model's and the baseline's replies (samples with an ``answer``),
+    scored with the same parser (``alignkit.rewards.answer.is_correct``) on both sides."""
+    from alignkit.rewards.answer import is_correct
 
     rows = [r for r in samples if r.get("answer") is not None]
-    if not rows:
-        return {}
     out: dict[str, float] = {}
+    if not rows:
+        return out
     for side, prefix in (("model", ""), ("baseline", "baseline_")):
-        parts = [score(r[side], r["answer"]) for r in rows]
-        out[f"{prefix}answer_accuracy"] = sum(p.accuracy for p in parts) / len(parts)
-        out[f"{prefix}format"] = sum(p.format for p in parts) / len(parts)
-        out[f"{prefix}concise"] = sum(p.concise for p in parts) / len(parts)
+        if all(side in r and r[side] is not None for r in rows):
+            out[f"{prefix}answer_accuracy"] = sum(is_correct(r[side], r["answer"]) for r in rows) / len(rows)
     return out
 
 
+# ---------------------------------------------------------------- the command
+
+
 def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: int, out_dir: str | None) -> dict:
-    from alignkit.config.compose import demo_data_dir
-    from alignkit.data.config import DataConfig, SourceConfig
-    from alignkit.data.pipeline import prepare_data
+    plan = resolve_target(target, overrides, baseline)
+    device = eval_device()
+    model, tokenizer = _load(plan.model, plan.cfg, device)
+    reference = _load(plan.baseline, plan.cfg, device)[0] if plan.baseline else None
+    metrics: dict[str, Interval] = {}
+    result: dict[str, Any] = {"model": plan.model, "baseline": plan.baseline, "data": plan.data_source,
+                              "device": str(device)}
 
-    cfg, model_path, base_path = resolve_target(target, overrides)
-    base_path = baseline or base_path
-    model, tokenizer = _load(model_path, cfg)
-    reference, _ = _load(base_path, cfg)
-    data_cfg = OmegaConf.to_object(cfg.data)
-    demo = demo_data_dir()
+    try:
+        pairs = _records(plan, "pairwise", tokenizer, limit)
+    except ConfigError:  # sft / prompt data: no pairs to rank
+        pairs = []
+    if pairs and reference is not None:
+        metrics.update(preference_accuracy(model, reference, pairs, plan.cfg, tokenizer.pad_token_id))
+    prompts, duplicates = _unique_prompts(_records(plan, "prompt", tokenizer, 0))
+    prompts = prompts[:limit] if limit > 0 else prompts
+    if duplicates:
+        plan.notes.append(f"{duplicates} duplicate prompts scored once")
+    if not prompts:
+        raise DataError(f"no prompts to evaluate on in {plan.data_source}")
+    mix = build_scoring(plan, prompts[0], tokenizer)
+    texts, parts, total = generate(model, tokenizer, prompts, plan.cfg, mix)
+    base_texts, base_parts, base_total = (generate(reference, tokenizer, prompts, plan.cfg, mix) if reference
+                                          is not None else (None, {}, []))
 
-    def held_out(kind: str) -> DataConfig:
-        copy = DataConfig(**{**data_cfg.__dict__})
-        copy.train = [SourceConfig(path=str(demo / f"{kind}_eval.jsonl"))]
-        copy.eval, copy.eval_fraction, copy.max_records = [], 0.0, limit
-        return copy
+    golds = [_reference(p) for p in prompts]
+    with_ref = [i for i, g in enumerate(golds) if g is not None]
+    correct = base_correct = None
+    if with_ref:
+        from alignkit.rewards.answer import is_correct
 
-    result: dict = {"model": model_path, "baseline": base_path}
-    pairs = prepare_data(held_out("paired"), "pairwise", tokenizer).train
-    result.update(preference_accuracy(model, reference, pairs, cfg, tokenizer.pad_token_id))
-    prompts = prepare_data(held_out("prompts"), "prompt", tokenizer).train
-    texts, scores = generation_scores(model, tokenizer, prompts, cfg)
-    base_texts, base_scores = generation_scores(reference, tokenizer, prompts, cfg)
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, base_scores)]
-    result.update({"judge_score": sum(scores) / len(scores), "baseline_judge_score": sum(base_scores) / len(base_scores),
-                   "win_rate": sum(wins) / len(wins), "prompts": float(len(prompts))})
-    out = Path(out_dir) if out_dir else (Path(target) / "eval" if (Path(target) / "config.yaml").is_file() else Path("eval"))
+        correct = [is_correct(texts[i], golds[i]) for i in with_ref]
+        metrics["answer_accuracy"] = wilson(sum(correct), len(correct))
+        if base_texts is not None:
+            base_correct = [is_correct(base_texts[i], golds[i]) for i in with_ref]
+            metrics["baseline_answer_accuracy"] = wilson(sum(base_correct), len(base_correct))
+            metrics["answer_accuracy_diff"] = paired_difference(correct, base_correct)
+        if len(with_ref) < len(prompts):
+            plan.notes.append(f"{len(prompts) - len(with_ref)} of {len(prompts)} prompts carry no reference answer: "
+                              "left out of answer accuracy")
+    else:
+        plan.notes.append("no prompt carries a reference answer ('answer', 'reward_model.ground_truth', "
+                          "'ground_truth' or 'solution' column): answer accuracy not measured")
+    for name, values in parts.items():
+        metrics[f"reward/{name}"] = mean_interval(values)
+        if name in base_parts:
+            metrics[f"baseline_reward/{name}"] = mean_interval(base_parts[name])
+            pairs_ok = [(a, b) for a, b in zip(values, base_parts[name]) if not (math.isnan(a) or math.isnan(b))]
+            metrics[f"reward/{name}_diff"] = paired_mean_difference([a for a, _ in pairs_ok], [b for _, b in pairs_ok])
+    if total and base_total:
+        wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(total, base_total)]
+        metrics["win_rate"] = mean_interval(wins, bounds=(0.0, 1.0))
+
+    result["metrics"] = {k: v.as_dict() for k, v in metrics.items()}
+    result["metrics"].get("answer_accuracy_diff", {}).update(method="Newcombe paired (method 10)")
+    # the plain values at the top level too (read by scripts/write_card.py and earlier eval.json readers)
+    legacy = {"judge_score": "reward/judge", "baseline_judge_score": "baseline_reward/judge",
+              "format": "reward/format", "baseline_format": "baseline_reward/format",
+              "concise": "reward/concise", "baseline_concise": "baseline_reward/concise"}
+    for key, interval in metrics.items():
+        result[key] = interval.rate
+    for old, new in legacy.items():
+        if new in metrics:
+            result[old] = metrics[new].rate
+    result["prompts"] = float(len(prompts))
+    if pairs and reference is not None:
+        result["pairs"] = float(len(pairs))
+    result["notes"] = plan.notes
+
+    out = Path(out_dir) if out_dir else (plan.run_dir / "eval" if plan.run_dir is not None else Path("eval"))
     out.mkdir(parents=True, exist_ok=True)
-    samples = [{"prompt": tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True),
-                "answer": prompt.extra.get("answer"), "model": text, "model_score": score,
-                "baseline": base_text, "baseline_score": base_score}
-               for prompt, text, score, base_text, base_score in zip(prompts, texts, scores, base_texts, base_scores)]
-    result.update(answer_metrics(samples))
-    with open(out / "samples.jsonl", "w") as handle:
-        handle.writelines(json.dumps(sample) + "\n" for sample in samples)
+    from alignkit.rewards.answer import gold_answer
+
+    samples = []
+    for i, prompt in enumerate(prompts):
+        row = {"prompt": tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True), "answer": golds[i],
+               "reference": gold_answer(golds[i]), "model": texts[i], "model_score": total[i] if total else None}
+        if with_ref and golds[i] is not None:
+            row["model_correct"] = correct[with_ref.index(i)]
+        if base_texts is not None:
+            row.update(baseline=base_texts[i], baseline_score=base_total[i] if base_total else None)
+            if base_correct is not None and golds[i] is not None:
+                row["baseline_correct"] = base_correct[with_ref.index(i)]
+        samples.append(row)
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     (out / "eval.json").write_text(json.dumps(result, indent=1))
+    result["out_dir"] = str(out)
+    result["intervals"] = metrics
     return result
+
+
+def format_table(result: dict) -> list[str]:
+    """The printed summary: answer accuracy first, then the other rates beside it, each with N and its interval."""
+    metrics: dict[str, Interval] = result["intervals"]
+    order = ["answer_accuracy", "baseline_answer_accuracy", "answer_accuracy_diff"]
+    order += [k for k in metrics if k.startswith(("reward/", "baseline_reward/")) and k not in order]
+    order += [k for k in ("win_rate", "preference_accuracy", "likelihood_accuracy") if k in metrics]
+    lines = [f"model     {result['model']}", f"baseline  {result['baseline'] or '(none: --baseline MODEL to compare)'}",
+             f"data      {result['data']}", f"device    {result['device']}", "",
+             f"{'metric':<30} {'value':>8}  {'95% interval':<19} {'N':>6}"]
+    for key in order:
+        if key not in metrics:
+            continue
+        i = metrics[key]
+        interval = f"[{i.ci_low:+.3f}, {i.ci_high:+.3f}]" if key.endswith("_diff") else f"[{i.ci_low:.3f}, {i.ci_high:.3f}]"
+        value = f"{i.rate:+.3f}" if key.endswith("_diff") else f"{i.rate:.3f}"
+        lines.append(f"{key:<30} {value:>8}  {interval:<19} {i.n:>6}")
+    if "answer_accuracy_diff" in metrics:
+        lines.append("(answer_accuracy_diff: model - baseline on the same prompts, Newcombe's paired interval; "
+                     "rates: Wilson; rewards and win rate: mean +- 1.96 s/sqrt(N))")
+    lines += [f"note: {n}" for n in result.get("notes", [])]
+    lines.append(f"samples and eval.json in {result['out_dir']}")
+    return lines
