@@ -2,8 +2,9 @@
 
 Each command parses its own flags and hands the rest (Hydra overrides, ``key=value``) to
 ``alignkit.config`` and ``alignkit.run``. User mistakes (``UserError``) are printed as one
-paragraph without a traceback and exit with code 2; ``--debug`` (or ``ALIGNKIT_DEBUG=1``) shows
-the traceback. Left out: any training logic; see ``alignkit.run``.
+paragraph without a traceback (rich markup in the message is escaped, so ``[judge]`` prints as
+written) and exit with their code (2; 128 + N for a run stopped by signal N, see ``alignkit.run``);
+``--debug`` (or ``ALIGNKIT_DEBUG=1``) shows the traceback. Left out: any training logic; see ``alignkit.run``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from alignkit.errors import UserError
 
@@ -172,7 +174,7 @@ def main() -> None:
     except UserError as exc:
         if _debug_enabled():
             raise
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

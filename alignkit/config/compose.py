@@ -52,6 +52,14 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=AlignkitConfig)
     if not OmegaConf.has_resolver("ak.demo"):
         OmegaConf.register_new_resolver("ak.demo", lambda name: str(demo_data_dir() / name))
+    if not OmegaConf.has_resolver("ak.required"):
+        OmegaConf.register_new_resolver("ak.required", _required)
+
+
+def _required(key: str, what: str = "a value") -> str:
+    """``${ak.required:KEY,WHAT}`` in a group file: the option needs ``KEY`` set (a merge cannot
+    express that with ``???``: merging a missing value keeps the earlier one)."""
+    raise ConfigError(f"{key} is required here: set {key}=... ({what}).")
 
 
 def _group_options(group: str) -> list[str]:
@@ -60,39 +68,195 @@ def _group_options(group: str) -> list[str]:
 
 
 def _explain(exc: Exception, overrides: list[str]) -> str:
-    """Turn a Hydra/OmegaConf exception into one readable paragraph with the valid choices."""
+    """Turn a Hydra/OmegaConf exception into one readable paragraph with the valid choices.
+
+    Hydra wraps the useful OmegaConf error ("Key 'lrr' not in 'TrainerConfig'", "Value 'fast' ...
+    could not be converted to Float") as the ``__cause__`` of a generic "Could not override" /
+    "Error merging override", so both texts are read.
+    """
     text = str(exc).strip()
-    missing = re.search(r"Could not find '([\w/]+)/(\S+)'", text)
+    cause = str(exc.__cause__).strip() if exc.__cause__ is not None else ""
+    both = text + "\n" + cause
+    missing = re.search(r"Could not (?:find|load) '([\w/]+)/(\S+?)'", both)
     if missing:
         group, option = missing.group(1), missing.group(2)
         valid = _group_options(group)
         what = "preset" if group == "recipe" else f"option for '{group}'"
         return f"unknown {what} {option!r}. Valid choices: {', '.join(valid)}."
-    key = re.search(r"[Kk]ey '([^']+)' (?:is )?not in (?:struct|'(\w+)')", text)
+    full_key = re.search(r"full_key: (\S+)", both)
+    key = re.search(r"[Kk]ey '([^']+)' (?:is )?not in (?:struct|'(\w+)')", both)
     if key:
-        full_key = re.search(r"full_key: (\S+)", text)
         path = full_key.group(1) if full_key else key.group(1)
-        return f"unknown config key {path!r}. {_valid_keys_hint(path)}"
-    if "could not be converted" in text or "Value '" in text and "is not a" in text:
-        first = text.splitlines()[0]
-        full_key = re.search(r"full_key: (\S+)", text)
-        where = f" (key {full_key.group(1)!r})" if full_key else ""
-        return f"wrong value type{where}: {first}"
+        return unknown_key_message(path)
+    converted = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", both, re.S)
+    if converted or "Error merging override" in text or "Invalid value assigned" in both or "Cannot convert" in both:
+        where = full_key.group(1) if full_key else _override_key(text)
+        given = _given_value(where, overrides)
+        expected = _expected_type(where) or (converted.group(3) if converted else "another type")
+        example = _example_value(where)
+        return (f"{where}={given!r} has the wrong type: expected {expected}"
+                + (f", e.g. {where}={example}" if example is not None else "") + ". Fix the value on the command "
+                "line or in the preset (quote strings that contain spaces, commas or brackets).")
+    if type(exc).__name__ == "OverrideParseException":
+        bad = text.splitlines()[0].split(": ", 1)[-1] if text else ""
+        return (f"cannot parse the override {bad!r}: it is not key=value in Hydra's grammar. Quote values with "
+                "special characters (key='a b'), write lists as key=[a,b]; see "
+                "https://hydra.cc/docs/advanced/override_grammar/basic/.")
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _valid_keys_hint(path: str) -> str:
+def _own_error(exc: BaseException | None) -> ConfigError | None:
+    """A ``ConfigError`` raised by alignkit code (a resolver) somewhere in Hydra's exception chain."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, ConfigError):
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _override_key(text: str) -> str:
+    found = re.search(r"override (\+{0,2}[\w.]+)=", text)
+    return found.group(1).lstrip("+") if found else "?"
+
+
+def _given_value(key: str, overrides: list[str]) -> str:
+    for override in reversed(overrides):
+        name, _, value = override.partition("=")
+        if name.lstrip("+~") == key:
+            return value
+    return "?"
+
+
+def _schema_node(path: str):
     from alignkit.config.schema import AlignkitConfig
 
     node = OmegaConf.structured(AlignkitConfig)
-    parent = path.rsplit(".", 1)[0] if "." in path else ""
     try:
-        sub = OmegaConf.select(node, parent) if parent else node
+        return OmegaConf.select(node, path, throw_on_missing=False) if path else node
     except Exception:  # noqa: BLE001 - best effort hint only
-        sub = None
-    if isinstance(sub, DictConfig):
-        return f"Valid keys under {parent or 'the top level'}: {', '.join(sub.keys())}."
-    return ""
+        return None
+
+
+def _expected_type(path: str) -> str | None:
+    import dataclasses
+    import typing
+
+    from alignkit.config.schema import AlignkitConfig
+
+    cls = AlignkitConfig
+    parts = path.split(".")
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part not in fields:
+            return None
+        hints = typing.get_type_hints(cls)
+        kind = hints.get(part)
+        if i == len(parts) - 1:
+            return _type_name(kind)
+        cls = kind
+    return None
+
+
+def _type_name(kind) -> str:
+    import typing
+
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    origin = typing.get_origin(kind)
+    if origin is typing.Union and len(args) == 1:
+        return _type_name(args[0]) + " (or null)"
+    if origin in (list, tuple):
+        inner = _type_name(args[0]) if args else "values"
+        return f"a list of {inner}s"
+    names = {float: "a number", int: "an integer", str: "a string", bool: "true or false", dict: "a mapping"}
+    return names.get(kind, getattr(kind, "__name__", str(kind)))
+
+
+def _example_value(path: str) -> str | None:
+    node = _schema_node(path)
+    if node is None or isinstance(node, DictConfig):
+        return None
+    if isinstance(node, (list, tuple)) or OmegaConf.is_list(node):
+        return "[" + ",".join(str(v) for v in node) + "]"
+    return str(node).lower() if isinstance(node, bool) else str(node)
+
+
+def schema_keys() -> list[str]:
+    """Every dotted key of the typed schema (the free-form ``loss`` node as one key)."""
+    from alignkit.config.schema import AlignkitConfig
+
+    out: list[str] = []
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node.keys():
+            path = f"{prefix}{key}"
+            child = node._get_node(key)
+            if isinstance(child, DictConfig) and _is_typed(child):
+                walk(child, path + ".")
+            else:
+                out.append(path)
+
+    walk(OmegaConf.structured(AlignkitConfig), "")
+    return out
+
+
+def _is_typed(node: DictConfig) -> bool:
+    """A node backed by a schema dataclass (its keys are fixed), not a free-form ``dict`` field."""
+    import dataclasses
+
+    kind = OmegaConf.get_type(node)
+    return kind is not None and dataclasses.is_dataclass(kind)
+
+
+def unknown_key_message(path: str) -> str:
+    """'unknown config key X. Did you mean: closest keys? Keys under PARENT: ...' (difflib)."""
+    import difflib
+
+    parent, _, leaf = path.rpartition(".")
+    keys = schema_keys()
+    siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
+    close = [f"{parent}.{k}" if parent else k for k in difflib.get_close_matches(leaf, siblings, n=3, cutoff=0.6)]
+    if not close:  # the key may belong to another section (trainer.beta -> loss.beta is free-form, not listed)
+        leaves = {k.rpartition(".")[2]: k for k in keys}
+        close = [leaves[k] for k in difflib.get_close_matches(leaf, list(leaves), n=3, cutoff=0.75)]
+    hint = f" Did you mean {' or '.join(close)}?" if close else ""
+    under = f" Valid keys under {parent or 'the top level'}: {', '.join(siblings)}." if siblings else ""
+    if not siblings and parent:
+        under = f" {parent!r} is not a config section; sections: {', '.join(sorted({k.split('.')[0] for k in keys}))}."
+    return f"unknown config key {path!r}.{hint}{under}"
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse keys the schema does not have, also those added with ``+key=value`` (Hydra lets a
+    ``+`` append to a typed node, so ``+trainer.lrr=0.1`` would otherwise be kept and ignored)."""
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        if not _is_typed(node):
+            return
+        kind = OmegaConf.get_type(node)
+        import dataclasses
+
+        known = {f.name for f in dataclasses.fields(kind)}
+        for key in node.keys():
+            if key not in known:
+                raise ConfigError(unknown_key_message(f"{prefix}{key}"))
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, f"{prefix}{key}.")
+
+    walk(cfg, "")
+
+
+def check_override_text(overrides: list[str]) -> None:
+    """Overrides are single-line ``key=value`` strings: control characters are refused by name."""
+    for override in overrides:
+        bad = next((c for c in override if ord(c) < 32 or ord(c) == 127), None)
+        if bad is not None:
+            key = override.split("=", 1)[0]
+            raise ConfigError(
+                f"the override for {key[:80]!r} contains a control character ({bad!r}); config values are one "
+                "line of text. Remove the newline/tab (check the shell quoting), or put long text in a file."
+            )
 
 
 def loss_overrides_forced(overrides: Iterable[str]) -> list[str]:
@@ -111,6 +275,7 @@ def compose(overrides: Iterable[str] = ()) -> DictConfig:
     from alignkit.data.overrides import own_data_overrides  # data.train without data.eval drops the preset's eval
 
     overrides = list(overrides)
+    check_override_text(overrides)
     stray = [o for o in overrides if o.startswith("-")]
     if stray:
         raise ConfigError(
@@ -123,8 +288,9 @@ def compose(overrides: Iterable[str] = ()) -> DictConfig:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
             cfg = hydra_compose(config_name="config", overrides=loss_overrides_forced(own_data_overrides(overrides)))
     except (OmegaConfBaseException, Exception) as exc:  # noqa: BLE001 - Hydra raises many kinds
-        if isinstance(exc, ConfigError):
-            raise
+        own = _own_error(exc)
+        if own is not None:
+            raise ConfigError(str(own)) from None
         raise ConfigError(_explain(exc, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
@@ -135,20 +301,24 @@ def finalize(cfg: DictConfig) -> DictConfig:
     """Resolve interpolations and run the cross-field checks (shared by compose and multirun)."""
     from alignkit.config.validate import validate
 
+    check_known_keys(cfg)
     try:
         OmegaConf.resolve(cfg)
     except Exception as exc:  # noqa: BLE001
-        raise ConfigError(f"cannot resolve the config: {exc}") from None
+        own = _own_error(exc)
+        if own is not None:
+            raise ConfigError(str(own)) from None
+        raise ConfigError(f"cannot resolve the config: {str(exc).splitlines()[0]}") from None
     validate(cfg)
     return cfg
 
 
 def freeze(cfg: DictConfig, path: Path) -> None:
-    """Write the resolved config atomically."""
+    """Write the resolved config atomically, never through a symlink (``alignkit.runfiles``)."""
+    from alignkit import runfiles
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
+    runfiles.write_text(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def load_frozen(path: Path) -> DictConfig:

@@ -13,7 +13,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from alignkit.config import values
 from alignkit.config.schema import REFERENCE_STRATEGIES, RUNNERS, SCHEDULERS
+from alignkit.config.values import check_loss_weights
 from alignkit.errors import ConfigError
 
 RESERVED_LOSS_KEYS = ("name", "weights")
@@ -35,10 +37,11 @@ def loss_terms(loss_cfg: Any) -> list[tuple[Any, float, dict[str, Any]]]:
     if not names:
         raise ConfigError("loss.name is missing: choose a loss with loss=NAME (see `alignkit recipes`).")
     names = [names] if isinstance(names, str) else list(names)
+    check_loss_weights(node)
     weights = node.get("weights") or [1.0] * len(names)
     if len(weights) != len(names):
         raise ConfigError(f"loss.weights has {len(weights)} values for {len(names)} losses {names}.")
-    specs = [resolve_loss(n) for n in names]
+    specs = [_registered(resolve_loss(n), n) for n in names]
     per_term = {k: v for k, v in node.items() if k in names and isinstance(v, dict)}
     flat = {k: v for k, v in node.items() if k not in RESERVED_LOSS_KEYS and k not in per_term}
     unused = set(flat)
@@ -57,6 +60,18 @@ def loss_terms(loss_cfg: Any) -> list[tuple[Any, float, dict[str, Any]]]:
             f"Valid: {', '.join(accepted) or '(none)'}."
         )
     return terms
+
+
+def _registered(spec: Any, name: str) -> Any:
+    """A dotted path must name a loss: registered, or decorated with ``@register_loss`` (which sets
+    ``fn.loss_spec``). Any other callable (``os:system``, ``builtins:print``) is refused."""
+    if getattr(spec.fn, "loss_spec", None) is None:
+        raise ConfigError(
+            f"loss.name={name!r} is not a loss: {name!r} resolves to {getattr(spec.fn, '__qualname__', spec.fn)!r}, "
+            "which is neither a registered loss nor decorated with @alignkit.losses.registry.register_loss(view=..., "
+            "needs_reference=...). Decorate your loss function, or give a registered name (see `alignkit recipes`)."
+        )
+    return spec
 
 
 def objective_from_cfg(loss_cfg: Any):
@@ -103,11 +118,17 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg.trainer.scheduler, SCHEDULERS, "trainer.scheduler")
     _choice(cfg.trainer.reference, REFERENCE_STRATEGIES, "trainer.reference")
     _choice(cfg.trainer.on_nonfinite, ("stop", "skip"), "trainer.on_nonfinite")
+    values.check_names(cfg)
+    values.check_launcher(cfg)
+    values.check_trainer(cfg)
     _validate_sections(cfg)
-    runner = runner_for(cfg)
+    values.check_data_paths(cfg)
     terms = loss_terms(cfg.loss)
+    values.check_hparam_types(terms)
+    runner = runner_for(cfg)
     objective_from_cfg(cfg.loss)  # views combine, knob values valid
     _check_batch(cfg)
+    values.check_raw_json_batch(cfg, int(cfg.trainer.micro_batch_size), grad_accum_steps(cfg), world_size(cfg))
     from alignkit.plan import check_scale_rules  # packing + flash attention, KTO's mismatched pairs
 
     check_scale_rules(cfg)
@@ -123,6 +144,11 @@ def validate(cfg: DictConfig) -> None:
         names = [s.name for s, _, _ in terms if s.needs_reference]
         raise ConfigError(f"loss {names} needs a reference model; trainer.reference=none is not possible. "
                           "Valid: auto, separate, precomputed, lora.")
+    if not needs_ref and ref not in ("auto", "none") and runner not in ("ppo", "grpo", "online_dpo"):
+        names = [s.name for s, _, _ in terms]
+        raise ConfigError(f"loss {names} is reference-free: trainer.reference={ref} would build a reference that no "
+                          "loss term reads. Use trainer.reference=auto (or none), or a loss that needs a reference "
+                          "(e.g. loss=dpo).")
 
 
 def _check_online(cfg: DictConfig, runner: str) -> None:
@@ -142,6 +168,12 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} values for {len(cfg.reward.fns)} "
                           f"reward functions {list(cfg.reward.fns)}.")
     resolve_advantage(cfg.rl.advantage)
+    if cfg.rl.advantage == "gae" and runner != "ppo":
+        raise ConfigError(f"rl.advantage=gae needs a critic (values per token), which only the ppo runner trains; "
+                          f"{runner} has none. Use rl.advantage=grpo, rloo, reinforce_pp or reinforce_pp_baseline, "
+                          "or train PPO (recipe=ppo_tiny / loss=ppo).")
+    values.check_rollout_knobs(loss_terms(cfg.loss), cfg)
+    values.check_generation(cfg, runner)
     _choice(cfg.rl.scale_rewards, GRPO_SCALES, "rl.scale_rewards")
     validate_kl_estimator(cfg.rl.kl_estimator)
     minimum = 2 if runner in ("grpo", "online_dpo") else 1

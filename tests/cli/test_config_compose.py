@@ -45,8 +45,10 @@ def test_overrides_apply_and_runner_follows_loss():
     [
         (["recipe=nope"], ["unknown preset 'nope'", "dpo_tiny"]),
         (["model=gpt9"], ["unknown option for 'model'", "smollm2", "tiny"]),
-        (["trainer.lrr=1"], ["trainer.lrr", "lr"]),
-        (["trainer.lr=fast"], ["trainer.lr"]),
+        # the closest valid key by name ("lr" alone would pass by accident: it is a substring of "lrr")
+        (["trainer.lrr=1"], ["unknown config key 'trainer.lrr'", "Did you mean trainer.lr?"]),
+        (["+trainer.lrr=1"], ["unknown config key 'trainer.lrr'", "Did you mean trainer.lr?"]),
+        (["trainer.lr=fast"], ["trainer.lr='fast' has the wrong type", "expected a number"]),
         (["loss=bogus"], ["unknown option for 'loss'", "dpo"]),
         (["loss.name=bogus"], ["unknown loss 'bogus'", "dpo"]),
         (["recipe=dpo_tiny", "loss.betta=0.1"], ["betta", "beta"]),
