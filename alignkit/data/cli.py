@@ -101,9 +101,9 @@ def _read_options(source: SourceConfig, data: DataConfig) -> dict:
 
 
 def _label(role: str, source: SourceConfig) -> str:
-    where = source.path + (f" [subset {source.subset}]" if source.subset else "") + (
-        f" [split {source.split}]" if source.split else "")
-    return f"{role}: {where}" if role else where
+    from alignkit.data.pipeline import source_label
+
+    return f"{role}: {source_label(source)}" if role else source_label(source)
 
 
 @data_app.command(context_settings=OVERRIDES)

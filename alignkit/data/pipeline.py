@@ -170,9 +170,10 @@ def load_split_records(cfg: DataConfig, stats: DataStats) -> tuple[list[Record],
 
 
 def source_label(source: SourceConfig) -> str:
-    """``path``, or ``path[split]`` / ``path[subset/split]`` when the source names them."""
-    inner = "/".join(x for x in (source.subset, source.split) if x)
-    return f"{source.path}[{inner}]" if inner else source.path
+    """``path``, or ``path (subset S, split T)`` naming what the source names (no square brackets: the
+    trainer prints with rich markup, which would drop them)."""
+    inner = ", ".join(f"{k} {v}" for k, v in (("subset", source.subset), ("split", source.split)) if v)
+    return f"{source.path} ({inner})" if inner else source.path
 
 
 def describe_eval_set(cfg: DataConfig, held_out: list[Record]) -> str:

@@ -280,7 +280,13 @@ def iter_datasets_folder(path: Path, split: str | None = None) -> Iterator[RawRo
     if isinstance(loaded, datasets.DatasetDict):
         split = pick_split(sorted(loaded), split, str(path), "in the folder's dataset_dict.json")
         loaded = loaded[split]
-    return _iter_dataset(loaded, f"{path}[{split or 'train'}]")
+    return _iter_dataset(loaded, table_name(str(path), split or "train"))
+
+
+def table_name(name: str, split: str) -> str:
+    """``name (split S)``: the location prefix of a ``datasets`` table's rows (no square brackets, which
+    rich would take for markup and drop from a printed error)."""
+    return f"{name} (split {split})"
 
 
 def _iter_dataset(dataset: Any, name: str) -> Iterator[RawRow]:
@@ -297,7 +303,7 @@ def iter_loader_folder(path: Path, split: str, subset: str | None) -> Iterator[R
     except Exception as err:
         raise DataError(f"could not load split {split!r} of the folder with datasets.load_dataset "
                         f"({type(err).__name__}: {str(err)[:200]})", location=str(path)) from None
-    return _iter_dataset(loaded, f"{path}[{split}]")
+    return _iter_dataset(loaded, table_name(str(path), split))
 
 
 def _hub_unreachable(timeout: float = 3.0) -> str | None:
@@ -348,7 +354,7 @@ def iter_hub(name: str, split: str | None = None, subset: str | None = None) -> 
             f"could not load {what} (split {split!r}): {type(err).__name__}: {str(err)[:200]}. {advice}",
             location=name,
         ) from None
-    return _iter_dataset(loaded, f"{name}[{split}]")
+    return _iter_dataset(loaded, table_name(name, split))
 
 
 READERS: dict[str, Callable[[Path], Iterator[RawRow]]] = {

@@ -224,8 +224,8 @@ def test_folder_with_only_other_splits_or_nothing(tmp_path):
 def test_folder_of_text_files_goes_through_load_dataset(tmp_path):
     (tmp_path / "train.txt").write_text("line one\nline two\n")
     rows = list(iter_rows(str(tmp_path)))
-    assert [(r.location, r.data) for r in rows] == [(f"{tmp_path}[train]:row 1", {"text": "line one"}),
-                                                    (f"{tmp_path}[train]:row 2", {"text": "line two"})]
+    assert [(r.location, r.data) for r in rows] == [(f"{tmp_path} (split train):row 1", {"text": "line one"}),
+                                                    (f"{tmp_path} (split train):row 2", {"text": "line two"})]
 
 
 def test_save_to_disk_folder_wrong_split_lists_splits(tmp_path):
@@ -255,7 +255,7 @@ def test_hub_name_passes_subset_and_split_and_lists_splits(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     records, _ = read_records("HuggingFaceH4/ultrafeedback_binarized", split="train_prefs", subset="default")
     assert calls == [("HuggingFaceH4/ultrafeedback_binarized", "default", "train_prefs")]
-    assert records[0].location == "HuggingFaceH4/ultrafeedback_binarized[train_prefs]:row 1"
+    assert records[0].location == "HuggingFaceH4/ultrafeedback_binarized (split train_prefs):row 1"
     with pytest.raises(DataError) as info:
         read_records("HuggingFaceH4/ultrafeedback_binarized")
     assert "expected split 'train' / found splits ['train_prefs', 'test_prefs']" in str(info.value)
@@ -283,7 +283,7 @@ def test_cli_validate_and_inspect_take_split_subset_and_column_map(tmp_path):
     result = runner.invoke(data_app, ["validate", str(folder), "--split", "test", "--column-map", "prompt=question"])
     assert result.exit_code == 1, result.output
     assert f"{folder}/test.parquet:row 2: prompt" in result.output
-    assert f"{folder} [split test]: 1 valid records (1 prompt), 1 problems" in result.output
+    assert f"{folder} (split test): 1 valid records (1 prompt), 1 problems" in result.output
     result = runner.invoke(data_app, ["validate", str(folder), "--split", "nope", "--map", "prompt=question"])
     assert isinstance(result.exception, DataError) and "found splits ['test', 'train']" in str(result.exception)
     result = runner.invoke(data_app, ["inspect", str(folder), "--split", "train", "--column-map", "prompt=question",
@@ -308,3 +308,24 @@ def test_cli_validate_reads_what_training_reads_from_config_overrides(tmp_path):
     assert "data.eval" not in result.output
     result = runner.invoke(data_app, ["validate", "recipe=dpo_tiny", "--split", "test"])
     assert "--split only go with a PATH" in str(result.exception)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["missing.jsonl"], "expected an existing file or folder / found nothing at 'missing.jsonl'. The folder"),
+    (["nothing/*.jsonl"], "expected files matching the glob 'nothing/*.jsonl' / found none."),
+    (["gsm8k", "--split", "tset"], "gsm8k: expected split 'tset' / found splits ['test', 'train']"),
+    (["bad.jsonl.gz", "--split", "test"], "split 'test' was asked of a single file"),
+])
+def test_unreadable_sources_are_one_paragraph_from_the_main_cli(tmp_path, monkeypatch, capsys, args, expected):
+    from alignkit.cli import main
+
+    _parquet(tmp_path / "gsm8k" / "train.parquet", _gsm8k_verl("train", 1))
+    _parquet(tmp_path / "gsm8k" / "test.parquet", _gsm8k_verl("test", 1))
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(_lines([PAIR])))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["alignkit", "data", "validate", *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("error: ") and expected in err, err
