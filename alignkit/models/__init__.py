@@ -3,7 +3,7 @@
 Public surface (import from the submodules for anything else):
 
 * ``ModelConfig``, ``TinyModelConfig``, ``LoraConfig`` (config.py): the ``model`` config group's schema.
-* ``load_causal_lm``, ``load_reward_model``, ``load_tokenizer``, ``export_pretrained``,
+* ``load_causal_lm``, ``load_reward_model``, ``load_tokenizer``, ``load_tokenizer_for``, ``export_pretrained``,
   ``disabled_adapter``, ``unwrap_model`` (load.py).
 * ``TargetLogProbs``, ``naive_target_logps``, ``prepare_attention_mask`` (logprobs.py).
 * ``ValueModel``, ``load_value_model`` (value.py): the PPO critic.
@@ -17,6 +17,7 @@ from alignkit.models.load import (
     load_causal_lm,
     load_reward_model,
     load_tokenizer,
+    load_tokenizer_for,
     unwrap_model,
 )
 from alignkit.models.logprobs import TargetLogProbs, naive_target_logps, prepare_attention_mask
@@ -36,6 +37,7 @@ __all__ = [
     "load_causal_lm",
     "load_reward_model",
     "load_tokenizer",
+    "load_tokenizer_for",
     "load_value_model",
     "naive_target_logps",
     "prepare_attention_mask",

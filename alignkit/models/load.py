@@ -5,7 +5,11 @@ Sources (``ModelConfig.name_or_path``): ``tiny`` (built from config + the shippe
 file (or a folder plus ``gguf_file``), or a hub id, which goes through transformers and, without
 network, fails with a ``ModelLoadError`` naming the id. Local folders load their safetensors weights
 (transformers prefers them over ``.bin``); GGUF weights are dequantised to plain tensors so the model
-trains and saves like any other. ``trust_remote_code`` is passed through only when configured.
+trains and saves like any other. ``trust_remote_code`` is passed to every transformers load, as
+``False`` unless configured: transformers never asks on stdin (a ``y`` from a terminal or ``yes |``
+cannot run a folder's code), and a folder that needs its own code fails with a ``ModelLoadError``.
+``load_tokenizer_for(cfg.model)`` is the one tokenizer loader of the trainers (it honours
+``gguf_file``, ``trust_remote_code`` and ``revision``).
 
 After loading: a pad token is set when the tokenizer has none (eos, else unk), gradient
 checkpointing (non-reentrant) is enabled when asked, and LoRA adapters wrap the model through peft
@@ -111,11 +115,11 @@ def _load_error(source: ModelSource, what: str, error: Exception) -> ModelLoadEr
 
 
 def _pretrained_kwargs(source: ModelSource, cfg: ModelConfig | None = None) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"trust_remote_code": False}  # never None: None makes transformers prompt
     if source.kind == "gguf":
         kwargs["gguf_file"] = source.gguf_file
     if cfg is not None:
-        kwargs["trust_remote_code"] = cfg.trust_remote_code
+        kwargs["trust_remote_code"] = bool(cfg.trust_remote_code)
         if cfg.revision is not None and source.kind == "hub":
             kwargs["revision"] = cfg.revision
     return kwargs
@@ -157,10 +161,23 @@ def _tokenizer_for_source(source: ModelSource, **kwargs):
 def load_tokenizer(name_or_path: str, **kwargs):
     """The tokenizer of any model source (pad token guaranteed); ``kwargs`` go to ``AutoTokenizer``.
 
-    ``gguf_file=`` selects a file inside a folder, as for models.
+    ``gguf_file=`` selects a file inside a folder, as for models. ``trust_remote_code`` defaults to
+    ``False`` (never ``None``, which would make transformers prompt on stdin). Trainers use
+    ``load_tokenizer_for(cfg.model)``, which takes every relevant setting from the model section.
     """
     source = resolve_source(name_or_path, kwargs.pop("gguf_file", None))
+    kwargs["trust_remote_code"] = bool(kwargs.get("trust_remote_code") or False)
     return _tokenizer_for_source(source, **kwargs)
+
+
+def load_tokenizer_for(cfg: Any):
+    """The tokenizer of a model section (``ModelConfig``, its OmegaConf node, or a dict).
+
+    ``gguf_file``, ``trust_remote_code`` and (hub ids) ``revision`` are honoured exactly as by
+    ``load_causal_lm``, so the tokenizer a trainer prepares data with is the model's own.
+    """
+    cfg = as_model_config(cfg)
+    return _tokenizer_for_config(cfg, resolve_source(cfg.name_or_path, cfg.gguf_file))
 
 
 def _tokenizer_for_config(cfg: ModelConfig, source: ModelSource):

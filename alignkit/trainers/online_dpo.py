@@ -41,11 +41,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if cfg.rl.update_reference_each_round and int(cfg.rl.rounds) > 1 and int(cfg.deepspeed.zero_stage) == 3:
         raise ConfigError("rl.update_reference_each_round is not supported under ZeRO-3 yet; use zero2 or rounds=1.")
     from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.load import load_causal_lm, load_tokenizer_for
     from alignkit.models.logprobs import TargetLogProbs
     from alignkit.rl.generation import engine_for_run
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
     data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
     reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
     steps = common.total_steps(cfg, len(data.train))

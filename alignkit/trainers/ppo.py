@@ -33,14 +33,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     spec, _, hparams = loss_terms(cfg.loss)[0]
     value_loss = resolve_loss("ppo_value")
     from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.load import load_causal_lm, load_tokenizer_for
     from alignkit.models.logprobs import TargetLogProbs
     from alignkit.models.value import ValueModel, load_value_model
     from alignkit.rl.advantages import compute_gae, whiten_batch
     from alignkit.rl.generation import engine_for_run
     from alignkit.rl.kl import kl_per_token, shape_token_rewards
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
     data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
     reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
     steps = common.total_steps(cfg, len(data.train))

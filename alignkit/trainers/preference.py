@@ -38,10 +38,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run = common.start(cfg, run_dir)
     objective = objective_from_cfg(cfg.loss)
     from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.load import load_causal_lm, load_tokenizer_for
     from alignkit.models.logprobs import TargetLogProbs
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
     data = prepare_data(OmegaConf.to_object(cfg.data), objective.view, tokenizer)
     run.print(f"[bold]data[/]: {data.stats}")
     steps = common.total_steps(cfg, len(data.train))

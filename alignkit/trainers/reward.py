@@ -49,9 +49,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run = common.start(cfg, run_dir)
     objective = objective_from_cfg(cfg.loss)
     from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_reward_model, load_tokenizer
+    from alignkit.models.load import load_reward_model, load_tokenizer_for
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
     data = prepare_data(OmegaConf.to_object(cfg.data), "pairwise", tokenizer)
     steps = common.total_steps(cfg, len(data.train))
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="pairs")
