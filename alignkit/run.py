@@ -101,6 +101,7 @@ def start_run(cfg: DictConfig, run_dir: Path) -> int:
         else (find_free_port() if launcher.nnodes == 1 else None),
         include=launcher.include,
         exclude=launcher.exclude,
+        node_rank=launcher.get("node_rank"),
         module_args=["alignkit", "worker", str((run_dir / "config.yaml").resolve())],
     )
     _release_locks()  # the workers take the lock in turn

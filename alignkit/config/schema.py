@@ -76,6 +76,7 @@ class LauncherConfig:
     master_port: Optional[int] = None
     include: Optional[str] = None
     exclude: Optional[str] = None
+    node_rank: Optional[int] = None  # per-node start without ssh (srun, no-ssh clusters): this node's rank
 
 
 @dataclass

@@ -24,8 +24,13 @@ single-node runner does not forward signals), so each worker saves a checkpoint 
 hostfile it signals DeepSpeed's multi-node runner, which stops the remote workers. It returns the
 exit code (128 + signal number when the launcher died from a signal).
 
+Per-node starts (``node_rank``): every node runs the launcher itself with the same hostfile,
+``--no_ssh --node_rank N`` and the first node's address -- what a scheduler that starts one task per
+node (SLURM's ``srun``) or a cluster without ssh between nodes needs. The launcher then starts only
+that node's workers and forwards signals to them as on one node.
+
 Left out: DeepSpeed's MPI/SLURM launcher backends (``--launcher``; SLURM sweeps go through Hydra's
-submitit launcher instead), ``--no_ssh`` per-node starts, autotuning.
+submitit launcher instead), autotuning.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ def build_launch_command(
     include: str | None = None,
     exclude: str | None = None,
     bind_cores_to_rank: bool = False,
+    node_rank: int | None = None,
     module_args: Sequence[str],
     python: str = sys.executable,
 ) -> list[str]:
@@ -84,6 +90,11 @@ def build_launch_command(
             "node (DeepSpeed starts the other nodes over ssh). On SLURM, use the submitit launcher instead."
         )
 
+    if node_rank is not None and not (hostfile and master_addr and 0 <= node_rank < nnodes):
+        raise UserError(
+            f"launcher.node_rank={node_rank} (a per-node start, no ssh) needs launcher.hostfile (the same on every "
+            f"node), launcher.master_addr (the address of node 0) and 0 <= node_rank < launcher.nnodes={nnodes}.")
+
     argv = [python, "-u", "-m", "deepspeed.launcher.runner"]
     if hostfile is not None:
         argv += ["--hostfile", str(hostfile)]
@@ -101,6 +112,8 @@ def build_launch_command(
         argv += ["--master_port", str(master_port)]
     if bind_cores_to_rank:
         argv.append("--bind_cores_to_rank")
+    if node_rank is not None:
+        argv += ["--no_ssh", "--node_rank", str(node_rank)]
     argv += ["--no_local_rank", "--module", *module_args]
     return argv
 
@@ -149,7 +162,7 @@ def _signal_targets(root_pid: int, multi_node: bool) -> list[int]:
 def launch(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     """Run ``argv`` (from ``build_launch_command``) to completion; forward SIGINT/SIGTERM; return its exit code."""
     proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True)
-    multi_node = "--hostfile" in argv
+    multi_node = "--hostfile" in argv and "--no_ssh" not in argv  # a per-node start runs local workers
 
     def forward(signum, _frame):
         targets = _signal_targets(proc.pid, multi_node)
