@@ -12,6 +12,10 @@ that rebuilds the eval set (``data.train``, ``data.eval_fraction``, ``data.seed`
 It also expands the shorthand ``data.train=FILE`` (and ``data.eval=FILE``; a glob, folder or hub
 name as well, a comma list in a multirun sweeps over them) to ``[{path: 'FILE'}]``.
 
+And ``data.column_map={prompt: question}`` becomes ``++data.column_map=...``: Hydra refuses new keys
+in a ``dict`` field of a structured config (struct mode) unless the override forces them, as
+``config/compose.py`` does for ``loss.*``.
+
 It works on the override strings, before Hydra composes, so that ``compose`` (train, config show,
 plan, eval) and a multirun (Hydra's own argv) see the same overrides. Left out: choosing a data
 group (``data=demo_sft``), which brings its own eval set.
@@ -24,6 +28,7 @@ from typing import Iterable
 from alignkit.data.config import OWN_DATA_EVAL_FRACTION
 
 SOURCE_LISTS = ("data.train", "data.eval")
+FREE_DICTS = ("data.column_map",)  # dict fields whose keys are the user's (a Hydra override must force them)
 
 
 def _split(override: str) -> tuple[str, str, str | None]:
@@ -74,10 +79,16 @@ def expand_shorthand(override: str) -> str:
     return f"{prefix}{key}=" + ",".join(f"[{{path:{_quote(p)}}}]" for p in paths)
 
 
+def force_free_dicts(override: str) -> str:
+    """``data.column_map={...}`` -> ``++data.column_map={...}`` (see the module docstring)."""
+    prefix, key, value = _split(override)
+    return "++" + override if not prefix and value is not None and key in FREE_DICTS else override
+
+
 def own_data_overrides(overrides: Iterable[str]) -> list[str]:
     """The overrides with shorthands expanded and, when ``data.train`` is overridden without ``data.eval``,
     the preset's eval set dropped for a held-out fraction of the user's data (see the module docstring)."""
-    out = [expand_shorthand(o) for o in overrides]
+    out = [force_free_dicts(expand_shorthand(o)) for o in overrides]
     keys = [_split(o)[1] for o in out]
     if any(_names(k, "data.train") for k in keys) and not any(_names(k, "data.eval") for k in keys):
         out.append("data.eval=[]")

@@ -61,6 +61,12 @@ def test_shorthand_expands_to_one_source(given, expanded):
     assert expand_shorthand(given) == expanded
 
 
+def test_column_map_override_is_forced_so_hydra_takes_its_keys():
+    assert own_data_overrides(["data.column_map={prompt: question}"]) == ["++data.column_map={prompt: question}"]
+    cfg = compose(["recipe=sft_tiny", "data.column_map={prompt: question, completion: answer}"])
+    assert dict(cfg.data.column_map) == {"prompt": "question", "completion": "answer"}
+
+
 def test_compose_and_config_show_drop_the_demo_eval(tmp_path):
     own = _own_pairs(tmp_path / "own.jsonl")
     preset = compose(["recipe=dpo_tiny"])
