@@ -29,6 +29,7 @@ from alignkit.trainers.reference import (
     ModuleReference,
     NoReference,
     choose_strategy,
+    default_cache_dir,
     forward_logps,
     precompute,
 )
@@ -103,7 +104,7 @@ def build_reference(cfg, run, policy, objective, data, pad_id):
         module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
         return ModuleReference(common.frozen_engine(module, cfg))
     # precomputed: the starting policy, before the first step, over the groups the run will visit
-    cache_dir = Path(cfg.trainer.reference_cache_dir or Path.home() / ".cache" / "alignkit" / "ref_logps")
+    cache_dir = Path(cfg.trainer.reference_cache_dir or default_cache_dir())  # $ALIGNKIT_CACHE/ref_logps
     steps = common.total_steps(cfg, len(data.train))
     used = sorted({i for s in range(steps) for i in common.step_groups(len(data.train), s, int(cfg.trainer.batch_size),
                                                                        int(cfg.trainer.seed))})

@@ -10,6 +10,15 @@
 
 Every strategy answers ``logps(batch, with_tokens)`` with the per-slot sums ``[G, K]`` and, when
 asked, the per-target values ``[N]`` in the batch's target order.
+
+The precomputed cache lives in ``trainer.reference_cache_dir``, else ``$ALIGNKIT_CACHE/ref_logps``
+(``~/.cache/alignkit/ref_logps``), as ``ref-<key>.safetensors``: the values as one float32 tensor,
+a JSON tensor with the key's inputs (model section, layout, compute dtype), the example ids and
+per-completion lengths, and the sha256 of both in the header. Reading it runs no code. A file
+whose checksum, key, ids or lengths do not match (changed values, truncation, a missing entry) is
+reported, moved aside to ``<name>.bad-<time>`` and recomputed; every rank agrees before using it.
+Left out: sharing one cache between runs of different world sizes mid-write (the write is atomic,
+the last writer wins).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import contextlib
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -105,6 +115,107 @@ def cache_key(model_cfg: Any, groups: list[TokenizedGroup], layout: str) -> str:
     return h.hexdigest()[:24]
 
 
+CACHE_FORMAT = "alignkit-ref-logps/1"
+
+
+class CacheDamaged(Exception):
+    """A reference cache file that must not be used (the message says why)."""
+
+
+def default_cache_dir() -> Path:
+    """``$ALIGNKIT_CACHE/ref_logps`` (default ``~/.cache/alignkit/ref_logps``), like every alignkit cache."""
+    from alignkit.models.smollm2 import cache_root
+
+    return cache_root() / "ref_logps"
+
+
+def _digest(values: torch.Tensor, meta: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    for tensor in (values, meta):
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _expected_lengths(group: TokenizedGroup) -> list[int]:
+    """Targets per completion: every train-mask token is predicted once."""
+    return [sum(1 for m in mask if m) for mask in group.completion_train_mask]
+
+
+def write_table(path: Path, key: str, identity: dict, table: dict[str, list[list[float]]]) -> None:
+    """Write ``table`` atomically in the cache format (see the module docstring)."""
+    from safetensors.torch import save
+
+    ids = sorted(table)
+    flat = [v for example_id in ids for values in table[example_id] for v in values]
+    meta = json.dumps({"key": key, "identity": identity, "ids": ids,
+                       "lengths": [[len(values) for values in table[i]] for i in ids]}, default=str)
+    tensors = {"values": torch.tensor(flat, dtype=torch.float32),
+               "meta": torch.frombuffer(bytearray(meta.encode()), dtype=torch.uint8).clone()}
+    payload = save(tensors, metadata={"format": CACHE_FORMAT, "key": key, "sha256": _digest(**tensors)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "wb") as out:
+            out.write(payload)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_table(path: Path, key: str, groups: list[TokenizedGroup]) -> dict[str, list[list[float]]]:
+    """The cached table, checked against ``key`` and ``groups`` (ids, completions, lengths); else ``CacheDamaged``."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            if header.get("format") != CACHE_FORMAT or set(handle.keys()) != {"values", "meta"}:
+                raise CacheDamaged(f"not an {CACHE_FORMAT} file")
+            tensors = {name: handle.get_tensor(name) for name in ("values", "meta")}
+    except CacheDamaged:
+        raise
+    except Exception as error:  # truncated or not safetensors at all
+        raise CacheDamaged(f"unreadable ({type(error).__name__}: {error})") from error
+    if header.get("key") != key:
+        raise CacheDamaged(f"it holds key {header.get('key')!r}, not {key!r}")
+    if header.get("sha256") != _digest(**tensors):
+        raise CacheDamaged("checksum mismatch (the values were changed after they were written)")
+    try:
+        meta = json.loads(tensors["meta"].numpy().tobytes().decode())
+        ids, lengths = meta["ids"], meta["lengths"]
+        flat = tensors["values"].tolist()
+    except Exception as error:
+        raise CacheDamaged(f"inconsistent content ({type(error).__name__}: {error})") from error
+    if meta.get("key") != key or sum(map(sum, lengths)) != len(flat) or len(ids) != len(lengths):
+        raise CacheDamaged("its lengths do not add up")
+    table: dict[str, list[list[float]]] = {}
+    pos = 0
+    for example_id, counts in zip(ids, lengths):
+        table[example_id] = []
+        for n in counts:
+            table[example_id].append(flat[pos : pos + n])
+            pos += n
+    for group in groups:
+        if group.example_id not in table:
+            raise CacheDamaged(f"example {group.example_id!r} is missing")
+        if [len(v) for v in table[group.example_id]] != _expected_lengths(group):
+            raise CacheDamaged(f"example {group.example_id!r} has the wrong number of values")
+    return table
+
+
+def _move_aside(path: Path) -> Path | None:
+    target = path.with_name(f"{path.name}.bad-{int(time.time())}-{os.getpid()}")
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return None
+    return target
+
+
 def _model_identity(model_cfg: dict) -> dict:
     identity = dict(model_cfg)
     path = Path(str(identity.get("name_or_path", "")))
@@ -129,13 +240,28 @@ def precompute(
     log: Callable[[str], None] = print,
 ) -> PrecomputedReference:
     """Compute (or load) the reference log-probs of ``groups`` with ``module`` as it is now."""
+    from alignkit.engine.faults import any_rank
+
     unique = {g.example_id: g for g in groups}
     ordered = [unique[k] for k in sorted(unique)]
-    key = cache_key(_model_identity(model_cfg), ordered, layout)
-    path = Path(cache_dir) / f"ref-{key}.pt"
+    identity = _model_identity(model_cfg)
+    first = next(iter(module.parameters()), None)
+    identity["_compute_dtype"] = str(first.dtype) if first is not None else ""
+    key = cache_key(identity, ordered, layout)
+    path = Path(cache_dir) / f"ref-{key}.safetensors"
+    table, problem = None, None
     if path.is_file():
+        try:
+            table = read_table(path, key, ordered)
+        except CacheDamaged as damaged:
+            problem = str(damaged)
+    if not any_rank(table is None):  # every rank read an intact file
         log(f"reference log-probs: reusing cache {path}")
-        return PrecomputedReference(torch.load(path, weights_only=True))
+        return PrecomputedReference(table)
+    if problem is not None and rank == 0:
+        moved = _move_aside(path)
+        log(_escape(f"reference log-probs: cache {path} is damaged ({problem}): moved aside to "
+                    f"{moved.name if moved else '(gone)'}; recomputing"))
     log(f"reference log-probs: pre-pass over {len(ordered)} examples -> {path}")
     mine: dict[str, list[list[float]]] = {}
     chunks = [ordered[i : i + batch_groups] for i in range(0, len(ordered), batch_groups)]
@@ -159,8 +285,12 @@ def precompute(
     else:
         table = mine
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(table, tmp)
-        tmp.replace(path)
+        write_table(path, key, identity, table)
     return PrecomputedReference(table)
+
+
+def _escape(text: str) -> str:
+    """Rich markup off for paths and reasons (the trainers' ``log`` is a rich console)."""
+    from rich.markup import escape
+
+    return escape(text)
