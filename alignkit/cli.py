@@ -124,15 +124,17 @@ def eval_command(
     ctx: typer.Context,
     target: str = typer.Argument(..., help="A run directory (its final/ model) or a model path/name."),
     baseline: Optional[str] = typer.Option(None, "--baseline", help="Baseline model (default: the run's starting model)."),
-    limit: int = typer.Option(100, "--n", help="Held-out pairs and prompts to use."),
+    limit: int = typer.Option(200, "--n", help="Held-out pairs and prompts to use (0 = all)."),
     out: Optional[str] = typer.Option(None, "--out", help="Where samples.jsonl and eval.json go."),
 ) -> None:
-    """Held-out preference accuracy, judge score of greedy generations, and win-rate vs a baseline."""
-    from alignkit.evaluate import run_eval
+    """Answer accuracy (and the run's rewards, win-rate, preference accuracy) on the run's own held-out data,
+    each with N and a 95% interval. `alignkit eval RUN_DIR`, or `alignkit eval MODEL data=FILE`; overrides
+    `data=FILE`, `reward.fns=[...]`."""
+    from alignkit.evaluate import format_table, run_eval
 
     result = run_eval(target, list(ctx.args), baseline=baseline, limit=limit, out_dir=out)
-    for key, value in result.items():
-        typer.echo(f"{key:<22} {value:.4f}" if isinstance(value, float) else f"{key:<22} {value}")
+    for line in format_table(result):
+        typer.echo(line)
 
 
 @app.command()

@@ -64,7 +64,7 @@ import sys
 import traceback
 from typing import Any, Callable, NamedTuple, Sequence
 
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, UserError
 
 RewardFn = Callable[..., Sequence[float]]
 
@@ -294,7 +294,7 @@ class RewardFunction:
             called, result = self.call(prompts, completions, columns, raw_prompts, completion_ids)
             if inspect.isawaitable(result):
                 result = asyncio.run(result)
-        except RewardFunctionError:
+        except UserError:  # already says what is wrong (a built-in's DataError names the missing column)
             raise
         except Exception as exc:  # the user's code failed: say which function, on what, and where it raised
             shown = called or {"prompts": prompts[:1], "completions": completions[:1]}
@@ -377,7 +377,7 @@ class RewardMix:
             total.append(sum(w * r for w, r in applicable))
         if unscored and not self.unscored and not self._quiet:
             print(f"alignkit: {unscored} of {len(completions)} completions got None from every reward function "
-                  f"({', '.join(self.names)}); they score 0 (counted in reward/unscored)", file=sys.stderr)
+                  f"({', '.join(self.names)}); they score 0 (said once; RewardMix.unscored counts them all)", file=sys.stderr)
         self.unscored += 0 if self._quiet else unscored
         return MixedRewards(total, per_function)
 

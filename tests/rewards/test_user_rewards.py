@@ -199,9 +199,21 @@ def test_error_mid_run_names_the_function_and_the_line(user_rewards):
 
 
 def test_builtins_keep_their_convention(user_rewards):
-    total, parts = mix(user_rewards, "judge", "reward_len")(["q"], ["Answer: 5"], answer=["5"], prompt=[[{"role": "user",
-                                                                                                       "content": "q"}]])
-    assert parts["judge"] == [1.75]  # the judge gets the text, not a message list
+    from alignkit.rewards import register_reward
+
+    @register_reward("test_text_only")
+    def text_only(prompts, completions, **columns):
+        return [1.0 if isinstance(p, str) and isinstance(c, str) else 0.0 for p, c in zip(prompts, completions)]
+
+    messages = [[{"role": "user", "content": "q"}]]
+    both = RewardMix(["test_text_only", f"{user_rewards}:think_format"])
+    total, parts = both(["q"], ["<think>x</think>"], prompt=messages)
+    assert parts == {"test_text_only": [1.0], "think_format": [1.0]}  # text for alignkit's, messages for TRL's
+
+
+def test_a_builtins_data_error_passes_unchanged():
+    with pytest.raises(DataError, match="answer"):
+        RewardMix(["accuracy"]).dry_run("q", {"question": "2+2?"})
 
 
 # ---------------------------------------------------------------- the built-in correctness reward
