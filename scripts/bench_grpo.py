@@ -2,6 +2,12 @@
 """GRPO throughput, alignkit vs TRL's GRPOTrainer, on the same model, prompts, G, lengths and batch.
 
     python scripts/bench_grpo.py --steps 3 --repeats 2     # SmolLM2-135M-Instruct, fp32, CPU, HF generate
+    .venv-vllm/bin/python scripts/bench_grpo.py --engine hf,vllm --tools alignkit   # alignkit's two engines
+
+``--engine`` picks alignkit's generation engine(s) (``generation.engine``: ``hf``, ``vllm`` or both,
+comma-separated; vllm needs the environment of ``bash scripts/setup_vllm.sh``, which has no TRL, so
+``--tools alignkit`` there). Besides s/step and completions/s of whole steps it prints the
+generation phase alone (completion tokens/s while sampling, from the run's ``gen_tokens_per_s``).
 
 Each repetition runs both in fresh subprocesses, alternating: ``--prompts`` prompts per step x
 ``--generations`` samples (G) each, completions of up to ``--max-new-tokens`` tokens, the demo judge
@@ -90,19 +96,21 @@ def worker_alignkit(args) -> dict:
             f"generation.max_new_tokens={args.max_new_tokens}", "generation.temperature=1.0", "trainer.eval_every=0",
             "trainer.export=false", "trainer.warmup_steps=0", "trainer.lr=1e-5", "loss.beta=0.0",
             f"data.train=[{{path: {data_file}}}]", "data.eval=[]", f"data.layout={args.layout}",
-            f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
+            f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]", f"generation.engine={args.engine}",
         ])
         assert code == 0
         times, train = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
     from alignkit.engine.cpu_memory import block_cache_stats
 
     lengths = [r["response_length"] for r in train if "response_length" in r]
+    gen = [r["gen_tokens_per_s"] for r in train[1:] or train if "gen_tokens_per_s" in r]
     return {"step_times": times, "mean_length": statistics.fmean(lengths) if lengths else float("nan"),
-            "block_cache": block_cache_stats()}
+            "gen_tokens_per_s": statistics.median(gen) if gen else float("nan"), "block_cache": block_cache_stats()}
 
 
 def run_worker(tool: str, args) -> dict:
-    return bench_common.run_worker(__file__, tool, ["--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--layout", args.layout])
+    worker, _, engine = tool.partition(":")  # "alignkit:vllm" -> the alignkit worker with that engine
+    return bench_common.run_worker(__file__, worker, ["--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--layout", args.layout, "--engine", engine or "hf"])
 
 
 def main() -> None:
@@ -114,6 +122,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
     parser.add_argument("--worker", choices=["trl", "alignkit"])
+    parser.add_argument("--engine", default="hf", help="alignkit's generation engine(s): hf, vllm, or hf,vllm")
+    parser.add_argument("--tools", default="trl,alignkit", help="trl,alignkit (default) or alignkit alone")
     bench_common.add_threads_argument(parser)
     args = parser.parse_args()
     if not args.worker:
@@ -126,21 +136,33 @@ def main() -> None:
     completions = args.prompts * args.generations
     print(f"{args.prompts} prompts x G={args.generations} = {completions} completions/step, "
           f"up to {args.max_new_tokens} new tokens, {args.steps} steps x {args.repeats} repeats")
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    tools = tuple(t for t in ("trl",) if t in args.tools.split(","))
+    tools += tuple(f"alignkit:{e}" for e in engines) if "alignkit" in args.tools.split(",") else ()
+    if len(engines) == 1 and "trl" in tools:
+        tools = tuple("alignkit" if t.startswith("alignkit") else t for t in tools)
     results = bench_common.alternate(
-        ("trl", "alignkit"), args.repeats, lambda tool: run_worker(tool, args),
+        tools, args.repeats, lambda tool: run_worker(tool, args),
         lambda r: f"steps {[round(t, 2) for t in r['step_times']]} rss {r['peak_rss_gb']:.2f} GB "
                   f"mean completion length {r['mean_length']:.1f} tokens{bench_common.describe_block_cache(r)}")
+    engine = engines[0] if engines else "hf"
     summary = {}
     for tool, runs in results.items():
         per_step = [statistics.median(r["step_times"][1:] or r["step_times"]) for r in runs]
         s = statistics.median(per_step)
         summary[tool] = (s, min(per_step), max(per_step), completions / s,
                          statistics.median(r["peak_rss_gb"] for r in runs),
-                         statistics.fmean(r["mean_length"] for r in runs))
-    print(f"\n{'':<10}{'s/step':>20}{'completions/s':>15}{'RSS GB':>8}{'mean length':>13}")
-    for tool, (s, lo, hi, cps, rss, length) in summary.items():
-        print(f"{tool:<10}{s:>8.2f} [{lo:.2f}-{hi:.2f}]{cps:>15.3f}{rss:>8.2f}{length:>13.1f}")
-    print(f"\nalignkit / TRL: {summary['alignkit'][3] / summary['trl'][3]:.2f}x completions/s")
+                         statistics.fmean(r["mean_length"] for r in runs),
+                         statistics.median(r.get("gen_tokens_per_s", float("nan")) for r in runs))
+    print(f"\n{'':<15}{'s/step':>20}{'completions/s':>15}{'gen tok/s':>11}{'RSS GB':>8}{'mean length':>13}")
+    for tool, (s, lo, hi, cps, rss, length, gen) in summary.items():
+        label = f"{tool} ({engine})" if tool == "alignkit" else tool
+        print(f"{label:<15}{s:>8.2f} [{lo:.2f}-{hi:.2f}]{cps:>15.3f}{gen:>11.1f}{rss:>8.2f}{length:>13.1f}")
+    if "trl" in summary and "alignkit" in summary:
+        print(f"\nalignkit / TRL: {summary['alignkit'][3] / summary['trl'][3]:.2f}x completions/s")
+    if "alignkit:hf" in summary and "alignkit:vllm" in summary:
+        print(f"\nvllm / hf engine: {summary['alignkit:vllm'][3] / summary['alignkit:hf'][3]:.2f}x completions/s, "
+              f"{summary['alignkit:vllm'][6] / summary['alignkit:hf'][6]:.2f}x generation tokens/s")
 
 
 if __name__ == "__main__":

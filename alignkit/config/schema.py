@@ -87,6 +87,11 @@ class GenerationConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    # online runners: hf (transformers generate) | vllm (colocated vLLM, weights pushed after each
+    # optimizer step; its own environment: bash scripts/setup_vllm.sh; checked at compose time)
+    engine: str = "hf"
+    vllm_gpu_memory_utilization: float = 0.3  # vllm on CUDA: share of device memory vLLM may take
+    vllm_cpu_kv_cache_gib: float = 1.0  # vllm on CPU: its KV cache size
 
 
 @dataclass

@@ -155,6 +155,7 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
     """Reward functions, advantage estimator and KL estimator resolve; sample counts make sense."""
     from alignkit.rewards.registry import resolve_reward
     from alignkit.rl.advantages import GRPO_SCALES, resolve_advantage
+    from alignkit.rl.generation import check_engine
     from alignkit.rl.kl import validate_kl_estimator
 
     if not cfg.reward.fns and not cfg.reward.model:
@@ -176,6 +177,7 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
     values.check_generation(cfg, runner)
     _choice(cfg.rl.scale_rewards, GRPO_SCALES, "rl.scale_rewards")
     validate_kl_estimator(cfg.rl.kl_estimator)
+    check_engine(cfg)  # generation.engine (vllm: installed, fits this environment), before any model loads
     minimum = 2 if runner in ("grpo", "online_dpo") else 1
     if cfg.rl.num_generations < minimum:
         raise ConfigError(f"rl.num_generations={cfg.rl.num_generations}: {runner} needs at least {minimum} samples "

@@ -45,9 +45,13 @@ mask, log-probs, group index) and ``to_tokenized_groups`` into the shared collat
 The model may be any ``transformers`` causal LM (or a ``peft`` model wrapping one) that accepts
 ``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache`` and ``logits_to_keep``.
 
-Deliberately left out: the vLLM engine (the seam: another class with the same ``generate``
-signature, chosen by ``GenerationConfig.engine`` in ``build_generation_engine``), stop strings,
-repetition penalties, beam search, and chunking of very large batches (the caller passes chunks).
+The seam: ``GenerationConfig.engine`` (``generation.engine`` in a run's config) picks the class
+with this ``generate`` signature in ``build_generation_engine`` / ``engine_for_run``: ``hf`` (this
+module) or ``vllm`` (``alignkit.rl.vllm_engine.VLLMGenerationEngine``: colocated vLLM with the
+trained weights pushed in; an optional extra, checked at compose time by ``check_engine``).
+
+Deliberately left out: stop strings, repetition penalties, beam search, and chunking of very large
+batches (the caller passes chunks).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ import torch
 from alignkit.data.batch import TokenizedGroup
 from alignkit.errors import ConfigError
 
-ENGINES = ("hf",)
+ENGINES = ("hf", "vllm")
 
 
 @dataclass
@@ -97,12 +101,15 @@ class GenerationEngine(Protocol):
 class GenerationConfig:
     """Sampling settings of the online runners (the group size G lives with the trainer)."""
 
-    engine: str = "hf"  # only "hf" for now; "vllm" would slot in here
+    engine: str = "hf"  # hf | vllm (alignkit.rl.vllm_engine; an optional extra)
     max_new_tokens: int = 128
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
     share_prompt_prefill: bool = True
+    max_model_len: int = 2048  # vllm: prompt + completion tokens one request may hold
+    vllm_gpu_memory_utilization: float = 0.3  # vllm on CUDA: share of device memory for vLLM
+    vllm_cpu_kv_cache_gib: float = 1.0  # vllm on CPU: KV cache size
 
     def validate(self) -> None:
         if self.engine not in ENGINES:
@@ -139,10 +146,64 @@ def check_sampling_args(
         raise ConfigError("generation settings: " + "; ".join(problems) + ".")
 
 
-def build_generation_engine(config: GenerationConfig, model, tokenizer=None, **token_ids) -> GenerationEngine:
-    """The engine ``config.engine`` names (the seam where a vLLM engine would be added)."""
+def build_generation_engine(
+    config: GenerationConfig, model, tokenizer=None, *, trainer_engine=None, seed: int = 0, **token_ids
+) -> GenerationEngine:
+    """The engine ``config.engine`` names. ``model`` is the ``transformers`` (or ``peft``) model;
+    ``trainer_engine`` (a DeepSpeed engine) tells the vLLM engine when an optimizer step happened."""
     config.validate()
+    if config.engine == "vllm":
+        from alignkit.rl.vllm_engine import VLLMGenerationEngine
+
+        ids = dict(token_ids)
+        if ids.get("eos_token_id") is None:
+            ids["eos_token_id"] = HFGenerationEngine(model, tokenizer, **token_ids).eos_token_ids
+        return VLLMGenerationEngine(
+            model,
+            eos_token_id=ids["eos_token_id"],
+            pad_token_id=ids.get("pad_token_id", getattr(tokenizer, "pad_token_id", None)),
+            max_model_len=config.max_model_len,
+            trainer_engine=trainer_engine,
+            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+            cpu_kv_cache_gib=config.vllm_cpu_kv_cache_gib,
+            seed=seed,
+        )
     return HFGenerationEngine(model, tokenizer, share_prompt_prefill=config.share_prompt_prefill, **token_ids)
+
+
+def engine_for_run(cfg, policy, tokenizer) -> GenerationEngine:
+    """The generation engine of an online runner: ``cfg.generation.engine`` over the policy, a
+    DeepSpeed engine wrapping a ``TargetLogProbs``-style module (its ``.model`` is sampled from)."""
+    gen, default = cfg.generation, GenerationConfig()
+    module = getattr(policy, "module", policy)
+    config = GenerationConfig(
+        engine=str(gen.get("engine", default.engine)),
+        max_new_tokens=int(gen.max_new_tokens),
+        temperature=float(gen.temperature),
+        top_p=float(gen.top_p),
+        top_k=int(gen.top_k),
+        max_model_len=int(cfg.data.max_prompt_length) + int(gen.max_new_tokens),
+        vllm_gpu_memory_utilization=float(gen.get("vllm_gpu_memory_utilization", default.vllm_gpu_memory_utilization)),
+        vllm_cpu_kv_cache_gib=float(gen.get("vllm_cpu_kv_cache_gib", default.vllm_cpu_kv_cache_gib)),
+    )
+    return build_generation_engine(config, getattr(module, "model", module), tokenizer, trainer_engine=policy,
+                                   seed=int(cfg.trainer.seed))
+
+
+def check_engine(cfg) -> None:
+    """Compose-time checks of ``generation.engine`` (the vLLM one: installed, fits, one process)."""
+    engine = str(cfg.generation.get("engine", "hf"))
+    if engine not in ENGINES:
+        raise ConfigError(f"generation.engine={engine!r} is not valid. Valid choices: {', '.join(ENGINES)}.")
+    if engine != "vllm":
+        return
+    world = int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
+    if world != 1:
+        raise ConfigError(f"generation.engine=vllm runs with one process for now (the run asks for {world}: "
+                          "launcher.nproc_per_node x launcher.nnodes); use generation.engine=hf for several.")
+    from alignkit.rl.vllm_engine import check_vllm_available
+
+    check_vllm_available()
 
 
 @dataclass

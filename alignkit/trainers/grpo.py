@@ -33,7 +33,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.models.logprobs import TargetLogProbs
     from alignkit.rl.advantages import compute_advantages, frac_zero_std_groups
-    from alignkit.rl.generation import HFGenerationEngine
+    from alignkit.rl.generation import engine_for_run
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
@@ -47,7 +47,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run,
                                  steps * mu)
-    generator = HFGenerationEngine(common.hf_model(policy), tokenizer)
+    generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     reference = rollout.online_reference(cfg, run, policy, float(hparams.get("beta", 0.0)))
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     done = common.begin(run, policy, steps, evaluate=evaluation)

@@ -158,8 +158,8 @@ def test_settings_are_validated(model):
     engine = HFGenerationEngine(model, eos_token_id=UNUSED_EOS)
     with pytest.raises(ConfigError, match="top_p"):
         engine.generate(PROMPTS, max_new_tokens=2, top_p=0.0)
-    with pytest.raises(ConfigError, match="Valid choices: hf"):
-        GenerationConfig(engine="vllm").validate()
+    with pytest.raises(ConfigError, match="Valid choices: hf, vllm"):
+        GenerationConfig(engine="sglang").validate()
     config = GenerationConfig(max_new_tokens=3, temperature=0.0)
     rollouts = build_generation_engine(config, model, eos_token_id=UNUSED_EOS).generate(
         PROMPTS[:1], **config.sampling_kwargs()
