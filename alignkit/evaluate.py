@@ -23,8 +23,9 @@ What it measures (each with N and a 95% interval, ``alignkit.stats``):
   the model-minus-baseline difference on the same prompts with Newcombe's paired interval
   (method 10). Records without a reference are left out of N (and counted).
 * every reward function's mean (the run's ``reward.fns``; with the demo ``judge`` also its
-  ``format`` and ``concise`` parts beside it), model and baseline, with normal intervals and the
-  paired mean difference; the win rate of the model's total reward over the baseline's (ties 1/2),
+  ``format`` and ``concise`` parts beside it), model and baseline, and the paired difference: a
+  0/1 reward as a proportion (Wilson, Newcombe's paired difference), any other with the normal
+  interval of the mean (of the per-prompt differences); the win rate of the model's total reward over the baseline's (ties 1/2),
   a mean with a normal interval clipped to [0, 1].
 * preference accuracy on held-out pairs (paired/listwise/unpaired data): the share whose implicit
   reward ``(log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))`` is
@@ -305,6 +306,22 @@ def answer_metrics(samples: list[dict]) -> dict[str, float]:
     return out
 
 
+def _binary(values: list[float]) -> bool:
+    return bool(values) and all(v in (0.0, 1.0) for v in values)
+
+
+def _reward_interval(values: list[float]) -> Interval:
+    """A 0/1 reward is a proportion (Wilson); any other a mean (normal interval); NaN (not applicable) left out."""
+    kept = [v for v in values if not math.isnan(v)]
+    return wilson(sum(kept), len(kept)) if _binary(kept) else mean_interval(kept)
+
+
+def _reward_difference(model: list[float], baseline: list[float]) -> Interval:
+    if _binary(model) and _binary(baseline):
+        return paired_difference(model, baseline)
+    return paired_mean_difference(model, baseline)
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -353,11 +370,11 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
         plan.notes.append("no prompt carries a reference answer ('answer', 'reward_model.ground_truth', "
                           "'ground_truth' or 'solution' column): answer accuracy not measured")
     for name, values in parts.items():
-        metrics[f"reward/{name}"] = mean_interval(values)
+        metrics[f"reward/{name}"] = _reward_interval(values)
         if name in base_parts:
-            metrics[f"baseline_reward/{name}"] = mean_interval(base_parts[name])
+            metrics[f"baseline_reward/{name}"] = _reward_interval(base_parts[name])
             pairs_ok = [(a, b) for a, b in zip(values, base_parts[name]) if not (math.isnan(a) or math.isnan(b))]
-            metrics[f"reward/{name}_diff"] = paired_mean_difference([a for a, _ in pairs_ok], [b for _, b in pairs_ok])
+            metrics[f"reward/{name}_diff"] = _reward_difference([a for a, _ in pairs_ok], [b for _, b in pairs_ok])
     if total and base_total:
         wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(total, base_total)]
         metrics["win_rate"] = mean_interval(wins, bounds=(0.0, 1.0))
