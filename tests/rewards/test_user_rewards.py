@@ -292,3 +292,31 @@ def test_grpo_trains_with_a_trl_function_on_conversational_gsm8k(tmp_path, user_
     assert len(call["completion_ids"]) == len(call["completions"]) and "answer" in call["kwargs"]
     rows = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert "reward/correctness" in rows[0] and "reward/seen" in rows[0]
+
+
+def test_grpo_trains_with_verl_compute_score_on_verl_parquet(tmp_path, user_rewards):
+    """verl's gsm8k preprocessing layout: data_source, prompt messages, ability, reward_model, extra_info."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import my_rewards
+
+    from alignkit.run import train_from_overrides
+
+    rows = [{"data_source": "openai/gsm8k",
+             "prompt": [{"role": "user", "content": f"Tom has {n} apples. Let's think step by step and output the "
+                         "final answer after \"####\"."}],
+             "ability": "math", "reward_model": {"style": "rule", "ground_truth": str(n)},
+             "extra_info": {"split": "train", "index": n, "answer": f"so\n#### {n}", "question": f"Tom has {n}"}}
+            for n in range(6)]
+    path = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    my_rewards.compute_score.calls.clear()
+    code = train_from_overrides(["recipe=grpo_tiny", f"data.train=[{{path:{path}}}]", "data.eval=[]",
+                                 f"reward.fns=[{user_rewards}:compute_score]", "trainer.max_steps=1",
+                                 "generation.max_new_tokens=4", "trainer.export=false",
+                                 f"output_dir={tmp_path}", "run_name=r"])
+    assert code == 0
+    data_source, solution, truth, extra = my_rewards.compute_score.calls[-1]
+    assert data_source == "openai/gsm8k" and truth in {str(n) for n in range(6)}
+    assert isinstance(solution, str) and extra["split"] == "train" and "index" in extra
