@@ -37,7 +37,6 @@ from alignkit.data.config import FORMATS
 from alignkit.data.layouts import fail, hint, normalize, response_lists
 from alignkit.data.record import Record, Text
 from alignkit.data.sources import RawRow, describe
-from alignkit.errors import DataError
 
 ROLES = ("system", "user", "assistant", "tool")
 CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "score", "messages", "responses",

@@ -42,8 +42,6 @@ from alignkit.data.paths import get_path, is_path, parse_path, unused_fields
 from alignkit.data.sources import describe
 from alignkit.errors import DataError
 
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "observation": "tool", "function_call": "assistant", "tool": "tool"}
 LAYOUT_MAPS: dict[str, dict[str, str]] = {  # layout -> its column map (canonical -> column or path)
     "trl": {},
     "openrlhf": {},
@@ -132,12 +130,6 @@ def apply_map(data: dict[str, Any], mapping: dict[str, str], location: str, note
 
 
 # ---------------------------------------------------------------- per-layout steps
-
-
-def _sharegpt_message(item: Any, location: str, field: str) -> dict[str, Any]:
-    if not isinstance(item, dict) or "value" not in item or item.get("from") not in SHAREGPT_ROLES:
-        raise fail(location, field, f"a message {{from: {'|'.join(SHAREGPT_ROLES)}, value: str}}", describe(item))
-    return {"role": SHAREGPT_ROLES[item["from"]], "content": item["value"]}
 
 
 def _nemo(row: dict[str, Any], location: str, notes: list[str]) -> dict[str, Any]:

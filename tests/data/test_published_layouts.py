@@ -396,3 +396,28 @@ def test_two_step_tiny_training_on_a_published_layout(tmp_path, capfd, name):
     assert [s["step"] for s in steps if s.get("split", "train") == "train"] == [1, 2]
     if summary is not None:
         assert summary in log
+
+
+# ---------------------------------------------------------------- what already worked keeps working
+
+
+def test_ultrachat_sharegpt_trl_and_verl_layouts_still_load(tmp_path, write_jsonl):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    chat = [user("Hi"), assistant("Hello!"), user("Bye"), assistant("Goodbye!")]
+    ultrachat = write_jsonl(tmp_path / "ultrachat.jsonl", [{"prompt": "Hi", "prompt_id": "x", "messages": chat}])
+    record = load(str(ultrachat))[0]
+    assert (record.format, record.prompt, record.completions) == ("sft", [user("Hi")], [chat[1:]])
+    sharegpt = write_jsonl(tmp_path / "sharegpt.jsonl", [{"conversations": [
+        {"from": "system", "value": "Be kind."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}])
+    record = load(str(sharegpt), columns="llamafactory")[0]
+    assert (record.prompt, record.completions) == ([system("Be kind."), user("Hi")], [[assistant("Hello!")]])
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": [user("Q?")], "completion": [assistant("A.")], "label": False}])
+    assert load(str(kto))[0].labels == [0.0]
+    verl = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"data_source": "openai/gsm8k", "prompt": [user("What is 6 * 7?")],
+                                          "ability": "math", "reward_model": {"style": "rule", "ground_truth": "42"},
+                                          "extra_info": {"split": "train", "index": 0}}]), verl)
+    record = load(str(verl))[0]
+    assert record.format == "prompt" and record.extra["reward_model"]["ground_truth"] == "42"
