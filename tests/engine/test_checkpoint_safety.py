@@ -224,7 +224,8 @@ def test_no_intact_checkpoint_is_a_clear_error_and_an_explicit_damaged_one_too(t
 ALIGNKIT = [sys.executable, "-m", "alignkit", "train", "recipe=sft_tiny", "trainer.eval_every=0",
             "deepspeed.gradient_clipping=0"]
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
-ENV = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+ENV = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+       "COLUMNS": "1000"}  # rich wraps long paths mid-word at 80
 
 
 def test_run_whose_step_leaves_inf_weights_saves_nothing_and_says_so(tmp_path):
@@ -249,3 +250,27 @@ def test_nonfinite_loss_with_save_every_0_says_there_is_no_checkpoint(tmp_path):
     assert "non-finite loss at step" in text and "last good checkpoint" not in text
     assert "No checkpoint was saved before it (trainer.save_every=0" in text
     assert not list((tmp_path / "nan" / "checkpoints").glob("step-*"))
+
+
+@pytest.mark.slow
+def test_resume_auto_after_a_damaged_latest_checkpoint_continues_exactly(tmp_path):
+    args = [*ALIGNKIT, "trainer.max_steps=3", "trainer.save_every=1", "trainer.keep_last=0", "trainer.export=false",
+            f"output_dir={tmp_path}", "run_name=r"]
+    first = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run_dir = tmp_path / "r"
+
+    def step3_loss():
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["split"] == "train" and r["step"] == 3][-1]
+
+    straight = step3_loss()
+    model = run_dir / "checkpoints" / "step-3" / "mp_rank_00_model_states.pt"
+    model.write_bytes(model.read_bytes()[:1000])
+    resumed = subprocess.run([*args, "resume=auto"], capture_output=True, text=True, env=ENV, timeout=600)
+    text = " ".join(resumed.stderr.split())
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-3000:]
+    assert f"checkpoint {run_dir / 'checkpoints' / 'step-3'} is damaged (mp_rank_00_model_states.pt has 1000 bytes" in text
+    assert "trying the previous one, step-2" in text and "resumed from" in text and "step-2 at step 2" in text
+    assert step3_loss() == straight  # step 3 replayed from step 2 exactly
+    assert len(list((run_dir / "checkpoints").glob("damaged-step-3-*"))) == 1

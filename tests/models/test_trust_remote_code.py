@@ -69,7 +69,7 @@ def test_custom_code_is_refused_by_default(custom_folder, loader):
 
 def _env(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", COLUMNS="1000",
                HF_MODULES_CACHE=str(tmp_path / "hf_modules"))  # where transformers would copy trusted code
     return env
 

@@ -123,7 +123,7 @@ DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "M
 
 def _dpo(tmp_path, name):
     env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", ALIGNKIT_CACHE=str(tmp_path / "cache"))
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", ALIGNKIT_CACHE=str(tmp_path / "cache"), COLUMNS="1000")
     proc = subprocess.run([sys.executable, "-m", "alignkit", "train", "recipe=dpo_tiny", "trainer.reference=precomputed",
                            "trainer.max_steps=1", "trainer.eval_every=0", "trainer.export=false",
                            "trainer.cpu_release_freed_memory=false", f"output_dir={tmp_path / 'runs'}",
