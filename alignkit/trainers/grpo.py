@@ -37,6 +37,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     tokenizer = load_tokenizer(cfg.model.name_or_path)
     data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
+    run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
     reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
     steps = common.total_steps(cfg, len(data.train))
     num_samples, mu = int(cfg.rl.num_generations), int(cfg.rl.ppo_epochs)

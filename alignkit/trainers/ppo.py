@@ -42,6 +42,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
     data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
+    run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
     reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
     steps = common.total_steps(cfg, len(data.train))
     num_samples, epochs = int(cfg.rl.num_generations), int(cfg.rl.ppo_epochs)

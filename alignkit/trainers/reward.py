@@ -53,6 +53,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
     data = prepare_data(OmegaConf.to_object(cfg.data), "pairwise", tokenizer)
+    run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
     steps = common.total_steps(cfg, len(data.train))
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="pairs")
     model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model))
