@@ -30,12 +30,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run = common.start(cfg, run_dir)
     spec, _, hparams = loss_terms(cfg.loss)[0]
     from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm, load_tokenizer
+    from alignkit.models.load import load_causal_lm, load_tokenizer_for
     from alignkit.models.logprobs import TargetLogProbs
     from alignkit.rl.advantages import compute_advantages, frac_zero_std_groups
     from alignkit.rl.generation import engine_for_run
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path)
+    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
     data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
     run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
     reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
