@@ -5,15 +5,14 @@ file that is really JSON Lines, as many hub datasets ship, is read as JSON Lines
 batch by batch), CSV (cells that look like JSON lists/objects are decoded); the text formats also
 compressed as ``.gz``, ``.bz2``, ``.xz``, or ``.zst`` when the ``zstandard`` package is installed.
 Which files a source names (a file, a glob, a folder's split, a ``save_to_disk`` folder, a hub
-name) is decided in ``resolve.py``. Every row comes as ``RawRow(location, data)`` where location
+name) is decided in ``resolve.py``; what ``datasets`` loads (``save_to_disk`` folders, hub names) is
+read in ``hub.py``. Every row comes as ``RawRow(location, data)`` where location
 is ``file:line`` (JSONL, CSV, JSON; inside a compressed file, the line of the decompressed text) or
 ``file:row N`` (Parquet, ``datasets`` tables) so that every later error can point at it.
 
 Also here: mixing sources by weight and splitting train/eval by a seeded fraction of prompts.
 
-Deliberately left out: what the columns mean (``formats.py``) and any tokenization. Hub access is
-not cached here (``datasets`` does that); an unreachable hub is
-reported after a short connection probe instead of ``datasets``' half-minute of retries.
+Deliberately left out: what the columns mean (``formats.py``) and any tokenization.
 """
 
 from __future__ import annotations
@@ -28,13 +27,11 @@ import json
 import lzma
 import os
 import random
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
-from urllib.parse import urlparse
 
-from alignkit.data.resolve import GLOB_CHARS, SET_SPLIT, Resolved, looks_like_hub_name, pick_split, readable_suffix, resolve_source
+from alignkit.data.resolve import GLOB_CHARS, Resolved, readable_suffix, resolve_source
 from alignkit.errors import DataError
 
 MAX_LINE_BYTES = 8 * 1024 * 1024  # a longer JSONL line is reported instead of read
@@ -269,94 +266,6 @@ def _iter_parquet_batches(parquet: Any, name: str) -> Iterator[RawRow]:
                         location=name) from None
 
 
-def iter_datasets_folder(path: Path, split: str | None = None) -> Iterator[RawRow]:
-    import datasets
-
-    try:
-        loaded = datasets.load_from_disk(str(path))
-    except Exception as err:  # not a save_to_disk folder (FileNotFoundError, ValueError, ...)
-        raise DataError(f"expected a folder written by datasets' save_to_disk / found one it cannot read "
-                        f"({type(err).__name__}: {str(err)[:200]})", location=str(path)) from None
-    if isinstance(loaded, datasets.DatasetDict):
-        split = pick_split(sorted(loaded), split, str(path), "in the folder's dataset_dict.json")
-        loaded = loaded[split]
-    return _iter_dataset(loaded, table_name(str(path), split or "train"))
-
-
-def table_name(name: str, split: str) -> str:
-    """``name (split S)``: the location prefix of a ``datasets`` table's rows (no square brackets, which
-    rich would take for markup and drop from a printed error)."""
-    return f"{name} (split {split})"
-
-
-def _iter_dataset(dataset: Any, name: str) -> Iterator[RawRow]:
-    for index, item in enumerate(dataset, start=1):  # row by row: a large split is not copied into a list
-        yield RawRow(f"{name}:row {index}", item)
-
-
-def iter_loader_folder(path: Path, split: str, subset: str | None) -> Iterator[RawRow]:
-    """A folder split whose files only ``datasets`` reads (``.txt``, ``.arrow``, ``.tsv`` ...)."""
-    import datasets
-
-    try:
-        loaded = datasets.load_dataset(str(path), name=subset, split=split)
-    except Exception as err:
-        raise DataError(f"could not load split {split!r} of the folder with datasets.load_dataset "
-                        f"({type(err).__name__}: {str(err)[:200]})", location=str(path)) from None
-    return _iter_dataset(loaded, table_name(str(path), split))
-
-
-def _hub_unreachable(timeout: float = 3.0) -> str | None:
-    """Why the hub cannot be reached (None if it can, or if offline mode / a proxy makes probing moot).
-
-    ``datasets`` retries an unreachable hub for about half a minute; this probe fails in seconds.
-    """
-    flags = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes") for v in flags)
-    if offline or any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = endpoint.hostname or "huggingface.co", endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        return f"{host}:{port} is unreachable ({err})"
-    return None
-
-
-def _unknown_split(err: Exception) -> str | None:
-    """``datasets``' 'Unknown split "x". Should be one of [...]' as a list of split names, if it is that."""
-    import re
-
-    found = re.search(r"Unknown split \"?([^\".]*)\"?\. Should be one of (\[.*?\])", str(err))
-    return found.group(2) if found else None
-
-
-def iter_hub(name: str, split: str | None = None, subset: str | None = None) -> Iterator[RawRow]:
-    advice = ("No local file or folder has this name either. Without network access, download it elsewhere, "
-              "`save_to_disk` it, and point the source's path at that folder (or, if it is in the local "
-              "datasets cache, set HF_DATASETS_OFFLINE=1).")
-    what = f"hub dataset {name!r}" + (f" (subset {subset!r})" if subset else "")
-    why = _hub_unreachable()
-    if why is not None:
-        raise DataError(f"could not load {what}: {why}. {advice}", location=name)
-    split = split or "train"
-    try:
-        import datasets
-
-        loaded = datasets.load_dataset(name, subset, split=split)
-    except Exception as err:
-        splits = _unknown_split(err)
-        if splits is not None:
-            raise DataError(f"expected split {split!r} / found splits {splits} in {what}; {SET_SPLIT}",
-                            location=name) from None
-        raise DataError(
-            f"could not load {what} (split {split!r}): {type(err).__name__}: {str(err)[:200]}. {advice}",
-            location=name,
-        ) from None
-    return _iter_dataset(loaded, table_name(name, split))
-
-
 READERS: dict[str, Callable[[Path], Iterator[RawRow]]] = {
     ".jsonl": iter_jsonl,
     ".json": iter_json,
@@ -391,6 +300,8 @@ def rows_of(resolved: Resolved) -> Iterator[RawRow]:
     if resolved.kind == "files":
         readers = [(_reader(file), file) for file in resolved.files]  # every suffix checked before reading
         return itertools.chain.from_iterable(reader(file) for reader, file in readers)
+    from alignkit.data.hub import iter_datasets_folder, iter_hub, iter_loader_folder  # hub imports RawRow from here
+
     if resolved.kind == "saved":
         if resolved.subset is not None:
             raise DataError(f"subset {resolved.subset!r} was asked of a save_to_disk folder, which has none; "
