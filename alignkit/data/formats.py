@@ -279,7 +279,8 @@ def _parse_listwise(row: dict[str, Any], location: str, notes: list[str]) -> Rec
         raise fail(location, field, f"{len(responses)} {field} (one per response)", f"{len(values)}")
     kept = [i for i, v in enumerate(values) if not _is_missing(v) and responses[i] is not None]
     if len(kept) < len(responses):
-        notes += [f"response without a score dropped ({field}[{i}])" for i in range(len(responses)) if i not in kept]
+        notes += [f"response without a score dropped ({field}[{i}])" if _is_missing(values[i]) else
+                  f"score without a response dropped (responses[{i}])" for i in range(len(responses)) if i not in kept]
         if len(kept) < 2:
             raise fail(location, field, "at least 2 responses with a score",
                        f"{len(kept)} ({len(responses) - len(kept)} without a score)")

@@ -37,7 +37,8 @@ non-empty ``images``/``videos``/``audios`` fail (text-only training would change
 ``resolve_dataset_info(path)`` turns ``DIR/dataset_info.json#NAME`` (or ``DIR#NAME`` with
 ``DIR/dataset_info.json``) into the entry's file or hub name, split, subset and column map.
 Deliberately left out: ``script_url`` (nothing read from disk executes), ModelScope/OpenMind and
-cloud files, ``num_samples`` (use ``data.max_records`` or a source ``weight``), multimodal data.
+cloud files, a hub entry's ``folder``, ``num_samples`` (use ``data.max_records`` or a source
+``weight``), multimodal data; each fails naming what to do instead.
 """
 
 from __future__ import annotations
@@ -283,8 +284,11 @@ def resolve_dataset_info(path: str) -> InfoSource | None:
         raise DataError("expected no num_samples (alignkit does not sample inside a source) / found "
                         f"num_samples={entry['num_samples']}; remove it and use data.max_records or the source's "
                         "weight", location=where)
+    if entry.get("folder"):
+        raise DataError(f"expected no folder (a hub repository's sub-folder) / found folder={entry['folder']!r}; "
+                        "download that folder and point the source's path at it", location=where)
     if "hf_hub_url" in entry:
-        target = str(entry["hf_hub_url"]) + (f"/{entry['folder']}" if entry.get("folder") else "")
+        target = str(entry["hf_hub_url"])
     elif "file_name" in entry and not any(k in entry for k in ("ms_hub_url", "om_hub_url", "script_url",
                                                                  "cloud_file_name")):
         target = str(info_file.parent / str(entry["file_name"]))
