@@ -347,6 +347,8 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
     if not prompts:
         raise DataError(f"no prompts to evaluate on in {plan.data_source}")
     mix = build_scoring(plan, prompts[0], tokenizer)
+    if plan.cfg.reward.model:
+        plan.notes.append(f"the run's reward model ({plan.cfg.reward.model}) is not scored by eval: reward.fns only")
     texts, parts, total = generate(model, tokenizer, prompts, plan.cfg, mix)
     base_texts, base_parts, base_total = (generate(reference, tokenizer, prompts, plan.cfg, mix) if reference
                                           is not None else (None, {}, []))

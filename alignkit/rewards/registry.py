@@ -34,8 +34,9 @@ Names and paths:
   ``alignkit.rewards.math``) register when ``alignkit.rewards`` is imported, and ``resolve_reward``
   imports them on first use.
 * ``resolve_reward("judge")`` looks a name up; ``resolve_reward("mypkg.rewards:fn")`` or
-  ``resolve_reward("mypkg.rewards.fn")`` imports only the module ``mypkg.rewards`` and takes its
-  attribute ``fn``. Unknown names and unimportable paths raise ``ConfigError`` listing the valid
+  ``resolve_reward("mypkg.rewards.fn")`` imports only the module ``mypkg.rewards`` (also from the
+  working directory) and takes its attribute ``fn``; ``resolve_reward("path/to/my_rewards.py:fn")``
+  loads that file (verl's ``custom_reward_function.path`` + ``name``). Unknown names and unimportable paths raise ``ConfigError`` listing the valid
   names, so a typo fails at compose time.
 * ``RewardMix(names, weights)`` resolves every name once; calling it returns
   ``MixedRewards(total, per_function)``: ``total[i] = nansum_k weights[k] * r_k[i]`` and the
@@ -60,6 +61,7 @@ import asyncio
 import importlib
 import inspect
 import math
+import os
 import sys
 import traceback
 from typing import Any, Callable, NamedTuple, Sequence
@@ -115,6 +117,42 @@ def short_name(name_or_path: str) -> str:
     return _split_path(name_or_path)[1] if ("." in name_or_path or ":" in name_or_path) else name_or_path
 
 
+def _import_module(module_name: str):
+    """``importlib.import_module``, also from the working directory (a console script does not put it on sys.path)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        top = module_name.split(".")[0]
+        if exc.name != top or os.getcwd() in sys.path or "" in sys.path:
+            raise
+        sys.path.append(os.getcwd())
+        return importlib.import_module(module_name)
+
+
+def _import_file(file_name: str):
+    """The module of a ``.py`` file named in ``reward.fns`` (``my_rewards.py:fn``, as verl's ``custom_reward_function.path``)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(file_name).expanduser().resolve()
+    if not path.is_file():
+        raise ImportError(f"no such file {path}")
+    key = f"alignkit_user_rewards_{abs(hash(str(path)))}_{path.stem}"
+    if key in sys.modules:
+        return sys.modules[key]
+    spec = importlib.util.spec_from_file_location(key, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[key] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        del sys.modules[key]
+        raise ImportError(f"{path} raised {type(exc).__name__}: {exc} on import") from exc
+    return module
+
+
 def resolve_reward(name_or_path: str) -> RewardFn:
     """The reward function registered as ``name_or_path``, or the one a dotted path points to."""
     _load_builtins()
@@ -124,7 +162,7 @@ def resolve_reward(name_or_path: str) -> RewardFn:
     valid = ", ".join(sorted(_REGISTRY))
     hint = (
         f"Valid reward names: {valid}; or give a dotted path to your own function "
-        "('mypkg.rewards:my_reward' or 'mypkg.rewards.my_reward'): a TRL-style function called by keyword "
+        "('mypkg.rewards:my_reward', 'mypkg.rewards.my_reward' or 'path/to/my_rewards.py:my_reward'): a TRL-style function called by keyword "
         "with prompts, completions and the record's columns, returning one float (or None) per completion, "
         "or a verl-style compute_score(data_source, solution_str, ground_truth, extra_info)."
     )
@@ -134,7 +172,7 @@ def resolve_reward(name_or_path: str) -> RewardFn:
     if not module_name or not attr:
         raise ConfigError(f"reward.fns: {name!r} is not a valid dotted path. {hint}")
     try:
-        module = importlib.import_module(module_name)
+        module = _import_file(module_name) if module_name.endswith(".py") else _import_module(module_name)
     except ImportError as exc:
         raise ConfigError(f"reward.fns: cannot import module {module_name!r} for reward {name!r} ({exc}). {hint}") from exc
     fn = getattr(module, attr, None)

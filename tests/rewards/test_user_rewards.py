@@ -320,3 +320,29 @@ def test_grpo_trains_with_verl_compute_score_on_verl_parquet(tmp_path, user_rewa
     data_source, solution, truth, extra = my_rewards.compute_score.calls[-1]
     assert data_source == "openai/gsm8k" and truth in {str(n) for n in range(6)}
     assert isinstance(solution, str) and extra["split"] == "train" and "index" in extra
+
+
+def test_a_python_file_and_a_module_in_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "cwd_rewards.py").write_text("def short(completions, **kwargs):\n    return [1.0] * len(completions)\n")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "file_rewards.py").write_text("def compute_score(solution_str, ground_truth):\n"
+                                                       "    return float(solution_str == ground_truth)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        assert RewardMix(["cwd_rewards:short"])(["q"], ["a"]).total == [1.0]
+        mix = RewardMix([f"{tmp_path / 'sub' / 'file_rewards.py'}:compute_score"])
+        assert mix.names == ["compute_score"] and mix(["q", "q"], ["7", "8"], ground_truth=["7", "7"]).total == [1.0, 0.0]
+        with pytest.raises(ConfigError, match="no such file"):
+            RewardMix(["sub/nope.py:fn"])
+    finally:
+        sys.modules.pop("cwd_rewards", None)
+
+
+def test_reward_file_path_through_compose(tmp_path):
+    from alignkit.config.compose import compose
+
+    path = tmp_path / "r.py"
+    path.write_text("def f(completions, **kwargs):\n    return [0.0] * len(completions)\n")
+    cfg = compose(["recipe=grpo_tiny", f"reward.fns=['{path}:f']"])
+    assert list(cfg.reward.fns) == [f"{path}:f"]
