@@ -66,8 +66,8 @@ SIGNATURES = (  # (columns that identify a published layout, the option that rea
     ({"instruction", "completions"}, "data.columns=ultrafeedback (openbmb/UltraFeedback)"),
     ({"prompt", "answers"}, "data.columns=nectar (berkeley-nest/Nectar)"),
     ({"system", "input", "chosen", "rejected"}, "data.columns=orca (distilabel-intel-orca-dpo-pairs)"),
-    ({"question", "answer"}, "data.column_map={prompt: question} (gsm8k-style prompt-only data; `answer` "
-                             "reaches the reward functions)"),
+    ({"question", "answer"}, "column_map {prompt: question} on the source (gsm8k-style prompt-only data; "
+                             "`answer` reaches the reward functions)"),
     ({"conversations"}, "data.columns=llamafactory (ShareGPT)"),
     ({"instruction", "output"}, "data.columns=llamafactory (Alpaca)"),
     ({"input", "output"}, "data.columns=openrlhf"),

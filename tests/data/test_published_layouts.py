@@ -301,7 +301,7 @@ def test_gsm8k_is_prompt_only_with_its_answer_for_rewards(tiny_tokenizer):
     assert group.extra["answer"].endswith("#### 72") and group.completion_ids == []
     assert tiny_tokenizer.decode(group.prompt_ids).startswith("<|im_start|>user\nNatalia sold clips")
     _, errors = read_records(str(HERE / "gsm8k.jsonl"))
-    assert "data.column_map={prompt: question}" in str(errors[0])
+    assert "column_map {prompt: question} on the source" in str(errors[0])
 
 
 # ---------------------------------------------------------------- data.chat_template
