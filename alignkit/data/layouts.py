@@ -65,6 +65,7 @@ RESPONSE_KEYS = ("answer", "response", "completion", "output", "text", "content"
 SIGNATURES = (  # (columns that identify a published layout, the option that reads it)
     ({"instruction", "completions"}, "data.columns=ultrafeedback (openbmb/UltraFeedback)"),
     ({"prompt", "answers"}, "data.columns=nectar (berkeley-nest/Nectar)"),
+    ({"context", "completions"}, "data.columns=nemo (NeMo-Aligner)"),
     ({"system", "input", "chosen", "rejected"}, "data.columns=orca (distilabel-intel-orca-dpo-pairs)"),
     ({"question", "answer"}, "column_map {prompt: question} on the source (gsm8k-style prompt-only data; "
                              "`answer` reaches the reward functions)"),
