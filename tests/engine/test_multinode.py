@@ -69,3 +69,45 @@ def test_two_nodes_match_one_node_with_two_processes(tmp_path):
         torch.testing.assert_close(got_w[name], value, atol=1e-6, rtol=0, msg=name)
 
 
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_alignkit_per_node_start_matches_one_node(tmp_path):
+    """The README's per-node commands: node 0 runs ``alignkit train ... launcher.node_rank=0`` (it composes,
+    freezes the run directory and starts its workers), node 1 waits for the frozen config and starts its
+    launcher on ``alignkit worker RUN/config.yaml``; the losses equal a one-node ``-g 2`` run's."""
+    import sys
+    import time
+
+    env = {k: v for k, v in worker_env().items() if k != "PYTHONPATH"}
+    common = ["recipe=sft_tiny", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.export=false",
+              f"output_dir={tmp_path}"]
+    one = subprocess.run([sys.executable, "-m", "alignkit", "train", "-g", "2", *common, "run_name=one"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    hostfile = tmp_path / "hosts.txt"
+    hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
+    port = str(find_free_port())
+    node0 = subprocess.Popen([sys.executable, "-m", "alignkit", "train", *common, "run_name=two",
+                              "launcher.nproc_per_node=1", "launcher.nnodes=2", f"launcher.hostfile={hostfile}",
+                              "launcher.node_rank=0", "launcher.master_addr=127.0.0.1", f"launcher.master_port={port}"],
+                             env=env, cwd=tmp_path)
+    frozen = tmp_path / "two" / "config.yaml"
+    deadline = time.time() + 300
+    while not frozen.is_file() and time.time() < deadline and node0.poll() is None:
+        time.sleep(0.2)
+    assert frozen.is_file(), "node 0 did not freeze the run directory"
+    node1 = subprocess.Popen([sys.executable, "-u", "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+                              "--num_nodes", "2", "--num_gpus", "1", "--master_addr", "127.0.0.1", "--master_port", port,
+                              "--no_ssh", "--node_rank", "1", "--no_local_rank", "--module", "alignkit", "worker",
+                              str(frozen)], env=env, cwd=tmp_path)
+    assert [node0.wait(timeout=600), node1.wait(timeout=600)] == [0, 0]
+
+    def losses(run):
+        rows = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r.get("split", "train") == "train"]
+
+    assert len(losses("two")) == 3
+    assert losses("two") == pytest.approx(losses("one"), abs=1e-6)
