@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +275,25 @@ def test_resume_auto_after_a_damaged_latest_checkpoint_continues_exactly(tmp_pat
     assert "trying the previous one, step-2" in text and "resumed from" in text and "step-2 at step 2" in text
     assert step3_loss() == straight  # step 3 replayed from step 2 exactly
     assert len(list((run_dir / "checkpoints").glob("damaged-step-3-*"))) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_agree_on_fallback_and_on_nan_refusal(tmp_path, stage):
+    from alignkit.engine.launcher import build_launch_command, find_free_port, launch, launch_env
+
+    here = Path(__file__).resolve().parent
+    env = launch_env()
+    env.update(PYTHONPATH=os.pathsep.join((str(here), str(here.parent))), OMP_NUM_THREADS="1")
+    for key in DIST_VARS:
+        env.pop(key, None)
+    out = tmp_path / "out.json"
+    argv = build_launch_command(nproc_per_node=2, master_port=find_free_port(),
+                                module_args=["ckpt_safety_worker", "--stage", str(stage), "--run-dir",
+                                             str(tmp_path / "run"), "--out", str(out)])
+    assert launch(argv, env) == 0
+    result = json.loads(out.read_text())
+    assert result["path"].endswith("step-1") and result["state"] == {"step": 1} and result["same"]
+    assert len(result["said"]) == 1 and "step-2 is damaged" in result["said"][0] and "rank_1" in result["said"][0]
+    assert result["refused_on"] == 2.0 and "(on another rank)" in result["refused"] and not result["step5"]
