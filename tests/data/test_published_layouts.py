@@ -421,3 +421,23 @@ def test_ultrachat_sharegpt_trl_and_verl_layouts_still_load(tmp_path, write_json
                                           "extra_info": {"split": "train", "index": 0}}]), verl)
     record = load(str(verl))[0]
     assert record.format == "prompt" and record.extra["reward_model"]["ground_truth"] == "42"
+
+
+def test_prompt_and_system_rules_follow_trl_and_say_so():
+    from alignkit.data.formats import parse_row
+    from alignkit.data.sources import RawRow
+
+    chosen, rejected = [user("Q?"), assistant("A")], [user("Q?"), assistant("B")]
+    differs = parse_row(RawRow("f:1", {"prompt": "Another question?", "chosen": chosen, "rejected": rejected}))
+    assert differs.prompt == [user("Q?")] and differs.completions == [[assistant("A")], [assistant("B")]]
+    assert differs.notes == ["prompt column differs from the conversations' shared turns: the turns were used (TRL's rule)"]
+    listed = parse_row(RawRow("f:2", {"prompt": [system("S"), user("Q?")], "chosen": chosen, "rejected": rejected}))
+    assert listed.prompt == [system("S"), user("Q?")] and listed.completions == [[assistant("A")], [assistant("B")]]
+    own = parse_row(RawRow("f:3", {"system": "Column.", "messages": [system("Own."), user("Q?"), assistant("A")]}))
+    assert own.prompt == [system("Own."), user("Q?")] and own.extra == {"system": "Column."}
+    assert own.notes == ["system column not used: the conversation has its own system message"]
+    kto = parse_row(RawRow("f:4", {"messages": [user("Q?"), assistant("A"), user("More?"), assistant("B")], "label": 1}))
+    assert (kto.format, kto.prompt, kto.completions, kto.labels) == (
+        "unpaired", [user("Q?"), assistant("A"), user("More?")], [[assistant("B")]], [1.0])
+    rfl = parse_row(RawRow("f:5", {"prompt": "What is 2+2?", "label": "4"}))  # OpenRLHF label_key for rewards
+    assert (rfl.format, rfl.extra) == ("prompt", {"label": "4"})
