@@ -101,6 +101,27 @@ def _names_key(overrides: list[str], prefix: str) -> bool:
     return any(o.lstrip("+~").split("=", 1)[0].strip().startswith(prefix) for o in overrides)
 
 
+def _apply_overrides(cfg: DictConfig, dotlist: list[str], where: Path) -> DictConfig:
+    """Hydra-syntax ``key=value`` overrides (``data.eval=[{path: F}]``, ``reward.fns=[a,b]``) onto a frozen config."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not dotlist:
+        return cfg
+    try:
+        parsed = OverridesParser.create().parse_overrides([o.lstrip("+") for o in dotlist])
+        nested: dict = {}
+        for override in parsed:
+            node = nested
+            *parents, leaf = override.key_or_group.split(".")
+            for key in parents:
+                node = node.setdefault(key, {})
+            node[leaf] = override.value()
+        return OmegaConf.merge(cfg, OmegaConf.create(nested))
+    except Exception as exc:  # noqa: BLE001 - Hydra's parser and OmegaConf raise many kinds
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot apply the overrides {dotlist} to {where}: {first}") from None
+
+
 def resolve_target(target: str, overrides: list[str], baseline: str | None = None) -> EvalTarget:
     """What to evaluate, against what, on which data (see the module docstring)."""
     from alignkit.config.validate import runner_for
@@ -117,10 +138,7 @@ def resolve_target(target: str, overrides: list[str], baseline: str | None = Non
         if any(o.lstrip("+~").split("=", 1)[0].strip() == "recipe" for o in dotlist):
             raise ConfigError("recipe=... does not apply to a run directory (its config is frozen); give data=FILE "
                               "or data.eval=[{path: FILE}] to evaluate on other data.")
-        try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in dotlist]))
-        except Exception as exc:  # noqa: BLE001 - OmegaConf raises many kinds
-            raise ConfigError(f"cannot apply the overrides {dotlist} to {run_dir}/config.yaml: {exc}") from None
+        cfg = _apply_overrides(cfg, dotlist, run_dir / "config.yaml")
         model = str(run_dir / "final") if path == run_dir else str(path)
         if not Path(model).is_dir():
             raise UserError(f"{run_dir} has no final/ model yet (the run did not finish); evaluate a checkpoint's "

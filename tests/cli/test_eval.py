@@ -102,6 +102,12 @@ def test_data_override_and_reward_override(tmp_path):
     result = json.loads((tmp_path / "out" / "eval.json").read_text())
     assert result["metrics"]["answer_accuracy"]["n"] == 5 and "other.jsonl" in result["data"]
     assert "reward/concise" in result["metrics"] and "reward/correctness" not in result["metrics"]
+    # Hydra's syntax for a source list, as in training (the shorthand too), and a clear error for a bad key
+    for form in (f"data.eval=[{{path: '{other}'}}]", f"data.eval={other}"):
+        target = resolve_target(str(run), [form])
+        assert [s.path for s in target.cfg.data.eval] == [str(other)] and not target.use_train_split
+    with pytest.raises(UserError, match="Key 'nope'"):
+        resolve_target(str(run), ["trainer.nope=3"])
 
 
 def test_a_run_without_held_out_data_is_refused(tmp_path):
