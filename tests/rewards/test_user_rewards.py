@@ -346,3 +346,31 @@ def test_reward_file_path_through_compose(tmp_path):
     path.write_text("def f(completions, **kwargs):\n    return [0.0] * len(completions)\n")
     cfg = compose(["recipe=grpo_tiny", f"reward.fns=['{path}:f']"])
     assert list(cfg.reward.fns) == [f"{path}:f"]
+
+
+def test_a_function_failing_mid_run_stops_it_with_its_name_and_no_traceback(tmp_path, monkeypatch, capsys):
+    (tmp_path / "flaky_rewards.py").write_text(
+        "calls = []\n"
+        "def flaky(completions, **kwargs):\n"
+        "    calls.append(1)\n"
+        "    if len(calls) > 1:  # the dry call passes; the first training step's call fails\n"
+        "        raise KeyError('score_me')\n"
+        "    return [0.0] * len(completions)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    path = _gsm8k_prompts(tmp_path)
+    from alignkit import cli
+
+    monkeypatch.setattr(sys, "argv", ["alignkit", "train", "recipe=grpo_tiny", f"data.train=[{{path:{path}}}]",
+                                      "data.eval=[]", "reward.fns=[flaky_rewards:flaky]", "trainer.max_steps=1",
+                                      "generation.max_new_tokens=4", "trainer.export=false",
+                                      f"output_dir={tmp_path}", "run_name=r"])
+    monkeypatch.delenv("ALIGNKIT_DEBUG", raising=False)
+    try:
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert "reward function 'flaky'" in err and "KeyError" in err and "flaky_rewards.py:" in err
+        assert "Traceback" not in err and "dry call" not in err
+    finally:
+        sys.modules.pop("flaky_rewards", None)
