@@ -14,7 +14,8 @@ Under ``columns=llamafactory`` the column map speaks LLaMA-Factory's vocabulary,
 As in LLaMA-Factory's parser, naming any column leaves the unnamed ones unset, and naming any tag
 leaves the unnamed tags unset. With an empty column map the defaults apply and the conventional
 columns are picked up when present (``system``, ``history``, ``chosen``/``rejected`` (ranking),
-``kto_tag``, ``tools``; ``conversations`` means sharegpt).
+``kto_tag``, ``tools``; ``conversations`` means sharegpt, a ``messages`` list of role/content
+messages means sharegpt with OpenAI-style tags).
 
 Meaning, as LLaMA-Factory's converters give it (every prompt is a conversation, so the model's chat
 template is always applied, as LLaMA-Factory's ``template`` does):
@@ -57,6 +58,8 @@ DEFAULT_COLUMNS = {"prompt": "instruction", "query": "input", "response": "outpu
 TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
 DEFAULT_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
                 "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
+OPENAI_TAGS = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
+               "observation_tag": "tool", "system_tag": "system"}
 SETTINGS = ("formatting", "ranking")
 KEYS = COLUMNS + TAGS + SETTINGS
 FORMATTINGS = ("alpaca", "sharegpt", "openai")
@@ -102,6 +105,10 @@ def attributes(column_map: dict[str, Any], row: dict[str, Any], location: str) -
             if name in row:
                 columns[name] = name
     tags = {k: given_tags.get(k) for k in TAGS} if given_tags else dict(DEFAULT_TAGS)
+    if not column_map and "conversations" not in row and "instruction" not in row and isinstance(
+            row.get("messages"), list):  # an OpenAI-style messages column, as in LLaMA-Factory's kto_en_demo
+        columns["messages"] = "messages"
+        tags.update(OPENAI_TAGS)
     formatting = str(column_map.get("formatting") or "")
     if not formatting:
         formatting = "sharegpt" if columns["messages"] and columns["messages"] in row and not given_columns.get(
@@ -146,6 +153,10 @@ def _alpaca(row: dict[str, Any], attr: Attr, location: str, notes: list[str]) ->
                 raise _fail(location, f"{attr.columns['history']}[{index}]", "a [query, response] pair", describe(pair))
             turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
     query = [text for text in (_value(row, attr, "prompt"), _value(row, attr, "query")) if text]
+    if not query:
+        names = " / ".join(str(attr.columns[k]) for k in ("prompt", "query") if attr.columns[k]) or "none mapped"
+        raise _fail(location, attr.columns["prompt"] or "prompt", f"a non-empty instruction ({names})",
+                    f"none (columns: {sorted(row)})")
     turns.append({"role": "user", "content": "\n".join(str(t) for t in query)})
     system = _value(row, attr, "system")
     head = [{"role": "system", "content": system}] if system else []

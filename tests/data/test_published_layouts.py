@@ -441,3 +441,15 @@ def test_prompt_and_system_rules_follow_trl_and_say_so():
         "unpaired", [user("Q?"), assistant("A"), user("More?")], [[assistant("B")]], [1.0])
     rfl = parse_row(RawRow("f:5", {"prompt": "What is 2+2?", "label": "4"}))  # OpenRLHF label_key for rewards
     assert (rfl.format, rfl.extra) == ("prompt", {"label": "4"})
+
+
+def test_llamafactory_preset_reads_openai_messages_and_refuses_an_empty_instruction():
+    from alignkit.data.formats import parse_row
+    from alignkit.data.sources import RawRow
+
+    row = {"messages": [system("S"), user("Q"), assistant("A")], "label": True}  # kto_en_demo's rows, no json
+    record = parse_row(RawRow("f:1", row), preset="llamafactory")
+    assert (record.format, record.prompt, record.completions, record.labels) == (
+        "unpaired", [system("S"), user("Q")], [[assistant("A")]], [1.0])
+    with pytest.raises(DataError, match="a non-empty instruction"):
+        parse_row(RawRow("f:2", {"output": "x"}), preset="llamafactory")
