@@ -197,10 +197,13 @@ def _repeated_prompt(prompt: Text, chosen: Text, rejected: Text, notes: list[str
         return prompt, chosen, rejected
     turns = chosen[:shared]
     if isinstance(prompt, list):
-        if prompt[-shared:] != turns:
-            return prompt, chosen, rejected
-        notes.append("prompt repeated at the start of chosen/rejected: cut out")
-        return prompt, chosen[shared:], rejected[shared:]
+        if prompt[-shared:] == turns:  # the conversations repeat the prompt's last turns
+            notes.append("prompt repeated at the start of chosen/rejected: cut out")
+            return prompt, chosen[shared:], rejected[shared:]
+        if turns[-len(prompt):] == prompt:  # they repeat the whole prompt after more context (a system turn)
+            notes.append("prompt repeated at the start of chosen/rejected: cut out")
+            return turns, chosen[shared:], rejected[shared:]
+        return prompt, chosen, rejected
     if _last_user(turns) is None:
         return prompt, chosen, rejected
     if (_last_user(turns) or "").strip() == prompt.strip():

@@ -433,6 +433,9 @@ def test_prompt_and_system_rules_follow_trl_and_say_so():
     assert differs.notes == ["prompt column differs from the conversations' shared turns: the turns were used (TRL's rule)"]
     listed = parse_row(RawRow("f:2", {"prompt": [system("S"), user("Q?")], "chosen": chosen, "rejected": rejected}))
     assert listed.prompt == [system("S"), user("Q?")] and listed.completions == [[assistant("A")], [assistant("B")]]
+    more = parse_row(RawRow("f:2", {"prompt": [user("Q?")], "chosen": [system("S")] + chosen,
+                                    "rejected": [system("S")] + rejected}))
+    assert more.prompt == [system("S"), user("Q?")] and more.completions == [[assistant("A")], [assistant("B")]]
     own = parse_row(RawRow("f:3", {"system": "Column.", "messages": [system("Own."), user("Q?"), assistant("A")]}))
     assert own.prompt == [system("Own."), user("Q?")] and own.extra == {"system": "Column."}
     assert own.notes == ["system column not used: the conversation has its own system message"]
