@@ -20,8 +20,10 @@
   ``\\frac{\\sqrt{3}}{2}``) is returned stripped, as written.
 * ``is_correct(reply, gold)``: exact numeric equality (as fractions, so ``0.5`` == ``1/2``) when
   both sides are numbers; otherwise, when the ``math-verify`` package imports, its symbolic
-  equivalence of the two extracted answers; without it, equality of the whitespace-normalised
-  strings (``MATH_VERIFY_AVAILABLE`` says which; ``alignkit.rewards.math`` says so once).
+  equivalence of the two extracted answers, and failing that of its own reading of the whole
+  reply (for a symbolic reference only: a numeric one is never decided by a number found
+  elsewhere in the reply); without it, equality of the whitespace-normalised strings
+  (``MATH_VERIFY_AVAILABLE`` says which; ``alignkit.rewards.math`` says so once).
 
 Left out: number words (``twelve``), units beyond ``$``/``%``, answers spread over several tags
 (only the last counts), and multiple-choice letters (an ``Answer: B`` tag yields ``B``, compared
@@ -149,6 +151,21 @@ def _content(inner: str) -> str | None:
     return " ".join(cleaned.split())
 
 
+_MATH_SPAN_RE = re.compile(r"\$\$?(.+?)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
+
+
+def _tag_value(segment: str) -> str | None:
+    """The answer after ``Answer:``: LaTeX (``$\\frac{\\sqrt{3}}{2}$``) kept whole, else as ``_first_fraction_or_number``."""
+    if "\\" not in segment:
+        return _first_fraction_or_number(segment)
+    span = _MATH_SPAN_RE.search(segment)
+    if span is None:
+        if _FRAC_RE.match(segment.strip()):
+            return normalize_number(_FRAC_RE.match(segment.strip()).group(0))
+        return _content(segment)
+    return _content(next(g for g in span.groups() if g is not None))
+
+
 def _boxed(text: str) -> list[tuple[int, str]]:
     """(position, content) of every ``\\boxed{...}``, braces balanced."""
     out = []
@@ -185,7 +202,7 @@ def _tagged(text: str) -> str | None:
         boxed = _boxed(segment)
         if boxed:  # "The answer is \boxed{12}" is the boxed candidate already
             continue
-        candidates.append((match.start(), _first_fraction_or_number(segment)))
+        candidates.append((match.start(), _tag_value(segment)))
     candidates = [(pos, value) for pos, value in candidates if value is not None]
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
 
@@ -265,6 +282,26 @@ def answers_match(given: str | None, gold: str | None) -> bool:
     return _symbolic_equal(given, gold)
 
 
+def _verify_whole_reply(reply: str, gold: str) -> bool:
+    """math-verify's own reading of the whole reply against a symbolic reference (as TRL's accuracy reward does)."""
+    main = threading.current_thread() is threading.main_thread()
+    try:
+        gold_parsed = _mv_parse(f"${gold}$", **({} if main else {"parsing_timeout": None}))
+        given = _mv_parse(reply, **({} if main else {"parsing_timeout": None}))
+        return bool(gold_parsed and given and _mv_verify(gold_parsed, given,
+                                                         **({} if main else {"timeout_seconds": None})))
+    except Exception:  # a verifier failure is "not shown equal"
+        return False
+
+
 def is_correct(reply: Any, gold: Any) -> bool:
-    """Whether the final answer of ``reply`` equals the reference ``gold`` (as datasets carry it)."""
-    return answers_match(extract_answer(reply), gold_answer(gold))
+    """Whether the final answer of ``reply`` equals the reference ``gold`` (as datasets carry it).
+
+    A symbolic reference that the extracted answer does not match gets one more chance when
+    math-verify is installed: its own reading of the whole reply (LaTeX anywhere in it)."""
+    reference = gold_answer(gold)
+    if answers_match(extract_answer(reply), reference):
+        return True
+    if reference is None or _to_fraction(reference) is not None or not MATH_VERIFY_AVAILABLE:
+        return False
+    return _verify_whole_reply(_text(reply), reference)

@@ -61,6 +61,10 @@ GSM8K_SOLUTION = (
         # symbolic answers stay as written
         ("The final answer is $\\boxed{3\\sqrt{2}}$", "3\\sqrt{2}"),
         ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),
+        ("So the answer is $\\frac{\\sqrt{3}}{2}$.", "\\frac{\\sqrt{3}}{2}"),
+        ("The answer is $\\frac{1}{2}$ of the cake.", "0.5"),
+        ("Answer: \\frac{3}{4}", "0.75"),
+        ("The answer is \\(12\\).", "12"),
         # no answer at all
         ("I don't know", None),
         ("", None),
@@ -125,6 +129,11 @@ def test_symbolic_answers_use_math_verify():
     assert is_correct("\\boxed{\\sqrt{3}/2}", "\\frac{\\sqrt{3}}{2}")
     assert is_correct("The answer is \\boxed{2\\sqrt{2}}", "\\sqrt{8}")
     assert not is_correct("\\boxed{\\sqrt{2}}", "\\sqrt{3}")
+    # LaTeX our extraction does not isolate: math-verify reads the whole reply
+    assert is_correct("Hence we obtain $\\frac{\\sqrt{3}}{2}$", "\\frac{\\sqrt{3}}{2}")
+    assert is_correct("So the answer is $\\frac{\\sqrt{3}}{2}$.", "\\frac{\\sqrt{3}}{2}")
+    # a numeric reference is never decided by a number elsewhere in the reply
+    assert not is_correct("I guessed 12 at first; the answer is 13", "12")
 
 
 def test_symbolic_fallback_without_math_verify(monkeypatch):
