@@ -125,7 +125,7 @@ def write_cache(path: Path, key: str, train: list[TokenizedGroup], evaluation: l
                 tokens += ids
                 mask += [1 if m else 0 for m in train_mask]
             groups[split].append(_group_meta(group))
-    meta_text = _exact_json({"key": key, "stats": _stats_to_json(stats), **groups}, "the data (extra columns)")
+    meta_text = _exact_json({"key": key, "stats": _stats_to_json(stats), **groups}, "the data (extra columns) or its statistics")
     tensors = {
         "tokens": torch.tensor(tokens, dtype=torch.int64),
         "mask": torch.tensor(mask, dtype=torch.uint8),

@@ -159,3 +159,18 @@ def test_no_pickle_import_left_in_the_pipeline():
     for module in (alignkit.data.pipeline, alignkit.data.cache):
         source = open(module.__file__).read()
         assert "import pickle" not in source and "pickle.load" not in source
+
+
+def test_a_source_whose_columns_json_cannot_carry_runs_uncached_and_says_so(tmp_path, tiny_tokenizer):
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"prompt": ["Q1?", "Q2?"], "chosen": ["A.", "B."], "rejected": ["C.", "D."],
+                             "when": [datetime.date(2024, 1, 1), datetime.date(2024, 1, 2)]}), tmp_path / "d.parquet")
+    cfg = DataConfig(train=[SourceConfig(path=str(tmp_path / "d.parquet"))], cache_dir=str(tmp_path / "cache"))
+    prepared = prepare_data(cfg, "pairwise", tiny_tokenizer)
+    assert prepared.train[0].extra == {"when": datetime.date(2024, 1, 1)}  # the data itself is untouched
+    assert prepared.stats.cache_note.startswith("not cached: ") and "date is not JSON serializable" in str(prepared.stats)
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())
