@@ -13,7 +13,8 @@ data summary counts it, see ``summary.py``):
 * A string ``prompt`` with ``chosen``/``rejected`` conversations that repeat it (HuggingFaceH4/
   ultrafeedback_binarized): the conversations' shared leading turns are the prompt and are cut out
   of the completions (TRL's ``maybe_extract_prompt`` rule). A message-list prompt repeated at the
-  start of both conversations is cut out the same way.
+  start of both conversations, or of a ``completion`` conversation (argilla/kto-mix-15k), is cut
+  out the same way.
 * ``messages`` + ``label`` (LLaMA-Factory's and TRL's KTO rows as conversations): the last turn is
   the completion.
 * ``label``/``score`` with a prompt and no completion: prompt-only data; the value stays a column
@@ -158,8 +159,9 @@ def _parse_sft(row: dict[str, Any], location: str, notes: list[str]) -> Record:
             raise fail(location, "messages", "a list of messages", describe(messages))
         prompt, completion = _split_conversation(messages, location, "messages", last=False)
         return Record("sft", prompt, [completion], extra=_rest(row, ("messages",)), location=location)
-    prompt, completions = _align(_text(row, "prompt", location),
-                                 [_text(row, "completion", location, response=True)])
+    prompt, completion = _repeated_in_completion(_text(row, "prompt", location),
+                                                 _text(row, "completion", location, response=True), notes)
+    prompt, completions = _align(prompt, [completion])
     return Record("sft", prompt, completions, extra=_rest(row, ("prompt", "completion")), location=location)
 
 
@@ -213,6 +215,25 @@ def _repeated_prompt(prompt: Text, chosen: Text, rejected: Text, notes: list[str
     return turns, chosen[shared:], rejected[shared:]
 
 
+def _repeated_in_completion(prompt: Text, completion: Text, notes: list[str]) -> tuple[Text, Text]:
+    """Cut the prompt out of a completion conversation that starts by repeating it (argilla/kto-mix-15k)."""
+    if not isinstance(completion, list):
+        return prompt, completion
+    first = next((i for i, m in enumerate(completion) if m["role"] == "assistant"), 0)
+    lead = completion[:first]
+    if not lead or _last_user(lead) is None:
+        return prompt, completion
+    if isinstance(prompt, str):
+        same = (_last_user(lead) or "").strip() == prompt.strip()
+    else:
+        same = prompt[-len(lead):] == lead or lead[-len(prompt):] == prompt
+    if not same:
+        return prompt, completion
+    notes.append("prompt repeated at the start of the completion: cut out")
+    longer = lead if isinstance(prompt, str) or len(lead) > len(prompt) else prompt
+    return longer, completion[first:]
+
+
 def _pair_scores(row: dict[str, Any], location: str, notes: list[str]) -> list[float] | None:
     has_chosen, has_rejected = "chosen_score" in row, "rejected_score" in row
     if has_chosen and has_rejected:
@@ -252,8 +273,9 @@ def _parse_unpaired(row: dict[str, Any], location: str, notes: list[str]) -> Rec
         used: tuple[str, ...] = ("messages", "label", "score")
         completions: list[Text] = [completion]
     else:
-        prompt, completions = _align(_text(row, "prompt", location),
-                                     [_text(row, "completion", location, response=True)])
+        prompt, completion = _repeated_in_completion(_text(row, "prompt", location),
+                                                     _text(row, "completion", location, response=True), notes)
+        prompt, completions = _align(prompt, [completion])
         used = ("prompt", "completion", "label", "score")
     labels = [_label(row["label"], location)] if "label" in row else None
     scores = [_number(row["score"], location, "score")] if "score" in row else None

@@ -442,6 +442,9 @@ def test_prompt_and_system_rules_follow_trl_and_say_so():
     kto = parse_row(RawRow("f:4", {"messages": [user("Q?"), assistant("A"), user("More?"), assistant("B")], "label": 1}))
     assert (kto.format, kto.prompt, kto.completions, kto.labels) == (
         "unpaired", [user("Q?"), assistant("A"), user("More?")], [[assistant("B")]], [1.0])
+    mix = parse_row(RawRow("f:6", {"prompt": [user("Q?")], "completion": [user("Q?"), assistant("A")], "label": True}))
+    assert (mix.prompt, mix.completions) == ([user("Q?")], [[assistant("A")]])  # argilla/kto-mix-15k's rows
+    assert mix.notes == ["prompt repeated at the start of the completion: cut out"]
     rfl = parse_row(RawRow("f:5", {"prompt": "What is 2+2?", "label": "4"}))  # OpenRLHF label_key for rewards
     assert (rfl.format, rfl.extra) == ("prompt", {"label": "4"})
 
