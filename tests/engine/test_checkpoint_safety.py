@@ -97,7 +97,8 @@ def test_planted_payload_is_refused_and_never_runs(tmp_path, stage, victim):
 
 
 @pytest.mark.parametrize("stage, dtype, extra", [(0, "bf16", {}), (1, "fp32", {}), (2, "bf16", {}),
-                                                 (3, "bf16", {}), (2, "fp32", {"offload_optimizer": "cpu"})])
+                                                 (3, "bf16", {}), (2, "fp16", {}),
+                                                 (2, "fp32", {"offload_optimizer": "cpu"})])
 def test_every_layout_loads_weights_only_and_exactly(tmp_path, stage, dtype, extra):
     engine = make_engine(stage, dtype, **extra)
     train(engine, 0, 2)
