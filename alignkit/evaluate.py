@@ -311,16 +311,25 @@ def _reference(group) -> Any:
 
 def answer_metrics(samples: list[dict]) -> dict[str, float]:
     """Plain answer accuracy of the model's and the baseline's replies (samples with an ``answer``),
-    scored with the same parser (``alignkit.rewards.answer.is_correct``) on both sides."""
+    scored with the same parser (``alignkit.rewards.answer.is_correct``) on both sides, and beside it
+    the demo judge's ``format`` and ``concise`` means (for ``scripts/write_card.py`` and old samples)."""
     from alignkit.rewards.answer import is_correct
+
+    from alignkit.rewards.registry import resolve_reward, reward_names
 
     rows = [r for r in samples if r.get("answer") is not None]
     out: dict[str, float] = {}
     if not rows:
         return out
+    parts = [name for name in JUDGE_PARTS if name in reward_names()]  # the demo judge's format and brevity
+    answers = [r["answer"] for r in rows]
     for side, prefix in (("model", ""), ("baseline", "baseline_")):
         if all(side in r and r[side] is not None for r in rows):
-            out[f"{prefix}answer_accuracy"] = sum(is_correct(r[side], r["answer"]) for r in rows) / len(rows)
+            replies = [r[side] for r in rows]
+            out[f"{prefix}answer_accuracy"] = sum(is_correct(c, a) for c, a in zip(replies, answers)) / len(rows)
+            for name in parts:
+                values = resolve_reward(name)([""] * len(rows), replies, answer=answers)
+                out[f"{prefix}{name}"] = sum(values) / len(values)
     return out
 
 
