@@ -472,7 +472,8 @@ def _candidates(run_dir: str | os.PathLike, resume: str | None) -> tuple[list[Pa
         return [], False
     if str(resume).strip().lower() != "auto" and first == Path(str(resume)).expanduser():
         return [first], False  # an explicit step-N: that one or an error
-    older = [p for _, p in reversed(list_checkpoints(first.parent)) if p != first]
+    first_step = int(_STEP_RE.match(first.name).group(1))
+    older = [p for step, p in reversed(list_checkpoints(first.parent)) if step < first_step]
     return [first, *older], str(resume).strip().lower() == "auto"
 
 

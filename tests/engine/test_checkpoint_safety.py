@@ -298,3 +298,17 @@ def test_two_processes_agree_on_fallback_and_on_nan_refusal(tmp_path, stage):
     assert result["path"].endswith("step-1") and result["state"] == {"step": 1} and result["same"]
     assert len(result["said"]) == 1 and "step-2 is damaged" in result["said"][0] and "rank_1" in result["said"][0]
     assert result["refused_on"] == 2.0 and "(on another rank)" in result["refused"] and not result["step5"]
+
+
+def test_fallback_only_goes_back_in_time(tmp_path):
+    """``latest`` names step-2 (step-3 exists but is not the run's latest): a damaged step-2 falls back to step-1."""
+    engine = make_engine(0)
+    for step in (1, 2, 3):
+        train(engine, step - 1, step)
+        ckpt.save_checkpoint(engine, tmp_path, step, {"step": step}, keep_last=0)
+    root = tmp_path / "checkpoints"
+    (root / "latest").write_text("step-2\n")
+    (root / "step-2" / "rng" / "rank-0.json").write_text("{}")
+    said: list[str] = []
+    path, state = ckpt.resume_checkpoint(make_engine(0), tmp_path, "auto", say=said.append)
+    assert path.name == "step-1" and state == {"step": 1} and "trying the previous one, step-1" in said[0]
