@@ -42,11 +42,14 @@ def _log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 @register_loss(view="pairwise", needs_reference=False)
-def simpo(inputs: SequenceLogps, *, beta: float = 2.0, gamma: float = 1.0, label_smoothing: float = 0.0) -> Out:
+def simpo(inputs: SequenceLogps, *, beta: float = 2.0, gamma: float = 0.5, label_smoothing: float = 0.0) -> Out:
     """SimPO: -log sigmoid(beta * (logp_c/len_c - logp_r/len_r) - gamma), optionally label-smoothed.
 
-    Defaults are the SimPO paper's (beta=2, gamma/beta=0.5). ``gamma`` is the margin itself
-    (TRL's ``simpo_gamma``); TRL's CPOTrainer subtracts gamma/beta before multiplying by beta.
+    ``gamma`` is the margin itself (TRL's ``simpo_gamma``); TRL's CPOTrainer subtracts gamma/beta
+    before multiplying by beta. Defaults are the reference code's: princeton-nlp/SimPO's
+    ``SimPOConfig`` has beta=2.0 and ``gamma_beta_ratio=0.25``, i.e. gamma=0.5, which is also TRL's
+    ``simpo_gamma`` default. The SimPO README suggests gamma/beta=0.5 (gamma=1.0 at beta=2) as a
+    starting point for tuning, and its released models used gamma/beta from 0.1 to 0.8.
     """
     validate_knobs("simpo", locals())
     t = pair_terms(inputs, reference=False)
