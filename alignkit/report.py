@@ -3,7 +3,8 @@
 Reads ``metrics.jsonl`` and draws one panel per metric family that the run logged — loss,
 reward margin and accuracy, KL, reward mean, lengths, learning rate, tokens/s — with train
 curves and eval points, into ``RUN_DIR/report/metrics.png``, and writes ``report.md`` with the
-first, last and best value of each metric. For a sweep directory it draws
+first, last and best value of each metric, led by the ``alignkit eval`` results when
+``RUN_DIR/eval/eval.json`` exists (answer accuracy first, every rate with its 95% interval and N). For a sweep directory it draws
 ``report/comparison.png``: one panel per key metric, one colour per job (the same in every
 panel), a legend naming each job by the overrides that vary between jobs; metrics logged at
 several steps are curves, a held-out metric evaluated once per job (``eval_every=0``) is a bar
@@ -154,6 +155,30 @@ def summary_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def eval_section(run_dir: Path) -> list[str]:
+    """The ``alignkit eval`` results (``eval/eval.json``), answer accuracy first, each with its 95% interval and N."""
+    path = run_dir / "eval" / "eval.json"
+    if not path.is_file():
+        return []
+    result = json.loads(path.read_text())
+    metrics = result.get("metrics")
+    if not isinstance(metrics, dict) or not metrics:
+        return []
+    first = [k for k in ("answer_accuracy", "baseline_answer_accuracy", "answer_accuracy_diff") if k in metrics]
+    order = first + [k for k in metrics if k not in first]
+    lines = ["## Held-out evaluation (`alignkit eval`)", "",
+             f"Model `{result.get('model')}` against `{result.get('baseline')}` on {result.get('data')}.", "",
+             "| metric | value | 95% interval | N |", "|---|---|---|---|"]
+    for key in order:
+        m = metrics[key]
+        sign = "+" if key.endswith("_diff") else ""
+        lines.append(f"| {key} | {m['rate']:{sign}.3f} | [{m['ci_low']:{sign}.3f}, {m['ci_high']:{sign}.3f}] | {m['n']} |")
+    if "answer_accuracy_diff" in metrics:
+        lines += ["", "`answer_accuracy_diff`: model minus baseline on the same prompts (Newcombe's paired interval); "
+                  "rates: Wilson intervals; reward means and the win rate: normal intervals."]
+    return lines + [f"- {note}" for note in result.get("notes", [])] + [""]
+
+
 def write_report(target: str) -> Path:
     root = Path(target)
     jobs = sorted(p for p in root.glob("*/metrics.jsonl")) if not (root / "metrics.jsonl").exists() else []
@@ -175,6 +200,7 @@ def write_report(target: str) -> Path:
     else:
         rows = read_metrics(root)
         png = plot_run(rows, out_dir / "metrics.png")
-        lines = [f"# Run report: {root.name}", "", f"![metrics]({png.name})", ""] + summary_table(rows)
+        lines = [f"# Run report: {root.name}", ""] + eval_section(root) + [f"![metrics]({png.name})", ""]
+        lines += summary_table(rows)
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return out_dir

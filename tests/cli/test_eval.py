@@ -72,6 +72,10 @@ def test_grpo_run_is_scored_on_its_own_held_out_prompts(tmp_path):
     # the correctness reward and answer accuracy agree: same parser, same replies
     assert metrics["reward/correctness"]["rate"] == pytest.approx(metrics["answer_accuracy"]["rate"])
     assert metrics["answer_accuracy_diff"]["method"].startswith("Newcombe")
+    from alignkit.report import write_report
+
+    report = (write_report(str(run)) / "report.md").read_text()
+    assert "| answer_accuracy |" in report and report.index("| answer_accuracy |") < report.index("![metrics]")
     lines = format_table(result)
     table = [line for line in lines if line.split() and line.split()[0] in metrics]
     assert table[0].startswith("answer_accuracy ") and "10" in table[0].split()[-1]
