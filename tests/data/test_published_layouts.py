@@ -366,7 +366,7 @@ RUNS = {
                                     "3 of 3 records: prompt repeated at the start of chosen/rejected: cut out"),
     "llamafactory_kto": (["recipe=kto_tiny", f"data.train=[{{path: '{P}/llamafactory#kto_en_demo'}}]"], None),
     "gsm8k_grpo": (["recipe=grpo_tiny", f"data.train=[{{path: {P}/gsm8k.jsonl, column_map: {{prompt: question}}}}]",
-                    "generation.max_new_tokens=8"], None),  # the GRPO trainer does not print data.stats (yet)
+                    "generation.max_new_tokens=8"], "columns not trained on (kept for reward functions): answer"),
     "nectar_lipo": (["recipe=lipo_tiny", f"data.train=[{{path: {P}/nectar.jsonl, columns: nectar}}]"],
                     "dropped answers[].model"),
     "ultrafeedback_raw_paths": (["recipe=lipo_tiny", f"data.train=[{{path: {P}/ultrafeedback_raw.jsonl, column_map: "
