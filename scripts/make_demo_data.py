@@ -1,25 +1,32 @@
 """Write the demo task's datasets to data/demo/: SFT, paired, unpaired, listwise and prompt-only.
 
-The task family (data/demo/README.md): one-integer questions -- arithmetic (``+ - *``), one-step
-word problems and copying a number from a stated fact -- each followed by the judge's instruction
-``Answer with 'Answer: <number>' only.``. Candidate replies are built from templates (the ideal
-``Answer: N``, a short equation, an explanation ending in the tag, rambling, wrong answers in each
-style, a refusal, an echo of the question) and scored by ``alignkit.rewards.judge``, so every
+The task (data/demo/README.md): *look a number up among similar facts*. Each prompt states 3 or 4
+facts of one kind (``The red key opens door 20. The blue key opens door 47. ...``, people's ages,
+prices, points scored), all numbers distinct two-digit integers, then asks about one of them at a
+uniformly drawn position, followed by the judge's instruction (``INSTRUCTION``). The ideal reply
+quotes the fact it uses, then the tagged answer: ``The blue key opens door 47. Answer: 47``.
+SmolLM2-135M-Instruct gets about 4 in 10 right before training: it copies *a* fact, often the
+last one or the first one instead of the one asked about (measured, see the README).
+
+Candidate replies come from templates and are scored by ``alignkit.rewards.judge``, so every
 preference in the files IS the judge's:
 
-* paired: judge-best vs a strictly worse candidate (``score_chosen``/``score_rejected`` included);
-* unpaired: one candidate, ``label`` = judge score >= ``DESIRABLE_THRESHOLD``;
-* listwise: 4 distinct candidates with their judge ``scores`` (at least two different);
-* sft: ``messages`` = the prompt and the ideal reply;
-* prompts: ``prompt`` plus the reference ``answer`` (and the question ``task``) that the reward
-  functions receive.
+* correct: the ideal reply; a bare ``Answer: N``; the quoted fact without the tag;
+* wrong: the asked entity with a distractor's number (in the ideal format: the model's own error),
+  another fact quoted, a bare wrong ``Answer: N``, a number that is in no fact, a refusal.
+
+Files: paired (chosen is always a correct reply, rejected always a wrong one, so every pair teaches
+which number is right, not which format), unpaired (``label`` = the reply is correct), listwise (4
+distinct candidates with their judge ``scores``), sft (the ideal reply), prompts (``prompt`` plus
+the reference ``answer``, the fact ``task`` kind, ``facts`` and the asked ``position``).
 
 Prompts are chat messages, responses ``[{"role": "assistant", "content": ...}]`` (TRL's
-conversational format); every file also carries ``answer``. Train and eval prompts are drawn from
-one pool of distinct problems (``3 + 4`` and ``4 + 3`` count as one), so they never overlap.
+conversational format); every file also carries ``answer``. Train and eval problems are drawn
+from one pool of distinct problems and no eval problem's asked fact (kind, entity, number) appears
+in any train prompt, so a held-out question cannot be answered from memory of training.
 Deterministic for a given ``--seed``; runs in about a second; no model needed.
 
-Usage: ``python scripts/make_demo_data.py [--out data/demo] [--seed 0] [--train 1000] [--eval 200]``
+Usage: ``python scripts/make_demo_data.py [--out data/demo] [--seed 0] [--train 1000] [--eval 300]``
 """
 
 from __future__ import annotations
@@ -28,124 +35,115 @@ import argparse
 import json
 import random
 from pathlib import Path
-from typing import Callable
 
 from alignkit.rewards.judge import INSTRUCTION, score
 
-DESIRABLE_THRESHOLD = 1.25
-NAMES = ["Tom", "Mia", "Sam", "Ana", "Leo", "Zoe", "Max", "Ivy", "Ben", "Eva", "Noah", "Lily"]
-ITEMS = ["apples", "pens", "stickers", "marbles", "books", "cards", "shells", "coins", "eggs", "stamps"]
-COLORS = ["red", "blue", "green", "yellow", "black", "white", "silver", "orange"]
-THINGS = ["lamp", "kite", "mug", "scarf", "ticket", "puzzle", "clock", "bottle"]
-FILLERS = [
-    "Great question! Problems like this are a nice way to practice careful thinking, so let us read it again.",
-    "Let me think about this step by step, because it is important to explain every part of the reasoning.",
-    "Sure, I would be happy to help with this one. Questions like this appear in homework and in everyday life.",
-]
-REFUSALS = ["I'm sorry, I can't help with that question.", "I am not sure what you mean.", "That is a difficult question to answer."]
+DESIRABLE_THRESHOLD = 1.0  # unpaired label: judge score >= 1.0, i.e. the answer is right
+FACT_COUNTS = (3, 4)
+NUMBERS = range(10, 100)
+
+# kind -> (entities, fact template, question template); {e} the entity, {n} the number
+KINDS: dict[str, tuple[list[str], str, str]] = {
+    "keys": (["red", "blue", "green", "yellow", "black", "white", "silver", "orange", "purple", "brown"],
+             "The {e} key opens door {n}.", "Which door does the {e} key open?"),
+    "ages": (["Tom", "Mia", "Sam", "Ana", "Leo", "Zoe", "Max", "Ivy", "Ben", "Eva", "Noah", "Lily"],
+             "{e} is {n} years old.", "How old is {e}?"),
+    "prices": (["lamp", "kite", "mug", "scarf", "ticket", "puzzle", "clock", "bottle", "chair", "radio"],
+               "The {e} costs {n} dollars.", "How many dollars does the {e} cost?"),
+    "points": (["Tom", "Mia", "Sam", "Ana", "Leo", "Zoe", "Max", "Ivy", "Ben", "Eva", "Noah", "Lily"],
+               "{e} scored {n} points.", "How many points did {e} score?"),
+}
+REFUSALS = ["I'm sorry, I can't answer that.", "I am not sure which one you mean.", "The facts do not say."]
 
 
 class Problem:
-    """One question with its integer answer and the text of a worked explanation (for any claimed result)."""
+    """A set of facts of one kind and a question about the fact at ``position``."""
 
-    def __init__(self, task: str, key: tuple, question: str, answer: int, explain: Callable[[int], str], equation: Callable[[int], str]):
-        self.task, self.key, self.question, self.answer = task, key, question, answer
-        self.explain, self.equation = explain, equation
+    def __init__(self, kind: str, facts: list[tuple[str, int]], position: int):
+        self.kind, self.facts, self.position = kind, facts, position
+        _, self.fact_template, self.question_template = KINDS[kind]
+        self.entity, self.answer = facts[position]
+
+    @property
+    def key(self) -> tuple:
+        return (self.kind, tuple(self.facts), self.position)
+
+    @property
+    def asked(self) -> tuple:
+        """The asked fact: no eval problem's asked fact occurs in any train prompt."""
+        return (self.kind, self.entity, self.answer)
+
+    def fact(self, entity: str, number: int) -> str:
+        return self.fact_template.format(e=entity, n=number)
+
+    @property
+    def question(self) -> str:
+        facts = " ".join(self.fact(e, n) for e, n in self.facts)
+        return f"{facts} {self.question_template.format(e=self.entity)}"
 
     @property
     def prompt(self) -> list[dict[str, str]]:
         return [{"role": "user", "content": f"{self.question} {INSTRUCTION}"}]
 
 
-def _arithmetic(rng: random.Random) -> Problem:
-    op = rng.choice("+-*")
-    if op == "+":
-        a, b = rng.randint(2, 60), rng.randint(2, 60)
-        n, key = a + b, ("+", min(a, b), max(a, b))
-    elif op == "-":
-        a = rng.randint(10, 99)
-        b = rng.randint(1, a - 1)
-        n, key = a - b, ("-", a, b)
-    else:
-        a, b = rng.randint(2, 12), rng.randint(2, 12)
-        n, key = a * b, ("*", min(a, b), max(a, b))
-    verb = {"+": "add the two numbers", "-": f"take {b} away from {a}", "*": f"add {a} to itself {b} times"}[op]
-    return Problem("arithmetic", key, f"What is {a} {op} {b}?", n,
-                   lambda r: f"To find {a} {op} {b}, {verb}: {a} {op} {b} = {r}.", lambda r: f"{a} {op} {b} = {r}")
+def make_problem(rng: random.Random) -> Problem:
+    kind = rng.choice(sorted(KINDS))
+    entities = rng.sample(KINDS[kind][0], rng.choice(FACT_COUNTS))
+    numbers = rng.sample(NUMBERS, len(entities))
+    return Problem(kind, list(zip(entities, numbers)), rng.randrange(len(entities)))
 
 
-def _word(rng: random.Random) -> Problem:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a = rng.randint(3, 30)
-    if rng.random() < 0.5:
-        b = rng.randint(2, 20)
-        question = f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?"
-        n, op, verb = a + b, "+", f"gets {b} more, so we add"
-    else:
-        b = rng.randint(1, a - 1)
-        question = f"{name} has {a} {item} and gives away {b}. How many {item} does {name} have left?"
-        n, op, verb = a - b, "-", f"gives away {b}, so we subtract"
-    return Problem("word", ("word", name, item, a, op, b), question, n,
-                   lambda r: f"{name} starts with {a} {item} and {verb}: {a} {op} {b} = {r}.",
-                   lambda r: f"{a} {op} {b} = {r}")
+def problem_pools(rng: random.Random, n_train: int, n_eval: int) -> tuple[list[Problem], list[Problem]]:
+    """Distinct train and eval problems; no eval problem's asked fact is stated in any train prompt."""
+    eval_pool: dict[tuple, Problem] = {}
+    while len(eval_pool) < n_eval:
+        p = make_problem(rng)
+        eval_pool.setdefault(p.key, p)
+    held_out = {p.asked for p in eval_pool.values()}
+    train_pool: dict[tuple, Problem] = {}
+    while len(train_pool) < n_train:
+        p = make_problem(rng)
+        if p.key not in eval_pool and not any((p.kind, e, n) in held_out for e, n in p.facts):
+            train_pool.setdefault(p.key, p)
+    return list(train_pool.values()), list(eval_pool.values())
 
 
-def _fact(rng: random.Random) -> Problem:
-    n = rng.randint(2, 99)
-    kind = rng.randrange(3)
-    if kind == 0:
-        color = rng.choice(COLORS)
-        fact, question, claim = f"the {color} key opens door {n}.", f"Which door does the {color} key open?", f"the {color} key opens door {{}}"
-    elif kind == 1:
-        name = rng.choice(NAMES)
-        fact, question, claim = f"{name} is {n} years old.", f"How old is {name}?", f"{name} is {{}} years old"
-    else:
-        thing = rng.choice(THINGS)
-        fact, question, claim = f"the {thing} costs {n} dollars.", f"How many dollars does the {thing} cost?", f"the {thing} costs {{}} dollars"
-    return Problem("fact", ("fact", fact), f"Fact: {fact} {question}", n,
-                   lambda r: f"The fact states it directly: {claim.format(r)}.",
-                   lambda r: f"{claim.format(r)[0].upper()}{claim.format(r)[1:]}.")
+def _distractor(p: Problem, rng: random.Random) -> tuple[str, int]:
+    return rng.choice([f for i, f in enumerate(p.facts) if i != p.position])
 
 
-MAKERS = [_arithmetic, _arithmetic, _word, _fact]  # half arithmetic, a quarter word problems, a quarter facts
-
-
-def problem_pool(rng: random.Random, size: int) -> list[Problem]:
-    pool: dict[tuple, Problem] = {}
-    while len(pool) < size:
-        problem = rng.choice(MAKERS)(rng)
-        pool.setdefault(problem.key, problem)
-    return list(pool.values())
-
-
-def _wrong(rng: random.Random, n: int) -> int:
-    return n + rng.choice([-10, -3, -2, -1, 1, 2, 3, 10]) if n > 10 else n + rng.choice([1, 2, 3, 10])
+def _absent_number(p: Problem, rng: random.Random) -> int:
+    used = {n for _, n in p.facts}
+    return rng.choice([n for n in NUMBERS if n not in used and abs(n - p.answer) <= 10])
 
 
 def candidate(kind: str, p: Problem, rng: random.Random) -> str:
     """The reply of one template ``kind`` to problem ``p``."""
-    w = _wrong(rng, p.answer)
-    filler = rng.choice(FILLERS)
-    texts = {
-        "ideal": lambda: f"Answer: {p.answer}",
-        "short_correct": lambda: p.equation(p.answer),
-        "tagged_verbose": lambda: f"{p.explain(p.answer)}\nAnswer: {p.answer}",
-        "rambling_correct": lambda: f"{filler}\n\n{p.explain(p.answer)} I hope this helps!",
-        "wrong_tagged": lambda: f"Answer: {w}",
-        "wrong_short": lambda: p.equation(w),
-        "wrong_tagged_verbose": lambda: f"{p.explain(w)}\nAnswer: {w}",
-        "wrong_rambling": lambda: f"{filler}\n\n{p.explain(w)} I hope this helps!",
-        "refusal": lambda: rng.choice(REFUSALS),
-        "echo": lambda: p.question,
-    }
-    return texts[kind]()
+    if kind == "ideal":
+        return f"{p.fact(p.entity, p.answer)} Answer: {p.answer}"
+    if kind == "bare_correct":
+        return f"Answer: {p.answer}"
+    if kind == "quote_correct":
+        return p.fact(p.entity, p.answer)
+    if kind == "wrong_number":  # the asked entity with a distractor's number: the base model's own mistake
+        _, n = _distractor(p, rng)
+        return f"{p.fact(p.entity, n)} Answer: {n}"
+    if kind == "wrong_fact":  # another fact quoted and answered
+        e, n = _distractor(p, rng)
+        return f"{p.fact(e, n)} Answer: {n}"
+    if kind == "wrong_bare":
+        return f"Answer: {_distractor(p, rng)[1]}"
+    if kind == "wrong_absent":
+        n = _absent_number(p, rng)
+        return f"{p.fact(p.entity, n)} Answer: {n}"
+    if kind == "refusal":
+        return rng.choice(REFUSALS)
+    raise KeyError(kind)
 
 
-GOOD = {"ideal": 0.6, "tagged_verbose": 0.2, "short_correct": 0.2}
-REJECTED = {"short_correct": 0.15, "tagged_verbose": 0.10, "rambling_correct": 0.15, "wrong_tagged": 0.12,
-            "wrong_short": 0.13, "wrong_tagged_verbose": 0.08, "wrong_rambling": 0.12, "refusal": 0.08, "echo": 0.07}
-BAD = {kind: w for kind, w in REJECTED.items() if kind not in GOOD}
-KINDS = ["ideal", *REJECTED]
+CORRECT = {"ideal": 0.8, "bare_correct": 0.1, "quote_correct": 0.1}
+WRONG = {"wrong_number": 0.45, "wrong_fact": 0.2, "wrong_bare": 0.15, "wrong_absent": 0.15, "refusal": 0.05}
+ALL_KINDS = [*CORRECT, *WRONG]
 
 
 def _pick(rng: random.Random, weights: dict[str, float]) -> str:
@@ -162,35 +160,29 @@ def _reply(text: str) -> list[dict[str, str]]:
 
 
 def sft_row(p: Problem, rng: random.Random) -> dict:
-    return {"messages": p.prompt + _reply(f"Answer: {p.answer}"), "answer": str(p.answer)}
+    return {"messages": p.prompt + _reply(candidate("ideal", p, rng)), "answer": str(p.answer)}
 
 
 def prompt_row(p: Problem, rng: random.Random) -> dict:
-    return {"prompt": p.prompt, "answer": str(p.answer), "task": p.task}
+    return {"prompt": p.prompt, "answer": str(p.answer), "task": p.kind, "facts": len(p.facts), "position": p.position}
 
 
 def paired_row(p: Problem, rng: random.Random) -> dict:
-    chosen_kind = "ideal" if rng.random() < 0.85 else rng.choice(["tagged_verbose", "short_correct"])
-    chosen, best = _judged(chosen_kind, p, rng)
-    while True:
-        rejected, worse = _judged(_pick(rng, REJECTED), p, rng)
-        if worse < best:
-            break
+    chosen, best = _judged(_pick(rng, CORRECT), p, rng)
+    rejected, worse = _judged(_pick(rng, WRONG), p, rng)
     return {"prompt": p.prompt, "chosen": _reply(chosen), "rejected": _reply(rejected),
             "score_chosen": best, "score_rejected": worse, "answer": str(p.answer)}
 
 
 def unpaired_row(p: Problem, rng: random.Random) -> dict:
-    kind = _pick(rng, GOOD) if rng.random() < 0.5 else _pick(rng, BAD)
-    text, value = _judged(kind, p, rng)
+    text, value = _judged(_pick(rng, CORRECT) if rng.random() < 0.5 else _pick(rng, WRONG), p, rng)
     return {"prompt": p.prompt, "completion": _reply(text), "label": value >= DESIRABLE_THRESHOLD, "answer": str(p.answer)}
 
 
 def listwise_row(p: Problem, rng: random.Random) -> dict:
-    while True:
-        judged = [_judged(kind, p, rng) for kind in rng.sample(KINDS, 4)]
-        if len({value for _, value in judged}) > 1:
-            break
+    kinds = [_pick(rng, CORRECT), *rng.sample(list(WRONG), 3)]  # one correct reply, three wrong ones
+    rng.shuffle(kinds)
+    judged = [_judged(kind, p, rng) for kind in kinds]
     return {"prompt": p.prompt, "responses": [_reply(t) for t, _ in judged], "scores": [v for _, v in judged],
             "answer": str(p.answer)}
 
@@ -198,12 +190,11 @@ def listwise_row(p: Problem, rng: random.Random) -> dict:
 ROWS = {"sft": sft_row, "paired": paired_row, "unpaired": unpaired_row, "listwise": listwise_row, "prompts": prompt_row}
 
 
-def build(seed: int = 0, n_train: int = 1000, n_eval: int = 200) -> dict[str, list[dict]]:
+def build(seed: int = 0, n_train: int = 1000, n_eval: int = 300) -> dict[str, list[dict]]:
     """Every file's rows, keyed ``<format>_<split>``; a pure function of the arguments."""
     rng = random.Random(seed)
-    pool = problem_pool(rng, n_train + n_eval)
-    rng.shuffle(pool)
-    splits = {"train": pool[:n_train], "eval": pool[n_train:]}
+    train, held_out = problem_pools(rng, n_train, n_eval)
+    splits = {"train": train, "eval": held_out}
     out = {}
     for fmt, make in ROWS.items():
         for split, problems in splits.items():
@@ -226,7 +217,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "data" / "demo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train", type=int, default=1000)
-    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--eval", type=int, default=300)
     args = parser.parse_args()
     write(args.out, build(args.seed, args.train, args.eval))
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.rewards.judge import MAX_SCORE, score
+from alignkit.rewards.judge import INSTRUCTION, MAX_SCORE, score
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data" / "demo"
 SCRIPT = ROOT / "scripts" / "make_demo_data.py"
 FORMATS = ("sft", "paired", "unpaired", "listwise", "prompts")
-SIZES = {"train": 1000, "eval": 200}
-THRESHOLD = 1.25  # unpaired label = judge score >= this (README)
+SIZES = {"train": 1000, "eval": 300}
+THRESHOLD = 1.0  # unpaired label = judge score >= this = the answer is right (README)
 
 
 def rows(name: str) -> list[dict]:
@@ -66,11 +66,11 @@ def test_every_file_parses_with_the_expected_columns(fmt, split):
         "paired": {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "answer"},
         "unpaired": {"prompt", "completion", "label", "answer"},
         "listwise": {"prompt", "responses", "scores", "answer"},
-        "prompts": {"prompt", "answer", "task"},
+        "prompts": {"prompt", "answer", "task", "facts", "position"},
     }[fmt]
     for row in data:
         assert set(row) == expected
-        assert prompt_text(row).endswith("Answer with 'Answer: <number>' only.")
+        assert prompt_text(row).endswith(" " + INSTRUCTION)
         assert isinstance(row["answer"], str) and re.fullmatch(r"-?\d+", row["answer"])
     assert len({prompt_text(r) for r in data}) == len(data)  # no prompt twice within a file
 
@@ -88,62 +88,82 @@ def test_files_load_through_the_data_pipeline(split):
             assert record.extra.get("answer") is not None
 
 
-def _reference_answer(question: str) -> int:
-    """The answer worked out from the question text alone (independent of the generator)."""
-    if m := re.match(r"What is (\d+) ([-+*]) (\d+)\?", question):
-        a, op, b = int(m[1]), m[2], int(m[3])
-        return {"+": a + b, "-": a - b, "*": a * b}[op]
-    if m := re.match(r"\w+ has (\d+) \w+ and (gets|gives away) (\d+)", question):
-        return int(m[1]) + int(m[3]) if m[2] == "gets" else int(m[1]) - int(m[3])
-    m = re.match(r"Fact: \D*(\d+)", question)
-    assert m, question
-    return int(m[1])
+FACT_RE = re.compile(r"(?:The )?(\w+) (?:key opens door|is|costs|scored) (\d+)(?: years old| dollars| points)?\.")
+QUESTION_RE = re.compile(r"(?:Which door does the (\w+) key open|How old is (\w+)|How many dollars does the (\w+) cost"
+                         r"|How many points did (\w+) score)\?")
+
+
+def parse_problem(question: str) -> tuple[dict[str, int], str]:
+    """The stated facts (entity -> number) and the asked entity, read from the prompt text alone."""
+    facts = {m[1]: int(m[2]) for m in FACT_RE.finditer(question)}
+    asked = QUESTION_RE.search(question)
+    assert asked and 3 <= len(facts) <= 4, question
+    return facts, next(g for g in asked.groups() if g)
 
 
 @pytest.mark.parametrize("split", SIZES)
 def test_reference_answers_are_right(split):
     for row in rows(f"prompts_{split}"):
-        assert int(row["answer"]) == _reference_answer(prompt_text(row)) >= 0
+        facts, asked = parse_problem(prompt_text(row))
+        assert int(row["answer"]) == facts[asked]
+        assert len(set(facts.values())) == len(facts) == row["facts"]  # numbers distinct: one right answer
+        assert list(facts)[row["position"]] == asked
 
 
 @pytest.mark.parametrize("split", SIZES)
-def test_preferences_are_the_judges(split):
+def test_preferences_are_the_judges_and_about_correctness(split):
+    hard = 0
     for row in rows(f"paired_{split}"):
-        chosen = score(reply(row["chosen"]), row["answer"]).total
-        rejected = score(reply(row["rejected"]), row["answer"]).total
-        assert chosen > rejected
-        assert (row["score_chosen"], row["score_rejected"]) == (chosen, rejected)
+        chosen, rejected = reply(row["chosen"]), reply(row["rejected"])
+        assert (row["score_chosen"], row["score_rejected"]) == (score(chosen, row["answer"]).total, score(rejected, row["answer"]).total)
+        assert row["score_chosen"] >= 1.0 and row["score_rejected"] == 0.0  # chosen right, rejected wrong: never format alone
+        facts, asked = parse_problem(prompt_text(row))
+        hard += rejected.startswith(("The " + asked, asked)) and rejected.endswith(f"Answer: {rejected.split()[-1]}")
+    assert hard / len(rows(f"paired_{split}")) > 0.4  # the model's own mistake: the asked entity, a wrong number
     for row in rows(f"listwise_{split}"):
         assert len(row["responses"]) == len(row["scores"]) == 4
         assert row["scores"] == [score(reply(r), row["answer"]).total for r in row["responses"]]
-        assert len(set(row["scores"])) > 1
+        assert sum(s >= 1.0 for s in row["scores"]) == 1 and sorted(row["scores"])[:3] == [0.0] * 3
     labels = []
     for row in rows(f"unpaired_{split}"):
         labels.append(row["label"])
-        assert row["label"] is (score(reply(row["completion"]), row["answer"]).total >= THRESHOLD)
+        assert row["label"] is (score(reply(row["completion"]), row["answer"]).accuracy == 1.0)
     assert 0.35 < sum(labels) / len(labels) < 0.65
     for row in rows(f"sft_{split}"):
-        assert score(reply(row["messages"][1:]), row["answer"]).total == MAX_SCORE
+        text = reply(row["messages"][1:])
+        assert score(text, row["answer"]).total == MAX_SCORE and text.endswith(f". Answer: {row['answer']}")
 
 
-def test_paired_data_is_mostly_ideal_vs_varied_rejections():
+def test_chosen_replies_show_the_fact_before_the_answer():
     data = rows("paired_train")
-    ideal = sum(r["score_chosen"] == MAX_SCORE for r in data) / len(data)
-    assert 0.75 < ideal < 0.95
-    assert len({round(r["score_rejected"], 2) for r in data}) >= 6
+    shown = sum(reply(r["chosen"]).count(".") >= 1 and "Answer:" in reply(r["chosen"]) and not reply(r["chosen"]).startswith("Answer")
+                for r in data)
+    assert 0.7 < shown / len(data) < 0.9
 
 
-def test_eval_prompts_are_disjoint_from_train_prompts():
+def test_held_out_problems_never_occur_in_training():
     train = {prompt_text(r) for f in FORMATS for r in rows(f"{f}_train")}
     evaluation = {prompt_text(r) for f in FORMATS for r in rows(f"{f}_eval")}
     assert len(evaluation) >= 200 and not train & evaluation
+    # stronger: no held-out question's asked fact (kind, entity, number) is stated anywhere in training
+    def asked_fact(text: str) -> str:  # the fact sentence the question asks about
+        _, asked = parse_problem(text)
+        return next(m.group(0) for m in FACT_RE.finditer(text) if m[1] == asked)
 
-    def problem(text: str) -> tuple:  # 3 + 4 and 4 + 3 are the same problem
-        if m := re.match(r"What is (\d+) ([+*]) (\d+)\?", text):
-            return (m[2], *sorted((int(m[1]), int(m[3]))))
-        return (text,)
+    train_facts = {m.group(0) for t in train for m in FACT_RE.finditer(t)}
+    assert not {asked_fact(t) for t in evaluation} & train_facts
 
-    assert not {problem(t) for t in train} & {problem(t) for t in evaluation}
+
+def test_held_out_problems_are_as_hard_as_training_ones():
+    """Same mix of fact counts, kinds and asked positions in both splits (no easier held-out set)."""
+    for key in ("facts", "task", "position"):
+        shares = []
+        for split in SIZES:
+            data = rows(f"prompts_{split}")
+            values = sorted({r[key] for r in data})
+            shares.append({v: sum(r[key] == v for r in data) / len(data) for v in values})
+        assert shares[0].keys() == shares[1].keys()
+        assert all(abs(shares[0][v] - shares[1][v]) < 0.08 for v in shares[0]), (key, shares)
 
 
 def test_folder_stays_small():

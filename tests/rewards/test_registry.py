@@ -105,16 +105,16 @@ def test_mix_weights_totals_and_parts(user_module):
     completions = ["Answer: 5", "it is 4"]
     total, parts = mix(["q", "q"], completions, answer=["5", "5"])
     assert list(parts) == ["judge", "accuracy", "length"]
-    assert parts["judge"] == [1.75, 0.125 + 0.25]
+    assert parts["judge"] == [1.5, 0.0]  # a wrong answer earns no format or brevity credit
     assert parts["accuracy"] == [1.0, 0.0]
     assert parts["length"] == [9.0, 7.0]
-    assert total == pytest.approx([2 * 1.75 - 0.9, 2 * 0.375 - 0.7])
+    assert total == pytest.approx([2 * 1.5 - 0.9, 2 * 0.0 - 0.7])
 
 
 def test_mix_default_weights_are_one():
     for weights in (None, []):
-        total, parts = RewardMix(["format", "concise"], weights)(["q"], ["7 + 5 = 12"])
-        assert total == [0.25 + 1.0]
+        total, parts = RewardMix(["format", "concise"], weights)(["q"], ["7 + 5 = 12"], answer=["12"])
+        assert total == [0.5 + 1.0]
 
 
 @pytest.mark.parametrize("names,weights", [(["judge"], [1.0, 2.0]), ([], None), (["judge", "judge"], None),
