@@ -25,7 +25,8 @@ What it measures (each with N and a 95% interval, ``alignkit.stats``):
 * every reward function's mean (the run's ``reward.fns``; with the demo ``judge`` also its
   ``format`` and ``concise`` parts beside it), model and baseline, and the paired difference: a
   0/1 reward as a proportion (Wilson, Newcombe's paired difference), any other with the normal
-  interval of the mean (of the per-prompt differences); the win rate of the model's total reward over the baseline's (ties 1/2),
+  interval of the mean (of the per-prompt differences); the win rate of the model's total reward
+  over the baseline's (ties 1/2),
   a mean with a normal interval clipped to [0, 1].
 * preference accuracy on held-out pairs (paired/listwise/unpaired data): the share whose implicit
   reward ``(log p(chosen) - log p_ref(chosen)) - (log p(rejected) - log p_ref(rejected))`` is
@@ -151,7 +152,8 @@ def resolve_target(target: str, overrides: list[str], baseline: str | None = Non
         if not cfg.data.eval and not cfg.data.eval_fraction > 0:
             raise UserError(
                 f"{run_dir} has no held-out data: its data.eval is empty and data.eval_fraction=0, so every record "
-                "was trained on. Evaluate on other data: alignkit eval RUN_DIR data=FILE (or data.eval=[{path: FILE}]).")
+                "was trained on. Evaluate on other data: alignkit eval RUN_DIR data=FILE "
+                "(or data.eval=[{path: FILE}]).")
         where = (f"the run's data.eval ({', '.join(str(s.path) for s in cfg.data.eval)})" if cfg.data.eval else
                  f"the run's held-out {cfg.data.eval_fraction:g} of data.train (data.seed={cfg.data.seed})")
         return EvalTarget(cfg, model, base, run_dir, where, False, explicit)
@@ -459,8 +461,8 @@ def format_table(result: dict) -> list[str]:
         if key not in metrics:
             continue
         i = metrics[key]
-        interval = f"[{i.ci_low:+.3f}, {i.ci_high:+.3f}]" if key.endswith("_diff") else f"[{i.ci_low:.3f}, {i.ci_high:.3f}]"
-        value = f"{i.rate:+.3f}" if key.endswith("_diff") else f"{i.rate:.3f}"
+        sign = "+" if key.endswith("_diff") else ""
+        interval, value = f"[{i.ci_low:{sign}.3f}, {i.ci_high:{sign}.3f}]", f"{i.rate:{sign}.3f}"
         lines.append(f"{key:<30} {value:>8}  {interval:<19} {i.n:>6}")
     if "answer_accuracy_diff" in metrics:
         lines.append("(answer_accuracy_diff: model - baseline on the same prompts, Newcombe's paired interval; "

@@ -4,9 +4,9 @@ Reads ``metrics.jsonl`` and draws one panel per metric family that the run logge
 reward margin and accuracy, KL, reward mean, lengths, learning rate, tokens/s — with train
 curves and eval points, into ``RUN_DIR/report/metrics.png``, and writes ``report.md`` with the
 first, last and best value of each metric, led by the ``alignkit eval`` results when
-``RUN_DIR/eval/eval.json`` exists (answer accuracy first, every rate with its 95% interval and N). For a sweep directory it draws
-``report/comparison.png``: one panel per key metric, one colour per job (the same in every
-panel), a legend naming each job by the overrides that vary between jobs; metrics logged at
+``RUN_DIR/eval/eval.json`` exists (answer accuracy first, every rate with its 95% interval and N).
+For a sweep directory it draws ``report/comparison.png``: one panel per key metric, one colour per
+job (the same in every panel), a legend naming each job by the overrides that vary between jobs; metrics logged at
 several steps are curves, a held-out metric evaluated once per job (``eval_every=0``) is a bar
 chart of the jobs' values (and the first held-out metric's final values are always shown as bars).
 Left out: interactive dashboards (TensorBoard and W&B are logger backends for that).
@@ -172,7 +172,8 @@ def eval_section(run_dir: Path) -> list[str]:
     for key in order:
         m = metrics[key]
         sign = "+" if key.endswith("_diff") else ""
-        lines.append(f"| {key} | {m['rate']:{sign}.3f} | [{m['ci_low']:{sign}.3f}, {m['ci_high']:{sign}.3f}] | {m['n']} |")
+        low, high = f"{m['ci_low']:{sign}.3f}", f"{m['ci_high']:{sign}.3f}"
+        lines.append(f"| {key} | {m['rate']:{sign}.3f} | [{low}, {high}] | {m['n']} |")
     if "answer_accuracy_diff" in metrics:
         lines += ["", "`answer_accuracy_diff`: model minus baseline on the same prompts (Newcombe's paired interval); "
                   "rates: Wilson intervals; reward means and the win rate: normal intervals."]

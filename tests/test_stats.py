@@ -62,7 +62,8 @@ def test_paired_difference_identical_and_errors():
 def test_mean_interval_by_hand():
     # mean 2.5, sample sd sqrt(5/3) = 1.290994, half width 1.959964 * 1.290994 / 2 = 1.265151
     i = mean_interval([1, 2, 3, 4])
-    assert i.rate == 2.5 and i.ci_low == pytest.approx(1.234849, abs=1e-5) and i.ci_high == pytest.approx(3.765151, abs=1e-5)
+    assert i.rate == 2.5
+    assert i.ci_low == pytest.approx(1.234849, abs=1e-5) and i.ci_high == pytest.approx(3.765151, abs=1e-5)
     assert mean_interval([1, float("nan"), 3]).n == 2  # NaN = not applicable, left out
     clipped = mean_interval([0.0, 1.0, 1.0], bounds=(0.0, 1.0))
     assert clipped.ci_high == 1.0

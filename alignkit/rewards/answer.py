@@ -163,7 +163,8 @@ _MATH_SPAN_RE = re.compile(r"\$\$?(.+?)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DO
 
 
 def _tag_value(segment: str) -> str | None:
-    """The answer after ``Answer:``: LaTeX (``$\\frac{\\sqrt{3}}{2}$``) kept whole, else as ``_first_fraction_or_number``."""
+    """The answer after ``Answer:``: LaTeX (``$\\frac{\\sqrt{3}}{2}$``) kept whole, else a number as
+    ``_first_fraction_or_number`` reads it."""
     if "\\" not in segment:
         return _first_fraction_or_number(segment)
     span = _MATH_SPAN_RE.search(segment)

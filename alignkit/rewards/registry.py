@@ -36,8 +36,8 @@ Names and paths:
 * ``resolve_reward("judge")`` looks a name up; ``resolve_reward("mypkg.rewards:fn")`` or
   ``resolve_reward("mypkg.rewards.fn")`` imports only the module ``mypkg.rewards`` (also from the
   working directory) and takes its attribute ``fn``; ``resolve_reward("path/to/my_rewards.py:fn")``
-  loads that file (verl's ``custom_reward_function.path`` + ``name``). Unknown names and unimportable paths raise ``ConfigError`` listing the valid
-  names, so a typo fails at compose time.
+  loads that file (verl's ``custom_reward_function.path`` + ``name``). Unknown names and
+  unimportable paths raise ``ConfigError`` listing the valid names, so a typo fails at compose time.
 * ``RewardMix(names, weights)`` resolves every name once; calling it returns
   ``MixedRewards(total, per_function)``: ``total[i] = nansum_k weights[k] * r_k[i]`` and the
   unweighted ``r_k`` per function (NaN where it returned ``None``), keyed by the function's short
@@ -130,7 +130,8 @@ def _import_module(module_name: str):
 
 
 def _import_file(file_name: str):
-    """The module of a ``.py`` file named in ``reward.fns`` (``my_rewards.py:fn``, as verl's ``custom_reward_function.path``)."""
+    """The module of a ``.py`` file named in ``reward.fns`` (``my_rewards.py:fn``), as verl's
+    ``custom_reward_function.path`` names one."""
     import importlib.util
     from pathlib import Path
 
@@ -162,7 +163,8 @@ def resolve_reward(name_or_path: str) -> RewardFn:
     valid = ", ".join(sorted(_REGISTRY))
     hint = (
         f"Valid reward names: {valid}; or give a dotted path to your own function "
-        "('mypkg.rewards:my_reward', 'mypkg.rewards.my_reward' or 'path/to/my_rewards.py:my_reward'): a TRL-style function called by keyword "
+        "('mypkg.rewards:my_reward', 'mypkg.rewards.my_reward' or 'path/to/my_rewards.py:my_reward'): "
+        "a TRL-style function called by keyword "
         "with prompts, completions and the record's columns, returning one float (or None) per completion, "
         "or a verl-style compute_score(data_source, solution_str, ground_truth, extra_info)."
     )
@@ -174,7 +176,8 @@ def resolve_reward(name_or_path: str) -> RewardFn:
     try:
         module = _import_file(module_name) if module_name.endswith(".py") else _import_module(module_name)
     except ImportError as exc:
-        raise ConfigError(f"reward.fns: cannot import module {module_name!r} for reward {name!r} ({exc}). {hint}") from exc
+        raise ConfigError(
+            f"reward.fns: cannot import module {module_name!r} for reward {name!r} ({exc}). {hint}") from exc
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise ConfigError(f"reward.fns: module {module_name!r} has no callable {attr!r} (from {name!r}). {hint}")
@@ -297,7 +300,8 @@ class RewardFunction:
         if self.style == "trl":
             given_prompts = raw_prompts if raw_prompts is not None else prompts
             conversational = [isinstance(p, list) for p in given_prompts]
-            shown = [[{"role": "assistant", "content": c}] if conv else c for c, conv in zip(completions, conversational)]
+            shown = [[{"role": "assistant", "content": c}] if conv else c
+                     for c, conv in zip(completions, conversational)]
             available = {"prompts": list(given_prompts), "completions": shown, **columns}
             if completion_ids is not None:
                 available["completion_ids"] = completion_ids
@@ -415,7 +419,8 @@ class RewardMix:
             total.append(sum(w * r for w, r in applicable))
         if unscored and not self.unscored and not self._quiet:
             print(f"alignkit: {unscored} of {len(completions)} completions got None from every reward function "
-                  f"({', '.join(self.names)}); they score 0 (said once; RewardMix.unscored counts them all)", file=sys.stderr)
+                  f"({', '.join(self.names)}); they score 0 (said once; RewardMix.unscored counts them all)",
+                  file=sys.stderr)
         self.unscored += 0 if self._quiet else unscored
         return MixedRewards(total, per_function)
 

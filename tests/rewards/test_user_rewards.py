@@ -332,7 +332,8 @@ def test_a_python_file_and_a_module_in_the_working_directory(tmp_path, monkeypat
     try:
         assert RewardMix(["cwd_rewards:short"])(["q"], ["a"]).total == [1.0]
         mix = RewardMix([f"{tmp_path / 'sub' / 'file_rewards.py'}:compute_score"])
-        assert mix.names == ["compute_score"] and mix(["q", "q"], ["7", "8"], ground_truth=["7", "7"]).total == [1.0, 0.0]
+        assert mix.names == ["compute_score"]
+        assert mix(["q", "q"], ["7", "8"], ground_truth=["7", "7"]).total == [1.0, 0.0]
         with pytest.raises(ConfigError, match="no such file"):
             RewardMix(["sub/nope.py:fn"])
     finally:
