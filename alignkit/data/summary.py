@@ -4,6 +4,7 @@
 
 * every note the parsers left on records (``Record.notes``: a repeated prompt cut out, a field of a
   nested list dropped, a response without a score dropped, a lone score kept as a column ...);
+  fields dropped from as many records share one line;
 * the columns that are not trained on (kept in ``Record.extra``, where reward functions see them);
 * records whose prompt also appears inside one of their completions (the prompt's last user turn,
   at least ``MIN_PROMPT_CHARS`` characters, found in a completion's text): the symptom of a prompt
@@ -53,8 +54,16 @@ def describe_records(records: Iterable[Record], source: str = "") -> list[str]:
         if record.format == "paired" and record.scores is not None and record.scores[0] == record.scores[1]:
             ties.append(record.location)
     prefix = f"{source}: " if source else ""
-    lines = [f"{prefix}{count} of {total} records: {note} (e.g. {examples[note]})"
-             for note, count in sorted(notes.items(), key=lambda item: (-item[1], item[0]))]
+    dropped: dict[int, list[str]] = {}  # "dropped FIELD" notes of the same count share a line
+    lines = []
+    for note, count in sorted(notes.items(), key=lambda item: (-item[1], item[0])):
+        if note.startswith("dropped ") and " " not in note[len("dropped "):]:
+            dropped.setdefault(count, []).append(note[len("dropped "):])
+        else:
+            lines.append(f"{prefix}{count} of {total} records: {note} (e.g. {examples[note]})")
+    for count, fields in sorted(dropped.items(), reverse=True):
+        example = examples[f"dropped {fields[0]}"]
+        lines.insert(0, f"{prefix}{count} of {total} records: dropped {', '.join(fields)} (e.g. {example})")
     if extra:
         names = ", ".join(f"{name}" + (f" ({count})" if count < total else "") for name, count in sorted(extra.items()))
         lines.append(f"{prefix}columns not trained on (kept for reward functions): {names}")
