@@ -21,7 +21,7 @@ data summary counts it, see ``summary.py``):
   (OpenRLHF's ``label_key`` for rule rewards).
 * A lone ``chosen_score`` (no ``rejected_score``): kept as a column, not as pair scores.
 * Listwise lists with a missing score (``null``, ``NaN``, ``"N/A"``, ``""``, or an item without the
-  field): that response is dropped and counted; fewer than 2 left is an error.
+  field) or an empty response: that response is dropped and counted; fewer than 2 left is an error.
 * Prompt-only detection that would leave a list of candidate responses unread (Nectar's
   ``answers``) fails, naming the options, instead of silently dropping them.
 
@@ -292,6 +292,14 @@ def _listed(row: dict[str, Any], field: str, location: str) -> list[Any]:
     return values
 
 
+def _empty(response: Any) -> bool:
+    """A listwise candidate with nothing to train: null, blank text, or messages with no assistant text."""
+    if response is None or (isinstance(response, str) and not response.strip()):
+        return True
+    return isinstance(response, list) and all(isinstance(m, dict) for m in response) and not any(
+        str(m.get("content") or "").strip() for m in response if m.get("role") == "assistant")
+
+
 def _parse_listwise(row: dict[str, Any], location: str, notes: list[str]) -> Record:
     responses = row.get("responses")
     if not isinstance(responses, list) or len(responses) < 2:
@@ -302,10 +310,10 @@ def _parse_listwise(row: dict[str, Any], location: str, notes: list[str]) -> Rec
     values = _listed(row, field, location)
     if len(values) != len(responses):
         raise fail(location, field, f"{len(responses)} {field} (one per response)", f"{len(values)}")
-    kept = [i for i, v in enumerate(values) if not _is_missing(v) and responses[i] is not None]
+    kept = [i for i, v in enumerate(values) if not _is_missing(v) and not _empty(responses[i])]
     if len(kept) < len(responses):
         notes += [f"response without a score dropped ({field}[{i}])" if _is_missing(values[i]) else
-                  f"score without a response dropped (responses[{i}])" for i in range(len(responses)) if i not in kept]
+                  f"empty response dropped (responses[{i}])" for i in range(len(responses)) if i not in kept]
         if len(kept) < 2:
             raise fail(location, field, "at least 2 responses with a score",
                        f"{len(kept)} ({len(responses) - len(kept)} without a score)")

@@ -171,9 +171,11 @@ def test_nectar_is_listwise_ranked_with_transcript_prompts():
     assert water.scores == [-1.0, -2.0, -3.0, -4.0, -5.0, -6.0, -7.0]  # rank 1 = best = highest score
     assert cat.prompt == [user("Suggest a name for a cat."), assistant("How about Whiskers?"),
                           user("Something more unusual please.")]
+    assert len(cat.completions) == 3 and cat.scores == [-3.0, -1.0, -2.0]
     best = max(range(3), key=lambda i: cat.scores[i])
     assert cat.completions[best] == [assistant("Try Pistachio or Lord Fluffington.")]  # by rank, not by position
     assert set(water.extra) == {"turns", "num_responses", "source", "good_natured"}
+    assert cat.notes == ["dropped answers[].model", "empty response dropped (responses[3])"]  # "" of 4 answers
     assert any("dropped answers[].model" in line for line in describe_records(records))
 
 
