@@ -14,6 +14,8 @@ trained model:
   them). A push goes through vLLM's in-place ``reload_weights`` (checkpoint-format names; vLLM
   re-packs its fused/CPU-kernel layouts), then clears vLLM's prefix cache so no KV block computed
   with the old weights is reused;
+* a tied LM head (``tie_word_embeddings``, SmolLM2) has its kernel data re-derived after each
+  push (``refresh_tied_head``: vLLM's reload skips it, and its CPU prepacked copy went stale);
 * LoRA (``peft``) policies push *merged* weights, computed out of place (``W + delta`` per adapted
   layer from ``get_delta_weight``; the trained model is never merged/unmerged, so no rounding drift
   in its base weights); ZeRO-3 partitioned models are gathered with
@@ -182,6 +184,22 @@ def checkpoint_weights(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+def refresh_tied_head(model) -> bool:
+    """Re-derive a tied LM head's kernel data from the (just reloaded) embedding, in vLLM's model.
+
+    vLLM's in-place reload re-processes the modules whose weights it loads; a tied ``lm_head``
+    loads nothing itself (its weight *is* ``embed_tokens.weight``), so on CPU its prepacked GEMM
+    copy (``process_weights_after_loading``) would keep the weights from the start: wrong logits
+    after the first push (checked on vLLM 0.32 with SmolLM2). Harmless where nothing is packed."""
+    head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    method = getattr(head, "quant_method", None)
+    if head is None or embed is None or method is None or getattr(head, "weight", None) is not embed.weight:
+        return False
+    method.process_weights_after_loading(head)
+    return True
+
+
 def _weights_version(model, trainer_engine) -> int:
     steps = getattr(trainer_engine, "global_steps", None)
     if steps is not None:
@@ -299,6 +317,7 @@ class VLLMGenerationEngine:
             self.llm.collective_rpc("reload_weights",
                                     kwargs={"weights_iterator": iter(weights), "is_checkpoint_format": True})
             del weights
+        self.llm.apply_model(refresh_tied_head)
         self.llm.reset_prefix_cache()
         self._synced_version = _weights_version(self.model, self.trainer_engine)
         self.pushes += 1

@@ -137,10 +137,11 @@ def engines():
 
 
 @needs_vllm
-def test_push_after_a_training_step_matches_hf_greedy(engines):
+@pytest.mark.parametrize("tied", [False, True])  # tied: SmolLM2's layout (vLLM's reload skips the head)
+def test_push_after_a_training_step_matches_hf_greedy(engines, tied):
     from alignkit.rl.generation import HFGenerationEngine
 
-    model = _model()
+    model = _model(tie_word_embeddings=tied)
     hf = HFGenerationEngine(model, eos_token_id=EOS)
     vllm = _engine(model)
     engines.append(vllm)
@@ -247,6 +248,41 @@ def test_zero3_partitioned_policy_is_gathered_for_the_push(engines):
     pushes = vllm.pushes
     assert _greedy(vllm) == after
     assert vllm.pushes == pushes + 1  # the optimizer step (engine.global_steps) triggered the push
+
+
+@needs_vllm
+def test_a_model_vllm_cannot_run_fails_at_start_up():
+    """head_dim 16 (the default tiny model): vLLM's CPU attention refuses it; the engine says so
+    when it starts (its warm-up generation), before any training step."""
+    from alignkit.errors import UserError
+
+    with pytest.raises(UserError, match="vLLM could not run this model .*generation.engine=hf"):
+        _engine(tiny_llama(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, eos_token_id=EOS))
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_smollm2_greedy_matches_hf(engines):
+    """The real model (tied embeddings, GQA 9/3 heads, fp32): vLLM's greedy chat completions are
+    the policy's own, token for token, EOS included."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from alignkit.models.smollm2 import smollm2_dir
+    from alignkit.rl.generation import HFGenerationEngine
+
+    folder = smollm2_dir()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True, return_dict=False)
+               for q in ("What is 2+3?", "Name a colour.")]
+    hf = HFGenerationEngine(model, tokenizer)
+    vllm = _engine(model, eos_token_id=hf.eos_token_ids)
+    engines.append(vllm)
+    want = hf.generate(prompts, max_new_tokens=24, temperature=0.0)
+    got = vllm.generate(prompts, max_new_tokens=24, temperature=0.0)
+    assert [r.completion_ids for r in got] == [r.completion_ids for r in want]
+    assert any(r.finished for r in got)
 
 
 # ----------------------------------------------------------------------------- the runners
