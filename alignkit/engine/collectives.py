@@ -2,8 +2,9 @@
 
 A process group created with NCCL reduces only CUDA tensors, one created with gloo only CPU
 tensors; a CPU tensor handed to NCCL fails at the first step of a multi-GPU run, and nothing on a
-CPU-only CI shows it. So no module calls ``torch.distributed.all_reduce`` & co. directly (a test
-scans the source for that): they call these helpers, which build or move every tensor onto
+CPU-only CI shows it. So no module hands a tensor to ``torch.distributed.all_reduce`` & co. directly
+(a test scans the source for that; object collectives such as ``broadcast_object_list`` place their
+own buffers and may be called anywhere): they call these helpers, which build or move every tensor onto
 ``device()`` -- the accelerator's current device for NCCL-like backends, the CPU for gloo/MPI --
 and hand results back where the caller's tensor lives.
 

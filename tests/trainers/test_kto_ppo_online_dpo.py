@@ -144,3 +144,29 @@ def test_online_dpo_lora_reference_moves_to_the_policy_each_round(tmp_path, monk
     before, after, current = checks[0]
     assert (after - before).abs().max() > 1e-3  # the reference moved ...
     torch.testing.assert_close(after, current, atol=1e-5, rtol=0)  # ... to the current policy
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_kto_two_processes_match_one_process(tmp_path):
+    """The step's KL estimate is summed over ranks: 2 processes (micro 2 each) follow 1 process (micro 2 x 2
+    accumulation). Without the all-reduce each rank would use its own half of the pairs."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    common = ["recipe=kto_tiny", "trainer.max_steps=3", "trainer.eval_every=0", "trainer.export=false",
+              f"output_dir={tmp_path}"]
+    for name, extra in (("one", []), ("two", ["-g", "2"])):
+        proc = subprocess.run([sys.executable, "-m", "alignkit", "train", *extra, *common, f"run_name={name}"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _train_rows(tmp_path / "one"), _train_rows(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-6)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    assert one[-1]["kl"] > 0
