@@ -13,7 +13,7 @@ pip_q() { python -m pip install -q --disable-pip-version-check "$@"; }
 if ! python -c "import torch" 2>/dev/null; then
   pip_q "torch==${ALIGNKIT_TORCH_VERSION:-2.13.0}"
 fi
-if ! python -c "import alignkit, pytest, trl, hydra_plugins.hydra_joblib_launcher, hydra_plugins.hydra_submitit_launcher" 2>/dev/null || [ pyproject.toml -nt .venv/.alignkit-installed ]; then
+if ! python -c "import alignkit, pytest, ruff, trl, hydra_plugins.hydra_joblib_launcher, hydra_plugins.hydra_submitit_launcher" 2>/dev/null || [ pyproject.toml -nt .venv/.alignkit-installed ]; then
   pip_q -e ".[test,sweep]"      # sweep: Hydra's joblib/submitit launcher plugins (tests/cli/test_sweep_launchers.py)
   pip_q "trl==1.16.0"           # test-only: our losses are checked against TRL's values
   touch .venv/.alignkit-installed

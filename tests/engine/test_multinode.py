@@ -8,7 +8,6 @@ between nodes; the ssh/pdsh start differs only in who runs the per-node launcher
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 import torch

@@ -19,7 +19,6 @@ from alignkit.models.load import (
     load_tokenizer,
     resolve_source,
 )
-from alignkit.models.value import ValueModel, load_value_model
 from gguf_writer import write_tiny_gguf
 
 TEXT = "The capital of France is Paris."

@@ -147,7 +147,7 @@ def test_peft_model_generates_like_its_base(model):
 def test_top_k_and_top_p_truncate():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     gen = torch.Generator().manual_seed(0)
-    draws = lambda **kw: {sample_next_token(logits, generator=gen, **kw).item() for _ in range(300)}
+    draws = lambda **kw: {sample_next_token(logits, generator=gen, **kw).item() for _ in range(300)}  # noqa: E731
     assert draws(temperature=1.0, top_k=2, top_p=1.0) == {0, 1}
     assert draws(temperature=1.0, top_k=0, top_p=0.7) == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7
     assert draws(temperature=1.0, top_k=0, top_p=0.5) == {0}

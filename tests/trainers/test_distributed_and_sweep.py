@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from alignkit.run import train_from_overrides
 
 ALIGNKIT = [sys.executable, "-m", "alignkit"]
 
