@@ -231,22 +231,19 @@ def _user_frame(exc: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno}" if frame is not None else "?"
 
 
-class _Ground:
-    """The reference answer a verl ``compute_score`` gets, read the way verl's reward managers read it."""
+def _ground_truth(columns: dict[str, list], i: int) -> Any:
+    """The reference a verl ``compute_score`` gets, read the way verl's reward managers read it."""
+    reward_model = columns.get("reward_model")
+    if reward_model is not None and isinstance(reward_model[i], dict) and "ground_truth" in reward_model[i]:
+        return reward_model[i]["ground_truth"]
+    if "ground_truth" in columns:
+        return columns["ground_truth"][i]
+    if "answer" in columns:
+        from alignkit.rewards.answer import gold_answer
 
-    @staticmethod
-    def of(columns: dict[str, list], i: int) -> Any:
-        reward_model = columns.get("reward_model")
-        if reward_model is not None and isinstance(reward_model[i], dict) and "ground_truth" in reward_model[i]:
-            return reward_model[i]["ground_truth"]
-        if "ground_truth" in columns:
-            return columns["ground_truth"][i]
-        if "answer" in columns:
-            from alignkit.rewards.answer import gold_answer
-
-            value = columns["answer"][i]
-            return gold_answer(value) if gold_answer(value) is not None else value
-        raise KeyError("ground_truth")
+        value = columns["answer"][i]
+        return gold_answer(value) if gold_answer(value) is not None else value
+    raise KeyError("ground_truth")
 
 
 class RewardFunction:
@@ -309,7 +306,7 @@ class RewardFunction:
         results, first = [], None
         for i, text in enumerate(completions):
             try:
-                truth = _Ground.of(columns, i)
+                truth = _ground_truth(columns, i)
             except KeyError:
                 raise RewardFunctionError(
                     f"{self.label()} needs a ground truth: a verl-style 'reward_model' column with 'ground_truth' "
