@@ -39,7 +39,3 @@ class DataError(UserError):
 
 class ModelLoadError(UserError):
     """A model path, hub id or file cannot be loaded."""
-
-
-class NotImplementedYet(UserError):
-    """A recipe or option exists in the config tree but its runner is not built yet."""
