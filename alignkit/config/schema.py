@@ -130,6 +130,8 @@ class AlignkitConfig:
     description: str = ""
     runner: str = "auto"
     resume: Optional[str] = None  # auto | PATH | null
+    # keys a resume may change although they change what is trained (e.g. [trainer.lr]); see config/resume.py
+    resume_allow: list[str] = field(default_factory=list)
     output_dir: str = "runs"
     run_name: Optional[str] = None  # default: <recipe or runner>-<timestamp>
     objective: str = "eval/rewards/accuracy"  # what a sweep job returns (Optuna maximises/minimises it)

@@ -2,7 +2,8 @@
 
 * ``setup_distributed()`` makes a bare ``python`` process look like rank 0 of a world of 1 (the
   env vars DeepSpeed's launcher would set, a free port on loopback), selects the CPU accelerator
-  when there is no GPU, and initialises the process group (gloo on CPU, nccl on CUDA). On CPU it
+  when there is no GPU, and initialises the process group (gloo on CPU, nccl on CUDA). On one
+  machine the rendezvous store listens on 127.0.0.1 only (``loopback_store``). On CPU it
   then unlinks DeepSpeed's shared-memory all-reduce files, which DeepSpeed itself never removes.
 * ``init_train_engine(module, ds_config, ...)`` wraps a model for training. The optimizer is AdamW
   with weight decay on matrices only (not on biases/norm weights):
@@ -32,9 +33,12 @@ Left out: pipeline/tensor parallelism, DeepSpeed's own LR schedulers, and the tr
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import math
 import os
 import socket
+from datetime import timedelta
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +92,48 @@ def _unlink_shm_buffer() -> None:
     shm_buffer_path(torch.distributed.get_rank()).unlink(missing_ok=True)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def loopback_store(timeout: timedelta = timedelta(minutes=30)):
+    """The rendezvous store of a single-node run, listening on 127.0.0.1 only; None for multi-node.
+
+    torch's ``env://`` rendezvous starts rank 0's unauthenticated ``TCPStore`` on every interface
+    (``*:PORT``) whatever ``MASTER_ADDR`` says. When ``MASTER_ADDR`` is a loopback address (the
+    run is on one machine: a bare process, or DeepSpeed's launcher without a hostfile) rank 0
+    binds the listening socket to it itself and hands it to the store (``master_listen_fd``); the
+    other ranks connect to it as clients. A multi-node run (``MASTER_ADDR`` another host) keeps
+    torch's store, which must be reachable from the other nodes.
+    """
+    host = os.environ.get("MASTER_ADDR", "")
+    if not _is_loopback(host):
+        return None
+    port, rank = int(os.environ["MASTER_PORT"]), int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    if rank != 0:
+        return torch.distributed.TCPStore(host, port, world, False, timeout=timeout)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1" if host == "localhost" else host, port))
+        listener.listen(max(128, world))
+        store = torch.distributed.TCPStore(host, port, world, True, timeout=timeout,
+                                           master_listen_fd=listener.fileno(), wait_for_workers=False)
+    except BaseException:
+        listener.close()
+        raise
+    _LISTENERS.append(listener)  # the store serves on this socket for the life of the process
+    return store
+
+
+_LISTENERS: list[socket.socket] = []
+
+
 def setup_distributed() -> DistInfo:
     """Initialise torch.distributed through DeepSpeed; idempotent; works with or without the launcher."""
     has_cuda = torch.cuda.is_available()
@@ -106,11 +152,16 @@ def setup_distributed() -> DistInfo:
         if torch.distributed.is_initialized():
             break
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if has_cuda else "gloo")
-        except torch.distributed.DistNetworkError:
+            backend = "nccl" if has_cuda else "gloo"
+            store = loopback_store()
+            if store is not None:  # torch's env:// store would listen on every interface
+                torch.distributed.init_process_group(backend, store=store, rank=int(os.environ["RANK"]),
+                                                     world_size=int(os.environ["WORLD_SIZE"]))
+            deepspeed.init_distributed(dist_backend=backend)
+        except (torch.distributed.DistNetworkError, OSError) as exc:
             # the free port we picked was taken before the store bound it (another run started at
             # the same moment): pick another; a port given by the user or the launcher is kept
-            if not own_port or attempt == 4:
+            if not own_port or attempt == 4 or (isinstance(exc, OSError) and exc.errno != errno.EADDRINUSE):
                 raise
             os.environ["MASTER_PORT"] = str(find_free_port())
         else:

@@ -17,6 +17,9 @@ on its own and ``final`` stays exactly one model.
 Memory: while gathering, every rank holds the full model once (fine up to ~8B on 80 GB GPUs);
 rank 0 also holds a CPU copy. The copy keeps the engine's dtype (bf16 on GPU, fp32 here).
 
+Permissions follow the umask (``follow_umask``): files 0o666 and folders 0o777 less the umask,
+whatever mode the writers chose (``final/model.safetensors`` was 0600, ``final/`` 0755 under umask 077).
+
 Left out: sharded export without gathering (DeepSpeed's ``zero_to_fp32`` does that offline from a
 checkpoint), pushing to a hub, GGUF export.
 """
@@ -82,6 +85,32 @@ def gathered_cpu_copy(module: torch.nn.Module) -> torch.nn.Module | None:
     return clone
 
 
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes ``open``/``mkdir`` would: 0o666 / 0o777 less the umask.
+
+    Writers on the way (temp folders from ``mkdtemp``, safetensors) create private or fixed
+    modes; an exported model is an ordinary folder, shared as the user's umask says. Symlinks are
+    left alone (``os.walk`` does not follow them and ``chmod`` is not applied to them).
+    """
+    mask = current_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o777 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 def _unwrap(engine_or_module) -> torch.nn.Module:
     return getattr(engine_or_module, "module", engine_or_module)
 
@@ -110,5 +139,6 @@ def export_hf_model(
         if prepare is not None:
             model = prepare(model)
         result = export_pretrained(model, tokenizer, out_dir, merge_lora=merge_lora)
+        follow_umask(Path(out_dir))
     _barrier()
     return result

@@ -22,7 +22,8 @@
 alignkit) and forwards SIGINT/SIGTERM to the workers themselves on one node (DeepSpeed's
 single-node runner does not forward signals), so each worker saves a checkpoint and exits 0; with a
 hostfile it signals DeepSpeed's multi-node runner, which stops the remote workers. It returns the
-exit code (128 + signal number when the launcher died from a signal).
+exit code (128 + signal number when the launcher died from a signal); ``forwarded_signal()`` says
+whether it forwarded one (``alignkit.run`` then exits 128 + that signal: the run was stopped).
 
 Per-node starts (``node_rank``): every node runs the launcher itself with the same hostfile,
 ``--no_ssh --node_rank N`` and the first node's address -- what a scheduler that starts one task per
@@ -164,7 +165,11 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     proc = subprocess.Popen(list(argv), env=None if env is None else dict(env), start_new_session=True)
     multi_node = "--hostfile" in argv and "--no_ssh" not in argv  # a per-node start runs local workers
 
+    received: list[int] = []
+    _FORWARDED.clear()
+
     def forward(signum, _frame):
+        received.append(signum)
         targets = _signal_targets(proc.pid, multi_node)
         for send, pid in [(os.kill, pid) for pid in targets] or [(os.killpg, proc.pid)]:
             try:
@@ -180,4 +185,13 @@ def launch(argv: Sequence[str], env: Mapping[str, str] | None = None) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        _FORWARDED[:] = received
     return 128 - returncode if returncode < 0 else returncode
+
+
+_FORWARDED: list[int] = []
+
+
+def forwarded_signal() -> int | None:
+    """The first signal the last ``launch`` forwarded to its workers (None: it ran undisturbed)."""
+    return _FORWARDED[0] if _FORWARDED else None

@@ -26,7 +26,9 @@ def atomic_directory(final_dir: str | os.PathLike) -> Iterator[Path]:
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.tmp-", dir=final_dir.parent))
-    os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(tmp_dir, 0o777 & ~mask)  # mkdtemp makes it private; the result is an ordinary folder (umask)
     try:
         yield tmp_dir
     except BaseException:

@@ -90,7 +90,7 @@ def start(cfg: DictConfig, run_dir: Path) -> Run:
         raise ConfigError(f"the config asks for {expected} process(es) but {world} were started.")
     seed_everything(int(cfg.trainer.seed) + rank)
     torch.manual_seed(int(cfg.trainer.seed))  # identical model init on every rank
-    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, stop=StopRequest().install())
+    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, stop=StopRequest(at_once=True).install())
 
 
 def seed_everything(seed: int) -> None:
@@ -101,6 +101,12 @@ def seed_everything(seed: int) -> None:
 
 def total_steps(cfg: DictConfig, num_groups: int) -> int:
     """Optimizer steps of the run: ``max_steps``, or ``epochs`` over the data when it is -1."""
+    if num_groups < int(cfg.trainer.batch_size):
+        from alignkit.errors import DataError
+
+        raise DataError(f"the training data has {num_groups} usable group(s), fewer than one batch "
+                        f"(trainer.batch_size={cfg.trainer.batch_size}). Add data, or lower trainer.batch_size "
+                        "(and trainer.micro_batch_size) to at most the number of groups.")
     if cfg.trainer.max_steps > 0:
         return int(cfg.trainer.max_steps)
     return max(1, math.floor(cfg.trainer.epochs * num_groups / cfg.trainer.batch_size))
@@ -263,6 +269,7 @@ def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
     done = int(state.get("step", 0))
     if path is not None:
         run.print(f"[green]resumed[/] from {path} at step {done}")
+        reapply_optimizer_settings(engine, cfg.trainer)  # a resume_allow'ed lr/decay/betas is really used
     run.logger = MetricsLogger(run.run_dir, backends=tuple(cfg.logger.backends), rank=run.rank,
                                wandb_project=cfg.logger.wandb_project, wandb_mode=cfg.logger.wandb_mode,
                                run_name=run.run_dir.name, config=OmegaConf.to_container(cfg, resolve=True),
@@ -270,7 +277,38 @@ def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
     if done == 0 and evaluate is not None and int(cfg.trainer.eval_every) > 0:
         run.log(0, evaluate(), split="eval")
     run.progress = TrainProgress(steps, rank=run.rank, start_step=done).__enter__()
+    if run.stop is not None:
+        run.stop.defer()  # from here a signal stops after the step, with a checkpoint
     return done
+
+
+def reapply_optimizer_settings(engine, t: DictConfig) -> None:
+    """After a checkpoint load: the config's lr, weight decay and Adam betas replace the restored ones.
+
+    The optimizer and LR-scheduler states in a checkpoint carry the values of the run that saved
+    it; a resume that changed them (``resume_allow``, see ``alignkit.config.resume``) must train
+    with the new ones. The schedule's factor at the restored step is kept.
+    """
+    optimizer = getattr(engine, "optimizer", None)
+    optimizer = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrappers hold the torch one
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if optimizer is None or not getattr(optimizer, "param_groups", None):
+        return
+    lr, betas = float(t.lr), (float(t.adam_beta1), float(t.adam_beta2))
+    factor = 1.0
+    if scheduler is not None and getattr(scheduler, "base_lrs", None):
+        base = scheduler.base_lrs[0]
+        factor = optimizer.param_groups[0]["lr"] / base if base else 1.0
+        scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    groups = optimizer.param_groups
+    for i, group in enumerate(groups):
+        group["initial_lr"] = lr
+        group["lr"] = lr * factor
+        if "betas" in group:
+            group["betas"] = betas
+        # engine._weight_decay_groups puts the decayed matrices first; biases and norms stay at 0
+        if (len(groups) == 2 and i == 0) or (len(groups) == 1 and group.get("weight_decay", 0.0) != 0.0):
+            group["weight_decay"] = float(t.weight_decay)
 
 
 def save(run: Run, engine, step: int, extra_engines: dict | None = None) -> None:
