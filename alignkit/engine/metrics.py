@@ -3,7 +3,7 @@
 ``MetricsLogger.log(metrics, step=, split=)`` writes one JSON object per call to
 ``RUN_DIR/metrics.jsonl`` (``{"step": 10, "split": "train", "time": ..., "loss": 0.69, ...}``),
 flushed per line so a killed run keeps everything logged so far. Metric names are the shared ones
-of DESIGN.md; TensorBoard and wandb see them as ``<split>/<name>``. Only rank 0 logs; on other
+of docs/DESIGN.md; TensorBoard and wandb see them as ``<split>/<name>``. Only rank 0 logs; on other
 ranks every method is a no-op. A backend whose package is missing (tensorboard, wandb) is skipped
 with a one-line message instead of failing the run; wandb defaults to offline mode.
 

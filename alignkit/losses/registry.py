@@ -3,7 +3,7 @@
 A loss is ``fn(inputs, **hyper_parameters) -> (loss, metrics)`` where ``inputs`` is a
 ``SequenceLogps`` (offline views: sft, pairwise, unpaired, listwise) or a ``RolloutLogps``
 (online RL), the hyper-parameters are keyword-only with defaults, ``loss`` is a scalar tensor and
-``metrics`` maps metric names (see DESIGN.md "Names") to detached scalar tensors.
+``metrics`` maps metric names (see docs/DESIGN.md "Names") to detached scalar tensors.
 
 ``register_loss`` records, next to the function, what the trainer must provide:
 
