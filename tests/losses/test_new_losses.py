@@ -84,11 +84,48 @@ def test_repo_is_trl_cpo_hinge_on_mean_logps_scaled(gamma):
     assert ours.item() == pytest.approx(gamma * trl_losses.mean().item(), rel=1e-12)
 
 
+# --- R-DPO ------------------------------------------------------------------------------------------
+# PAIRS' length gaps len_c - len_r are -2, +1 and +2 tokens.
+
+
+@pytest.mark.parametrize("beta,alpha", [(0.3, 0.0), (0.3, 0.05), (0.1, 0.5)])
+def test_rdpo_value(beta, alpha):
+    expected = mean(-log_sigmoid(beta * ((p[0] - p[2]) - (p[1] - p[3])) + alpha * (p[4] - p[5])) for p in PAIRS)
+    loss, metrics = LOSSES["rdpo"].fn(paired(), beta=beta, alpha=alpha)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["rdpo/length_gap"].item() == pytest.approx(mean(p[4] - p[5] for p in PAIRS))
+    assert metrics["rewards/chosen"].item() == pytest.approx(mean(beta * (p[0] - p[2]) for p in PAIRS))
+
+
+def test_rdpo_without_penalty_is_dpo():
+    a, _ = LOSSES["rdpo"].fn(paired(), beta=0.3, alpha=0.0)
+    b, _ = LOSSES["dpo"].fn(paired(), beta=0.3)
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+
+
+def test_rdpo_pushes_less_on_a_longer_chosen_and_more_on_a_shorter_one():
+    """The length penalty's direction: at equal log-ratios, a pair whose chosen is longer gets a smaller
+    gradient than under DPO (length explains part of the preference), a shorter chosen a larger one."""
+    rows = [(-5.0, -6.0, -5.0, -6.0, 30.0, 10.0), (-5.0, -6.0, -5.0, -6.0, 10.0, 30.0)]
+    grads = {}
+    for name, hparams in (("rdpo", {"alpha": 0.05}), ("dpo", {})):
+        inputs = paired(rows, requires_grad=True)
+        LOSSES[name].fn(inputs, beta=0.1, **hparams)[0].backward()
+        grads[name] = inputs.logps.grad[:, 0]
+    assert (grads["rdpo"] < 0).all() and (grads["dpo"] < 0).all()
+    assert abs(grads["rdpo"][0]) < abs(grads["dpo"][0]) < abs(grads["rdpo"][1])
+    # sigmoid(-z) / G with z = +-alpha * 20 (h = 0): the exact weights
+    assert grads["rdpo"][0].item() == pytest.approx(-0.1 * (1 - 1 / (1 + math.exp(-1.0))) / 2)
+    assert grads["rdpo"][1].item() == pytest.approx(-0.1 * (1 - 1 / (1 + math.exp(1.0))) / 2)
+
+
 # --- knob checks (at call time and at compose time) ------------------------------------------------
 
 BAD_KNOBS = [
     ("repo", {"gamma": -0.1}),
     ("repo", {"gamma": "wide"}),
+    ("rdpo", {"alpha": -0.01}),
+    ("rdpo", {"beta": 0.0}),
 ]
 
 

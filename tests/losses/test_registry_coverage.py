@@ -39,6 +39,7 @@ VALUE_TESTS: dict[str, str] = {
     "ppo_value": "test_rollout::test_ppo_value_clipped_loss_matches_hand_formula",
     "bradley_terry": "test_reward_loss_values::test_bradley_terry_value",
     "repo": "test_new_losses::test_repo_value",
+    "rdpo": "test_new_losses::test_rdpo_value",
 }
 
 
