@@ -25,7 +25,7 @@ from alignkit.config.validate import grad_accum_steps, objective_from_cfg, runne
 console = Console()
 
 
-FLASH_ATTENTION = ("flash_attention_2", "flash_attention_3")
+DENSE_MASK_ATTENTION = ("sdpa", "eager")  # the attentions that take packed rows' dense 4D masks (tested)
 
 
 def check_attention_layout(cfg: DictConfig) -> None:
@@ -33,17 +33,19 @@ def check_attention_layout(cfg: DictConfig) -> None:
 
     Both layouts describe which tokens see which with a 4D additive mask ``[B, 1, L, L]`` and
     per-row ``position_ids``; flash-attention kernels take no such mask (transformers would drop
-    it or fail on the GPU), so those combinations are refused here rather than mixing sequences
-    silently. ``sdpa``/``eager`` run the dense masks and are what the log-prob equality tests cover.
+    it or fail on the GPU), and ``flex_attention`` with such a mask crashed on the CPU here (torch
+    2.13: "double free or corruption" in the packed forward), so those combinations are refused
+    rather than mixing sequences silently. ``sdpa``/``eager`` run the dense masks and are what the
+    log-prob equality tests (and ``scripts/gpu_check.sh``) cover.
     """
     from alignkit.errors import ConfigError
 
     layout, attn = str(cfg.data.layout), str(cfg.model.attn_implementation)
-    if layout in ("packed", "prefix_shared") and attn in FLASH_ATTENTION:
+    if layout in ("packed", "prefix_shared") and attn not in DENSE_MASK_ATTENTION:
         raise ConfigError(
             f"data.layout={layout} needs dense 4D attention masks, which model.attn_implementation={attn} does not "
-            "take. Use model.attn_implementation=sdpa (the default) with this layout, or data.layout=padded "
-            "with flash attention.")
+            "take here. Use model.attn_implementation=sdpa (the default) or eager with this layout, or "
+            "data.layout=padded with flash attention.")
 
 
 def check_scale_rules(cfg: DictConfig) -> None:

@@ -52,6 +52,7 @@ def test_plan_prints_every_zero_stage_and_activations(capsys):
 @pytest.mark.parametrize("overrides, message", [
     (["recipe=dpo_tiny", "data.layout=packed", "model.attn_implementation=flash_attention_2"], "dense 4D"),
     (["recipe=dpo_tiny", "data.layout=prefix_shared", "model.attn_implementation=flash_attention_3"], "dense 4D"),
+    (["recipe=dpo_tiny", "data.layout=packed", "model.attn_implementation=flex_attention"], "dense 4D"),
     (["recipe=kto_tiny", "trainer.batch_size=1", "trainer.micro_batch_size=1"], "batch_size >= 2"),
 ])
 def test_plan_refuses_what_train_refuses(overrides, message):
@@ -59,5 +60,6 @@ def test_plan_refuses_what_train_refuses(overrides, message):
         print_plan(overrides)
 
 
-def test_padded_rows_with_flash_attention_are_accepted():
+def test_padded_rows_with_flash_attention_and_packed_rows_with_eager_are_accepted():
     compose(["recipe=dpo_tiny", "model.attn_implementation=flash_attention_2"])
+    compose(["recipe=dpo_tiny", "data.layout=packed", "model.attn_implementation=eager"])
