@@ -1,4 +1,4 @@
-"""Faults a trainer polls for: a stop request (SIGINT/SIGTERM) and non-finite tensors.
+"""Faults a trainer polls for: a stop request (SIGINT/SIGTERM) and non-finite parameters.
 
 ``StopRequest.install()`` replaces the SIGINT/SIGTERM handlers with one that only sets a flag;
 the trainer checks ``stop.requested`` after each optimizer step, then saves a checkpoint and exits
@@ -7,8 +7,6 @@ loading, the reference pre-pass) a signal raises ``StopNow`` at once. A second S
 users who do not want to wait. Under the DeepSpeed launcher every worker receives the signal;
 trainers should agree across ranks (``any_rank(stop.requested)``) so all ranks save together.
 
-``check_finite(loss, named_tensors)`` names the first non-finite tensor (the loss first), so the
-trainer can stop or skip the step with a message saying which step and which tensor.
 ``nonfinite_parameter(module)`` names the first trainable parameter holding NaN/inf (this rank's
 ZeRO-3 shard included): checkpoints are saved only when it is None on every rank.
 
@@ -19,12 +17,8 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Union
 
 import torch
-
-TensorLike = Union[torch.Tensor, float, None]
 
 
 class StopNow(BaseException):
@@ -94,34 +88,6 @@ def any_rank(flag: bool) -> bool:
     from alignkit.engine.collectives import any_rank as reduce_any  # on the process group's device
 
     return reduce_any(bool(flag))
-
-
-def _is_finite(value: TensorLike) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, torch.Tensor):
-        return bool(torch.isfinite(value.detach()).all())
-    return bool(torch.isfinite(torch.tensor(float(value))))
-
-
-def check_finite(
-    loss: TensorLike,
-    named_tensors: Mapping[str, TensorLike] | Iterable[tuple[str, TensorLike]] = (),
-) -> str | None:
-    """The name of the first non-finite tensor (``"loss"`` first), or None when all are finite.
-
-    ``named_tensors`` is a mapping or ``(name, tensor)`` pairs, e.g. metrics, or
-    ``(f"grad:{n}", p.grad) for n, p in model.named_parameters()`` (below ZeRO-2, where gradients
-    live on the parameters; under ZeRO-2/3 check ``engine.get_global_grad_norm()`` instead).
-    ``None`` entries are skipped.
-    """
-    if not _is_finite(loss):
-        return "loss"
-    items = named_tensors.items() if isinstance(named_tensors, Mapping) else named_tensors
-    for name, tensor in items:
-        if not _is_finite(tensor):
-            return name
-    return None
 
 
 def nonfinite_parameter(module: torch.nn.Module) -> str | None:

@@ -9,7 +9,7 @@ What lives here is what two or more loss families compute the same way:
 * ``wpo_weights``: the detached WPO pair weight;
 * ``smoothed_logistic``: the label-smoothed logistic loss (cDPO, CPO, SimPO, AOT);
 * ``token_mean_nll``: NLL of slot 0 averaged over all its target tokens in the batch (SFT, CPO, ORPO);
-* ``preference_metrics``: the metric names shared across losses (DESIGN.md "Names");
+* ``preference_metrics``: the metric names shared across losses (docs/DESIGN.md "Names");
 * ``validate_knobs``: value checks (enum choices, ranges) raising ``ConfigError``; the losses call it
   on every call and ``combine.build_objective`` calls it at compose time; a loss module declares
   ranges for its own knobs with ``register_knob_rules``.
