@@ -16,12 +16,21 @@ Slot 0 is chosen, slot 1 rejected; each returns the mean over pairs of a per-pai
   trains its length-penalty objective the same way: a margin reward ``-|y|`` with weight ``alpha``
   gives exactly this logit.) Some re-implementations subtract ``alpha*(len_c - len_r)``, which
   rewards length; ``alpha >= 0`` here always penalises it.
+* ``modpo`` (MODPO, Zhou et al. 2023, "Beyond One-Preference-Fits-All Alignment: Multi-Objective
+  Direct Preference Optimization"): ``-log sigmoid((beta*(h_c - h_r) - w_aux*(s_c - s_r)) / w)``, as
+  in the paper's loss for objective k and ZHZisZZ/modpo's ``modpo_loss``: the pairs express objective k
+  (weight ``w``), ``s`` is an auxiliary reward of each completion for the other objective, read from
+  ``SequenceLogps.scores`` (paired data's ``chosen_score``/``rejected_score``, or a ``margin`` column,
+  which the data layer turns into scores ``[margin, 0]``). One auxiliary objective: ``w_aux`` is
+  ``margin_weight``, by default ``1 - w`` (the paper's weights on the simplex).
 
 Metrics: ``rewards/*`` are each loss's implicit reward (the mean log-prob for repo); each loss adds
 its own diagnostics under ``<loss>/``.
 
 Left out: RePO++ (the ReLU applied to other losses' margins), RePO's dynamic margin schedules, and
-R-DPO on other length measures (characters, words): the length is the trainer's target-token count.
+R-DPO on other length measures (characters, words): the length is the trainer's target-token count;
+MODPO with several auxiliary rewards (one score per completion is what the data carries) and MODPO's
+first stage (training the auxiliary reward model: use the ``rm`` runner and score the data with it).
 """
 
 from __future__ import annotations
@@ -30,12 +39,18 @@ import torch
 import torch.nn.functional as F
 
 from alignkit.losses.common import pair_terms, preference_metrics, register_knob_rules, validate_knobs
+from alignkit.errors import DataError
 from alignkit.losses.registry import SequenceLogps, register_loss
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
 register_knob_rules("repo", gamma=(lambda v: v >= 0, "RePO's target margin must be >= 0 (e.g. 0.5)"))
 register_knob_rules("rdpo", alpha=(lambda v: v >= 0, "the length penalty per token must be >= 0 (0 is plain DPO)"))
+register_knob_rules(
+    "modpo",
+    w=(lambda v: 0 < v <= 1, "the weight of the objective the pairs express must lie in (0, 1]"),
+    margin_weight=(lambda v: v >= 0, "the auxiliary reward's weight must be >= 0, or null for 1 - w"),
+)
 
 
 @register_loss(view="pairwise", needs_reference=False)
@@ -71,4 +86,41 @@ def rdpo(inputs: SequenceLogps, *, beta: float = 0.1, alpha: float = 0.01) -> Ou
     metrics = preference_metrics(beta * t.chosen_logratios, beta * t.rejected_logratios,
                                  t.chosen_logps, t.rejected_logps)
     metrics["rdpo/length_gap"] = length_gap.detach().mean()
+    return F.softplus(-z).mean(), metrics
+
+
+def _auxiliary_rewards(inputs: SequenceLogps) -> torch.Tensor:
+    """The [G, 2] auxiliary rewards of a pairwise batch, checked: present and finite on every pair."""
+    if inputs.scores is None:
+        raise DataError(
+            "loss 'modpo' needs an auxiliary reward for each completion, but the data has none. Give paired "
+            "records chosen_score/rejected_score (or a margin column), e.g. scores from a reward model for "
+            "the other objective.", field="scores")
+    scores = inputs.scores[:, :2]
+    bad = ~torch.isfinite(scores) & inputs.mask[:, :2]
+    if bad.any():
+        raise DataError(
+            f"loss 'modpo': {int(bad.any(-1).sum())} of {scores.shape[0]} pairs in this batch have a missing "
+            "(nan) or infinite auxiliary reward. Score every completion, or drop the unscored pairs.",
+            field="scores")
+    return scores.detach().to(inputs.logps.dtype)
+
+
+@register_loss(view="pairwise", needs_reference=True)
+def modpo(inputs: SequenceLogps, *, beta: float = 0.1, w: float = 0.5, margin_weight: float | None = None) -> Out:
+    """MODPO: -log sigmoid((beta*(h_c - h_r) - margin_weight*(s_c - s_r)) / w), s = scores (auxiliary reward).
+
+    ``w`` weighs the objective the pairs express, ``margin_weight`` (default ``1 - w``) the auxiliary
+    reward's; ``w=1`` with the default is DPO. ``rewards/*`` are the policy's implicit ``beta * h``;
+    ``modpo/aux_gap`` is the mean ``s_c - s_r``.
+    """
+    validate_knobs("modpo", locals())
+    t = pair_terms(inputs)
+    scores = _auxiliary_rewards(inputs)
+    aux_weight = 1.0 - w if margin_weight is None else margin_weight
+    aux_gap = scores[:, 0] - scores[:, 1]
+    z = (beta * (t.chosen_logratios - t.rejected_logratios) - aux_weight * aux_gap) / w
+    metrics = preference_metrics(beta * t.chosen_logratios, beta * t.rejected_logratios,
+                                 t.chosen_logps, t.rejected_logps)
+    metrics["modpo/aux_gap"] = aux_gap.mean()
     return F.softplus(-z).mean(), metrics

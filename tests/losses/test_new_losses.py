@@ -119,6 +119,63 @@ def test_rdpo_pushes_less_on_a_longer_chosen_and_more_on_a_shorter_one():
     assert grads["rdpo"][1].item() == pytest.approx(-0.1 * (1 - 1 / (1 + math.exp(1.0))) / 2)
 
 
+# --- MODPO ------------------------------------------------------------------------------------------
+MODPO_SCORES = [(0.8, 0.1), (-0.5, 0.4), (1.2, 1.2)]  # auxiliary reward (s_c, s_r) of each pair of PAIRS
+
+
+def _scored(pairs=PAIRS, scores=MODPO_SCORES, **kwargs) -> SequenceLogps:
+    inputs = paired(pairs, **kwargs)
+    inputs.scores = torch.tensor(scores, dtype=inputs.logps.dtype)
+    return inputs
+
+
+@pytest.mark.parametrize("beta,w,margin_weight", [(0.3, 0.5, None), (0.1, 0.25, None), (0.3, 0.7, 2.0)])
+def test_modpo_value(beta, w, margin_weight):
+    aux = 1 - w if margin_weight is None else margin_weight
+    expected = mean(
+        -log_sigmoid((beta * ((p[0] - p[2]) - (p[1] - p[3])) - aux * (s[0] - s[1])) / w)
+        for p, s in zip(PAIRS, MODPO_SCORES)
+    )
+    loss, metrics = LOSSES["modpo"].fn(_scored(), beta=beta, w=w, margin_weight=margin_weight)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["modpo/aux_gap"].item() == pytest.approx(mean(s[0] - s[1] for s in MODPO_SCORES))
+
+
+def test_modpo_with_all_weight_on_the_pairs_is_dpo():
+    a, _ = LOSSES["modpo"].fn(_scored(), beta=0.3, w=1.0)
+    b, _ = LOSSES["dpo"].fn(paired(), beta=0.3)
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+
+
+def test_modpo_with_a_length_penalty_reward_is_rdpo():
+    """MODPO's reference length-penalty run: margin reward -|y|, w = (1, alpha). That is R-DPO."""
+    lengths = [(-p[4], -p[5]) for p in PAIRS]
+    a, _ = LOSSES["modpo"].fn(_scored(scores=lengths), beta=0.3, w=1.0, margin_weight=0.05)
+    b, _ = LOSSES["rdpo"].fn(paired(), beta=0.3, alpha=0.05)
+    assert a.item() == pytest.approx(b.item(), rel=1e-12)
+
+
+def test_modpo_pushes_harder_where_the_auxiliary_reward_agrees():
+    """The policy carries both objectives (r* = w r_k + (1-w) r_aux = beta h): where the auxiliary reward
+    also prefers the chosen, the policy margin must exceed that share too, so the push is larger; where
+    it prefers the rejected, the pair's preference is partly the other objective's, so the push is smaller."""
+    grads = []
+    for scores in ([(1.0, 0.0)] * 3, [(0.0, 0.0)] * 3, [(0.0, 1.0)] * 3):
+        inputs = _scored(scores=scores, requires_grad=True)
+        LOSSES["modpo"].fn(inputs, beta=0.3)[0].backward()
+        grads.append(inputs.logps.grad[:, 0])
+    assert (grads[0] < grads[1]).all() and (grads[1] < grads[2]).all() and (grads[2] < 0).all()
+
+
+def test_modpo_needs_finite_scores_for_every_pair():
+    from alignkit.errors import DataError
+
+    with pytest.raises(DataError, match="chosen_score/rejected_score"):
+        LOSSES["modpo"].fn(paired())
+    with pytest.raises(DataError, match="1 of 3 pairs"):
+        LOSSES["modpo"].fn(_scored(scores=[(0.8, 0.1), (math.nan, 0.4), (1.2, 1.2)]))
+
+
 # --- knob checks (at call time and at compose time) ------------------------------------------------
 
 BAD_KNOBS = [
@@ -126,6 +183,9 @@ BAD_KNOBS = [
     ("repo", {"gamma": "wide"}),
     ("rdpo", {"alpha": -0.01}),
     ("rdpo", {"beta": 0.0}),
+    ("modpo", {"w": 0.0}),
+    ("modpo", {"w": 1.5}),
+    ("modpo", {"margin_weight": -1.0}),
 ]
 
 
@@ -133,6 +193,6 @@ BAD_KNOBS = [
 def test_bad_knobs_raise_config_error_naming_the_key(name, hparams):
     key = next(iter(hparams))
     with pytest.raises(ConfigError, match=f"loss {name!r}: {key}="):
-        LOSSES[name].fn(paired(), **hparams)
+        LOSSES[name].fn(_scored(), **hparams)
     with pytest.raises(ConfigError, match=f"loss.{key}"):
         build_objective([name], hparams={name: hparams})

@@ -40,6 +40,7 @@ VALUE_TESTS: dict[str, str] = {
     "bradley_terry": "test_reward_loss_values::test_bradley_terry_value",
     "repo": "test_new_losses::test_repo_value",
     "rdpo": "test_new_losses::test_rdpo_value",
+    "modpo": "test_new_losses::test_modpo_value",
 }
 
 
