@@ -176,6 +176,41 @@ def test_modpo_needs_finite_scores_for_every_pair():
         LOSSES["modpo"].fn(_scored(scores=[(0.8, 0.1), (math.nan, 0.4), (1.2, 1.2)]))
 
 
+# --- CPL ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha,bias", [(0.1, 0.5), (0.3, 1.0), (1.0, 0.2)])
+def test_cpl_value(alpha, bias):
+    """-log [e^(a S_c) / (e^(a S_c) + e^(lambda a S_r))], S = summed log-prob (jhejna/cpl, biased BCE)."""
+    expected = mean(
+        -(alpha * p[0]) + math.log(math.exp(alpha * p[0]) + math.exp(bias * alpha * p[1])) for p in PAIRS
+    )
+    loss, metrics = LOSSES["cpl"].fn(paired(), alpha=alpha, contrastive_bias=bias)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert metrics["rewards/chosen"].item() == pytest.approx(mean(alpha * p[0] for p in PAIRS))
+    assert metrics["rewards/accuracy"].item() == pytest.approx(mean(float(p[0] > p[1]) for p in PAIRS))
+
+
+def test_cpl_bias_scales_the_rejected_gradient_only():
+    """d loss / d logp_r = -lambda * d loss / d logp_c, pair by pair: the bias sits on the dispreferred term."""
+    inputs = paired(requires_grad=True)
+    LOSSES["cpl"].fn(inputs, alpha=0.3, contrastive_bias=0.4)[0].backward()
+    grad = inputs.logps.grad
+    assert (grad[:, 0] < 0).all()
+    assert torch.allclose(grad[:, 1], -0.4 * grad[:, 0], rtol=1e-12)
+
+
+def test_cpl_unbiased_is_trl_cpo_sigmoid():
+    """With lambda = 1, CPL is CPO's preference term at beta = alpha: TRL 1.16's CPOTrainer.cpo_loss (sigmoid)."""
+    trainer = _trl_cpo("sigmoid", 0.3)
+    trl_losses, _, _ = trainer.cpo_loss(torch.tensor([p[0] for p in PAIRS], dtype=torch.float64),
+                                        torch.tensor([p[1] for p in PAIRS], dtype=torch.float64))
+    ours, _ = LOSSES["cpl"].fn(paired(), alpha=0.3, contrastive_bias=1.0)
+    assert ours.item() == pytest.approx(trl_losses.mean().item(), rel=1e-12)
+    cpo, _ = LOSSES["cpo"].fn(paired(), beta=0.3, cpo_alpha=0.0)
+    assert ours.item() == pytest.approx(cpo.item(), rel=1e-12)
+
+
 # --- knob checks (at call time and at compose time) ------------------------------------------------
 
 BAD_KNOBS = [
@@ -186,6 +221,9 @@ BAD_KNOBS = [
     ("modpo", {"w": 0.0}),
     ("modpo", {"w": 1.5}),
     ("modpo", {"margin_weight": -1.0}),
+    ("cpl", {"alpha": 0.0}),
+    ("cpl", {"contrastive_bias": 0.0}),
+    ("cpl", {"contrastive_bias": 1.2}),
 ]
 
 

@@ -41,6 +41,7 @@ VALUE_TESTS: dict[str, str] = {
     "repo": "test_new_losses::test_repo_value",
     "rdpo": "test_new_losses::test_rdpo_value",
     "modpo": "test_new_losses::test_modpo_value",
+    "cpl": "test_new_losses::test_cpl_value",
 }
 
 
