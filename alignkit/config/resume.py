@@ -92,6 +92,19 @@ def effective_config_path(run_dir: Path) -> Path:
     return Path(run_dir) / "config.yaml"
 
 
+MAX_LISTED = 12
+
+
+def _original_overrides(run_dir: Path) -> str:
+    path = Path(run_dir) / "overrides.txt"
+    if path.is_symlink() or not path.is_file():
+        return ""
+    text = " ".join(line for line in path.read_text(errors="replace").splitlines() if line.strip())
+    if not text:
+        return f" ({path})"
+    return f" ({path}: {text if len(text) <= 300 else text[:297] + '...'})"
+
+
 def _show(value: Any) -> str:
     text = json.dumps(value, default=str)
     return text if len(text) <= 80 else text[:77] + "..."
@@ -119,12 +132,14 @@ def check_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     allowed = {k: v for k, v in diff.items() if k not in safe and _covered(k, allow)}
     refused = {k: v for k, v in diff.items() if k not in safe and k not in allowed}
     if refused:
-        lines = "; ".join(f"{k}: {_show(old)} -> {_show(new)}" for k, (old, new) in refused.items())
+        shown = list(refused.items())[:MAX_LISTED]
+        lines = "; ".join(f"{k}: {_show(old)} -> {_show(new)}" for k, (old, new) in shown)
+        if len(refused) > MAX_LISTED:
+            lines += f"; and {len(refused) - MAX_LISTED} more ({', '.join(list(refused)[MAX_LISTED:])})"
         raise ConfigError(
             f"resume={cfg.resume} would change what the run in {run_dir} is trained with: {lines}. The run's config is "
-            f"{current} (its original overrides are in {run_dir / 'overrides.txt'}): repeat those overrides, or allow "
-            f"the change explicitly with resume_allow=[{','.join(refused)}] (it is then used and recorded in "
-            f"{run_dir / HISTORY})."
+            f"{current}; repeat its original overrides{_original_overrides(run_dir)}, or allow the change explicitly "
+            f"with resume_allow=[{','.join(refused)}] (it is then used and recorded in {run_dir / HISTORY})."
         )
     if not diff:
         return current

@@ -295,15 +295,17 @@ def reapply_optimizer_settings(engine, t: DictConfig) -> None:
     if optimizer is None or not getattr(optimizer, "param_groups", None):
         return
     lr, betas = float(t.lr), (float(t.adam_beta1), float(t.adam_beta2))
-    factor = 1.0
+    factor, same_lr = 1.0, False
     if scheduler is not None and getattr(scheduler, "base_lrs", None):
         base = scheduler.base_lrs[0]
+        same_lr = base == lr
         factor = optimizer.param_groups[0]["lr"] / base if base else 1.0
         scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
     groups = optimizer.param_groups
     for i, group in enumerate(groups):
-        group["initial_lr"] = lr
-        group["lr"] = lr * factor
+        if not same_lr:  # unchanged: leave the restored rate bit for bit (exact resume)
+            group["initial_lr"] = lr
+            group["lr"] = lr * factor
         if "betas" in group:
             group["betas"] = betas
         # engine._weight_decay_groups puts the decayed matrices first; biases and norms stay at 0
