@@ -214,8 +214,9 @@ def run_in_process(cfg: DictConfig, run_dir: Path, *, worker: bool = False) -> i
         raise
     except faults.StopNow as stop:
         raise RunStopped(
-            f"stopped by {stop.signal_name} before training began (while loading or pre-computing); nothing was "
-            "trained. Run the same command again to start over.", 128 + stop.signum) from None
+            f"stopped by {stop.signal_name} before the training loop began (while loading or pre-computing): no step "
+            "was taken by this start. Run the same command again (a new run's directory was removed; add "
+            "resume=auto to continue a run that has a checkpoint).", 128 + stop.signum) from None
     finally:
         _restore_signal_handlers(handlers)  # a trainer that failed never uninstalled its StopRequest
     if isinstance(result, dict):
