@@ -211,6 +211,90 @@ def test_cpl_unbiased_is_trl_cpo_sigmoid():
     assert ours.item() == pytest.approx(cpo.item(), rel=1e-12)
 
 
+# --- BCO ----------------------------------------------------------------------------------------------
+UNPAIRED = [(-4.0, -4.5, 1.0), (-6.0, -5.0, 0.0), (-2.0, -2.6, 1.0), (-3.0, -3.4, 0.0), (-1.0, -1.5, 0.0)]
+
+
+def _unpaired(rows=UNPAIRED, *, requires_grad: bool = False) -> SequenceLogps:
+    col = lambda i: torch.tensor([[r[i]] for r in rows], dtype=torch.float64)  # noqa: E731
+    logps = col(0).requires_grad_(requires_grad)
+    return SequenceLogps(logps=logps, ref_logps=col(1), labels=col(2), lengths=torch.ones(len(rows), 1),
+                         mask=torch.ones(len(rows), 1, dtype=torch.bool))
+
+
+def _bco_terms(beta, delta, rows=UNPAIRED):
+    """Per-completion BCO losses as TRL's BCOTrainer.bco_loss writes them (before its removal)."""
+    rewards = [beta * (lp - ref) for lp, ref, _ in rows]
+    if delta is None:  # RunningMoments after its first update: the mean of all the batch's rewards
+        delta = mean(rewards)
+    terms = [-log_sigmoid(r - delta) if y else -log_sigmoid(-(r - delta)) for r, (_, _, y) in zip(rewards, rows)]
+    return terms, delta
+
+
+@pytest.mark.parametrize("beta,delta", [(0.4, None), (0.4, 0.0), (0.1, 0.3), (1.0, -0.2)])
+def test_bco_value(beta, delta):
+    terms, shift = _bco_terms(beta, delta)
+    loss, metrics = LOSSES["bco"].fn(_unpaired(), beta=beta, delta=delta)
+    assert loss.item() == pytest.approx(mean(terms), rel=1e-12)
+    assert metrics["bco/delta"].item() == pytest.approx(shift)
+    assert metrics["rewards/chosen"].item() == pytest.approx(mean(beta * (a - b) for a, b, y in UNPAIRED if y))
+    assert metrics["rewards/rejected"].item() == pytest.approx(mean(beta * (a - b) for a, b, y in UNPAIRED if not y))
+
+
+def test_bco_running_mean_passed_in_reproduces_trl_over_steps():
+    """A trainer keeping TRL's running mean (count-weighted over every reward so far, updated before the
+    loss) and passing it as delta gets TRL's loss at every step, not only the first."""
+    steps = [UNPAIRED[:3], UNPAIRED[3:], UNPAIRED[1:4]]
+    total, count = 0.0, 0
+    for rows in steps:
+        rewards = [0.4 * (lp - ref) for lp, ref, _ in rows]
+        total, count = total + sum(rewards), count + len(rewards)
+        terms, _ = _bco_terms(0.4, total / count, rows)
+        loss, _ = LOSSES["bco"].fn(_unpaired(rows), beta=0.4, delta=total / count)
+        assert loss.item() == pytest.approx(mean(terms), rel=1e-12)
+    first, _ = LOSSES["bco"].fn(_unpaired(steps[0]), beta=0.4)
+    assert first.item() == pytest.approx(mean(_bco_terms(0.4, None, steps[0])[0]), rel=1e-12)
+
+
+def test_bco_batch_shift_is_detached_and_gradients_have_the_classifier_signs():
+    shifted = _unpaired(requires_grad=True)
+    loss, metrics = LOSSES["bco"].fn(shifted, beta=0.4)
+    loss.backward()
+    fixed = _unpaired(requires_grad=True)
+    LOSSES["bco"].fn(fixed, beta=0.4, delta=metrics["bco/delta"].item())[0].backward()
+    assert torch.allclose(shifted.logps.grad, fixed.logps.grad, rtol=1e-12)  # no gradient through the mean
+    grad, desirable = shifted.logps.grad[:, 0], shifted.labels[:, 0] > 0.5
+    assert (grad[desirable] < 0).all() and (grad[~desirable] > 0).all()
+
+
+def test_bco_on_split_pairs_is_half_of_bco_pair():
+    """With a fixed shift, BCO over the 2G completions of G pairs (chosen desirable, rejected not) is
+    bco_pair's per-pair sum averaged over 2G (bco_pair is checked against TRL 1.16)."""
+    rows = [r for p in PAIRS for r in ((p[0], p[2], 1.0), (p[1], p[3], 0.0))]
+    ours, _ = LOSSES["bco"].fn(_unpaired(rows), beta=0.3, delta=0.25)
+    pair, _ = LOSSES["bco_pair"].fn(paired(), beta=0.3, delta=0.25)
+    assert ours.item() == pytest.approx(pair.item() / 2, rel=1e-12)
+
+
+# --- all five learn the preference from an inverted start (the harness of test_offline_losses_learn) --
+
+
+@pytest.mark.parametrize("name", ["repo", "rdpo", "modpo", "cpl"])
+def test_new_paired_losses_learn_the_preference(name):
+    from test_offline_losses_learn import _train
+
+    _, before, after = _train(name)
+    assert before["rewards/accuracy"] == 0.0 and after["rewards/accuracy"] == 1.0
+    assert after["rewards/margin"] > before["rewards/margin"]
+
+
+def test_bco_raises_desirable_and_lowers_undesirable():
+    from test_offline_losses_learn import _train
+
+    _, _, after = _train("bco")
+    assert after["rewards/chosen"] > 0 > after["rewards/rejected"]
+
+
 # --- knob checks (at call time and at compose time) ------------------------------------------------
 
 BAD_KNOBS = [
@@ -224,6 +308,8 @@ BAD_KNOBS = [
     ("cpl", {"alpha": 0.0}),
     ("cpl", {"contrastive_bias": 0.0}),
     ("cpl", {"contrastive_bias": 1.2}),
+    ("bco", {"delta": math.inf}),
+    ("bco", {"beta": -0.1}),
 ]
 
 
@@ -231,6 +317,29 @@ BAD_KNOBS = [
 def test_bad_knobs_raise_config_error_naming_the_key(name, hparams):
     key = next(iter(hparams))
     with pytest.raises(ConfigError, match=f"loss {name!r}: {key}="):
-        LOSSES[name].fn(_scored(), **hparams)
+        LOSSES[name].fn(_unpaired() if name == "bco" else _scored(), **hparams)
     with pytest.raises(ConfigError, match=f"loss.{key}"):
         build_objective([name], hparams={name: hparams})
+
+
+# --- end to end on the tiny model: the preference runner gives each loss what it reads ---------------
+
+
+@pytest.mark.parametrize("recipe,loss,key", [("dpo_tiny", "repo", "repo/active"), ("dpo_tiny", "rdpo", "rdpo/length_gap"),
+                                             ("dpo_tiny", "modpo", "modpo/aux_gap"), ("dpo_tiny", "cpl", "rewards/accuracy"),
+                                             ("kto_tiny", "bco", "bco/delta")])
+def test_new_losses_train_on_the_tiny_runner(tmp_path, recipe, loss, key):
+    """Two steps of the preference trainer on the demo data (paired scores = MODPO's auxiliary reward,
+    token counts = R-DPO's lengths): finite losses and each loss's own metric in train and eval rows."""
+    import json
+
+    from alignkit.run import train_from_overrides
+
+    code = train_from_overrides([f"recipe={recipe}", f"loss={loss}", "trainer.max_steps=2", "trainer.eval_every=2",
+                                 "trainer.export=false", f"trainer.reference_cache_dir={tmp_path / 'ref'}",
+                                 f"output_dir={tmp_path}", "run_name=run"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r.get("split", "train") == "train"]
+    assert len(train) == 2 and all(math.isfinite(r["loss"]) and key in r for r in train)
+    assert any(r.get("split") == "eval" and key in r for r in rows)

@@ -42,6 +42,7 @@ VALUE_TESTS: dict[str, str] = {
     "rdpo": "test_new_losses::test_rdpo_value",
     "modpo": "test_new_losses::test_modpo_value",
     "cpl": "test_new_losses::test_cpl_value",
+    "bco": "test_new_losses::test_bco_value",
 }
 
 
