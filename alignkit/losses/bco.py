@@ -42,12 +42,12 @@ from alignkit.losses.unpaired import _finish, _unpaired_terms
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
-register_knob_rules("bco", delta=(math.isfinite, "the reward shift must be a finite number, or null for the batch mean"))
+register_knob_rules("bco", delta=(math.isfinite, "the reward shift must be finite, or null for the batch mean"))
 
 
 @register_loss(view="unpaired", needs_reference=True)
 def bco(inputs: SequenceLogps, *, beta: float = 0.1, delta: float | None = None) -> Out:
-    """BCO: desirable -log sigmoid(r - delta), undesirable -log sigmoid(delta - r), r = beta*h; delta=None: batch mean."""
+    """BCO: desirable -log sigmoid(r - delta), undesirable -log sigmoid(delta - r), r = beta*h (delta=None: mean r)."""
     validate_knobs("bco", locals())
     logps, h, desirable = _unpaired_terms(inputs)
     rewards = beta * h

@@ -22,7 +22,10 @@ Slot 0 is chosen, slot 1 rejected; each returns the mean over pairs of a per-pai
   (weight ``w``), ``s`` is an auxiliary reward of each completion for the other objective, read from
   ``SequenceLogps.scores`` (paired data's ``chosen_score``/``rejected_score``, or a ``margin`` column,
   which the data layer turns into scores ``[margin, 0]``). One auxiliary objective: ``w_aux`` is
-  ``margin_weight``, by default ``1 - w`` (the paper's weights on the simplex).
+  ``margin_weight``, by default ``1 - w`` (the paper's weights on the simplex). Data without scores,
+  or with a missing (nan) score, fails with a ``DataError``; but a record without scores collated
+  into a batch whose other records have them arrives with scores 0 (``data/collate.py`` fills
+  absent values with zeros), which reads as a tie on the auxiliary objective: score every record.
 
 Metrics: ``rewards/*`` are each loss's implicit reward (the mean log-prob for repo); each loss adds
 its own diagnostics under ``<loss>/``.
@@ -38,8 +41,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.common import pair_terms, preference_metrics, register_knob_rules, validate_knobs
 from alignkit.errors import DataError
+from alignkit.losses.common import pair_terms, preference_metrics, register_knob_rules, validate_knobs
 from alignkit.losses.registry import SequenceLogps, register_loss
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]

@@ -325,9 +325,11 @@ def test_bad_knobs_raise_config_error_naming_the_key(name, hparams):
 # --- end to end on the tiny model: the preference runner gives each loss what it reads ---------------
 
 
-@pytest.mark.parametrize("recipe,loss,key", [("dpo_tiny", "repo", "repo/active"), ("dpo_tiny", "rdpo", "rdpo/length_gap"),
-                                             ("dpo_tiny", "modpo", "modpo/aux_gap"), ("dpo_tiny", "cpl", "rewards/accuracy"),
-                                             ("kto_tiny", "bco", "bco/delta")])
+@pytest.mark.parametrize("recipe,loss,key", [
+    ("dpo_tiny", "repo", "repo/active"), ("dpo_tiny", "rdpo", "rdpo/length_gap"),
+    ("dpo_tiny", "modpo", "modpo/aux_gap"),
+    ("dpo_tiny", "cpl", "rewards/accuracy"), ("kto_tiny", "bco", "bco/delta"),
+])
 def test_new_losses_train_on_the_tiny_runner(tmp_path, recipe, loss, key):
     """Two steps of the preference trainer on the demo data (paired scores = MODPO's auxiliary reward,
     token counts = R-DPO's lengths): finite losses and each loss's own metric in train and eval rows."""
