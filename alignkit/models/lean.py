@@ -18,6 +18,13 @@ for no measurable time:
   The forward is the same sequence of ops (bit-identical); the input gradient is computed as one
   sum where autograd adds three contributions in its own order, so gradients agree to rounding.
 
+Under ``torch.autocast`` (``deepspeed.dtype=bf16_autocast``: fp32 weights) ``SwiGLUDown`` casts the
+down projection's weight to the autocast dtype itself and saves that copy, so its backward runs the
+same bf16 matmuls autograd would (a custom function's backward runs outside autocast); the weight
+gradient is returned in bf16 and autograd casts it to the fp32 parameter's dtype, as it does for
+autocast's own casts. ``RMSNormFunction`` has no matmul: it computes in the input's dtype (fp32 in
+the residual stream under autocast), like Llama's norm.
+
 The projections stay module calls, so LoRA layers and ZeRO-3's parameter-gathering hooks work
 unchanged. Only classes known to have exactly these forwards are changed (``LEAN_MLP_CLASSES``,
 ``LEAN_NORM_CLASSES``); others (GELU MLPs, Gemma's ``1 + w`` norm, fused projections) are left alone.
@@ -51,6 +58,14 @@ class SiluMul(torch.autograd.Function):
         return _silu_mul_input_grads(ctx.needs_input_grad, grad, gate, up)
 
 
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs matmuls in on ``tensor``'s device, or None when it is off there."""
+    device = tensor.device.type
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
 def _silu_mul_input_grads(needs_input_grad, grad_product: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
                           silu_gate: torch.Tensor | None = None):
     """Gradients of ``silu(gate) * up`` w.r.t. ``gate`` and ``up`` (None where not needed), with the
@@ -68,16 +83,20 @@ class SwiGLUDown(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+        cast = autocast_dtype(gate)
+        if cast is not None:  # the bf16 copy autocast would make; backward reuses it (it runs outside autocast)
+            down_weight = down_weight.to(cast)
         ctx.save_for_backward(gate, up, down_weight)
         return F.linear(F.silu(gate) * up, down_weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         gate, up, down_weight = ctx.saved_tensors
+        grad = grad.to(down_weight.dtype)  # no-op unless autocast ran the forward
         silu_gate = F.silu(gate)
         grad_weight = None
         if ctx.needs_input_grad[2]:
-            product = (silu_gate * up).flatten(0, -2)
+            product = (silu_gate * up).flatten(0, -2).to(down_weight.dtype)
             grad_weight = grad.flatten(0, -2).t().mm(product)
         grad_gate, grad_up = _silu_mul_input_grads(ctx.needs_input_grad, grad.matmul(down_weight), gate, up, silu_gate)
         return grad_gate, grad_up, grad_weight

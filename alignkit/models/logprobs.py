@@ -18,6 +18,12 @@ head's weight gradient into one ``[vocab, H]`` tensor. The generic checkpointed 
 all decoder activations are still alive: the peak of a training step (~250 MB for a SmolLM2 DPO
 batch). Both paths compute the same numbers up to float rounding (tests compare them).
 
+Under ``torch.autocast`` (``deepspeed.dtype=bf16_autocast``: fp32 weights, bf16 matmuls) the fused
+head casts the hidden states and the weight to the autocast dtype once and saves those copies, so
+its backward recomputes the same bf16 logits the forward normalised (a custom function's backward
+runs outside autocast); the weight gradient accumulates over chunks in the weight's own dtype
+(fp32), the hidden-state gradient comes back in bf16 and autograd casts it to fp32.
+
 Optional per-target statistics from the same chunk: ``entropy`` of the next-token distribution and
 ``log_sq_mass`` = log sum_v p_v^2 (WPO's weight).
 
@@ -49,7 +55,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from alignkit.models.config import compute_dtype
-from alignkit.models.lean import has_forward_hooks, plain_linear_weight
+from alignkit.models.lean import autocast_dtype, has_forward_hooks, plain_linear_weight
 
 UNSUPPORTED_LOGIT_SCALES = ("logit_scale", "logits_scaling")
 
@@ -106,6 +112,10 @@ class FusedHeadLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, target_ids, chunk_size, tied_slot=None):
+        ctx.weight_dtype = weight.dtype
+        cast = autocast_dtype(hidden)
+        if cast is not None:  # the copies autocast's matmul would make, kept for backward
+            hidden, weight = hidden.to(cast), weight.to(cast)
         n, dtype = hidden.shape[0], compute_dtype(weight.dtype)
         logps = torch.empty(n, dtype=dtype, device=hidden.device)
         log_normalizer = torch.empty(n, dtype=dtype, device=hidden.device)
@@ -123,7 +133,7 @@ class FusedHeadLogProbs(torch.autograd.Function):
         hidden, weight, target_ids, log_normalizer = ctx.saved_tensors
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        grad_weight = torch.zeros_like(weight) if want_weight else None
+        grad_weight = torch.zeros(weight.shape, dtype=ctx.weight_dtype, device=weight.device) if want_weight else None
         grad_logps = grad_logps.to(log_normalizer.dtype)
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             span = slice(start, start + ctx.chunk_size)
@@ -135,8 +145,10 @@ class FusedHeadLogProbs(torch.autograd.Function):
             grad_logits = grad_logits.to(weight.dtype)
             if want_hidden:
                 torch.mm(grad_logits, weight, out=grad_hidden[span])
-            if want_weight:
+            if want_weight and grad_weight.dtype == weight.dtype:
                 grad_weight.addmm_(grad_logits.t(), hidden[span])
+            elif want_weight:  # autocast: a bf16 chunk product, summed in the fp32 parameter's dtype
+                grad_weight.add_(grad_logits.t().mm(hidden[span]))
         if ctx.tied_slot is not None and grad_weight is not None:
             ctx.tied_slot.grad, grad_weight = grad_weight, None
         return grad_hidden, grad_weight, None, None, None
