@@ -59,7 +59,7 @@ def test_precomputed_reference_is_cached_and_reused(tmp_path):
         assert train_from_overrides(["recipe=dpo_tiny", "trainer.max_steps=1", "trainer.export=false",
                                      f"trainer.reference_cache_dir={cache}", f"output_dir={tmp_path}",
                                      f"run_name={name}"]) == 0
-    assert len(list(cache.glob("ref-*.pt"))) == 1
+    assert len(list(cache.glob("ref-*.safetensors"))) == 1
     first = _metrics(tmp_path / "a")[0]["loss"]
     second = _metrics(tmp_path / "b")[0]["loss"]
     assert first == pytest.approx(second, rel=1e-6)
