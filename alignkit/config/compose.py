@@ -3,7 +3,10 @@
 ``compose(overrides)`` runs Hydra's compose API over ``conf/`` (presets are the ``recipe`` group,
 ``conf/recipe`` pointing at the top-level ``recipes/`` folder) and turns every Hydra/OmegaConf
 error into a ``ConfigError`` whose message names the key and the valid choices, so a typo fails
-before any model is loaded. ``freeze``/``load_frozen`` write and read the resolved config of a
+before any model is loaded: an unknown key (also one added with ``+key=``, which Hydra would
+keep) names the closest valid keys (difflib) and the keys of its section, a wrong type names the
+expected type and the default as an example, an override with a control character (a newline
+from a shell quoting slip) is refused by name instead of a lexer exception. ``freeze``/``load_frozen`` write and read the resolved config of a
 run directory: workers of a multi-process run load that file and never re-compose.
 
 Left out: the multirun path, which goes through ``@hydra.main`` in ``alignkit.sweep`` so that
@@ -166,8 +169,8 @@ def _type_name(kind) -> str:
     if origin is typing.Union and len(args) == 1:
         return _type_name(args[0]) + " (or null)"
     if origin in (list, tuple):
-        inner = _type_name(args[0]) if args else "values"
-        return f"a list of {inner}s"
+        plural = {float: "numbers", int: "integers", str: "strings", bool: "booleans"}
+        return f"a list of {plural.get(args[0], 'values') if args else 'values'}"
     names = {float: "a number", int: "an integer", str: "a string", bool: "true or false", dict: "a mapping"}
     return names.get(kind, getattr(kind, "__name__", str(kind)))
 

@@ -101,6 +101,8 @@ COMPOSE_CASES = {
                    ["recipe=dpo_tiny", "trainer.lr=fast"]),
     "wrong_type_int": (["trainer.max_steps='1.5' has the wrong type", "an integer"],
                        ["recipe=dpo_tiny", "trainer.max_steps=1.5"]),
+    "wrong_type_list": (["reward.fns='abc' has the wrong type", "a list of strings", "e.g. reward.fns=[judge]"],
+                        ["recipe=grpo_tiny", "reward.fns=abc"]),
     "newline_in_value": (["'run_name'", "control character", "'\\n'"], ["recipe=dpo_tiny", "run_name=a\nb"]),
     "rich_markup_kept": (["reward.fns (e.g. [judge])"], ["recipe=grpo_tiny", "reward.fns=[]"]),
     "loss_agg": (["loss.loss_agg='bogus'", "seq_mean_token_mean"], ["recipe=grpo_tiny", "loss.loss_agg=bogus"]),
