@@ -12,6 +12,23 @@ The optimizer block is not built here: ``engine.init_train_engine`` adds it, bec
 the learning rate and on the device (see there). Keys of ``raw_json`` (a JSON file) override the
 built ones recursively, so users can reach every DeepSpeed option without a new knob.
 
+Precision (``dtype``; ``auto`` is resolved by ``alignkit.engine.precision``):
+
+* ``fp32``: everything in fp32 (the fp32 block: bf16 and fp16 off);
+* ``bf16`` / ``fp16``: DeepSpeed's own mixed precision: the module's weights and gradients in
+  16 bits, fp32 master weights and optimizer states inside DeepSpeed's optimizer wrapper (checked
+  in 0.19.8: ZeRO-0 wraps the optimizer in ``FP16_Optimizer`` with flat fp32 master copies, ZeRO-1/2
+  keep fp32 partitions, ZeRO-3 fp32 partitions); gradients accumulate in 16 bits across
+  micro-batches at ZeRO-0 (DeepSpeed refuses fp32 accumulation there), exports are 16-bit;
+* ``bf16_autocast``: the weights, gradients, optimizer states, all-reduces and exports stay fp32
+  (DeepSpeed sees an fp32 model, every ZeRO stage and ``optimizer_in_backward`` work unchanged) and
+  the engine runs each forward under ``torch.autocast(bf16)`` (DeepSpeed's ``torch_autocast``
+  block, with no module's communication narrowed to bf16): matmuls and attention in bf16, the
+  residual stream, norms and log-sum-exps in fp32. This is what ``auto`` picks on a CPU with bf16
+  hardware: fp32 master weights for free, no 16-bit gradient accumulation, and the same
+  arithmetic as TRL's ``bf16=True`` on CPU. The precomputed reference is computed by the same
+  engine, hence in the same precision.
+
 Left out on purpose: tensor/pipeline parallelism, ZeRO++ and MiCS knobs, autotuning, fp16 loss
 scaling knobs (the dynamic defaults are used); reach them through ``raw_json``.
 """
@@ -30,7 +47,7 @@ from alignkit.errors import ConfigError
 
 ZERO_STAGES = (0, 1, 2, 3)
 OFFLOAD_CHOICES = ("none", "cpu")
-DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16", "bf16_autocast")
 
 
 @dataclass
@@ -40,7 +57,9 @@ class DeepSpeedConfig:
     zero_stage: int = 0  # 0 = plain data parallel, 1 = optimizer states, 2 = + gradients, 3 = + parameters
     offload_optimizer: str = "none"  # none | cpu (optimizer states and step on the CPU: DeepSpeedCPUAdam)
     offload_params: str = "none"  # none | cpu (ZeRO-3 only)
-    dtype: str = "auto"  # auto (bf16 on a bf16-capable GPU, fp32 otherwise) | fp32 | bf16 | fp16
+    # auto (bf16 on a bf16-capable GPU; on CPU fp32, or bf16_autocast on a CPU measured faster in bf16 with
+    # ALIGNKIT_CPU_AUTO_BF16=1, see engine/precision.py) | fp32 | bf16 | fp16 | bf16_autocast (fp32 weights)
+    dtype: str = "auto"
     gradient_clipping: float = 1.0  # max global grad norm; 0 disables
     # apply AdamW to each parameter as soon as its gradient is ready, then free that gradient (one
     # process, ZeRO-0, CPU fp32, no clipping, no accumulation): ~0.5 GB less peak memory on SmolLM2
@@ -72,6 +91,12 @@ class DeepSpeedConfig:
             raise ConfigError(
                 f"deepspeed.gradient_clipping={self.gradient_clipping} must be >= 0 (0 disables clipping)."
             )
+        if self.optimizer_in_backward and self.dtype in ("bf16", "fp16"):
+            raise ConfigError(
+                f"deepspeed.optimizer_in_backward=true needs fp32 weights, but deepspeed.dtype={self.dtype} trains "
+                "16-bit weights through DeepSpeed's master-weight optimizer (the per-parameter hooks would never "
+                "see a gradient); use deepspeed.dtype=bf16_autocast (fp32 weights, bf16 matmuls) or fp32."
+            )
         if self.optimizer_in_backward and (self.zero_stage != 0 or self.gradient_clipping > 0):
             raise ConfigError(
                 "deepspeed.optimizer_in_backward=true updates each parameter while backward runs, so it "
@@ -92,15 +117,16 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def resolve_dtype(dtype: str, *, has_cuda: Optional[bool] = None) -> str:
-    """``auto`` -> ``bf16`` on a bf16-capable GPU, else ``fp32``; other values pass through.
-
-    bf16 on CPU is ~200x slower than fp32 here, so ``auto`` never picks it without a GPU.
+    """``auto`` -> ``bf16`` on a bf16-capable GPU; on a CPU ``bf16_autocast`` where the CPU has bf16
+    instructions and a cached probe measured bf16 matmuls faster (only with the temporary switch
+    ``ALIGNKIT_CPU_AUTO_BF16=1``), else ``fp32``; other values pass through. The decision is
+    ``precision.choose_dtype``, a pure function; this gathers its inputs on the machine.
     """
     if dtype != "auto":
         return dtype
-    if has_cuda is None:
-        has_cuda = torch.cuda.is_available()
-    return "bf16" if has_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    from alignkit.engine.precision import resolve_auto
+
+    return resolve_auto(dtype, has_cuda=has_cuda).dtype
 
 
 def torch_dtype(ds_config: dict[str, Any]) -> torch.dtype:
@@ -113,7 +139,20 @@ def torch_dtype(ds_config: dict[str, Any]) -> torch.dtype:
 
 
 def _precision_block(dtype: str) -> dict[str, Any]:
-    return {"bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
+    block: dict[str, Any] = {"bf16": {"enabled": dtype == "bf16"}, "fp16": {"enabled": dtype == "fp16"}}
+    if dtype == "bf16_autocast":
+        # fp32 weights; forward under torch.autocast(bf16). An empty module list keeps every parameter's
+        # all-gather and gradient reduction in fp32 (DeepSpeed's default narrows nn.Linear's to bf16).
+        block["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    return block
+
+
+def compute_dtype_name(ds_config: dict[str, Any]) -> str:
+    """``fp32 | bf16 | fp16 | bf16_autocast``: the precision a built DeepSpeed config computes in."""
+    if ds_config.get("torch_autocast", {}).get("enabled"):
+        return "bf16_autocast" if str(ds_config["torch_autocast"].get("dtype", "bfloat16")) in (
+            "bfloat16", "bf16", "torch.bfloat16") else "fp16_autocast"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype(ds_config), "fp32")
 
 
 def _zero_block(cfg: DeepSpeedConfig, *, stage: int, with_optimizer: bool) -> dict[str, Any]:

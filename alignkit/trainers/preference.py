@@ -121,9 +121,25 @@ def build_reference(cfg, run, policy, objective, data, pad_id):
         world=run.world,
         device=run.device,
         log=run.print,
+        chunks=first_batches(cfg, data, steps),
     )
     policy.train()
     return table
+
+
+def first_batches(cfg, data, steps: int) -> list[list]:
+    """The micro-batches (all ranks') in which training first forwards each group, then the eval batches:
+    the pre-pass forwards exactly these, so at step 0 the reference equals the policy bit for bit."""
+    micro, seen, chunks = int(cfg.trainer.micro_batch_size), set(), []
+    for s in range(steps):
+        indices = common.step_groups(len(data.train), s, int(cfg.trainer.batch_size), int(cfg.trainer.seed))
+        for i in range(0, len(indices), micro):
+            chunk = [data.train[j] for j in indices[i : i + micro]]
+            if any(g.example_id not in seen for g in chunk):
+                chunks.append(chunk)
+                seen.update(g.example_id for g in chunk)
+    held_out, size = data.eval[: int(cfg.trainer.max_eval_groups)], int(cfg.trainer.eval_batch_size)
+    return chunks + [held_out[i : i + size] for i in range(0, len(held_out), size)]
 
 
 def _frozen_model_cfg(cfg: DictConfig):

@@ -17,6 +17,10 @@ a JSON tensor with the key's inputs (model section, layout, compute dtype), the 
 per-completion lengths, and the sha256 of both in the header. Reading it runs no code. A file
 whose checksum, key, ids or lengths do not match (changed values, truncation, a missing entry) is
 reported, moved aside to ``<name>.bad-<time>`` and recomputed; every rank agrees before using it.
+The pre-pass forwards the batches training will forward first (``chunks``: each group in the micro-batch
+of its first step, held-out groups in their eval batches), and its sums per completion use the same
+``sum_per_slot`` as the policy's: in bf16 a row's numbers depend on what else is in the batch (kernel
+blocking, packing), so only the same batches give a step-0 loss of exactly ln 2.
 Left out: sharing one cache between runs of different world sizes mid-write (the write is atomic,
 the last writer wins).
 """
@@ -83,22 +87,18 @@ class PrecomputedReference:
         self.table = table
 
     def logps(self, batch: Batch, with_tokens: bool = False):
-        seq = torch.zeros(batch.num_groups, batch.group_size, dtype=torch.float32)
-        for g, example_id in enumerate(batch.example_ids):
-            for k, values in enumerate(self.table[example_id]):
-                seq[g, k] = float(sum(values))
-        if with_tokens:
-            # targets of slot s are emitted left to right; rebuild the flat [N] vector in batch order
-            flat = torch.zeros(batch.target_slot.numel(), dtype=torch.float32)
-            slots = batch.target_slot.cpu()
-            seen: dict[int, int] = {}
-            for n, slot in enumerate(slots.tolist()):
-                g, k = divmod(slot, batch.group_size)
-                i = seen.get(slot, 0)
-                flat[n] = self.table[batch.example_ids[g]][k][i]
-                seen[slot] = i + 1
-            return seq.to(batch.target_ids.device), flat.to(batch.target_ids.device)
-        return seq.to(batch.target_ids.device), None
+        # targets of slot s are emitted left to right: rebuild the flat [N] vector in batch order and sum
+        # it as the policy's values are summed (bit-equal sums when the values are)
+        values: list[float] = []
+        seen: dict[int, int] = {}
+        for slot in batch.target_slot.cpu().tolist():
+            g, k = divmod(slot, batch.group_size)
+            i = seen.get(slot, 0)
+            values.append(self.table[batch.example_ids[g]][k][i])
+            seen[slot] = i + 1
+        flat = torch.tensor(values, dtype=torch.float32)
+        flat = flat.to(batch.target_ids.device)
+        return sum_per_slot(flat, batch), (flat if with_tokens else None)
 
 
 def cache_key(model_cfg: Any, groups: list[TokenizedGroup], layout: str) -> str:
@@ -238,15 +238,28 @@ def precompute(
     world: int,
     device: torch.device,
     log: Callable[[str], None] = print,
+    chunks: list[list[TokenizedGroup]] | None = None,
 ) -> PrecomputedReference:
-    """Compute (or load) the reference log-probs of ``groups`` with ``module`` as it is now."""
+    """Compute (or load) the reference log-probs of ``groups`` with ``module`` as it is now, forwarding
+    ``chunks`` (the batches training forwards first; default: ``batch_groups`` at a time)."""
     from alignkit.engine.faults import any_rank
 
     unique = {g.example_id: g for g in groups}
     ordered = [unique[k] for k in sorted(unique)]
     identity = _model_identity(model_cfg)
     first = next(iter(module.parameters()), None)
-    identity["_compute_dtype"] = str(first.dtype) if first is not None else ""
+    from alignkit.engine.precision import compute_precision
+
+    identity["_compute_dtype"] = compute_precision(module) if first is not None else ""
+    if chunks is not None:  # the training batches: their composition decides the numbers in bf16
+        identity["_batches"] = hashlib.sha256(json.dumps([[g.example_id for g in c] for c in chunks]).encode()).hexdigest()
+    else:
+        chunks = [ordered[i : i + batch_groups] for i in range(0, len(ordered), batch_groups)]
+    first_chunk: dict[str, int] = {}
+    for c, chunk in enumerate(chunks + [[g] for g in ordered]):  # every group, once, in its first batch
+        for group in chunk:
+            first_chunk.setdefault(group.example_id, c)
+    chunks = chunks + [[g] for g in ordered if first_chunk[g.example_id] >= len(chunks)]
     key = cache_key(identity, ordered, layout)
     path = Path(cache_dir) / f"ref-{key}.safetensors"
     table, problem = None, None
@@ -264,16 +277,17 @@ def precompute(
                     f"{moved.name if moved else '(gone)'}; recomputing"))
     log(f"reference log-probs: pre-pass over {len(ordered)} examples -> {path}")
     mine: dict[str, list[list[float]]] = {}
-    chunks = [ordered[i : i + batch_groups] for i in range(0, len(ordered), batch_groups)]
     from alignkit.trainers.common import rank_share
 
-    for chunk, counted in rank_share(chunks, rank, world):
+    for (c, chunk), counted in rank_share(list(enumerate(chunks)), rank, world):
         batch = collate(chunk).to(device)
         values = forward_logps(module, batch)["logps"].float().cpu()
         slots = batch.target_slot.cpu()
         if not counted:
             continue
         for g, group in enumerate(chunk):
+            if first_chunk[group.example_id] != c:
+                continue  # its first batch is another one
             mine[group.example_id] = [
                 values[slots == g * batch.group_size + k].tolist() for k in range(group.group_size)
             ]
