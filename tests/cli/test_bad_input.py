@@ -385,3 +385,41 @@ def test_stopped_run_exits_with_128_plus_the_signal(tmp_path, capsys, monkeypatc
     assert code == 128 + signal.SIGTERM, text[-3000:]
     assert "stopped at step 1" in text
     assert (tmp_path / "runs" / "r" / "checkpoints" / "step-1").is_dir()
+
+
+DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_process_run_holds_its_lock_listens_on_loopback_and_exits_143_when_stopped(tmp_path):
+    """``-g 2`` end to end: a second ``resume=auto`` is refused while the run lives (it used to enter the
+    live run), every listening socket of the workers is on 127.0.0.1, and SIGTERM exits 143 after a
+    checkpoint."""
+    import psutil
+
+    env = {**{k: v for k, v in os.environ.items() if k not in DIST_VARS}, "DS_ACCELERATOR": "cpu",
+           "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "alignkit", "train", "-g", "2", "recipe=sft_tiny", "trainer.max_steps=400",
+            "trainer.eval_every=0", "trainer.export=false", f"output_dir={tmp_path}", "run_name=r"]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "r" / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (
+            metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.2)
+    try:
+        assert proc.poll() is None, "the run ended before it could be checked"
+        second = subprocess.run([*args, "resume=auto"], env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "in use by another running alignkit process" in second.stderr, \
+            second.stderr[-2000:]
+        listening = set()
+        for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+            listening |= {c.laddr.ip for c in process.net_connections("tcp") if c.status == psutil.CONN_LISTEN}
+        assert listening == {"127.0.0.1"}, listening
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped at step" in err
+    assert list((tmp_path / "r" / "checkpoints").glob("step-*"))
