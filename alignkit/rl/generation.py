@@ -191,16 +191,16 @@ def engine_for_run(cfg, policy, tokenizer) -> GenerationEngine:
 
 
 def check_engine(cfg) -> None:
-    """Compose-time checks of ``generation.engine`` (the vLLM one: installed, fits, one process)."""
+    """Compose-time checks of ``generation.engine`` (the vLLM one: installed, fits, one node)."""
     engine = str(cfg.generation.get("engine", "hf"))
     if engine not in ENGINES:
         raise ConfigError(f"generation.engine={engine!r} is not valid. Valid choices: {', '.join(ENGINES)}.")
     if engine != "vllm":
         return
-    world = int(cfg.launcher.nproc_per_node) * int(cfg.launcher.nnodes)
-    if world != 1:
-        raise ConfigError(f"generation.engine=vllm runs with one process for now (the run asks for {world}: "
-                          "launcher.nproc_per_node x launcher.nnodes); use generation.engine=hf for several.")
+    if int(cfg.launcher.nnodes) != 1:
+        raise ConfigError(f"generation.engine=vllm runs on one node for now (launcher.nnodes={cfg.launcher.nnodes}): "
+                          "each process starts its own colocated vLLM engine, tested with several processes on one "
+                          "node only; use generation.engine=hf across nodes.")
     from alignkit.rl.vllm_engine import check_vllm_available
 
     check_vllm_available()

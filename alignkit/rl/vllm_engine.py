@@ -2,7 +2,8 @@
 
 ``VLLMGenerationEngine(model, eos_token_id=..., max_model_len=...)`` starts an in-process vLLM
 engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on the trainer's device and keeps it in step with the
-trained model:
+trained model. With several processes (DeepSpeed's launcher, one node) every rank starts its own
+engine (vLLM's ``external_launcher`` backend, no tensor parallelism) for its own prompts:
 
 * vLLM is built from the policy's *config* only (``config.json`` written to a temporary folder,
   ``load_format="dummy"``, no tokenizer: prompts go in as token ids and completions come back as
@@ -31,9 +32,8 @@ trained model:
 for diagnostics only: the trainers recompute every log-prob that enters a loss with their own
 forward (GRPO's and PPO's ``old_logps`` come from the trainer's forward, never from the engine).
 
-Deliberately left out: several processes (``launcher.nproc_per_node > 1`` is refused at compose
-time; vLLM's ``external_launcher`` colocation is the way to add it), tensor parallelism, a vLLM
-server in another process, LoRA adapters served by vLLM (merged weights are pushed instead), sleep
+Deliberately left out: several nodes (refused at compose time; untested), tensor parallelism
+(each rank holds the whole model in vLLM), a vLLM server in another process, LoRA adapters served by vLLM (merged weights are pushed instead), sleep
 mode, and model families vLLM cannot load (its error is reported when the engine starts).
 """
 
@@ -292,6 +292,10 @@ class VLLMGenerationEngine:
             generation_config="vllm",  # no defaults from a generation_config.json: ours are explicit
             enable_prefix_caching=True,
         )
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # several trainer ranks: vLLM joins the launcher's world instead of starting its own
+            # (as TRL's colocate mode does); tensor_parallel_size 1, so each rank is a whole engine
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if device.type == "cpu":
             kwargs["kv_cache_memory_bytes"] = int(cpu_kv_cache_gib * (1 << 30))
         else:

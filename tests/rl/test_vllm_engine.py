@@ -84,13 +84,15 @@ def test_mismatched_transformers_fails_at_compose_time(monkeypatch):
         _forget_check()
 
 
-def test_vllm_engine_refuses_several_processes(monkeypatch):
+def test_vllm_engine_refuses_several_nodes(monkeypatch):
     from alignkit.rl import vllm_engine
 
     monkeypatch.setattr(vllm_engine, "check_vllm_available", lambda: "0")
-    with pytest.raises(ConfigError, match="one process for now"):
-        validate(compose(["recipe=grpo_tiny", "generation.engine=vllm", "launcher.nproc_per_node=2",
+    with pytest.raises(ConfigError, match="runs on one node for now"):
+        validate(compose(["recipe=grpo_tiny", "generation.engine=vllm", "launcher.nnodes=2",
                           "trainer.batch_size=4", "trainer.micro_batch_size=2"]))
+    validate(compose(["recipe=grpo_tiny", "generation.engine=vllm", "launcher.nproc_per_node=2",
+                      "trainer.batch_size=4", "trainer.micro_batch_size=2"]))  # several processes: fine
 
 
 # ----------------------------------------------------------------------------- with vLLM
@@ -283,6 +285,42 @@ def test_smollm2_greedy_matches_hf(engines):
     got = vllm.generate(prompts, max_new_tokens=24, temperature=0.0)
     assert [r.completion_ids for r in got] == [r.completion_ids for r in want]
     assert any(r.finished for r in got)
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_each_push_gathered_zero3_weights(tmp_path):
+    """2 ranks, ZeRO-3: each rank's own vLLM engine follows the partitioned policy through a step."""
+    import os
+    import subprocess
+    import sys
+
+    from alignkit.engine.engine import find_free_port
+
+    worker = Path(__file__).with_name("vllm_zero3_worker.py")
+    port = str(find_free_port())
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=port, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(worker.parents[1]))
+        procs.append(subprocess.Popen([sys.executable, str(worker), str(tmp_path)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=400)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail("the 2-process vLLM run hung")
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+    for rank in range(2):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["partitioned"] and result["changed"], result
+        assert result["before_equal"] and result["after_equal"], result
+        assert result["pushes"] == 2, result
 
 
 # ----------------------------------------------------------------------------- the runners
