@@ -24,7 +24,9 @@ engine (vLLM's ``external_launcher`` backend, no tensor parallelism) for its own
   number of times, as with the HF engine);
 * sampling as the HF engine: temperature (0 = greedy), top-k, top-p, ``max_new_tokens``, stop at
   the first EOS id (kept as the last token, ``finished=True``); the G samples of a prompt are one
-  vLLM request with ``n=G``, so the prompt is prefilled once and its KV blocks are shared; with a
+  vLLM request with ``n=G``: vLLM fans it out into G sequences whose prompt KV comes from its prefix
+  cache in whole blocks (vLLM's block size: 128 tokens on CPU; a 300-token prompt with n=4
+  reused 256 tokens, a 50-token one none: shorter tails are prefilled per sample); with a
   ``seed`` each prompt gets its own derived seed (vLLM gives sample k ``seed + k``), so the same
   seed, prompts and weights reproduce the same completions and two prompts never share a stream.
 
@@ -33,8 +35,9 @@ for diagnostics only: the trainers recompute every log-prob that enters a loss w
 forward (GRPO's and PPO's ``old_logps`` come from the trainer's forward, never from the engine).
 
 Deliberately left out: several nodes (refused at compose time; untested), tensor parallelism
-(each rank holds the whole model in vLLM), a vLLM server in another process, LoRA adapters served by vLLM (merged weights are pushed instead), sleep
-mode, and model families vLLM cannot load (its error is reported when the engine starts).
+(each rank holds the whole model in vLLM), a vLLM server in another process, LoRA adapters served
+by vLLM (merged weights are pushed instead), sleep mode, CUDA graphs (``enforce_eager``), and model
+families vLLM cannot load (its error is reported when the engine starts).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import contextlib
 import functools
 import importlib.metadata
 import importlib.util
+import json
 import os
 import sys
 import tempfile
@@ -277,8 +281,6 @@ class VLLMGenerationEngine:
         config = base.config.to_dict()
         config["architectures"] = [type(base).__name__]
         config.pop("quantization_config", None)
-        import json
-
         with open(os.path.join(self._folder.name, "config.json"), "w") as f:
             json.dump(config, f)
         kwargs = dict(
