@@ -5,6 +5,14 @@ RSS and warm-up are its own) and returns the JSON line it prints; ``time_alignki
 the trainer so the worker knows when the training loop started (after model load, data and the
 reference pre-pass, which the DPO bench times separately); ``step_times`` turns the loop start and
 the metrics' timestamps into per-step seconds (and returns the train records).
+
+``describe_machine`` is the header every bench prints: the CPU model, the flags that decide the
+precision (``amx_bf16``, ``avx512_bf16``, ``avx512f``, ``avx2``), the load average, and both matmul
+peaks (fp32 and bf16, one 1024^3 matmul, in this thread's CPU time, so a loaded machine does not
+lower them; the wall-clock peak is printed beside). ``bench_precision`` picks each tool's fastest
+precision for this CPU (``--precision auto``): bf16 where the CPU has bf16 instructions and the
+probe of ``alignkit.engine.precision`` measured bf16 matmuls faster, else fp32; TRL then runs with
+``bf16=True`` (its CPU autocast) and alignkit with ``deepspeed.dtype=bf16_autocast``.
 """
 
 from __future__ import annotations
@@ -14,6 +22,61 @@ import os
 import subprocess
 import sys
 import time
+
+
+MACHINE_FLAGS = ("amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def matmul_peaks(size: int = 1024, seconds: float = 1.0) -> dict[str, float]:
+    """GFLOP/s of a ``size``-cubed matmul: fp32 and bf16 in thread CPU time, fp32 also in wall time."""
+    import torch
+
+    from alignkit.engine.precision import _measure
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds / 2:
+        a @ b
+        count += 1
+    wall = 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+    return {"fp32": _measure(size, size, size, torch.float32, seconds), "fp32_wall": wall,
+            "bf16": _measure(size, size, size, torch.bfloat16, seconds)}
+
+
+def describe_machine(peaks: dict[str, float]) -> str:
+    """CPU model, the precision flags it has, load average, both matmul peaks (see the module docstring)."""
+    from alignkit.engine.precision import read_cpu_info
+
+    cpu = read_cpu_info()
+    flags = " ".join(f for f in MACHINE_FLAGS if f in cpu.flags) or "none of " + ", ".join(MACHINE_FLAGS)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"CPU {cpu.model} ({os.cpu_count()} cores), flags: {flags}; load average {load}\n"
+            f"matmul peak 1024^3, thread CPU time: fp32 {peaks['fp32']:.1f} GFLOP/s, bf16 {peaks['bf16']:.1f} GFLOP/s "
+            f"(fp32 wall clock {peaks['fp32_wall']:.1f})")
+
+
+def add_precision_argument(parser) -> None:
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                        help="auto: each tool in its fastest precision for this CPU (bf16 where the CPU has bf16 "
+                             "instructions and measures bf16 matmuls faster; TRL bf16=True, alignkit "
+                             "deepspeed.dtype=bf16_autocast), else fp32")
+
+
+def bench_precision(requested: str) -> tuple[str, str]:
+    """``(fp32|bf16, why)`` for both tools; ``auto`` asks ``alignkit.engine.precision`` (switch or not)."""
+    if requested != "auto":
+        return requested, "set with --precision"
+    from alignkit.engine import precision
+
+    cpu = precision.read_cpu_info()
+    speedup = precision.cached_probe(cpu)[0].speedup if cpu.bf16_flags else None
+    choice = precision.choose_dtype("auto", has_cuda=False, cpu_flags=cpu.flags, probe_speedup=speedup,
+                                    cpu_auto_bf16=True)
+    return ("bf16" if choice.dtype == "bf16_autocast" else "fp32"), choice.reason
+
+
+ALIGNKIT_DTYPE = {"fp32": "fp32", "bf16": "bf16_autocast"}  # the bench's precision -> deepspeed.dtype
 
 
 def add_threads_argument(parser) -> None:
