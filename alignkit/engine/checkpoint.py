@@ -100,7 +100,8 @@ def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints under ``root`` as ``(step, path)``, oldest first."""
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name))]
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := _STEP_RE.match(p.name)) and not p.is_symlink() and p.is_dir()]
     return sorted(found)
 
 
@@ -412,9 +413,11 @@ def _prune(root: Path, keep_last: int, *, protect: Path) -> None:
 def _latest_in(root: Path) -> Path | None:
     """The checkpoint ``latest`` names, else the newest complete one, else None."""
     pointer = root / LATEST
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named.is_dir() and _STEP_RE.match(named.name):
+    if pointer.is_file() and not pointer.is_symlink():
+        # only a plain ``step-N`` entry of this folder: never ``../elsewhere/step-N`` or a link to one
+        name = pointer.read_bytes()[:64].decode("ascii", errors="replace").strip()
+        named = root / name
+        if _STEP_RE.match(name) and not named.is_symlink() and named.is_dir():
             return named
     existing = list_checkpoints(root)
     return existing[-1][1] if existing else None

@@ -312,3 +312,17 @@ def test_fallback_only_goes_back_in_time(tmp_path):
     said: list[str] = []
     path, state = ckpt.resume_checkpoint(make_engine(0), tmp_path, "auto", say=said.append)
     assert path.name == "step-1" and state == {"step": 1} and "trying the previous one, step-1" in said[0]
+
+
+@pytest.mark.parametrize("pointer", ["../../elsewhere/step-9", "step-9", b"\x80\x04garbage"])
+def test_latest_never_leaves_the_run_and_a_linked_step_is_not_a_checkpoint(tmp_path, pointer):
+    """``latest`` naming ``../`` or a symlinked ``step-N`` (planted on a shared disk) or holding garbage
+    bytes: resume=auto takes this run's own newest complete checkpoint, nothing outside it."""
+    outside = tmp_path / "elsewhere" / "step-9"
+    outside.mkdir(parents=True)
+    root = tmp_path / "run" / ckpt.CHECKPOINTS
+    (root / "step-2").mkdir(parents=True)
+    (root / "step-9").symlink_to(outside)
+    (root / ckpt.LATEST).write_bytes(pointer if isinstance(pointer, bytes) else pointer.encode())
+    assert ckpt.find_resume_checkpoint(tmp_path / "run", "auto") == root / "step-2"
+    assert [p.name for _, p in ckpt.list_checkpoints(root)] == ["step-2"]
