@@ -427,7 +427,12 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
     result["notes"] = plan.notes
 
     out = Path(out_dir) if out_dir else (plan.run_dir / "eval" if plan.run_dir is not None else Path("eval"))
-    out.mkdir(parents=True, exist_ok=True)
+    from alignkit import runfiles
+
+    if out_dir:
+        out.mkdir(parents=True, exist_ok=True)  # typed by the user
+    else:
+        runfiles.make_dir(out, "eval folder")  # a planted link in a run directory is refused
     from alignkit.rewards.answer import gold_answer
 
     samples = []
@@ -441,8 +446,8 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
             if base_correct is not None and golds[i] is not None:
                 row["baseline_correct"] = base_correct[with_ref.index(i)]
         samples.append(row)
-    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    runfiles.write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    runfiles.write_text(out / "eval.json", json.dumps(result, indent=1))
     result["out_dir"] = str(out)
     result["intervals"] = metrics
     return result

@@ -76,8 +76,7 @@ def plot_run(rows: list[dict], out: Path) -> Path:
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    _save_png(fig, out)
     plt.close(fig)
     return out
 
@@ -136,8 +135,7 @@ def plot_sweep(runs: dict[str, list[dict]], labels: dict[str, str], out: Path) -
     fig.legend(handles, [f"{n}: {labels.get(n, '')}" for n in runs], loc="lower center",
                ncol=1 if len(runs) > 4 else 2, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, legend_in / height, 1, 1))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    _save_png(fig, out)
     plt.close(fig)
     return out
 
@@ -180,6 +178,18 @@ def eval_section(run_dir: Path) -> list[str]:
     return lines + [f"- {note}" for note in result.get("notes", [])] + [""]
 
 
+def _save_png(fig, out: Path) -> None:
+    """``fig`` as PNG at ``out``, never written through a planted symlink (alignkit.runfiles)."""
+    import io
+
+    from alignkit import runfiles
+
+    runfiles.make_dir(out.parent, "report folder")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    runfiles.write_text(out, buffer.getvalue())
+
+
 def write_report(target: str) -> Path:
     root = Path(target)
     jobs = sorted(p for p in root.glob("*/metrics.jsonl")) if not (root / "metrics.jsonl").exists() else []
@@ -203,5 +213,8 @@ def write_report(target: str) -> Path:
         png = plot_run(rows, out_dir / "metrics.png")
         lines = [f"# Run report: {root.name}", ""] + eval_section(root) + [f"![metrics]({png.name})", ""]
         lines += summary_table(rows)
-    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    from alignkit import runfiles
+
+    runfiles.make_dir(out_dir, "report folder")
+    runfiles.write_text(out_dir / "report.md", "\n".join(lines) + "\n")
     return out_dir

@@ -10,7 +10,14 @@ umask).
 ``lock(run_dir)`` takes an exclusive ``flock`` on ``run_dir/.lock`` for the life of the process
 (the lock is not inherited by child processes: Python's descriptors are non-inheritable).
 
-Left out: the files trainers write (metrics, checkpoints, exports); those live in their modules.
+The trainers' and tools' files use the same helpers: ``open_append`` (``metrics.jsonl``),
+``write_text`` (checkpoint pointers and RNG files, ``eval/samples.jsonl``, ``eval/eval.json``,
+``report/report.md``, a sweep's job files and ``results.csv``) and ``refuse_symlink`` on the
+folders a run writes into (``checkpoints/``, ``eval/``, ``report/``); ``final/`` is replaced by a
+rename (``models.fsutil.atomic_directory``), which moves a planted link aside without following it.
+
+Left out: files written by third-party code inside folders alignkit created itself (DeepSpeed's
+checkpoint parts, transformers' export) - those folders are fresh temporary ones, never planted.
 """
 
 from __future__ import annotations
@@ -45,8 +52,8 @@ def exists(path: Path) -> bool:
     return Path(path).exists()
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temp file + rename), never through a symlink."""
+def write_text(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to ``path`` atomically (temp file + rename), never through a symlink."""
     path = Path(path)
     refuse_symlink(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -56,7 +63,7 @@ def write_text(path: Path, text: str) -> None:
         tmp.unlink()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
     try:
-        with os.fdopen(fd, "w") as handle:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
@@ -77,6 +84,26 @@ def append_line(path: Path, line: str) -> None:
         raise
     with os.fdopen(fd, "a") as handle:
         handle.write(line.rstrip("\n") + "\n")
+
+
+def open_append(path: Path, what: str = "run file"):
+    """``path`` opened for appending text (created if missing, line-buffered), never through a symlink."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _symlink_error(path, what) from None
+        raise
+    return os.fdopen(fd, "a", buffering=1)
+
+
+def make_dir(path: Path, what: str = "run folder") -> Path:
+    """Create the folder ``path`` (and parents) unless it exists; a symlink there is refused."""
+    path = Path(path)
+    refuse_symlink(path, what)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def lock(run_dir: Path) -> None:

@@ -31,6 +31,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from alignkit import runfiles
+
 # sweep directories this (parent) process started / finished, filled by ``ResultsTable``
 _STARTED: list[Path] = []
 _FINISHED: list[Path] = []
@@ -109,16 +111,16 @@ def _job(cfg: DictConfig) -> Any:
         cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
         cfg = finalize(OmegaConf.merge(OmegaConf.structured(_schema()), cfg))
         create_run_dir(cfg, run_dir)
-        (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
+        runfiles.write_text(run_dir / "overrides.txt", "\n".join(overrides) + "\n")
         code = start_run(cfg, run_dir)
         result["status"] = "ok" if code == 0 else f"exit {code}"
     except Exception as exc:  # noqa: BLE001 - a failed job is recorded, the sweep goes on
         result["status"] = "failed"
         result["error"] = f"{type(exc).__name__}: {exc}"
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        runfiles.write_text(run_dir / "error.txt", traceback.format_exc())
     result["wall_s"] = round(time.time() - started, 1)
     result.update(summarize_metrics(run_dir / "metrics.jsonl"))
-    (run_dir / "job_result.json").write_text(json.dumps(result, indent=1))
+    runfiles.write_text(run_dir / "job_result.json", json.dumps(result, indent=1))
     objective = cfg.get("objective", "eval/rewards/accuracy") if isinstance(cfg, DictConfig) else None
     value = result.get(f"final {objective}")
     return float(value) if value is not None else float("nan")
@@ -176,15 +178,18 @@ def write_report(sweep_dir: Path) -> list[dict[str, Any]]:
         row["varied"] = varied[row["job"]]
     keys = ["job", "varied", *[k for k in dict.fromkeys(k for row in rows for k in row)
                                if k not in ("job", "varied", "error")]]
-    with open(Path(sweep_dir) / "results.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    import io
+
+    handle = io.StringIO(newline="")
+    writer = csv.DictWriter(handle, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    runfiles.write_text(Path(sweep_dir) / "results.csv", handle.getvalue())  # never through a planted link
     shown = summary_columns(rows)
     lines = [f"Overrides of every job: `{' '.join(common) or '-'}`", "",
              "| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(row.get(k, "")) for k in shown) + " |" for row in rows]
-    (Path(sweep_dir) / "results.md").write_text("\n".join(lines) + "\n")
+    runfiles.write_text(Path(sweep_dir) / "results.md", "\n".join(lines) + "\n")
     return rows
 
 

@@ -134,12 +134,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from alignkit import runfiles
+
+    runfiles.write_text(path, text)  # temp file opened O_EXCL|O_NOFOLLOW: a planted link is never followed
 
 
 def has_frozen_parameters(engine) -> bool:
@@ -320,10 +317,15 @@ def save_checkpoint(
         )
     tmp_tag = f"{_TMP_PREFIX}{step}"
     if _rank() == 0:
-        root.mkdir(parents=True, exist_ok=True)
+        from alignkit import runfiles
+
+        runfiles.make_dir(root, "checkpoints folder")  # a planted link would take every checkpoint elsewhere
         for leftover in root.iterdir():  # crashed saves, including an earlier try at this step
             if leftover.name.startswith((_TMP_PREFIX, _STALE_PREFIX)):
-                shutil.rmtree(leftover, ignore_errors=True)
+                if leftover.is_symlink():  # planted: remove the link, never write through it
+                    leftover.unlink()
+                else:
+                    shutil.rmtree(leftover, ignore_errors=True)
     _barrier()
 
     _save_engine(engine, root, tmp_tag, client_state={_CLIENT_KEY: dict(client_state)})
@@ -390,12 +392,12 @@ def _load_engine(engine, load_dir: Path, tag: str) -> dict[str, Any]:
 def _commit(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final``; an existing ``final`` (re-save of a step) is moved aside first."""
     stale = None
-    if final.exists():
+    if final.exists() or final.is_symlink():  # a planted link is moved aside too, never written through
         stale = final.with_name(f"{_STALE_PREFIX}{final.name[len('step-') :]}")
         os.replace(final, stale)
     os.replace(tmp, final)
     if stale is not None:
-        shutil.rmtree(stale, ignore_errors=True)
+        stale.unlink() if stale.is_symlink() else shutil.rmtree(stale, ignore_errors=True)
 
 
 def _prune(root: Path, keep_last: int, *, protect: Path) -> None:
@@ -433,6 +435,9 @@ def find_resume_checkpoint(run_dir: str | os.PathLike, resume: str | None) -> Pa
     if resume is None or str(resume).strip().lower() in ("", "none", "null", "false", "no"):
         return None
     if str(resume).strip().lower() == "auto":
+        from alignkit import runfiles
+
+        runfiles.refuse_symlink(checkpoints_root(run_dir), "checkpoints folder")
         return _latest_in(checkpoints_root(run_dir))
     path = Path(resume).expanduser()
     if path.is_dir() and _STEP_RE.match(path.name):

@@ -73,10 +73,10 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     """Rewrite ``path`` keeping only records with ``step <= after_step`` (atomically)."""
     if not path.exists():
         return
+    from alignkit import runfiles
+
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= after_step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    os.replace(tmp, path)
+    runfiles.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))  # never through a planted link
 
 
 def format_console_line(step: int, split: str, values: Mapping[str, float]) -> str:
@@ -115,7 +115,9 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None:
             truncate_metrics(self.path, truncate_after)
-        self._file = open(self.path, "a", buffering=1)
+        from alignkit import runfiles
+
+        self._file = runfiles.open_append(self.path, "metrics log")  # never through a planted link
         if "tensorboard" in self.backends:
             self._tensorboard = _open_tensorboard(Path(run_dir) / "tensorboard")
         if "wandb" in self.backends:

@@ -326,3 +326,28 @@ def test_latest_never_leaves_the_run_and_a_linked_step_is_not_a_checkpoint(tmp_p
     (root / ckpt.LATEST).write_bytes(pointer if isinstance(pointer, bytes) else pointer.encode())
     assert ckpt.find_resume_checkpoint(tmp_path / "run", "auto") == root / "step-2"
     assert [p.name for _, p in ckpt.list_checkpoints(root)] == ["step-2"]
+
+
+def test_planted_links_in_the_checkpoints_folder_are_never_written_through(tmp_path):
+    """A shared disk: ``checkpoints`` itself a link is refused (save and resume=auto); a planted
+    ``.tmp-step-N`` or ``step-N`` link is removed / moved aside, the place it points at untouched."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    engine = make_engine()
+    train(engine, 0, 1)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / ckpt.CHECKPOINTS).symlink_to(victim)
+    with pytest.raises(UserError, match="symbolic link"):
+        ckpt.save_checkpoint(engine, linked, step=1, client_state={}, keep_last=2)
+    with pytest.raises(UserError, match="symbolic link"):
+        ckpt.find_resume_checkpoint(linked, "auto")
+    run = tmp_path / "run"
+    root = run / ckpt.CHECKPOINTS
+    root.mkdir(parents=True)
+    (root / f"{ckpt._TMP_PREFIX}1").symlink_to(victim)
+    (root / "step-1").symlink_to(victim)
+    ckpt.save_checkpoint(engine, run, step=1, client_state={}, keep_last=2)
+    assert list(victim.iterdir()) == []
+    assert (root / "step-1").is_dir() and not (root / "step-1").is_symlink()
+    assert ckpt.verify_checkpoint(root / "step-1") is None
