@@ -175,7 +175,12 @@ def _shared_turns(chosen: list[dict[str, Any]], rejected: list[dict[str, Any]]) 
     return shared
 
 
-def _implicit_prompt(chosen: Text, rejected: Text, location: str, row: dict[str, Any]) -> tuple[Text, Text, Text]:
+EARLIER_TURN_NOTE = ("chosen/rejected differ before their last turn: the later user turns are trained inside the "
+                     "completions (TRL's shared-prefix rule)")
+
+
+def _implicit_prompt(chosen: Text, rejected: Text, location: str, row: dict[str, Any],
+                     notes: list[str]) -> tuple[Text, Text, Text]:
     if not (isinstance(chosen, list) and isinstance(rejected, list)):
         raise fail(location, "prompt", "a prompt column (or chosen/rejected as conversations sharing a prefix, or "
                    "Human:/Assistant: transcripts)", "no prompt column and plain-string responses" + hint(row))
@@ -183,6 +188,8 @@ def _implicit_prompt(chosen: Text, rejected: Text, location: str, row: dict[str,
     if shared == 0 or shared == len(chosen) or shared == len(rejected):
         raise fail(location, "chosen", "conversations sharing a non-empty prompt prefix then differing",
                    f"{shared} shared leading messages")
+    if any(m.get("role") == "user" for m in chosen[shared:] + rejected[shared:]):
+        notes.append(EARLIER_TURN_NOTE)
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
@@ -257,7 +264,7 @@ def _parse_paired(row: dict[str, Any], location: str, notes: list[str]) -> Recor
     if "prompt" in row:
         prompt, chosen, rejected = _repeated_prompt(_text(row, "prompt", location), chosen, rejected, notes)
     else:
-        prompt, chosen, rejected = _implicit_prompt(chosen, rejected, location, row)
+        prompt, chosen, rejected = _implicit_prompt(chosen, rejected, location, row, notes)
     prompt, completions = _align(prompt, [chosen, rejected])
     scores = _pair_scores(row, location, notes)
     used = ("prompt", "chosen", "rejected", "margin") + (("chosen_score", "rejected_score") if scores else ())

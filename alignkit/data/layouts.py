@@ -66,7 +66,7 @@ SIGNATURES = (  # (columns that identify a published layout, the option that rea
     ({"instruction", "completions"}, "data.columns=ultrafeedback (openbmb/UltraFeedback)"),
     ({"prompt", "answers"}, "data.columns=nectar (berkeley-nest/Nectar)"),
     ({"context", "completions"}, "data.columns=nemo (NeMo-Aligner)"),
-    ({"system", "input", "chosen", "rejected"}, "data.columns=orca (distilabel-intel-orca-dpo-pairs)"),
+    ({"input", "chosen", "rejected"}, "data.columns=orca (distilabel-intel-orca-dpo-pairs)"),
     ({"question", "answer"}, "column_map {prompt: question} on the source (gsm8k-style prompt-only data; "
                              "`answer` reaches the reward functions)"),
     ({"conversations"}, "data.columns=llamafactory (ShareGPT)"),
@@ -158,6 +158,9 @@ def _hh_rlhf(row: dict[str, Any], location: str, notes: list[str]) -> dict[str, 
     except ValueError as err:
         raise fail(location, "chosen", str(err), "transcripts that differ before any Assistant turn") from None
     row["prompt"] = prompt
+    if any("\n\n" + transcript.HUMAN in row[k] for k in ("chosen", "rejected")):
+        notes.append("transcripts differ before their last turn: the later Human:/Assistant: turns are trained "
+                     "inside the completions as text (TRL's hh-rlhf rule)")
     return row
 
 

@@ -113,6 +113,13 @@ def _folder_split_files(folder: Path, split: str | None, subset: str | None) -> 
     except ValueError as err:
         text = str(err)
         if "BuilderConfig" in text and "not found" in text:
+            if subset and (folder / subset).is_dir() and "'default'" in text.split("Available:", 1)[-1]:
+                inner = _folder_split_files(folder / subset, split, None)  # a subset sub-folder, no README configs
+                return Resolved(inner.kind, str(folder), inner.split, subset, inner.files)
+            if not _has_configs(folder):
+                dirs = sorted(p.name + "/" for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+                raise DataError(f"expected subset {subset!r} / found no README `configs:` and no sub-folder of that "
+                                f"name (sub-folders: {dirs or 'none'}); {SET_SUBSET}", location=str(folder)) from None
             raise DataError(f"expected subset {subset!r} / found subsets {text.split('Available:', 1)[-1].strip()} "
                             f"(the folder's README configs); {SET_SUBSET}", location=str(folder)) from None
         if "Config name is missing" in text:
@@ -128,11 +135,37 @@ def _folder_split_files(folder: Path, split: str | None, subset: str | None) -> 
         raise DataError(_no_layout(folder, None), location=str(folder))
     chosen = pick_split(sorted(splits), split, str(folder), "by datasets' layout rules")
     files = splits[chosen]
+    tops = [] if _has_configs(folder) else _subset_folders(folder, files)
+    if len(tops) > 1:
+        raise DataError(f"expected the {chosen!r} files of one subset / found them in the sub-folders "
+                        f"{[t + '/' for t in tops]}, which datasets would merge (no README `configs:` names them); "
+                        f"give a sub-folder's name as the subset: {SET_SUBSET}", location=str(folder))
     from alignkit.data.sources import READERS  # sources imports this module
 
     if all(readable_suffix(f) in READERS for f in files):
         return Resolved("files", str(folder), chosen, subset, files)
     return Resolved("loader", str(folder), chosen, subset)
+
+
+def _has_configs(folder: Path) -> bool:
+    readme = folder / "README.md"
+    try:
+        return readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace"), re.M) is not None
+    except OSError:
+        return False
+
+
+def _subset_folders(folder: Path, files: list[Path]) -> list[str]:
+    """The distinct sub-folders holding a split's files when each file lies in one (gsm8k's main/ and
+    socratic/ as a hub snapshot without its README): several of them are subsets, not shards."""
+    root = os.path.realpath(folder)
+    tops = set()
+    for f in files:
+        rel = Path(os.path.relpath(os.path.realpath(str(f)), root)).parts
+        if len(rel) < 2 or rel[0] == "..":
+            return []
+        tops.add(rel[0])
+    return sorted(tops)
 
 
 def _no_layout(folder: Path, err: Exception | None) -> str:

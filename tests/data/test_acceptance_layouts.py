@@ -1,0 +1,86 @@
+"""Issue 15's acceptance pass: cases a new user hit that the first fixtures did not cover, each checked to
+fail before its fix. Fixtures (hand-written from the published schemas) in tests/data/published/acceptance/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from alignkit.data.cli import data_app
+from alignkit.data.pipeline import read_records
+from alignkit.data.summary import describe_records
+
+HERE = Path(__file__).parent / "published" / "acceptance"
+runner = CliRunner()
+
+
+def _invoke(*args: str):
+    result = runner.invoke(data_app, list(args), env={"COLUMNS": "1000", "HF_DATASETS_OFFLINE": "1"})
+    result.text = result.output + ("" if result.exception is None else str(result.exception))
+    return result
+
+
+# ---------------------------------------------------------------- hh-rlhf: transcripts differing in an earlier turn
+
+
+def test_hh_rlhf_pair_differing_in_an_earlier_turn_is_named_in_the_summary():
+    """TRL's hh-rlhf rule (shared prefix up to the last common Assistant tag) leaves the later Human turns
+    inside both completions as text; that trains the model to write the user's turns, so it is counted."""
+    records, errors = read_records(str(HERE / "hh_rlhf_earlier_turn.jsonl"), "auto", "trl", None)
+    assert errors == []
+    earlier, last_only = records
+    assert earlier.prompt == [{"role": "user", "content": "How do I bake bread?"}]
+    assert "\n\nHuman: How long?" in earlier.completions[0][0]["content"]
+    assert last_only.prompt[-1] == {"role": "user", "content": "What's your favorite one?"}
+    lines = describe_records(records)
+    assert any(line.startswith("1 of 2 records: transcripts differ before their last turn") and
+               "hh_rlhf_earlier_turn.jsonl:1" in line for line in lines), lines
+
+
+def test_conversations_differing_in_an_earlier_turn_are_named_in_the_summary():
+    records, errors = read_records(str(HERE / "conversations_earlier_turn.jsonl"), "auto", "trl", None)
+    assert errors == []
+    (record,) = records
+    assert record.prompt == [{"content": "Hi", "role": "user"}]
+    assert [m["role"] for m in record.completions[0]] == ["assistant", "user", "assistant"]
+    assert any("differ before their last turn" in line for line in describe_records(records))
+
+
+# ---------------------------------------------------------------- orca pairs without the option
+
+
+def test_orca_pairs_without_the_option_name_it():
+    """The system column is taken out before the pair is parsed, so the hint must not need it."""
+    result = _invoke("validate", str(HERE / "orca_no_option.jsonl"))
+    assert result.exit_code != 0
+    assert "use data.columns=orca" in result.text
+    result = _invoke("validate", str(HERE / "orca_no_option.jsonl"), "--columns", "orca")
+    assert result.exit_code == 0, result.output
+
+
+# ---------------------------------------------------------------- a hub snapshot's subset folders without a README
+
+
+def test_subset_folders_without_readme_are_not_merged():
+    """openai/gsm8k as files (main/ and socratic/, each train/test) without its README: datasets' layout rules
+    merge both subsets' train files; the source must say so and take the sub-folder as the subset."""
+    folder = str(HERE / "gsm8k_snapshot")
+    result = _invoke("validate", folder, "--column-map", "prompt=question")
+    assert result.exit_code != 0
+    assert "['main/', 'socratic/']" in result.text and "subset" in result.text
+    records, errors = read_records(folder, "auto", "trl", {"prompt": "question"}, subset="main")
+    assert errors == [] and len(records) == 1 and records[0].extra["answer"].endswith("#### 72")
+    assert "**" not in records[0].extra["answer"]  # not the socratic answer
+    records, _ = read_records(folder, "auto", "trl", {"prompt": "question"}, subset="main", split="test")
+    assert [r.extra["answer"][-2:] for r in records] == ["10"]
+    result = _invoke("validate", folder, "--subset", "nope", "--column-map", "prompt=question")
+    assert result.exit_code != 0 and "main/" in result.text
+
+
+@pytest.mark.parametrize("subset", ["main", "socratic"])
+def test_subset_folder_reads_only_its_files(subset):
+    records, errors = read_records(str(HERE / "gsm8k_snapshot"), "auto", "trl", {"prompt": "question"}, subset=subset)
+    assert errors == [] and len(records) == 1
+    assert ("**" in records[0].extra["answer"]) == (subset == "socratic")
