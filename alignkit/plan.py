@@ -193,7 +193,7 @@ def print_plan(overrides: list[str]) -> int:
         console.print(f"[yellow]parameters[/]: unknown ({exc.__class__.__name__}: {str(exc).splitlines()[0]})")
     else:
         console.print(f"[bold]parameters[/]: {total / 1e6:,.1f} M (largest layer {largest / 1e6:,.1f} M)")
-        dtype = "fp32" if str(cfg.deepspeed.dtype) == "fp32" else "bf16"
+        dtype = "fp32" if str(cfg.deepspeed.dtype) in ("fp32", "bf16_autocast") else "bf16"  # autocast: fp32 states
         stage = f"zero{int(cfg.deepspeed.zero_stage)}"
         table = Table("setting", "model states / device (GiB)", "CPU / node (GiB)",
                       title=f"Model states ({dtype}, AdamW) on {cfg.launcher.nproc_per_node} device(s) x "
@@ -221,8 +221,12 @@ def _warnings(cfg: DictConfig, runner: str, objective) -> list[str]:
     out = []
     if cfg.deepspeed.offload_params != "none" and int(cfg.deepspeed.zero_stage) != 3:
         out.append("deepspeed.offload_params needs zero_stage=3; it is ignored otherwise.")
-    if not torch.cuda.is_available() and cfg.deepspeed.dtype in ("bf16", "fp16"):
-        out.append(f"deepspeed.dtype={cfg.deepspeed.dtype} on a CPU: bf16 matmul is far slower than fp32 here.")
+    if not torch.cuda.is_available() and cfg.deepspeed.dtype in ("bf16", "fp16", "bf16_autocast"):
+        from alignkit.engine.precision import BF16_CPU_FLAGS, read_cpu_info
+
+        if cfg.deepspeed.dtype == "fp16" or not read_cpu_info().bf16_flags:
+            out.append(f"deepspeed.dtype={cfg.deepspeed.dtype} on a CPU without {'/'.join(BF16_CPU_FLAGS)}: "
+                       "16-bit matmuls are far slower than fp32 here.")
     if cfg.data.layout == "prefix_shared" and runner == "sft":
         out.append("data.layout=prefix_shared gains nothing for SFT (K=1); use packed.")
     if runner == "grpo" and int(cfg.rl.num_generations) < 2:

@@ -198,3 +198,15 @@ def test_step0_dpo_loss_is_ln2_in_bf16(tmp_path, dtype):
     assert abs(first_eval["loss"] - math.log(2)) < 1e-6, first_eval["loss"]
     later = [r["loss"] for r in records if r["split"] == "train" and r["step"] == 2]
     assert later and abs(later[0] - math.log(2)) > 1e-4  # it did learn: the check is not vacuous
+
+
+def test_plan_warns_about_bf16_only_on_a_cpu_without_bf16(monkeypatch):
+    import alignkit.plan as plan
+    from alignkit.config.compose import compose
+
+    cfg = compose(["recipe=dpo_tiny", "deepspeed.dtype=bf16_autocast"])
+    monkeypatch.setattr(plan.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(precision, "read_cpu_info", lambda path="/proc/cpuinfo": CpuInfo("Fake Xeon", XEON_FLAGS))
+    assert not [w for w in plan._warnings(cfg, "preference", None) if "slower" in w]
+    monkeypatch.setattr(precision, "read_cpu_info", lambda path="/proc/cpuinfo": CpuInfo("AMD EPYC", EPYC_FLAGS))
+    assert [w for w in plan._warnings(cfg, "preference", None) if "far slower than fp32" in w]
