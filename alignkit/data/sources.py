@@ -136,6 +136,7 @@ def iter_jsonl(path: Path, max_line_bytes: int | None = None) -> Iterator[RawRow
     compressed = _compressed(path)
     with _open_binary(path) as handle:
         line_number = 0
+        seen_object = False
         while True:
             try:
                 raw = handle.readline(limit + 1)
@@ -162,7 +163,14 @@ def iter_jsonl(path: Path, max_line_bytes: int | None = None) -> Iterator[RawRow
                 continue
             try:
                 text = _decode_line(raw, location).strip().removeprefix("\ufeff")
+                if text.startswith("[") and not seen_object:  # a JSON array saved as .jsonl: one hint, not N errors
+                    yield RawRow(location, {}, DataError(
+                        "expected JSON Lines (one object per line) / found a JSON array (the whole file is one "
+                        f"JSON document); rename it to .json (read as an array of records) or convert it with "
+                        f"jq -c '.[]' {path.name} > converted.jsonl", location=location))
+                    return
                 if text:
+                    seen_object = True
                     yield RawRow(location, _parse_object(text, location))
             except DataError as error:
                 yield RawRow(location, {}, error)

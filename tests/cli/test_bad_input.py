@@ -157,7 +157,16 @@ def _two_pairs(tmp_path: Path) -> str:
     return str(path)
 
 
+def _array_as_jsonl(tmp_path: Path) -> str:
+    path = tmp_path / "array.jsonl"
+    rows = [{"prompt": f"q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(40)]
+    path.write_text(json.dumps(rows, indent=2))  # pretty-printed: ~200 lines, each invalid as JSON Lines
+    return str(path)
+
+
 START_CASES = {
+    "json_array_as_jsonl": (["array.jsonl:1", "found a JSON array", "rename it to .json", "jq -c"],
+                            lambda tmp: [f"data.train=[{{path:{_array_as_jsonl(tmp)}}}]", "data.eval=[]"]),
     "model_path": (["missing-model"], lambda tmp: [f"model.name_or_path={tmp}/missing-model"]),
     "data_unreadable": (["broken.jsonl"], lambda tmp: [f"data.train=[{{path:{_bad_jsonl(tmp)}}}]", "data.eval=[]"]),
     "smaller_than_a_batch": (["fewer than one batch", "trainer.batch_size=8"],
@@ -176,6 +185,12 @@ def test_failed_start_leaves_no_run_directory(case, tmp_path, capsys, monkeypatc
             f"trainer.reference_cache_dir={tmp_path}/ref", *extra(tmp_path)]
     code, text = run_cli(args, capsys, monkeypatch)
     _assert_user_error(code, text, pieces, tmp_path)
+
+
+def test_json_array_saved_as_jsonl_is_one_hint_not_a_problem_per_line(tmp_path, capsys, monkeypatch):
+    code, text = run_cli(["data", "validate", _array_as_jsonl(tmp_path)], capsys, monkeypatch)
+    assert code != 0 and "Traceback" not in text, text[-3000:]
+    assert text.count("found a JSON array") == 1 and "1 problems" in text and "array.jsonl:2" not in text, text[-3000:]
 
 
 def test_corrected_command_with_the_same_run_name_then_works(tmp_path, capsys, monkeypatch):
