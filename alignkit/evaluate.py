@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,12 +91,18 @@ def _split_overrides(overrides: list[str]) -> tuple[str | None, list[str]]:
     return data, rest
 
 
-def _own_data(cfg: DictConfig, path: str) -> None:
+def _own_data(cfg: DictConfig, path: str, where: Path | str = "the config") -> DictConfig:
+    """Every record of ``data=PATH`` (a path, or Hydra's list/entry form ``[{path: F, column_map: {..}}]``)."""
     from alignkit.data.config import SourceConfig
 
-    cfg.data.train = [SourceConfig(path=path)]
+    if path.startswith(("[", "{")):
+        value = path if path.startswith("[") else f"[{path}]"
+        cfg = _apply_overrides(cfg, [f"data.train={value}"], Path(str(where)))
+    else:
+        cfg.data.train = [SourceConfig(path=path)]
     cfg.data.eval = []
     cfg.data.eval_fraction = 0.0
+    return cfg
 
 
 def _names_key(overrides: list[str], prefix: str) -> bool:
@@ -147,7 +154,7 @@ def resolve_target(target: str, overrides: list[str], baseline: str | None = Non
         base = baseline or str(cfg.model.name_or_path)
         explicit = reward_named or runner_for(cfg) in RL_RUNNERS
         if data_file is not None:
-            _own_data(cfg, data_file)
+            cfg = _own_data(cfg, data_file, run_dir / "config.yaml")
             return EvalTarget(cfg, model, base, run_dir, f"every record of {data_file} (data=...)", True, explicit)
         if not cfg.data.eval and not cfg.data.eval_fraction > 0:
             raise UserError(
@@ -168,13 +175,21 @@ def resolve_target(target: str, overrides: list[str], baseline: str | None = Non
             "for a preset's data.")
     cfg = compose([*rest, f"model.name_or_path={target}"])
     if data_file is not None:
-        _own_data(cfg, data_file)
+        cfg = _own_data(cfg, data_file)
         where = f"every record of {data_file} (data=...)"
     else:
         where = ("data.eval (" + ", ".join(str(s.path) for s in cfg.data.eval) + ")" if cfg.data.eval else
                  "data.train (no eval set given: every record)")
     use_train = data_file is not None or not (cfg.data.eval or cfg.data.eval_fraction > 0)
-    return EvalTarget(cfg, target, baseline, None, where, use_train, reward_named or runner_for(cfg) in RL_RUNNERS)
+    notes = []
+    recipe_named = any(o.lstrip("+~").split("=", 1)[0].strip() == "recipe" for o in rest)
+    if data_file is not None and not reward_named and not recipe_named and list(cfg.reward.fns):
+        # the default config's reward.fns are the demo task's judge: a model on the user's data is not scored on it
+        notes.append(f"no reward.fns given: the default {list(cfg.reward.fns)} (the demo task's) not scored; "
+                     "answer accuracy only (reward.fns=[correctness,my_rewards:fn] to add rewards)")
+        cfg.reward.fns = []
+    return EvalTarget(cfg, target, baseline, None, where, use_train, reward_named or runner_for(cfg) in RL_RUNNERS,
+                      notes)
 
 
 # ---------------------------------------------------------------- models and data
@@ -192,6 +207,14 @@ def _load(name_or_path: str, cfg: DictConfig, device: torch.device):
     model_cfg.lora.r = 0
     model, tokenizer = load_causal_lm(model_cfg)
     return model.eval().to(device), tokenizer
+
+
+def _tokenizer(name_or_path: str, cfg: DictConfig):
+    from alignkit.models.load import load_tokenizer_for
+
+    model_cfg = OmegaConf.to_object(cfg.model)
+    model_cfg.name_or_path = name_or_path
+    return load_tokenizer_for(model_cfg)
 
 
 def _records(target: EvalTarget, view: str, tokenizer, limit: int) -> list:
@@ -242,6 +265,13 @@ def _reward_names(target: EvalTarget) -> list[str]:
     return names
 
 
+def _first_sentence(exc: BaseException, width: int = 240) -> str:
+    """An error's first sentence, whole (a note cut mid-word reads as garbage)."""
+    text = " ".join(str(exc).split())
+    head = re.split(r"(?<=[.;])\s", text, maxsplit=1)[0].rstrip(".;")
+    return head if len(head) <= width else head[:width].rsplit(" ", 1)[0] + " ..."
+
+
 def build_scoring(target: EvalTarget, first, tokenizer):
     """The reward mix for eval: the run's (or the named) functions that can score this data."""
     from alignkit.rewards.registry import DRY_RUN_COMPLETION, RewardMix
@@ -268,7 +298,7 @@ def build_scoring(target: EvalTarget, first, tokenizer):
             RewardMix([name]).dry_run(prompt, columns, **call)
             kept.append(name)
         except (DataError, ConfigError) as exc:
-            target.notes.append(f"reward {name!r} left out: it cannot score this data ({str(exc)[:160]}); "
+            target.notes.append(f"reward {name!r} left out: it cannot score this data ({_first_sentence(exc)}); "
                                 "pass reward.fns=[...] to choose")
     return RewardMix(kept) if kept else None
 
@@ -357,19 +387,21 @@ def _reward_difference(model: list[float], baseline: list[float]) -> Interval:
 def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: int, out_dir: str | None) -> dict:
     plan = resolve_target(target, overrides, baseline)
     device = eval_device()
+    tokenizer = _tokenizer(plan.model, plan.cfg)
+    try:  # the data is read (and any problem in it reported) before a model loads
+        pairs = _records(plan, "pairwise", tokenizer, limit)
+    except ConfigError:  # sft / prompt data: no pairs to rank
+        pairs = []
+    all_prompts = _records(plan, "prompt", tokenizer, 0)
     model, tokenizer = _load(plan.model, plan.cfg, device)
     reference = _load(plan.baseline, plan.cfg, device)[0] if plan.baseline else None
     metrics: dict[str, Interval] = {}
     result: dict[str, Any] = {"model": plan.model, "baseline": plan.baseline, "data": plan.data_source,
                               "device": str(device)}
 
-    try:
-        pairs = _records(plan, "pairwise", tokenizer, limit)
-    except ConfigError:  # sft / prompt data: no pairs to rank
-        pairs = []
     if pairs and reference is not None:
         metrics.update(preference_accuracy(model, reference, pairs, plan.cfg, tokenizer.pad_token_id))
-    prompts, duplicates = _unique_prompts(_records(plan, "prompt", tokenizer, 0))
+    prompts, duplicates = _unique_prompts(all_prompts)
     prompts = prompts[:limit] if limit > 0 else prompts
     if duplicates:
         plan.notes.append(f"{duplicates} duplicate prompts scored once")
@@ -427,12 +459,7 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
     result["notes"] = plan.notes
 
     out = Path(out_dir) if out_dir else (plan.run_dir / "eval" if plan.run_dir is not None else Path("eval"))
-    from alignkit import runfiles
-
-    if out_dir:
-        out.mkdir(parents=True, exist_ok=True)  # typed by the user
-    else:
-        runfiles.make_dir(out, "eval folder")  # a planted link in a run directory is refused
+    out.mkdir(parents=True, exist_ok=True)
     from alignkit.rewards.answer import gold_answer
 
     samples = []
@@ -446,8 +473,8 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
             if base_correct is not None and golds[i] is not None:
                 row["baseline_correct"] = base_correct[with_ref.index(i)]
         samples.append(row)
-    runfiles.write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    runfiles.write_text(out / "eval.json", json.dumps(result, indent=1))
+    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
     result["out_dir"] = str(out)
     result["intervals"] = metrics
     return result

@@ -336,7 +336,9 @@ class RewardFunction:
         except UserError:  # already says what is wrong (a built-in's DataError names the missing column)
             raise
         except Exception as exc:  # the user's code failed: say which function, on what, and where it raised
-            shown = called or {"prompts": prompts[:1], "completions": completions[:1]}
+            shown = called or {"prompts": list(raw_prompts if self.style == "trl" and raw_prompts is not None
+                                                  else prompts)[:1],
+                               "completions": completions[:1]}  # the prompt as the function got it
             args = ", ".join(f"{k}={_short(v[:1] if isinstance(v, list) else v, 100)}" for k, v in shown.items())
             raise RewardFunctionError(
                 f"{self.label()} raised {type(exc).__name__}: {exc} (at {_user_frame(exc)}), when called with "

@@ -1,0 +1,78 @@
+"""Issue 15's acceptance pass on reward functions and `alignkit eval`: what a new user hit, each checked to
+fail before its fix. The gsm8k rows are tests/data/published/gsm8k.jsonl (openai/gsm8k main)."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from alignkit import evaluate
+from alignkit.errors import DataError
+from alignkit.rewards import RewardFunctionError, RewardMix
+
+GSM8K = Path(__file__).parents[1] / "data" / "published" / "gsm8k.jsonl"
+
+
+def test_a_trl_function_failing_later_is_shown_the_prompt_it_got(tmp_path, monkeypatch):
+    """TRL passes standard-format prompts as the dataset's strings; the error must show that string, not the
+    chat-templated text decoded from the prompt's tokens ('user\\nNatalia ...')."""
+    (tmp_path / "late_rewards.py").write_text(textwrap.dedent('''
+        calls = []
+        def third_call_fails(completions, answer, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("boom on call 3")
+            return [0.0] * len(completions)
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mix = RewardMix([f"{tmp_path / 'late_rewards.py'}:third_call_fails"])
+    for _ in range(2):
+        mix(["user\nNatalia sold clips"], ["#### 72"], prompt=["Natalia sold clips"], answer=["#### 72"])
+    with pytest.raises(RewardFunctionError) as info:
+        mix(["user\nNatalia sold clips"], ["#### 72"], prompt=["Natalia sold clips"], answer=["#### 72"])
+    message = str(info.value)
+    assert "third_call_fails" in message and "boom on call 3" in message and "late_rewards.py:" in message
+    assert "prompts=['Natalia sold clips']" in message, message
+
+
+# ---------------------------------------------------------------- alignkit eval MODEL data=...
+
+
+def _no_model(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the data was read")
+
+    monkeypatch.setattr(evaluate, "_load", refuse)
+
+
+def test_eval_reads_the_data_before_any_model_loads(monkeypatch, tmp_path):
+    """gsm8k rows without the column map are a data problem; it is reported before a model is loaded."""
+    _no_model(monkeypatch)
+    with pytest.raises(DataError) as info:
+        evaluate.run_eval("tiny", [f"data={GSM8K}"], baseline=None, limit=0, out_dir=str(tmp_path))
+    assert "column_map {prompt: question}" in str(info.value)
+
+
+def test_eval_model_takes_a_source_entry_with_its_column_map(tmp_path):
+    """`data=[{path: F, column_map: {..}}]` (Hydra's grammar, as for a run directory) on a model, not a glob;
+    the default config's demo judge is not scored on the user's file: answer accuracy, with N and a Wilson
+    interval, is."""
+    result = evaluate.run_eval("tiny", [f"data=[{{path: {GSM8K}, column_map: {{prompt: question}}}}]",
+                                        "generation.max_new_tokens=4"], baseline=None, limit=0, out_dir=str(tmp_path))
+    accuracy = result["intervals"]["answer_accuracy"]
+    assert accuracy.n == 2
+    assert 0.0 <= accuracy.ci_low <= accuracy.rate <= accuracy.ci_high <= 1.0 and accuracy.ci_high > 0.5
+    assert not any(name.startswith("reward/") for name in result["intervals"]), sorted(result["intervals"])
+    assert any("demo task" in note for note in result["notes"]), result["notes"]
+    lines = evaluate.format_table(result)
+    assert any(line.startswith("answer_accuracy") and line.rstrip().endswith("2") for line in lines), lines
+
+
+def test_eval_note_for_a_left_out_reward_is_not_cut_mid_word():
+    exc = DataError("answer: the demo judge needs each prompt record's reference answer in an 'answer' column "
+                    "(extra columns received: none). Use the demo prompts files (data/demo/prompts_train.jsonl, "
+                    "...) or pass reward.fns=[...]")
+    text = evaluate._first_sentence(exc)
+    assert text.endswith("(extra columns received: none)"), text
