@@ -2,11 +2,11 @@
 """GRPO throughput, alignkit vs TRL's GRPOTrainer, on the same model, prompts, G, lengths and batch.
 
     python scripts/bench_grpo.py --steps 3 --repeats 2     # SmolLM2-135M-Instruct, fp32, CPU, HF generate
-    .venv-vllm/bin/python scripts/bench_grpo.py --engine hf,vllm --tools alignkit   # alignkit's two engines
+    .venv-vllm/bin/python scripts/bench_grpo.py --engine hf,vllm   # alignkit's two engines (no TRL there)
 
 ``--engine`` picks alignkit's generation engine(s) (``generation.engine``: ``hf``, ``vllm`` or both,
-comma-separated; vllm needs the environment of ``bash scripts/setup_vllm.sh``, which has no TRL, so
-``--tools alignkit`` there). Besides s/step and completions/s of whole steps it prints the
+comma-separated; vllm needs the environment of ``bash scripts/setup_vllm.sh``, which has no TRL:
+``--tools`` defaults to alignkit alone there). Besides s/step and completions/s of whole steps it prints the
 generation phase alone (completion tokens/s while sampling, from the run's ``gen_tokens_per_s``).
 
 Each repetition runs both in fresh subprocesses, alternating: ``--prompts`` prompts per step x
@@ -123,7 +123,8 @@ def main() -> None:
     parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
     parser.add_argument("--worker", choices=["trl", "alignkit"])
     parser.add_argument("--engine", default="hf", help="alignkit's generation engine(s): hf, vllm, or hf,vllm")
-    parser.add_argument("--tools", default="trl,alignkit", help="trl,alignkit (default) or alignkit alone")
+    parser.add_argument("--tools", default=None,
+                        help="trl,alignkit or alignkit (default: both where TRL is installed, else alignkit)")
     bench_common.add_threads_argument(parser)
     args = parser.parse_args()
     if not args.worker:
@@ -136,6 +137,12 @@ def main() -> None:
     completions = args.prompts * args.generations
     print(f"{args.prompts} prompts x G={args.generations} = {completions} completions/step, "
           f"up to {args.max_new_tokens} new tokens, {args.steps} steps x {args.repeats} repeats")
+    if args.tools is None:
+        import importlib.util
+
+        args.tools = "trl,alignkit" if importlib.util.find_spec("trl") else "alignkit"
+        if args.tools == "alignkit":
+            print("TRL is not installed in this environment (e.g. .venv-vllm): alignkit only")
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
     tools = tuple(t for t in ("trl",) if t in args.tools.split(","))
     tools += tuple(f"alignkit:{e}" for e in engines) if "alignkit" in args.tools.split(",") else ()
