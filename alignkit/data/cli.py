@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from alignkit.data.config import COLUMN_PRESETS, FORMATS, PAIR_EXPANSIONS, DataConfig, SourceConfig
+from alignkit.data.config import CHAT_TEMPLATES, COLUMN_PRESETS, FORMATS, PAIR_EXPANSIONS, DataConfig, SourceConfig
 from alignkit.data.doctor import CONVERT_TARGETS, InspectReport, convert_path, histogram, inspect_path, validate_path
 from alignkit.errors import UserError
 
@@ -74,6 +74,10 @@ def _sources(path: Optional[str], extra: list[str], options: dict) -> tuple[list
                               columns=options["columns"], column_map=_column_map(options["map"]))
         return [("", source)], DataConfig(), None
     if path is not None and path not in overrides:
+        if not any(_is_override(e) for e in extra):  # e.g. data/*.jsonl unquoted: the shell gave every file
+            raise UserError(f"one PATH per command, and {len(extra) + 1} were given ({path!r}, {extra[0]!r}, ...): "
+                            "did the shell expand a glob? Quote it, e.g. 'data/*.jsonl', to read the files as one "
+                            "source.")
         raise UserError(f"give either PATH ({path!r}) or config overrides ({' '.join(extra)}), not both.")
     if not overrides:
         raise UserError("give a PATH (a file, glob, folder or hub name) or training's config overrides, "
@@ -190,15 +194,28 @@ def inspect(
     format: Optional[str] = typer.Option(None, "--format", help=FORMAT_HELP + " [default: auto]"),
     columns: Optional[str] = typer.Option(None, "--columns", help=COLUMNS_HELP + " [default: trl]"),
     map: list[str] = typer.Option([], "--column-map", "--map", help=MAP_HELP),
+    chat_template: Optional[str] = typer.Option(None, "--chat-template", help="Plain-string prompts: auto (the "
+                                                "model's template when it has one), always, never (training: "
+                                                "data.chat_template) [default: auto]."),
+    input_template: Optional[str] = typer.Option(None, "--input-template", help="OpenRLHF's --input_template, e.g. "
+                                                 "'User: {}\nAssistant: ' (with --chat-template never; training: "
+                                                 "data.input_template)."),
 ) -> None:
     """Render samples with trained tokens highlighted and print length and quality statistics.
 
     With config overrides: the first training source, its prompt overlap with the first eval source.
     """
     options = dict(split=split, subset=subset, format=format, columns=columns, map=map)
+    _check("chat-template", chat_template, CHAT_TEMPLATES)
     roles, data, cfg = _sources(path, ctx.args, options)
-    from alignkit.models.load import load_tokenizer
+    from alignkit.models.load import load_tokenizer, load_tokenizer_for
 
+    if cfg is not None and (chat_template is not None or input_template is not None):
+        raise UserError("--chat-template/--input-template only go with a PATH; with config overrides set "
+                        "data.chat_template / data.input_template.")
+    if cfg is None:
+        data = DataConfig(chat_template=chat_template or data.chat_template,
+                          input_template=input_template if input_template is not None else data.input_template)
     train = roles[0][1]
     evaluation = next((s for role, s in roles if role.startswith("data.eval")), None)
     if cfg is not None:
@@ -208,7 +225,10 @@ def inspect(
         console.print(f"inspecting {_label(roles[0][0], train)}" + (
             f" (eval overlap with {_label('data.eval[0]', evaluation)})" if evaluation is not None else ""),
             markup=False)
-    tokenizer = load_tokenizer(model or "tiny")
+    if cfg is not None and model == cfg.model.name_or_path:
+        tokenizer = load_tokenizer_for(cfg.model)  # the config's model section: gguf_file, revision, trust_remote_code
+    else:
+        tokenizer = load_tokenizer(model or "tiny")
     _print_inspect(inspect_path(train.path, tokenizer, n=n, max_length=max_length or 1024, eval_path=eval,
                                 eval_split=eval_split, chat_template=data.chat_template,
                                 input_template=data.input_template, **_read_options(train, data)))

@@ -84,3 +84,46 @@ def test_subset_folder_reads_only_its_files(subset):
     records, errors = read_records(str(HERE / "gsm8k_snapshot"), "auto", "trl", {"prompt": "question"}, subset=subset)
     assert errors == [] and len(records) == 1
     assert ("**" in records[0].extra["answer"]) == (subset == "socratic")
+
+
+# ---------------------------------------------------------------- alignkit data inspect / validate options
+
+OPENRLHF_SFT = Path(__file__).parent / "published" / "openrlhf_sft.jsonl"
+
+
+def test_inspect_takes_the_chat_template_switch_and_openrlhf_input_template():
+    """Without --apply_chat_template OpenRLHF renders input_template; inspect shows what training would."""
+    args = ["inspect", str(OPENRLHF_SFT), "--n", "1", "--columns", "openrlhf", "--column-map", "input_key=question",
+            "--column-map", "output_key=response"]
+    templated = _invoke(*args)
+    assert templated.exit_code == 0, templated.text
+    assert "<|im_start|>user" in templated.output
+    plain = _invoke(*args, "--chat-template", "never", "--input-template", "User: {}\nAssistant: ")
+    assert plain.exit_code == 0, plain.text
+    assert "<|im_start|>" not in plain.output.split("-- completion")[0] and "User: " in plain.output
+    bad = _invoke(*args, "--chat-template", "sometimes")
+    assert bad.exit_code != 0 and "auto, always, never" in bad.text
+
+
+def test_inspect_with_overrides_loads_the_config_models_tokenizer(monkeypatch):
+    from alignkit.models import load
+
+    seen = []
+    original = load.load_tokenizer_for
+
+    def spy(cfg):
+        seen.append(cfg)
+        return original(cfg)
+
+    monkeypatch.setattr(load, "load_tokenizer_for", spy)
+    result = _invoke("inspect", "recipe=sft_tiny", f"data.train={HERE / 'orca_no_option.jsonl'}", "data.columns=orca",
+                     "data.eval_fraction=0", "--n", "1")
+    assert result.exit_code == 0, result.text
+    assert len(seen) == 1 and seen[0].name_or_path == "tiny"
+
+
+def test_a_glob_the_shell_expanded_is_named():
+    files = sorted(str(p) for p in (HERE / "gsm8k_snapshot" / "main").glob("*.jsonl"))
+    result = _invoke("validate", *files)
+    assert result.exit_code != 0
+    assert "did the shell expand a glob? Quote it" in result.text
