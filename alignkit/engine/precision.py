@@ -17,8 +17,9 @@ mixed-precision choice is ``bf16_autocast``: fp32 weights, gradients and optimiz
 matmuls and attention in bf16 under ``torch.autocast`` (DeepSpeed's ``torch_autocast`` block, see
 ``alignkit.engine.config``).
 
-**Temporary switch**: until the lead flips the default, ``auto`` picks bf16 on a CPU only when
-``ALIGNKIT_CPU_AUTO_BF16=1`` is set; otherwise it stays fp32 on every CPU, as before.
+**Temporary switch**: until the lead flips the default (``AUTO_BF16_DEFAULT``), ``auto`` picks bf16 on a
+CPU only when ``ALIGNKIT_CPU_AUTO_BF16=1`` is set; otherwise it stays fp32 on every CPU, as before.
+After the flip ``ALIGNKIT_CPU_AUTO_BF16=0`` keeps fp32.
 
 Left out: fp16 on CPU (no hardware path worth probing), per-layer precision choices, re-probing
 when a machine's load changes (the thread-CPU-time ratio does not depend on it).
@@ -229,9 +230,15 @@ def choose_dtype(
                                             f"{probe_speedup:.1f}x fp32 (worst probed shape)")
 
 
+AUTO_BF16_DEFAULT = False  # the lead flips this to True once the fp32 demo recordings are done
+
+
 def auto_bf16_switch() -> bool:
-    """Whether the temporary ``ALIGNKIT_CPU_AUTO_BF16=1`` switch is on."""
-    return os.environ.get(AUTO_BF16_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+    """Whether ``auto`` may pick bf16 on a CPU: ``ALIGNKIT_CPU_AUTO_BF16`` (1/0), else ``AUTO_BF16_DEFAULT``."""
+    value = os.environ.get(AUTO_BF16_ENV, "").strip().lower()
+    if not value:
+        return AUTO_BF16_DEFAULT
+    return value in ("1", "true", "yes", "on")
 
 
 _RESOLVED: dict = {}

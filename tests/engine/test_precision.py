@@ -135,7 +135,7 @@ def amx_machine(monkeypatch, tmp_path):
 def test_auto_is_fp32_without_the_switch_even_on_amx(amx_machine, monkeypatch):
     from alignkit.engine.config import resolve_dtype
 
-    monkeypatch.delenv(precision.AUTO_BF16_ENV, raising=False)
+    monkeypatch.setenv(precision.AUTO_BF16_ENV, "0")
     assert resolve_dtype("auto", has_cuda=False) == "fp32"
     block = build_train_ds_config(DeepSpeedConfig(), micro_batch_size=1, grad_accum_steps=1, world_size=1, has_cuda=False)
     assert compute_dtype_name(block) == "fp32" and "torch_autocast" not in block
@@ -153,6 +153,19 @@ def test_auto_with_the_switch_on_amx_is_bf16_autocast(amx_machine, monkeypatch, 
     assert not block["bf16"]["enabled"] and not block["fp16"]["enabled"]  # fp32 weights, master weights, states
     assert compute_dtype_name(block) == "bf16_autocast"
     assert compute_dtype_name(build_frozen_ds_config(DeepSpeedConfig(), has_cuda=False)) == "bf16_autocast"
+
+
+def test_the_switch_reads_1_and_0_and_falls_back_to_the_default(monkeypatch):
+    monkeypatch.setattr(precision, "AUTO_BF16_DEFAULT", False)
+    monkeypatch.delenv(precision.AUTO_BF16_ENV, raising=False)
+    assert not precision.auto_bf16_switch()
+    monkeypatch.setenv(precision.AUTO_BF16_ENV, "1")
+    assert precision.auto_bf16_switch()
+    monkeypatch.setattr(precision, "AUTO_BF16_DEFAULT", True)  # after the flip
+    monkeypatch.setenv(precision.AUTO_BF16_ENV, "0")
+    assert not precision.auto_bf16_switch()
+    monkeypatch.delenv(precision.AUTO_BF16_ENV)
+    assert precision.auto_bf16_switch()
 
 
 def test_auto_with_the_switch_on_an_epyc_never_probes(monkeypatch, tmp_path):
