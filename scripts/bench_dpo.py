@@ -283,6 +283,7 @@ def main() -> None:
                         for r in runs]
         cpu_s = statistics.median(cpu_per_step)
         summary[tool] = {"cpu_s_per_step": cpu_s, "cpu_spread": (min(cpu_per_step), max(cpu_per_step)),
+                         "per_repeat": per_step, "cpu_per_repeat": cpu_per_step,
             "s_per_step": s, "spread": (min(per_step), max(per_step)), "pairs_per_s": args.batch / s,
             "tokens_per_s": tokens / s, "peak_rss_gb": statistics.median(r["peak_rss_gb"] for r in runs),
             "mfu": 8 * params * tokens / s / (peak * 1e9),
@@ -304,7 +305,12 @@ def main() -> None:
               f"{m['pairs_per_s']:>10.3f}{m['tokens_per_s']:>9.1f}"
               f"{m['peak_rss_gb']:>8.2f}{m['mfu']:>7.1%}  {m['first_logps']}, {m['first_loss']}")
     a, t = summary["alignkit"], summary["trl"]
-    print(f"\nalignkit / TRL: {a['pairs_per_s'] / t['pairs_per_s']:.2f}x pairs/s (wall), "
+    # the ratio of each repetition's alternating pair of runs, for its spread
+    wall_ratios = [tr / al for tr, al in zip(t["per_repeat"], a["per_repeat"])]
+    cpu_ratios = [tr / al for tr, al in zip(t["cpu_per_repeat"], a["cpu_per_repeat"])]
+    print(f"\nalignkit / TRL per repetition: wall {min(wall_ratios):.2f}-{max(wall_ratios):.2f}x, "
+          f"CPU time {min(cpu_ratios):.2f}-{max(cpu_ratios):.2f}x")
+    print(f"alignkit / TRL: {a['pairs_per_s'] / t['pairs_per_s']:.2f}x pairs/s (wall), "
           f"{t['cpu_s_per_step'] / a['cpu_s_per_step']:.2f}x by CPU time per step, "
           f"{a['peak_rss_gb'] / t['peak_rss_gb']:.2f}x peak RSS")
     print(f"alignkit's executed matmul FLOPs (prompt once, padding and dense attention included, LM head on "
