@@ -13,7 +13,10 @@ What is evaluated, and on what:
   ``data.train=...``/``data.eval=...`` as in training; or a ``recipe=...``), and says so without
   it. The baseline is ``--baseline`` (none without it: the model's rates alone).
 * ``data=FILE`` on a run evaluates on FILE instead; ``reward.fns=[...]`` replaces the reward
-  functions; any other ``key=value`` goes into the config as in training.
+  functions; any other ``key=value`` goes into the config as in training. A run's ``config.yaml``
+  naming reward code outside alignkit (``mod:fn``, ``file.py:fn``) is not imported unless
+  ``reward.fns=[...]`` is given on the command line (a copied run directory may have been edited;
+  nothing read from disk executes code). ``eval/`` and its files are never written through a link.
 
 What it measures (each with N and a 95% interval, ``alignkit.stats``):
 
@@ -147,6 +150,8 @@ def resolve_target(target: str, overrides: list[str], baseline: str | None = Non
             raise ConfigError("recipe=... does not apply to a run directory (its config is frozen); give data=FILE "
                               "or data.eval=[{path: FILE}] to evaluate on other data.")
         cfg = _apply_overrides(cfg, dotlist, run_dir / "config.yaml")
+        if not reward_named:
+            _refuse_code_named_by(cfg, run_dir / "config.yaml")
         model = str(run_dir / "final") if path == run_dir else str(path)
         if not Path(model).is_dir():
             raise UserError(f"{run_dir} has no final/ model yet (the run did not finish); evaluate a checkpoint's "
@@ -254,6 +259,25 @@ def preference_accuracy(model, reference, groups, cfg: DictConfig, pad_id: int) 
         likelihood += (lp[:, 0] > lp[:, 1]).tolist()
     return {"preference_accuracy": wilson(sum(implicit), len(implicit)),
             "likelihood_accuracy": wilson(sum(likelihood), len(likelihood))}
+
+
+def _refuse_code_named_by(cfg, config_file: Path) -> None:
+    """A run's frozen config naming reward code outside alignkit (a module path or a .py file) is not imported.
+
+    ``config.yaml`` is a file read from disk (a run directory copied from a shared disk may have been
+    edited): importing what it names would run code the user never typed. Registered rewards are
+    alignkit's own; anything else must be named again on the command line.
+    """
+    from alignkit.rewards.registry import reward_names
+
+    foreign = [str(n) for n in cfg.reward.fns if str(n) not in reward_names()]
+    if foreign:
+        listed = ",".join(str(n) for n in cfg.reward.fns)
+        raise UserError(
+            f"{config_file} names reward code outside alignkit ({', '.join(foreign)}); alignkit eval does not import "
+            "code named by a file it reads (nothing read from disk executes code). If you trust that code, name it "
+            f"on the command line: alignkit eval ... 'reward.fns=[{listed}]' (or reward.fns=[] for answer accuracy "
+            "alone).")
 
 
 def _reward_names(target: EvalTarget) -> list[str]:
@@ -431,7 +455,7 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
                               "left out of answer accuracy")
     else:
         plan.notes.append("no prompt carries a reference answer ('answer', 'reward_model.ground_truth', "
-                          "'ground_truth' or 'solution' column): answer accuracy not measured")
+                          "'ground_truth', 'solution' or OpenRLHF's 'label' column): answer accuracy not measured")
     for name, values in parts.items():
         metrics[f"reward/{name}"] = _reward_interval(values)
         if name in base_parts:
@@ -459,7 +483,12 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
     result["notes"] = plan.notes
 
     out = Path(out_dir) if out_dir else (plan.run_dir / "eval" if plan.run_dir is not None else Path("eval"))
-    out.mkdir(parents=True, exist_ok=True)
+    from alignkit import runfiles
+
+    if out_dir:
+        out.mkdir(parents=True, exist_ok=True)  # typed by the user
+    else:
+        runfiles.make_dir(out, "eval folder")  # a planted link in a run directory is refused
     from alignkit.rewards.answer import gold_answer
 
     samples = []
@@ -473,8 +502,8 @@ def run_eval(target: str, overrides: list[str], *, baseline: str | None, limit: 
             if base_correct is not None and golds[i] is not None:
                 row["baseline_correct"] = base_correct[with_ref.index(i)]
         samples.append(row)
-    (out / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    runfiles.write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
+    runfiles.write_text(out / "eval.json", json.dumps(result, indent=1))
     result["out_dir"] = str(out)
     result["intervals"] = metrics
     return result

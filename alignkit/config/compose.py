@@ -15,6 +15,7 @@ sweeper and launcher plugins work unchanged.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Iterable
@@ -66,6 +67,18 @@ def _required(key: str, what: str = "a value") -> str:
 
 
 def _group_options(group: str) -> list[str]:
+    if group.startswith("hydra/"):  # Hydra's own groups live in its ConfigStore (plugins register there)
+        try:
+            from hydra.core.config_store import ConfigStore
+            from hydra.core.plugins import Plugins
+            from hydra.plugins.launcher import Launcher
+            from hydra.plugins.sweeper import Sweeper
+
+            Plugins.instance().discover(Launcher)
+            Plugins.instance().discover(Sweeper)
+            return sorted(n.removesuffix(".yaml") for n in ConfigStore.instance().list(group) if n.endswith(".yaml"))
+        except Exception:  # noqa: BLE001 - a hint only
+            return []
     folder = conf_dir() / group
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
@@ -85,7 +98,13 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
         group, option = missing.group(1), missing.group(2)
         valid = _group_options(group)
         what = "preset" if group == "recipe" else f"option for '{group}'"
-        return f"unknown {what} {option!r}. Valid choices: {', '.join(valid)}."
+        close = difflib.get_close_matches(option, valid, n=3, cutoff=0.6)
+        hint = f" Did you mean {' or '.join(close)}?" if close else ""
+        listed = f" Valid choices: {', '.join(valid)}." if valid else (
+            f" No options for '{group}' are installed here" + (" (Hydra launcher plugins: pip install "
+                                                              "hydra-joblib-launcher / hydra-submitit-launcher)."
+                                                              if group.startswith("hydra/") else "."))
+        return f"unknown {what} {option!r}.{hint}{listed}"
     full_key = re.search(r"full_key: (\S+)", both)
     key = re.search(r"[Kk]ey '([^']+)' (?:is )?not in (?:struct|'(\w+)')", both)
     if key:
@@ -101,10 +120,18 @@ def _explain(exc: Exception, overrides: list[str]) -> str:
                 + (f", e.g. {where}={example}" if example is not None else "") + ". Fix the value on the command "
                 "line or in the preset (quote strings that contain spaces, commas or brackets).")
     if type(exc).__name__ == "OverrideParseException":
+        bare = next((o for o in overrides if "=" not in o and not o.startswith(("~", "-"))), None)
+        if bare is not None:
+            return (f"the override {bare[:80]!r} has no '=': write {bare[:80]}=VALUE (e.g. trainer.lr=1e-5), "
+                    f"or ~{bare[:80]} to delete a key.")
         bad = text.splitlines()[0].split(": ", 1)[-1] if text else ""
         return (f"cannot parse the override {bad!r}: it is not key=value in Hydra's grammar. Quote values with "
                 "special characters (key='a b'), write lists as key=[a,b]; see "
                 "https://hydra.cc/docs/advanced/override_grammar/basic/.")
+    if "Exceeds the limit" in both:  # a many-thousand-digit number: Python refuses to convert it
+        longest = max(overrides, key=len, default="?")
+        return (f"the value of {longest.split('=', 1)[0][:80]!r} is a number with {len(longest)} characters, too long "
+                "to read; give a number of ordinary size.")
     return text.splitlines()[0] if text else type(exc).__name__
 
 

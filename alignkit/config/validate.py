@@ -151,6 +151,38 @@ def validate(cfg: DictConfig) -> None:
                           "(e.g. loss=dpo).")
 
 
+def _check_reward_callable(name: str, fn) -> None:
+    """Compose-time check of a reward function named by path: a Python function (not a builtin such as
+    ``os:system`` or a class) that can receive the completions (TRL's ``completions``, verl's
+    ``solution_str``, or ``**kwargs``). The call itself is tried once before any model loads (dry call)."""
+    import inspect
+    import sys
+
+    from alignkit.rewards.registry import reward_style
+
+    if reward_style(fn) == "alignkit":
+        return
+    what = f"reward.fns: {name!r}"
+    module = (getattr(fn, "__module__", None) or "").split(".")[0]
+    stdlib = inspect.isfunction(fn) and (module in sys.stdlib_module_names or module == "builtins")
+    if inspect.isbuiltin(fn) or inspect.isclass(fn) or stdlib:
+        kind = "a class" if inspect.isclass(fn) else ("a built-in" if inspect.isbuiltin(fn) else "a standard-library "
+                                                                                              "function")
+        raise ConfigError(f"{what} is {kind}, not a reward function. Give your own function: TRL-style "
+                          "fn(prompts, completions, **columns) -> one float per completion, or verl-style "
+                          "compute_score(data_source, solution_str, ground_truth, extra_info).")
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    takes = {k for k, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if params and not any(p.kind is p.VAR_KEYWORD for p in params.values()) and not takes & {"completions",
+                                                                                                 "solution_str"}:
+        raise ConfigError(f"{what} takes ({', '.join(params)}): no 'completions' (TRL convention), 'solution_str' "
+                          "(verl convention) or **kwargs, so it could never see what it scores. Add a completions "
+                          "parameter (alignkit calls reward functions by keyword).")
+
+
 def _check_online(cfg: DictConfig, runner: str) -> None:
     """Reward functions, advantage estimator and KL estimator resolve; sample counts make sense."""
     from alignkit.rewards.registry import resolve_reward
@@ -164,7 +196,7 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
         raise ConfigError(f"reward.model={cfg.reward.model!r} is not a model folder (no config.json); give the final/ "
                           "folder of a reward-model run (recipe=rm_*).")
     for name in cfg.reward.fns:
-        resolve_reward(name)
+        _check_reward_callable(str(name), resolve_reward(name))
     if cfg.reward.weights and len(cfg.reward.weights) != len(cfg.reward.fns):
         raise ConfigError(f"reward.weights has {len(cfg.reward.weights)} values for {len(cfg.reward.fns)} "
                           f"reward functions {list(cfg.reward.fns)}.")

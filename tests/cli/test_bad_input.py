@@ -115,6 +115,13 @@ COMPOSE_CASES = {
     "top_p": (["top_p must be in (0, 1]"], ["recipe=grpo_tiny", "generation.top_p=0"]),
     "resume_allow_without_resume": (["resume_allow", "applies only to a resume"],
                                     ["recipe=dpo_tiny", "resume_allow=[trainer.lr]"]),
+    "missing_equals": (["'trainer.lr' has no '='", "trainer.lr=VALUE"], ["recipe=dpo_tiny", "trainer.lr"]),
+    "recipe_typo": (["unknown preset 'dpo_tinyy'", "Did you mean dpo_tiny"], ["recipe=dpo_tinyy"]),
+    "loss_typo": (["unknown option for 'loss' 'dpoo'", "Did you mean dpo"], ["recipe=dpo_tiny", "loss=dpoo"]),
+    "launcher_unknown": (["unknown option for 'hydra/launcher' 'nonexistent'", "Valid choices: basic"],
+                         ["recipe=dpo_tiny", "hydra/launcher=nonexistent"]),
+    "huge_number": (["'loss.beta'", "too long to read"], ["recipe=dpo_tiny", "loss.beta=" + "9" * 5000]),
+    "beta_overflow": (["loss.beta=inf must be a finite number"], ["recipe=dpo_tiny", "loss.beta=1e400"]),
     "fifo_as_data": (["is a FIFO", "regular files"],
                      lambda tmp: ["recipe=dpo_tiny", f"data.train=[{{path:{_fifo(tmp)}}}]", "data.cache_dir=" + str(tmp)]),
 }
@@ -134,12 +141,51 @@ def test_plan_refuses_zero_processes(capsys, monkeypatch, tmp_path):
     _assert_user_error(code, text, ["launcher.nproc_per_node=0", ">= 1"], tmp_path)
 
 
-def test_reward_with_a_wrong_signature_is_refused_before_the_model_loads(capsys, monkeypatch, tmp_path):
-    """``os:system`` is callable but takes no (prompts, completions) keywords: refused by name, and the
-    run directory the start created is removed."""
-    code, text = run_cli(["train", f"output_dir={tmp_path}/runs", "run_name=r", "recipe=grpo_tiny",
-                          "reward.fns=[os:system]"], capsys, monkeypatch)
-    _assert_user_error(code, text, ["reward function 'system'", "needs 'command'"], tmp_path)
+def _reward_file(tmp_path: Path) -> Path:
+    path = tmp_path / "my_rewards.py"
+    path.write_text("def no_completions(x, y):\n    return 0.0\n\n"
+                    "def good(prompts, completions, **columns):\n    return [0.0] * len(completions)\n")
+    return path
+
+
+@pytest.mark.parametrize("fns, pieces", [
+    ("[os:system]", ["'os:system' is a built-in, not a reward function", "completions"]),
+    ("[builtins:print]", ["'builtins:print' is a built-in"]),
+    ("[subprocess:run]", ["'subprocess:run' is a standard-library function"]),
+    ("[collections:Counter]", ["'collections:Counter' is a class"]),
+    ("[{file}:no_completions]", ["takes (x, y)", "no 'completions'"]),
+])
+@pytest.mark.parametrize("command", ["train", "config show"])
+def test_reward_path_that_is_not_a_reward_function_is_refused_at_compose_time(command, fns, pieces, capsys,
+                                                                               monkeypatch, tmp_path):
+    """Any callable used to pass compose (``os:system`` was only caught by the dry call, after the run
+    directory was made): builtins, classes, standard-library functions and functions that cannot take
+    the completions are refused by ``config show`` and ``train`` alike, nothing created."""
+    value = "reward.fns=" + fns.format(file=_reward_file(tmp_path))
+    code, text = run_cli([*command.split(), f"output_dir={tmp_path}/runs", "run_name=r", "recipe=grpo_tiny", value],
+                         capsys, monkeypatch)
+    _assert_user_error(code, text, pieces, tmp_path)
+
+
+def test_eval_does_not_import_reward_code_named_by_a_run_config(capsys, monkeypatch, tmp_path):
+    """A run directory copied from a shared disk whose config.yaml names a .py file: eval refuses to
+    import it (the file is never executed) unless reward.fns is given on the command line."""
+    from alignkit.config.compose import compose, freeze
+
+    run = tmp_path / "copied-run"
+    run.mkdir()
+    freeze(compose(["recipe=grpo_tiny", f"reward.fns=[{_reward_file(tmp_path)}:good]"]), run / "config.yaml")
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').close()\ndef score(prompts, completions, **kw):\n    return 0\n")
+    frozen = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(frozen.replace(f"{_reward_file(tmp_path)}:good", f"{evil}:score"))
+    code, text = run_cli(["eval", str(run)], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in text, text[-3000:]
+    assert "names reward code outside alignkit" in text and f"reward.fns=[{evil}:score]" in text, text[-3000:]
+    assert not marker.exists()
+    code, text = run_cli(["eval", str(run), "reward.fns=[correctness]"], capsys, monkeypatch)
+    assert "no final/ model yet" in text and not marker.exists(), text[-3000:]
 
 
 # --- start-time failures: the run directory the start created is removed ----------------------------
