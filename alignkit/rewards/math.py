@@ -9,7 +9,8 @@ parser alone decides, and this module says so once on stderr when the reward is 
 
 The reference comes from the record's ``answer`` column (gsm8k, the demo task), else
 ``reward_model["ground_truth"]`` (verl parquet rows), else ``ground_truth`` or ``solution``
-(MATH-style). A record with none of them is a data mistake: ``DataError`` naming the columns found.
+(MATH-style), else ``label`` (OpenRLHF's ``--label_key`` under ``data.columns=openrlhf``). A record
+with none of them is a data mistake: ``DataError`` naming the columns found.
 A reference that holds no answer at all (``""``) scores 0.
 
 Left out: partial credit, units and number words (see ``answer.py``), code execution.
@@ -24,7 +25,7 @@ from alignkit.errors import DataError
 from alignkit.rewards import answer
 from alignkit.rewards.registry import register_reward
 
-REFERENCE_COLUMNS = ("answer", "reward_model", "ground_truth", "solution")
+REFERENCE_COLUMNS = ("answer", "reward_model", "ground_truth", "solution", "label")  # label: OpenRLHF's --label_key
 _WARNED = False
 
 
@@ -48,7 +49,8 @@ def reference_of(columns: dict[str, Sequence[Any]], i: int) -> Any:
             return value
     raise DataError(
         "the correctness reward needs each prompt record's reference answer: an 'answer' column (gsm8k, the demo "
-        "task), a verl-style 'reward_model: {ground_truth: ...}', or a 'ground_truth'/'solution' column (columns "
+        "task), a verl-style 'reward_model: {ground_truth: ...}', a 'ground_truth'/'solution' column, or OpenRLHF's "
+        "label_key ('label') (columns "
         f"received: {', '.join(sorted(columns)) or 'none'}).",
         field="answer",
     )

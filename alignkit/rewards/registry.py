@@ -238,11 +238,12 @@ def _ground_truth(columns: dict[str, list], i: int) -> Any:
         return reward_model[i]["ground_truth"]
     if "ground_truth" in columns:
         return columns["ground_truth"][i]
-    if "answer" in columns:
-        from alignkit.rewards.answer import gold_answer
+    for key in ("answer", "label"):  # label: OpenRLHF's --label_key under data.columns=openrlhf
+        if key in columns:
+            from alignkit.rewards.answer import gold_answer
 
-        value = columns["answer"][i]
-        return gold_answer(value) if gold_answer(value) is not None else value
+            value = columns[key][i]
+            return gold_answer(value) if gold_answer(value) is not None else value
     raise KeyError("ground_truth")
 
 

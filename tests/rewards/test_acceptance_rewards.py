@@ -76,3 +76,25 @@ def test_eval_note_for_a_left_out_reward_is_not_cut_mid_word():
                     "...) or pass reward.fns=[...]")
     text = evaluate._first_sentence(exc)
     assert text.endswith("(extra columns received: none)"), text
+
+
+# ---------------------------------------------------------------- OpenRLHF PPO prompts: --input_key question --label_key answer
+
+
+def test_openrlhf_label_key_is_the_reference_of_correctness_and_verl(tmp_path):
+    """OpenRLHF's PPO data names the reference with --label_key (passed to its reward functions as labels);
+    under data.columns=openrlhf that column arrives as 'label', which the built-in correctness and verl's
+    ground_truth must read."""
+    from alignkit.data.pipeline import read_records
+    from alignkit.rewards.math import correctness_reward
+    from alignkit.rewards.registry import _ground_truth
+
+    path = tmp_path / "ppo_prompts.jsonl"
+    path.write_text('{"question": "Natalia sold 48 clips in April and half as many in May. How many?", '
+                    '"answer": "72"}\n')
+    (record,), errors = read_records(str(path), "auto", "openrlhf", {"input_key": "question", "label_key": "answer"})
+    assert errors == [] and record.format == "prompt"
+    columns = {k: [v] for k, v in record.extra.items()}
+    assert correctness_reward(["q"], ["48 + 24 = 72. The answer is 72."], **columns) == [1.0]
+    assert correctness_reward(["q"], ["The answer is 70."], **columns) == [0.0]
+    assert _ground_truth(columns, 0) == "72"
