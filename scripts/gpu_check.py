@@ -12,9 +12,13 @@ Checks, each in its own run directory under ``--out`` (default: a temporary fold
 * ``logps``      packed and prefix-shared rows give the padded rows' per-token log-probs on the
                  device (fp32: 1e-4; bf16: 5e-2 absolute, the rounding of a 4D-mask SDPA vs a padded one);
 * ``export``     the SFT run's exported ``final/`` folder reloads with ``from_pretrained`` on the
-                 device and reproduces the trained model's log-probs.
+                 device and reproduces the trained model's log-probs;
+* ``vllm_grpo``  GRPO steps with ``generation.engine=vllm`` (weights pushed into a colocated vLLM engine
+                 after each optimizer step), run with the interpreter of ``.venv-vllm`` made by
+                 ``ALIGNKIT_VLLM=cuda bash scripts/setup_vllm.sh`` (or the current one if it imports vllm);
+                 SKIP, not FAIL, when vLLM is installed in neither (it is an optional extra).
 
-Exit status: 0 when every check passed, 1 otherwise. A check that cannot run (e.g. no GPU) fails
+Exit status: 0 when every check passed or was skipped, 1 otherwise. A check that cannot run (e.g. no GPU) fails
 with its reason. Left out: multi-GPU collectives (``alignkit train -g 2`` on a 2-GPU machine
 covers them) and throughput numbers (``scripts/bench*``).
 """
@@ -32,6 +36,10 @@ import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
+
+class Skip(Exception):
+    """A check that cannot apply here (an optional extra not installed): a SKIP line, not a failure."""
+
 
 DIST_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -53,7 +61,7 @@ class Checks:
         self.device = "cpu" if self.dry else "cuda"
 
     # ------------------------------------------------------------------ helpers
-    def train(self, name: str, recipe: str, *extra: str) -> Path:
+    def train(self, name: str, recipe: str, *extra: str, python: str = sys.executable) -> Path:
         """Run ``alignkit train`` in a child process; return its run directory (raises on failure)."""
         run_dir = self.out / name
         overrides = [f"recipe={recipe}_{self.model}", f"trainer.max_steps={self.args.steps}", "trainer.eval_every=0",
@@ -70,7 +78,7 @@ class Checks:
             env["DS_ACCELERATOR"] = "cpu"
         log = self.out / f"{name}.log"
         with open(log, "w") as handle:
-            code = subprocess.run([sys.executable, "-m", "alignkit", "train", *overrides], stdout=handle,
+            code = subprocess.run([python, "-m", "alignkit", "train", *overrides], stdout=handle,
                                   stderr=subprocess.STDOUT, env=env, timeout=900).returncode
         if code != 0:
             tail = log.read_text().strip().splitlines()[-3:]
@@ -115,6 +123,15 @@ class Checks:
     def grpo(self) -> str:
         return self._summary(self.train("grpo", "grpo", "trainer.export=false", "generation.max_new_tokens=24",
                                         "rl.num_generations=4", "trainer.batch_size=2", "trainer.micro_batch_size=1"))
+
+    def vllm_grpo(self) -> str:
+        python = vllm_python()
+        if python is None:
+            raise Skip("vLLM is not installed (optional): ALIGNKIT_VLLM=cuda bash scripts/setup_vllm.sh, then rerun")
+        extra = ["model.tiny.num_heads=2", "model.tiny.num_kv_heads=1"] if self.dry else []  # vLLM CPU: head size >= 32
+        return self._summary(self.train("vllm_grpo", "grpo", "trainer.export=false", "generation.engine=vllm",
+                                        "generation.max_new_tokens=24", "rl.num_generations=4", "trainer.batch_size=2",
+                                        "trainer.micro_batch_size=1", *extra, python=python))
 
     def _summary(self, run_dir: Path) -> str:
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -180,16 +197,30 @@ class Checks:
         return f"reloaded on {self.device}, greedy reply {text!r}"
 
 
-ORDER = ("env", "sft", "dpo", "grpo", "logps", "export")
+ORDER = ("env", "sft", "dpo", "grpo", "logps", "export", "vllm_grpo")
+
+
+def vllm_python() -> str | None:
+    """An interpreter that imports vllm: .venv-vllm's, else this one; None when neither does."""
+    root = Path(__file__).resolve().parents[1]
+    for python in (root / ".venv-vllm" / "bin" / "python", Path(sys.executable)):
+        if python.exists() and subprocess.run([str(python), "-c", "import importlib.util,sys; "
+                                               "sys.exit(importlib.util.find_spec('vllm') is None)"],
+                                              capture_output=True).returncode == 0:
+            return str(python)
+    return None
 
 
 def run_checks(checks: list[tuple[str, Callable[[], str]]], print_line=print) -> int:
     """Run each check; one ``PASS name (seconds): note`` / ``FAIL name (seconds): reason`` line each."""
-    failed = 0
+    failed = skipped = 0
     for name, check in checks:
         tick = time.time()
         try:
             note = check()
+        except Skip as why:
+            skipped += 1
+            print_line(f"SKIP {name}: {why}")
         except Exception as exc:  # noqa: BLE001 - every failure is one FAIL line; the next check still runs
             failed += 1
             detail = traceback.format_exc().strip().splitlines()[-1] if not str(exc) else f"{type(exc).__name__}: {exc}"
@@ -197,7 +228,8 @@ def run_checks(checks: list[tuple[str, Callable[[], str]]], print_line=print) ->
         else:
             print_line(f"PASS {name} ({time.time() - tick:.0f} s): {note}")
         sys.stdout.flush()
-    print_line(f"{len(checks) - failed}/{len(checks)} checks passed")
+    print_line(f"{len(checks) - failed - skipped}/{len(checks)} checks passed"
+               + (f", {skipped} skipped" if skipped else ""))
     return 1 if failed else 0
 
 

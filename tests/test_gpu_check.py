@@ -29,9 +29,13 @@ def _run(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
 def test_dry_run_passes_every_check(tmp_path):
     proc = _run("--dry-run", "--steps", "2", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL"))]
-    assert [line.split()[:2] for line in lines] == [["PASS", name] for name in _module().ORDER]
-    assert "6/6 checks passed" in proc.stdout
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(("PASS", "FAIL", "SKIP"))]
+    order = _module().ORDER
+    vllm = "PASS" if _module().vllm_python() else "SKIP"  # an optional extra: skipped where not installed
+    expected = [["PASS", name] for name in order if name != "vllm_grpo"] + [[vllm, "vllm_grpo:" if vllm == "SKIP" else "vllm_grpo"]]
+    assert [line.split()[:2] for line in lines] == expected
+    passed = len(order) - (vllm == "SKIP")
+    assert f"{passed}/{len(order)} checks passed" in proc.stdout
     assert (tmp_path / "out" / "sft" / "final" / "config.json").is_file()
 
 
@@ -54,6 +58,18 @@ def test_a_failing_check_prints_fail_and_the_run_exits_1():
     assert lines[0].startswith("PASS ok") and lines[2].startswith("PASS after")
     assert lines[1].startswith("FAIL logps") and "max |diff| 1e-1" in lines[1]
     assert lines[-1] == "2/3 checks passed"
+
+
+def test_a_skipped_check_is_not_a_failure():
+    module = _module()
+    lines = []
+
+    def optional():
+        raise module.Skip("vLLM is not installed (optional)")
+
+    assert module.run_checks([("ok", lambda: "fine"), ("vllm_grpo", optional)], print_line=lines.append) == 0
+    assert lines[1] == "SKIP vllm_grpo: vLLM is not installed (optional)"
+    assert lines[-1] == "1/2 checks passed, 1 skipped"
 
 
 def test_without_a_gpu_the_env_check_fails_with_its_reason(monkeypatch):
