@@ -103,6 +103,13 @@ def _load_error(source: ModelSource, what: str, error: Exception) -> ModelLoadEr
             "connection (and a token for gated models). Download the model elsewhere (e.g. "
             f"`huggingface-cli download {source.location} --local-dir DIR`) and set model.name_or_path=DIR."
         )
+    if "Weights only load failed" in str(error):  # a pickle (.bin / .pt) holding more than tensors
+        return ModelLoadError(
+            f"the {what} at {source.describe()} has pickle weights (pytorch_model.bin / *.pt) holding Python objects "
+            "besides tensors: alignkit reads pickles with torch.load(weights_only=True), so it was refused and "
+            "nothing in it ran. Do not load it with weights_only=False; get the model as safetensors from a source "
+            "you trust (or convert a trusted copy with save_pretrained(..., safe_serialization=True))."
+        )
     if "trust_remote_code" in str(error):
         return ModelLoadError(
             f"the {what} at {source.describe()} needs custom code from its folder ({reason}). Read that code, "

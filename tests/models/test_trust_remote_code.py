@@ -125,3 +125,32 @@ def test_no_trainer_loads_a_tokenizer_by_name_alone():
                  for n, line in enumerate(p.read_text().splitlines(), 1)
                  if pattern.search(line) and p.name not in ("load.py", "tiny.py", "smollm2.py", "plan.py")]
     assert offenders == []
+
+
+class _Payload:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("loader", ["load_causal_lm", "load_reward_model"])
+def test_pickle_weights_with_a_payload_are_refused_and_the_message_never_suggests_weights_only_false(
+        custom_folder, tmp_path, loader):
+    """transformers reads pytorch_model.bin with torch.load(weights_only=True): a payload is refused, and the
+    message says so in alignkit's words instead of torch's advice to retry with weights_only=False."""
+    import torch
+
+    folder, _ = custom_folder
+    (folder / "tokenizer_config.json").write_text((TINY_TOKENIZER_DIR / "tokenizer_config.json").read_text())
+    (folder / "custom_tok.py").unlink()
+    marker = tmp_path / "PICKLE_RAN"
+    torch.save({"model.embed_tokens.weight": torch.zeros(64, 16), "planted": _Payload(marker)},
+               folder / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError) as error:
+        getattr(model_load, loader)({"name_or_path": str(folder)})
+    message = str(error.value)
+    assert "nothing in it ran" in message and "Do not load it with weights_only=False" in message, message
+    assert "will likely succeed" not in message, message
+    assert not marker.exists()
