@@ -272,10 +272,27 @@ def split_info_path(path: str) -> tuple[Path, str] | None:
     return info, name
 
 
+def _whole_info(path: str) -> None:
+    """A dataset_info.json, or LLaMA-Factory's data folder holding one, named without an entry: which entry?"""
+    where = Path(path).expanduser()
+    info = where / INFO_FILE if where.is_dir() else where
+    if "#" in path or info.name != INFO_FILE or not info.is_file():
+        return
+    try:
+        names = sorted(json.loads(info.read_text(encoding="utf-8")))
+    except (ValueError, TypeError, OSError):
+        return
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)})" if len(names) > 12 else "")
+    raise DataError(f"expected one entry of LLaMA-Factory's {INFO_FILE}, as {path.rstrip('/')}#NAME / found "
+                    f"{'its folder' if where.is_dir() else 'the whole file'}, whose entries are {shown}; "
+                    "its files read as one source would mix their formats", location=str(info))
+
+
 def resolve_dataset_info(path: str) -> InfoSource | None:
     """The source a ``dataset_info.json`` entry names (None when ``path`` does not name one)."""
     parts = split_info_path(path)
     if parts is None:
+        _whole_info(path)
         return None
     info_file, name = parts
     try:

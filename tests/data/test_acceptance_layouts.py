@@ -127,3 +127,19 @@ def test_a_glob_the_shell_expanded_is_named():
     result = _invoke("validate", *files)
     assert result.exit_code != 0
     assert "did the shell expand a glob? Quote it" in result.text
+
+
+# ---------------------------------------------------------------- LLaMA-Factory's data folder without an entry name
+
+LF = Path(__file__).parent / "published" / "llamafactory"
+
+
+@pytest.mark.parametrize("path", [str(LF), str(LF) + "/", str(LF / "dataset_info.json")])
+def test_llamafactory_folder_or_info_file_without_an_entry_names_the_entries(path):
+    """LLaMA-Factory's data/ folder read as one source mixed alpaca, ranking and KTO files (some rows trained,
+    the rest reported as bad); the whole dataset_info.json was 'a list of records' expected. Both ask for #NAME."""
+    result = _invoke("validate", path)
+    assert result.exit_code != 0
+    assert "#NAME" in result.text and "entries are" in result.text, result.text
+    entry = sorted(__import__("json").loads((LF / "dataset_info.json").read_text()))[0]
+    assert entry in result.text
