@@ -3,8 +3,10 @@
 
     python scripts/write_card.py runs/demo-dpo_smollm2 [--command "alignkit train recipe=dpo_smollm2"]
 
-Reads the run's config.yaml, metrics.jsonl and (if ``alignkit eval`` ran) eval/eval.json, and writes
-the held-out metrics at every evaluation, the training reward/loss at the start and
+Reads the run's config.yaml, metrics.jsonl, eval/answer_summary.json (``scripts/answer_eval.py``:
+held-out answer accuracy of the trained and the starting model, Wilson intervals, the paired
+difference with its interval -- the card leads with these) and (if ``alignkit eval`` ran)
+eval/eval.json, and writes the held-out metrics at every evaluation, the training reward/loss at the start and
 end (mean and spread over the first/last 10 steps), the wall and process CPU time, and the machine.
 """
 
@@ -36,7 +38,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir")
     parser.add_argument("--command", default=None)
-    parser.add_argument("--eval-command", default="alignkit eval RUN_DIR --n 48")
+    parser.add_argument("--eval-command", default="python scripts/answer_eval.py --generate RUN_DIR/final "
+                        "--baseline-samples BASE/samples.jsonl --out RUN_DIR/eval")
     parser.add_argument("--note", default="", help="a paragraph appended under the run (what to read into it)")
     args = parser.parse_args()
     run = Path(args.run_dir)
@@ -50,10 +53,39 @@ def main() -> None:
     wall = train[-1]["time"] - (run / "config.yaml").stat().st_mtime if train else 0.0
     overrides = (run / "overrides.txt").read_text().split() if (run / "overrides.txt").exists() else []
     command = args.command or "alignkit train " + " ".join(o for o in overrides if not o.startswith(("output_dir", "run_name")))
-    lines = [f"# {recipe}", "", cfg.get("description", ""), "", "## Recorded run", "",
-             "```bash", command, f"{args.eval_command}   # held-out accuracy, judge score, win-rate vs the start",
+    lines = [f"# {recipe}", "", cfg.get("description", ""), ""]
+    summary_path = run / "eval" / "answer_summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        m, b, d = summary["model"], summary["baseline"], summary["paired"]
+        lines += ["## Held-out answer accuracy (the final answer exactly right)", "",
+                  "| | starting model | trained | difference (paired) |", "|---|---|---|---|",
+                  f"| answer accuracy, N={m['n']} held-out prompts | {b['answer_accuracy']:.3f} "
+                  f"[{b['answer_accuracy_low']:.3f}, {b['answer_accuracy_high']:.3f}] | {m['answer_accuracy']:.3f} "
+                  f"[{m['answer_accuracy_low']:.3f}, {m['answer_accuracy_high']:.3f}] | **{d['difference'] * 100:+.1f} points** "
+                  f"[{d['difference_low'] * 100:+.1f}, {d['difference_high'] * 100:+.1f}] |"]
+        if "both_parsable" in summary:
+            bp = summary["both_parsable"]
+            lines.append(f"| same, only prompts where both replies hold a number (N={bp['n']}) | {bp['baseline']:.3f} | "
+                         f"{bp['model']:.3f} | {bp['difference'] * 100:+.1f} [{bp['difference_low'] * 100:+.1f}, "
+                         f"{bp['difference_high'] * 100:+.1f}] |")
+        lines += [f"| format (only right answers count) | {b['format']:.3f} | {m['format']:.3f} | |",
+                  f"| concise (only right answers count) | {b['concise']:.3f} | {m['concise']:.3f} | |",
+                  f"| replies holding any answer | {b['parsable']:.3f} | {m['parsable']:.3f} | |", "",
+                  f"95% intervals: Wilson for each rate, Newcombe's paired interval for the difference; "
+                  f"{d['only_model_right']} prompts only the trained model got right, {d['only_baseline_right']} only the "
+                  "starting model. Greedy replies, the same parser (`alignkit.rewards.answer`) for both.", ""]
+        groups = summary.get("by_group", {})
+        if groups:
+            lines += ["| held-out subset | N | starting | trained |", "|---|---|---|---|"]
+            lines += [f"| {name} | {g['n']} | {g['baseline']:.3f} | {g['model']:.3f} |" for name, g in groups.items()]
+            lines.append("")
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    lines += ["## Recorded run", "",
+             "```bash", command, f"{args.eval_command}   # held-out answer accuracy vs the start",
              "```", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, fp32, 1 process "
+             f"Machine: {cpu} ({platform.machine()}, AMX), {os.cpu_count()} CPU cores, fp32, 1 process "
              f"(DeepSpeed ZeRO-{cfg['deepspeed']['zero_stage']}); wall time {wall / 60:.1f} min for "
              f"{len(train)} optimizer steps (model load and reference pre-pass included)"
              + (f"; process CPU time {rows[-1]['cpu_time_s'] / 60:.1f} min." if "cpu_time_s" in rows[-1] else "."), ""]
