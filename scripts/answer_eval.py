@@ -205,7 +205,8 @@ def main() -> None:
     import yaml
 
     cfg = yaml.safe_load((run / "config.yaml").read_text()) if (run / "config.yaml").is_file() else {}
-    what = f"{cfg.get('recipe', run.name)} ({cfg.get('description', '')})".strip()
+    steps = (cfg.get("trainer") or {}).get("max_steps")
+    what = f"{cfg.get('recipe', run.name)}: {cfg.get('description', '')}" + (f", {steps} optimizer steps" if steps else "")
     for line in headline(summary, what, f"{run}/report/report.md, numbers in {run}/eval/answer_summary.json"):
         print(line)
 
