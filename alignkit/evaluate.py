@@ -524,6 +524,8 @@ def format_table(result: dict) -> list[str]:
         i = metrics[key]
         sign = "+" if key.endswith("_diff") else ""
         interval, value = f"[{i.ci_low:{sign}.3f}, {i.ci_high:{sign}.3f}]", f"{i.rate:{sign}.3f}"
+        if math.isnan(i.ci_low) or math.isnan(i.ci_high):
+            interval = "n/a (N < 2)" if i.n < 2 else "n/a"  # a normal interval needs a spread
         lines.append(f"{key:<30} {value:>8}  {interval:<19} {i.n:>6}")
     if "answer_accuracy_diff" in metrics:
         lines.append("(answer_accuracy_diff: model - baseline on the same prompts, Newcombe's paired interval; "

@@ -98,3 +98,13 @@ def test_openrlhf_label_key_is_the_reference_of_correctness_and_verl(tmp_path):
     assert correctness_reward(["q"], ["48 + 24 = 72. The answer is 72."], **columns) == [1.0]
     assert correctness_reward(["q"], ["The answer is 70."], **columns) == [0.0]
     assert _ground_truth(columns, 0) == "72"
+
+
+def test_eval_table_says_why_a_single_value_has_no_interval():
+    from alignkit.stats import mean_interval, wilson
+
+    result = {"model": "m", "baseline": "b", "data": "d", "device": "cpu", "out_dir": "o", "notes": [],
+              "intervals": {"answer_accuracy": wilson(0, 1), "win_rate": mean_interval([0.5])}}
+    lines = evaluate.format_table(result)
+    win = next(line for line in lines if line.startswith("win_rate"))
+    assert "nan" not in win and "n/a (N < 2)" in win, win
