@@ -359,6 +359,9 @@ class RewardFunction:
             try:
                 number = float(v)
             except (TypeError, ValueError):
+                if self.style == "verl":  # one call per completion: the value is what compute_score returned
+                    raise RewardFunctionError(f"{self.label()} must return a number or a dict with a numeric 'score' "
+                                              f"(verl's convention); it returned {_short(v, 200)}") from None
                 raise RewardFunctionError(f"{self.label()} must return a list of numbers (or None); it returned "
                                           f"{_short(list(result), 200)}") from None
             if not math.isfinite(number):

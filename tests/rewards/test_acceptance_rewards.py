@@ -108,3 +108,14 @@ def test_eval_table_says_why_a_single_value_has_no_interval():
     lines = evaluate.format_table(result)
     win = next(line for line in lines if line.startswith("win_rate"))
     assert "nan" not in win and "n/a (N < 2)" in win, win
+
+
+def test_a_verl_function_returning_text_is_told_verls_convention(tmp_path, monkeypatch):
+    (tmp_path / "verl_text.py").write_text(
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n    return 'high'\n")
+    mix = RewardMix([f"{tmp_path / 'verl_text.py'}:compute_score"])
+    with pytest.raises(RewardFunctionError) as info:
+        mix.dry_run("q", {"answer": "#### 1"})
+    message = str(info.value)
+    assert "a number or a dict with a numeric 'score'" in message and "'high'" in message, message
+    assert "list of numbers" not in message
