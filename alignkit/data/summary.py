@@ -9,7 +9,8 @@
 * records whose prompt also appears inside one of their completions (the prompt's last user turn,
   at least ``MIN_PROMPT_CHARS`` characters, found in a completion's text): the symptom of a prompt
   trained twice;
-* pairs whose two scores are equal (a tie: the pair still trains as chosen > rejected).
+* pairs whose two scores are equal (a tie: the pair still trains as chosen > rejected);
+* pairs whose chosen and rejected are the same text (no preference at all).
 
 Each line carries an example location. Deliberately left out: printing (``cli.py``, the trainers).
 """
@@ -42,7 +43,7 @@ def describe_records(records: Iterable[Record], source: str = "") -> list[str]:
     notes: Counter = Counter()
     examples: dict[str, str] = {}
     extra: Counter = Counter()
-    repeated, ties, total = [], [], 0
+    repeated, ties, same, total = [], [], [], 0
     for record in records:
         total += 1
         for note in dict.fromkeys(record.notes):
@@ -53,6 +54,8 @@ def describe_records(records: Iterable[Record], source: str = "") -> list[str]:
             repeated.append(record.location)
         if record.format == "paired" and record.scores is not None and record.scores[0] == record.scores[1]:
             ties.append(record.location)
+        if record.format == "paired" and text_of(record.completions[0]).strip() == text_of(record.completions[1]).strip():
+            same.append(record.location)
     prefix = f"{source}: " if source else ""
     dropped: dict[int, list[str]] = {}  # "dropped FIELD" notes of the same count share a line
     lines = []
@@ -73,4 +76,7 @@ def describe_records(records: Iterable[Record], source: str = "") -> list[str]:
     if ties:
         lines.append(f"{prefix}{len(ties)} pairs with equal chosen/rejected scores (e.g. {ties[0]}); "
                      "they still train as chosen > rejected")
+    if same:
+        lines.append(f"{prefix}{len(same)} pairs whose chosen and rejected are the same text (e.g. {same[0]}); "
+                     "they carry no preference (hh-rlhf has such rows)")
     return lines

@@ -143,3 +143,14 @@ def test_llamafactory_folder_or_info_file_without_an_entry_names_the_entries(pat
     assert "#NAME" in result.text and "entries are" in result.text, result.text
     entry = sorted(__import__("json").loads((LF / "dataset_info.json").read_text()))[0]
     assert entry in result.text
+
+
+def test_hh_rlhf_pair_with_the_same_reply_twice_is_named():
+    """hh-rlhf has rows whose two transcripts are identical; the pair trains nothing and must be counted.
+    An empty final reply ('\\n\\nAssistant:' with nothing) is a located problem."""
+    records, errors = read_records(str(HERE / "hh_rlhf_quirks.jsonl"), "auto", "trl", None)
+    assert len(errors) == 1 and str(errors[0]).startswith(f"{HERE / 'hh_rlhf_quirks.jsonl'}:2: rejected"), errors
+    lines = describe_records(records)
+    assert any(line.startswith("1 pairs whose chosen and rejected are the same text") and
+               "hh_rlhf_quirks.jsonl:1" in line for line in lines), lines
+    assert records[2].prompt[-1] == {"role": "user", "content": "more"}
