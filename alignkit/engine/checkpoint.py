@@ -312,8 +312,9 @@ def save_checkpoint(
     if any_rank(bad is not None):
         raise NonFiniteWeights(
             f"non-finite weights after step {step}{f' ({bad})' if bad else ' (on another rank)'}: this step is "
-            f"not saved. {last_good_message(run_dir)} Lower trainer.lr (or raise deepspeed.gradient_clipping "
-            "protection), or set trainer.on_nonfinite=skip to skip steps whose loss is non-finite."
+            f"not saved. {last_good_message(run_dir)} Lower trainer.lr, or clip harder with a smaller "
+            "deepspeed.gradient_clipping (e.g. 1.0); trainer.on_nonfinite=skip would not help here: it skips steps "
+            "whose loss is non-finite, and this step's loss was computed before the update overflowed the weights."
         )
     tmp_tag = f"{_TMP_PREFIX}{step}"
     if _rank() == 0:
