@@ -258,8 +258,16 @@ def verify_checkpoint(path: str | os.PathLike) -> str | None:
             files = manifest["files"]
             if manifest.get("format") != MANIFEST_FORMAT or not isinstance(files, dict):
                 raise ValueError(f"format {manifest.get('format')!r}")
+            if not all(isinstance(entry, dict) for entry in files.values()):
+                raise ValueError("a file entry is not {size, sha256}")
         except Exception as error:
             return f"{MANIFEST} is unreadable ({type(error).__name__}: {error})"
+        present = sorted(f.relative_to(path).as_posix() for f in path.rglob("*")
+                         if (f.is_file() or f.is_symlink()) and f.name != MANIFEST
+                         and not f.name.startswith(f".{MANIFEST}."))
+        unlisted = [name for name in present if name not in files]
+        if unlisted:  # loading would read files nothing vouches for (a manifest naming other files)
+            return f"{unlisted[0]} is not in its {MANIFEST} (the manifest does not describe this checkpoint)"
         for name, entry in files.items():
             file = path / name
             if ".." in Path(name).parts or not file.is_file():

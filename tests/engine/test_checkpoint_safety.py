@@ -351,3 +351,23 @@ def test_planted_links_in_the_checkpoints_folder_are_never_written_through(tmp_p
     assert list(victim.iterdir()) == []
     assert (root / "step-1").is_dir() and not (root / "step-1").is_symlink()
     assert ckpt.verify_checkpoint(root / "step-1") is None
+
+
+@pytest.mark.parametrize("how", ["empty_files", "other_file", "entry_not_a_dict"])
+def test_a_manifest_that_does_not_describe_the_checkpoint_is_damaged(tmp_path, how):
+    """A manifest listing nothing, or another file, vouches for nothing: the files loading would read
+    must all be listed (else a truncated model file next to a planted manifest loads unverified)."""
+    engine = make_engine()
+    train(engine, 0, 1)
+    step = ckpt.save_checkpoint(engine, tmp_path, step=1, client_state={}, keep_last=2)
+    manifest = json.loads((step / ckpt.MANIFEST).read_text())
+    if how == "empty_files":
+        manifest["files"] = {}
+    elif how == "other_file":
+        (step / "decoy.txt").write_text("x")
+        manifest["files"] = {"decoy.txt": {"size": 1, "sha256": __import__("hashlib").sha256(b"x").hexdigest()}}
+    else:
+        manifest["files"] = {name: "ok" for name in manifest["files"]}
+    (step / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    problem = ckpt.verify_checkpoint(step)
+    assert problem is not None and ("not in its manifest.json" in problem or "unreadable" in problem), problem
