@@ -104,6 +104,10 @@ def _to_unpaired(records: list[Record], cfg: DataConfig) -> tuple[list[Record], 
     return out, stats
 
 
+RESPONSE_LIKE = ("response", "output", "answer", "target", "solution", "chosen_response")  # columns a prompt
+# record may carry that are responses under another name (prompt/response SFT data)
+
+
 def to_view(records: list[Record], view: str, cfg: DataConfig) -> tuple[list[Record], ConvertStats]:
     """Records of any format -> records the ``view`` consumes, plus what was converted or dropped."""
     if view == "rollout":
@@ -113,10 +117,13 @@ def to_view(records: list[Record], view: str, cfg: DataConfig) -> tuple[list[Rec
     wrong = sorted({r.format for r in records} - set(ACCEPTS[view]))
     if wrong:
         example = next(r for r in records if r.format in wrong)
+        unread = [c for c in RESPONSE_LIKE if c in example.extra] if example.format == "prompt" else []
+        advice = (f" Its column {unread[0]!r} is not read as a response: map it, e.g. "
+                  f"data.column_map={{completion: {unread[0]}}}." if unread else "")
         raise ConfigError(
             f"{', '.join(wrong)} data (e.g. {example.location}) cannot feed a loss that consumes {view} data; "
-            f"it accepts {', '.join(ACCEPTS[view])}. Pick a loss that fits the data or convert the data first "
-            "(alignkit data convert)."
+            f"it accepts {', '.join(ACCEPTS[view])}.{advice} Pick a loss that fits the data or convert the data "
+            "first (alignkit data convert)."
         )
     if view == "sft":
         return _to_sft(records)

@@ -154,3 +154,19 @@ def test_hh_rlhf_pair_with_the_same_reply_twice_is_named():
     assert any(line.startswith("1 pairs whose chosen and rejected are the same text") and
                "hh_rlhf_quirks.jsonl:1" in line for line in lines), lines
     assert records[2].prompt[-1] == {"role": "user", "content": "more"}
+
+
+def test_prompt_response_rows_under_an_sft_loss_name_the_column_map(tmp_path):
+    """{prompt, response} rows read as prompt-only data ('response' kept as a column); an SFT/DPO loss then
+    refuses them, and the refusal says which column to map instead of only 'pick another loss'."""
+    from alignkit.data.config import DataConfig
+    from alignkit.data.views import to_view
+    from alignkit.errors import ConfigError
+
+    path = tmp_path / "prompt_response.jsonl"
+    path.write_text('{"prompt": "Say hi", "response": "Hi!"}\n')
+    records, errors = read_records(str(path), "auto", "trl", None)
+    assert errors == [] and records[0].format == "prompt"
+    with pytest.raises(ConfigError) as info:
+        to_view(records, "sft", DataConfig())
+    assert "data.column_map={completion: response}" in str(info.value)
