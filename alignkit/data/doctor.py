@@ -158,6 +158,9 @@ def write_jsonl_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
     """Write rows to a temporary file next to ``path``, then rename it into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(temp, 0o666 & ~mask)  # mkstemp makes it 0600; the converted file follows the umask like any other
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             for row in rows:

@@ -88,3 +88,18 @@ def test_sweep_results_table_is_not_written_through_a_link(tmp_path):
     with pytest.raises(UserError, match="results.csv .*symbolic link"):
         write_report(tmp_path / "sweep")
     assert victim.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_converted_data_file_follows_the_umask(tmp_path, umask, mode):
+    """``alignkit data convert``'s output was always 0600 (mkstemp), whatever the umask."""
+    import os
+
+    from alignkit.data.doctor import write_jsonl_atomically
+
+    old = os.umask(umask)
+    try:
+        write_jsonl_atomically(tmp_path / "out.jsonl", [{"prompt": "a", "completion": "b", "label": True}])
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.jsonl").stat().st_mode & 0o777 == mode
