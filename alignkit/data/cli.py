@@ -151,7 +151,9 @@ def _print_inspect(report: InspectReport) -> None:
         console.rule(sample.location, style="dim")
         console.print(Text(sample.prompt, style="dim"))
         for k, runs in enumerate(sample.completions):
-            console.print(Text(f"-- completion {k} (trained tokens in green)", style="italic"))
+            tag = sample.tags[k] if k < len(sample.tags) and sample.tags[k] else ""
+            console.print(Text(f"-- completion {k}{' (' + tag + ')' if tag else ''} (trained tokens in green)",
+                               style="italic"))
             console.print(Text.assemble(*[(text, "bold green" if trained else "dim") for text, trained in runs]))
     console.rule("statistics")
     kinds = ", ".join(f"{n} {f}" for f, n in report.formats.items())

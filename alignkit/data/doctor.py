@@ -69,6 +69,20 @@ class Sample:
     location: str
     prompt: str
     completions: list[list[tuple[str, bool]]]  # per completion, runs of (text, trained?)
+    tags: list[str] = field(default_factory=list)  # per completion: chosen/rejected, its score or label
+
+
+def completion_tags(record: Record) -> list[str]:
+    """What each completion of a record is: ``chosen, score 8.5`` / ``score -2`` / ``desirable``."""
+    tags = []
+    for k in range(len(record.completions)):
+        parts = [("chosen", "rejected")[k]] if record.format == "paired" and k < 2 else []
+        if record.scores is not None and k < len(record.scores):
+            parts.append(f"score {record.scores[k]:g}")
+        if record.labels is not None and k < len(record.labels):
+            parts.append("desirable" if record.labels[k] else "undesirable")
+        tags.append(", ".join(parts))
+    return tags
 
 
 @dataclass
@@ -150,7 +164,8 @@ def inspect_path(path: str, tokenizer: Any, *, n: int = 3, max_length: int = 102
         report.eval_overlap = len(set(prompt_keys) & {r.prompt_key() for r in eval_records})
     for record, group in list(zip(records, groups))[:n]:
         report.samples.append(Sample(record.location, tokenizer.decode(group.prompt_ids), [
-            _runs(tokenizer, ids, mask) for ids, mask in zip(group.completion_ids, group.completion_train_mask)]))
+            _runs(tokenizer, ids, mask) for ids, mask in zip(group.completion_ids, group.completion_train_mask)],
+            completion_tags(record)))
     return report
 
 

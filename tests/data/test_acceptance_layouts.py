@@ -170,3 +170,14 @@ def test_prompt_response_rows_under_an_sft_loss_name_the_column_map(tmp_path):
     with pytest.raises(ConfigError) as info:
         to_view(records, "sft", DataConfig())
     assert "data.column_map={completion: response}" in str(info.value)
+
+
+def test_inspect_shows_each_completions_role_and_score():
+    """A user checking that K responses kept their scores (UltraFeedback, Nectar) or labels (KTO) sees them."""
+    published = Path(__file__).parent / "published"
+    paired = _invoke("inspect", str(published / "ultrafeedback_binarized.jsonl"), "--n", "1")
+    assert paired.exit_code == 0, paired.text
+    assert "-- completion 0 (chosen, score " in paired.output and "-- completion 1 (rejected, score " in paired.output
+    listwise = _invoke("inspect", str(published / "ultrafeedback_raw.jsonl"), "--columns", "ultrafeedback", "--n", "1")
+    records, _ = read_records(str(published / "ultrafeedback_raw.jsonl"), "auto", "ultrafeedback", None)
+    assert f"-- completion 0 (score {records[0].scores[0]:g})" in listwise.output, listwise.text
