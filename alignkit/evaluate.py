@@ -316,14 +316,17 @@ def build_scoring(target: EvalTarget, first, tokenizer):
             raise type(exc)(f"{exc} -- eval scores with reward.fns={names}; pass reward.fns=[...] to choose others "
                             "(or reward.fns=[] for answer accuracy alone).") from None
         return mix
-    kept = []
+    kept, left_out = [], {}
     for name in names:
         try:
             RewardMix([name]).dry_run(prompt, columns, **call)
             kept.append(name)
         except (DataError, ConfigError) as exc:
-            target.notes.append(f"reward {name!r} left out: it cannot score this data ({_first_sentence(exc)}); "
-                                "pass reward.fns=[...] to choose")
+            left_out.setdefault(_first_sentence(exc), []).append(name)
+    for why, left in left_out.items():  # one note per reason (the demo judge and its parts fail alike)
+        target.notes.append(f"reward{'s' if len(left) > 1 else ''} {', '.join(repr(n) for n in left)} left out: "
+                            f"{'they' if len(left) > 1 else 'it'} cannot score this data ({why}); "
+                            "pass reward.fns=[...] to choose")
     return RewardMix(kept) if kept else None
 
 

@@ -90,7 +90,8 @@ def test_preference_run_on_own_pairs_without_answers(tmp_path):
     assert "answer_accuracy" not in metrics  # no reference column: not measured, and said so
     notes = " ".join(result["notes"])
     assert "answer accuracy not measured" in notes
-    assert "reward 'judge' left out" in notes  # the offline run's default judge cannot score capitals
+    assert "rewards 'judge', 'format', 'concise' left out" in notes  # the default judge cannot score capitals
+    assert sum("left out" in n for n in result["notes"]) == 1  # one note for the judge and its parts
     samples = [json.loads(line) for line in (run / "eval" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 4 and all("capital of" in s["prompt"] for s in samples)
 
