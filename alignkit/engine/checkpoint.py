@@ -330,11 +330,12 @@ def save_checkpoint(
 
         runfiles.make_dir(root, "checkpoints folder")  # a planted link would take every checkpoint elsewhere
         for leftover in root.iterdir():  # crashed saves, including an earlier try at this step
-            if leftover.name.startswith((_TMP_PREFIX, _STALE_PREFIX)):
-                if leftover.is_symlink():  # planted: remove the link, never write through it
-                    leftover.unlink()
-                else:
-                    shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_symlink() and not _STEP_RE.match(leftover.name):
+                # alignkit makes no links here: a planted one (e.g. zero_to_fp32.py, which DeepSpeed copies its
+                # recovery script onto with shutil.copyfile) would be written through
+                leftover.unlink()
+            elif leftover.name.startswith((_TMP_PREFIX, _STALE_PREFIX)):
+                shutil.rmtree(leftover, ignore_errors=True)
     _barrier()
 
     _save_engine(engine, root, tmp_tag, client_state={_CLIENT_KEY: dict(client_state)})

@@ -333,7 +333,7 @@ def test_planted_links_in_the_checkpoints_folder_are_never_written_through(tmp_p
     ``.tmp-step-N`` or ``step-N`` link is removed / moved aside, the place it points at untouched."""
     victim = tmp_path / "victim"
     victim.mkdir()
-    engine = make_engine()
+    engine = make_engine(stage=2)
     train(engine, 0, 1)
     linked = tmp_path / "linked"
     linked.mkdir()
@@ -347,8 +347,13 @@ def test_planted_links_in_the_checkpoints_folder_are_never_written_through(tmp_p
     root.mkdir(parents=True)
     (root / f"{ckpt._TMP_PREFIX}1").symlink_to(victim)
     (root / "step-1").symlink_to(victim)
+    victim_file = tmp_path / "victim.py"
+    victim_file.write_text("precious\n")
+    (root / "zero_to_fp32.py").symlink_to(victim_file)  # DeepSpeed copies its recovery script there (ZeRO >= 1)
+    (root / "zero_to_torch.py").symlink_to(victim_file)
     ckpt.save_checkpoint(engine, run, step=1, client_state={}, keep_last=2)
     assert list(victim.iterdir()) == []
+    assert victim_file.read_text() == "precious\n"
     assert (root / "step-1").is_dir() and not (root / "step-1").is_symlink()
     assert ckpt.verify_checkpoint(root / "step-1") is None
 
