@@ -119,6 +119,7 @@ class MetricsLogger:
 
         self._file = runfiles.open_append(self.path, "metrics log")  # never through a planted link
         if "tensorboard" in self.backends:
+            runfiles.refuse_symlink(Path(run_dir) / "tensorboard", "tensorboard folder")
             self._tensorboard = _open_tensorboard(Path(run_dir) / "tensorboard")
         if "wandb" in self.backends:
             self._wandb = _open_wandb(Path(run_dir), wandb_project, wandb_mode, run_name, config)

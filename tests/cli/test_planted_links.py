@@ -34,6 +34,17 @@ def test_metrics_log_is_not_appended_through_a_link(tmp_path):
     assert victim.read_text() == "precious\n"
 
 
+def test_tensorboard_folder_link_is_refused(tmp_path):
+    victim_dir = tmp_path / "victim_dir"
+    victim_dir.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tensorboard").symlink_to(victim_dir)
+    with pytest.raises(UserError, match="tensorboard .*symbolic link"):
+        MetricsLogger(run, backends=("jsonl", "tensorboard"))
+    assert list(victim_dir.iterdir()) == []
+
+
 def test_metrics_rewrite_on_resume_ignores_a_planted_temp_link(tmp_path):
     victim = _victim(tmp_path)
     run = tmp_path / "run"
