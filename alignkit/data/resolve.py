@@ -113,8 +113,9 @@ def _folder_split_files(folder: Path, split: str | None, subset: str | None) -> 
     except ValueError as err:
         text = str(err)
         if "BuilderConfig" in text and "not found" in text:
-            if subset and (folder / subset).is_dir() and "'default'" in text.split("Available:", 1)[-1]:
-                inner = _folder_split_files(folder / subset, split, None)  # a subset sub-folder, no README configs
+            inside = _subset_folder(folder, subset) if subset else None
+            if inside is not None and "'default'" in text.split("Available:", 1)[-1]:
+                inner = _folder_split_files(inside, split, None)  # a subset sub-folder, no README configs
                 return Resolved(inner.kind, str(folder), inner.split, subset, inner.files)
             if not _has_configs(folder):
                 dirs = sorted(p.name + "/" for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -156,16 +157,28 @@ def _has_configs(folder: Path) -> bool:
 
 
 def _subset_folders(folder: Path, files: list[Path]) -> list[str]:
-    """The distinct sub-folders holding a split's files when each file lies in one (gsm8k's main/ and
-    socratic/ as a hub snapshot without its README): several of them are subsets, not shards."""
+    """The distinct sub-folders (relative paths) below the files' common folder when the files of one split
+    lie in several of them: gsm8k's ``main/`` and ``socratic/`` as a hub snapshot without its README, or
+    ``data/en/`` and ``data/fr/``. Shards of one folder give none; several are subsets, not shards."""
     root = os.path.realpath(folder)
-    tops = set()
+    dirs = []
     for f in files:
-        rel = Path(os.path.relpath(os.path.realpath(str(f)), root)).parts
-        if len(rel) < 2 or rel[0] == "..":
+        rel = Path(os.path.relpath(os.path.realpath(str(f)), root)).parts[:-1]
+        if rel[:1] == ("..",):
             return []
-        tops.add(rel[0])
-    return sorted(tops)
+        dirs.append(rel)
+    common = os.path.commonprefix(dirs) if dirs else ()
+    tops = {"/".join(d[:len(common) + 1]) for d in dirs if len(d) > len(common)}
+    return sorted(tops) if len(tops) > 1 else []
+
+
+def _subset_folder(folder: Path, subset: str) -> Path | None:
+    """The sub-folder a subset names when no README defines subsets: ``folder/subset`` or, for a nested
+    layout (``data/en/``), the one sub-folder of that name."""
+    if (folder / subset).is_dir():
+        return folder / subset
+    found = [p for p in folder.glob(f"**/{subset}") if p.is_dir()]
+    return found[0] if len(found) == 1 else None
 
 
 def _no_layout(folder: Path, err: Exception | None) -> str:

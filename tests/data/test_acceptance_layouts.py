@@ -181,3 +181,12 @@ def test_inspect_shows_each_completions_role_and_score():
     listwise = _invoke("inspect", str(published / "ultrafeedback_raw.jsonl"), "--columns", "ultrafeedback", "--n", "1")
     records, _ = read_records(str(published / "ultrafeedback_raw.jsonl"), "auto", "ultrafeedback", None)
     assert f"-- completion 0 (score {records[0].scores[0]:g})" in listwise.output, listwise.text
+
+
+def test_nested_subset_folders_are_not_merged_either():
+    """data/en/ and data/fr/ (each with train files, no README): the subsets sit one level down."""
+    folder = str(HERE / "nested_subsets")
+    result = _invoke("validate", folder, "--column-map", "prompt=question")
+    assert result.exit_code != 0 and "['data/en/', 'data/fr/']" in result.text, result.text
+    records, errors = read_records(folder, "auto", "trl", {"prompt": "question"}, subset="fr")
+    assert errors == [] and [r.extra["answer"][-2:] for r in records] == ["10"]
