@@ -48,7 +48,7 @@ TRAINER_MODULES = {
 FROZEN = "config.yaml"
 OVERRIDES = "overrides.txt"
 # what a run directory holds before its trainer has trained anything: removable on a failed start
-_START_FILES = {FROZEN, OVERRIDES, runfiles.LOCK}
+_START_FILES = {FROZEN, OVERRIDES, runfiles.LOCK, "data_stamp.json"}
 
 
 class RunStopped(UserError):
@@ -89,7 +89,7 @@ def prepare_run_dir(cfg: DictConfig, overrides: list[str], run_dir: Path | None 
     ``resume_allow=[...]``; an allowed change is frozen as ``config.resume-N.yaml`` and recorded in
     ``resume_history.jsonl``. Returns ``(run_dir, config file the workers load, fresh)``.
     """
-    from alignkit.config.resume import check_resume
+    from alignkit.config.resume import check_resume, write_data_stamp
 
     run_dir = Path(run_dir) if run_dir is not None else _run_dir_for(cfg)
     _check_writable(run_dir.parent)
@@ -117,6 +117,7 @@ def prepare_run_dir(cfg: DictConfig, overrides: list[str], run_dir: Path | None 
         runfiles.lock(run_dir)
         freeze(cfg, frozen)
         runfiles.write_text(run_dir / OVERRIDES, "\n".join(overrides) + "\n")
+        write_data_stamp(cfg, run_dir)
     except BaseException:
         if fresh:
             _remove_unstarted(run_dir)

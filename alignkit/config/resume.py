@@ -20,7 +20,14 @@ An allowed optimizer setting really applies: the trainer re-applies ``trainer.lr
 decay, Adam betas) after loading the checkpoint, whose optimizer state would otherwise restore
 the old ones (``alignkit.trainers.common.begin``).
 
-Left out: ``resume=PATH`` pointing into another run's folder from a fresh ``run_name`` (a
+The data files themselves are stamped too: a fresh run writes ``data_stamp.json`` (size and
+modification time of every local file of ``data.train`` / ``data.eval``); a resume whose files
+differ (the same path, other content) is refused like a changed key, unless ``resume_allow``
+names ``data`` (or ``data.train`` / ``data.eval``); an allowed change is recorded and re-stamped.
+
+Left out: content hashes of the data (size + mtime catch an edited or replaced file, not an
+attacker who restores both; such a person could edit the data before the first start anyway);
+``resume=PATH`` pointing into another run's folder from a fresh ``run_name`` (a
 fine-tune from that checkpoint: there is no frozen config here to compare with).
 """
 
@@ -36,6 +43,8 @@ from omegaconf import DictConfig, OmegaConf
 from alignkit.errors import ConfigError
 
 HISTORY = "resume_history.jsonl"
+DATA_STAMP = "data_stamp.json"
+MAX_STAMPED_FILES = 10_000
 RESUME_SAFE = (
     "resume", "resume_allow", "run_name", "output_dir", "description", "objective", "logger",
     "trainer.save_every", "trainer.keep_last", "trainer.log_every", "trainer.eval_every",
@@ -110,6 +119,58 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def data_stamp(cfg: DictConfig) -> dict[str, list[list[Any]]]:
+    """``{"data.train[0] PATH": [[file, size, mtime_ns], ...]}`` for the local sources (hub names are skipped)."""
+    import glob
+    import os
+
+    stamp: dict[str, list[list[Any]]] = {}
+    for section in ("train", "eval"):
+        for i, source in enumerate(cfg.data.get(section) or []):
+            path = str(source.get("path") if hasattr(source, "get") else source)
+            local = Path(os.path.expanduser(path))
+            if local.is_dir():
+                files = sorted(p for p in local.rglob("*") if p.is_file())
+            elif local.is_file():
+                files = [local]
+            else:
+                files = sorted(Path(p) for p in glob.glob(str(local), recursive=True) if Path(p).is_file())
+            if files:
+                stamp[f"data.{section}[{i}] {path}"] = [[str(f), f.stat().st_size, f.stat().st_mtime_ns]
+                                                        for f in files[:MAX_STAMPED_FILES]]
+    return stamp
+
+
+def write_data_stamp(cfg: DictConfig, run_dir: Path) -> None:
+    from alignkit import runfiles
+
+    runfiles.write_text(Path(run_dir) / DATA_STAMP, json.dumps(data_stamp(cfg)))
+
+
+def _data_changes(cfg: DictConfig, run_dir: Path) -> dict[str, str]:
+    """``{source: what changed}`` between the run's ``data_stamp.json`` and the files now."""
+    path = Path(run_dir) / DATA_STAMP
+    if not path.is_file() or path.is_symlink():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    new = data_stamp(cfg)
+    changes = {}
+    for source in sorted(set(old) & set(new)):  # a source added or removed is a changed data.* key already
+        before = {f: (size, mtime) for f, size, mtime in old[source]}
+        after = {f: (size, mtime) for f, size, mtime in new[source]}
+        if before != after:
+            edited = [f for f in after if f in before and before[f] != after[f]]
+            what = [f"{len(edited)} file(s) modified"] if edited else []
+            what += [f"{n} file(s) {w}" for n, w in ((len(set(after) - set(before)), "added"),
+                                                      (len(set(before) - set(after)), "removed")) if n]
+            changes[source] = ", ".join(what) + (f" (e.g. {edited[0]}: {before[edited[0]][0]} -> "
+                                                 f"{after[edited[0]][0]} bytes)" if edited else "")
+    return changes
+
+
 def check_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
     """Refuse a resume that changes what is trained (unless allowed); record allowed and safe changes.
 
@@ -128,6 +189,17 @@ def check_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         if not (entry == "loss" or entry.startswith("loss.") or any(_covered(k, [entry]) for k in keys)):
             raise ConfigError(f"resume_allow names {entry!r}, which is no config key: {unknown_key_message(entry)}")
     diff = config_diff(frozen, cfg)
+    data_changed = _data_changes(cfg, run_dir)
+    if data_changed:
+        sections = sorted({k.split("[", 1)[0] for k in data_changed})
+        if not all(_covered(section, allow) for section in sections):
+            listed = "; ".join(f"{k}: {v}" for k, v in data_changed.items())
+            raise ConfigError(
+                f"resume={cfg.resume} would train the run in {run_dir} on other data, changed since the run started "
+                f"({run_dir / DATA_STAMP}): {listed}. Restore the original files, start a new run, or allow it "
+                f"explicitly with resume_allow=[{','.join(sections)}] (it is then recorded in {run_dir / HISTORY})."
+            )
+        diff.update({f"{k.split('[', 1)[0]}.files[{k}]": ("as stamped", v) for k, v in data_changed.items()})
     safe = {k: v for k, v in diff.items() if _covered(k, RESUME_SAFE)}
     allowed = {k: v for k, v in diff.items() if k not in safe and _covered(k, allow)}
     refused = {k: v for k, v in diff.items() if k not in safe and k not in allowed}
@@ -156,4 +228,6 @@ def check_resume(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> Path:
         "safe": {k: list(v) for k, v in safe.items()},
     }
     runfiles.append_line(run_dir / HISTORY, json.dumps(entry, default=str))
+    if data_changed:
+        write_data_stamp(cfg, run_dir)
     return run_dir / name

@@ -484,3 +484,30 @@ def test_two_process_run_holds_its_lock_listens_on_loopback_and_exits_143_when_s
     assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "stopped at step" in err
     assert list((tmp_path / "r" / "checkpoints").glob("step-*"))
+
+
+def test_resume_refuses_a_data_file_changed_in_place_unless_allowed(tmp_path, capsys, monkeypatch):
+    """The same data.train path with other content (edited, replaced) is other data: refused with the file
+    named, nothing rewritten; resume_allow=[data.train] records it in resume_history.jsonl and re-stamps."""
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"q{i}?", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(16)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = ["train", "recipe=dpo_tiny", "trainer.max_steps=1", "trainer.eval_every=0", "trainer.export=false",
+           "trainer.save_every=1", f"data.train=[{{path:{data}}}]", "data.eval=[]", f"output_dir={tmp_path}/runs",
+           "run_name=r", f"trainer.reference_cache_dir={tmp_path}/ref"]
+    code, text = run_cli(run, capsys, monkeypatch)
+    assert code == 0, text[-3000:]
+    run_dir = tmp_path / "runs" / "r"
+    assert (run_dir / "data_stamp.json").is_file()
+    data.write_text("".join(json.dumps({**r, "chosen": "other"}) + "\n" for r in rows[:12]))
+    code, text = run_cli([*run, "resume=auto"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in text, text[-3000:]
+    for piece in ("on other data", str(data), "1 file(s) modified", "resume_allow=[data.train]"):
+        assert piece in text, text[-3000:]
+    assert not (run_dir / "resume_history.jsonl").exists()
+    code, text = run_cli([*run, "resume=auto", "resume_allow=[data.train]"], capsys, monkeypatch)
+    assert code == 0, text[-3000:]
+    history = [json.loads(line) for line in (run_dir / "resume_history.jsonl").read_text().splitlines()]
+    assert [k for k in history[0]["allowed"]] == [f"data.train.files[data.train[0] {data}]"]
+    code, text = run_cli([*run, "resume=auto"], capsys, monkeypatch)  # re-stamped: the same files pass now
+    assert code == 0, text[-3000:]
