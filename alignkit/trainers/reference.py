@@ -155,8 +155,11 @@ def write_table(path: Path, key: str, identity: dict, table: dict[str, list[list
     payload = save(tensors, metadata={"format": CACHE_FORMAT, "key": key, "sha256": _digest(**tensors)})
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():  # planted in a shared cache folder, or a crashed write: never followed
+        tmp.unlink()
     try:
-        with open(tmp, "wb") as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        with os.fdopen(fd, "wb") as out:
             out.write(payload)
             out.flush()
             os.fsync(out.fileno())

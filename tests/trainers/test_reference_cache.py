@@ -150,3 +150,14 @@ def test_values_changed_on_disk_are_caught_and_step_one_is_ln2_again(tmp_path):
     text, loss = _dpo(tmp_path, "second")
     assert "is damaged (checksum mismatch" in text and "recomputing" in text and "Traceback" not in text
     assert math.isclose(loss, math.log(2), abs_tol=1e-4)
+
+
+def test_a_planted_temp_link_in_a_shared_cache_folder_is_not_written_through(tmp_path):
+    """The temp name is predictable (.ref-KEY.safetensors.tmpPID): a link planted there is replaced."""
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    path = tmp_path / "cache" / "ref-abc.safetensors"
+    path.parent.mkdir()
+    path.with_name(f".{path.name}.tmp{os.getpid()}").symlink_to(victim)
+    ref.write_table(path, "abc", {"x": 1}, {"e1": [[-1.0, -2.0]]})
+    assert victim.read_text() == "precious\n" and path.is_file() and not path.is_symlink()
