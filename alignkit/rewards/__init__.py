@@ -10,6 +10,7 @@ from alignkit.rewards.registry import (MixedRewards, RewardFunctionError, Reward
                                        reward_names, reward_style)
 from alignkit.rewards import judge  # noqa: F401  (registers the demo task's rewards)
 from alignkit.rewards import math as correctness  # noqa: F401  (registers the correctness reward)
+from alignkit.rewards import shaping  # noqa: F401  (registers the smoke-test reward reply_length)
 
 __all__ = ["MixedRewards", "RewardFunctionError", "RewardMix", "register_reward", "resolve_reward", "reward_names",
            "reward_style", "judge", "correctness"]

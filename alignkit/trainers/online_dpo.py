@@ -73,6 +73,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                         reward_mix, cfg, num_samples=int(cfg.rl.num_generations),
                                         seed=rollout.seed_for(cfg, run, step))
         pairs = best_vs_worst(sampled)
+        if not pairs:  # said, not silent: no update this step (metric pairs=0, no loss logged)
+            run.print(f"step {step}: no pair: every prompt's samples tied on reward (this rank), no update from them")
         policy.train()
         meter = common.MetricMeter()
         for chunk in fill_chunks(pairs or best_vs_worst(sampled, keep_ties=True), len(sampled.groups), micro):

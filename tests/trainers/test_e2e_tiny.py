@@ -81,10 +81,31 @@ def test_other_runners_train(tmp_path, recipe):
     rows = _metrics(run_dir)
     assert len(rows) == 2 and all("loss" in r for r in rows)
     assert (run_dir / "final").is_dir()
+    if recipe != "rm_tiny":  # a real learning signal: the samples' rewards differ (reply_length shaping)
+        assert all(r["reward/std"] > 0 and "reward/reply_length" in r and "reward/judge" in r for r in rows), rows
+    if recipe == "online_dpo_tiny":
+        assert all(r["pairs"] > 0 and "rewards/margin" in r for r in rows), rows
+    if recipe == "grpo_tiny":
+        assert all(r["frac_zero_std_groups"] < 1.0 for r in rows), rows  # some group has non-zero advantages
     if recipe == "ppo_tiny":
         check_exported_critic(run_dir)
         assert {"value_loss", "value/mean", "value/clip_fraction", "kl", "clip_fraction"} <= rows[0].keys()
         assert not any(key.startswith("value/value/") for key in rows[0])
+
+
+def test_online_dpo_step_without_pairs_is_reported_not_silent(tmp_path, capsys):
+    """Every sample of every prompt ties (a constant reward, as the demo judge alone gives a random
+    model that never answers right): no pair, no update, no loss logged, and the step says so
+    (metric pairs=0 and a printed line)."""
+    rewards = tmp_path / "constant_reward.py"
+    rewards.write_text("def zero(prompts, completions, **kwargs):\n    return [0.0 for _ in completions]\n")
+    run_dir = _run(tmp_path, "recipe=online_dpo_tiny", f"reward.fns=[{rewards}:zero]",
+                   "trainer.max_steps=2", "generation.max_new_tokens=4", "trainer.export=false", "trainer.eval_every=0")
+    rows = _metrics(run_dir)
+    assert [r["pairs"] for r in rows] == [0.0, 0.0] and not any("loss" in r for r in rows), rows
+    assert all(r["reward/std"] == 0.0 for r in rows)
+    out = capsys.readouterr().err  # the run's console is stderr
+    assert "step 1: no pair" in out and "step 2: no pair" in out, out[-2000:]
 
 
 def check_exported_critic(run_dir: Path) -> None:
