@@ -159,6 +159,10 @@ def _content(inner: str) -> str | None:
     return " ".join(cleaned.split())
 
 
+# How far after a tag (or inside an unclosed \boxed{) an answer is looked for: keeps a hostile or
+# degenerate reply ("Answer: " x 5000, "\boxed{" x 5000) linear in its length instead of quadratic.
+MAX_ANSWER_SPAN = 1000
+
 _MATH_SPAN_RE = re.compile(r"\$\$?(.+?)\$\$?|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)
 
 
@@ -180,7 +184,8 @@ def _boxed(text: str) -> list[tuple[int, str]]:
     out = []
     for match in _BOXED_RE.finditer(text):
         depth, i = 1, match.end()
-        while i < len(text) and depth:
+        end = min(len(text), match.end() + MAX_ANSWER_SPAN)
+        while i < end and depth:
             depth += {"{": 1, "}": -1}.get(text[i], 0)
             i += 1
         if depth == 0:
@@ -190,7 +195,7 @@ def _boxed(text: str) -> list[tuple[int, str]]:
 
 def _sentence_after(text: str, start: int) -> str:
     """From ``start`` to the end of its line or sentence (a period followed by a space or the end)."""
-    rest = text[start:]
+    rest = text[start : start + MAX_ANSWER_SPAN]
     line = rest.split("\n", 1)[0]
     if not line.strip() and "\n" in rest:  # "Answer:\n12"
         line = rest.lstrip("\n").split("\n", 1)[0]

@@ -162,3 +162,10 @@ def test_normalize_number():
     assert normalize_number("-0.250") == "-0.25"
     assert normalize_number("abc") is None
     assert normalize_number("1/0") is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("reply", ["Answer: " * 20000, "\\boxed{" * 20000, "The answer is " * 20000 + "12"])
+def test_degenerate_replies_stay_linear(reply):
+    """A hostile reply (a tag repeated 20k times) is read in about a second, not hours (was quadratic)."""
+    extract_answer(reply)
