@@ -36,7 +36,9 @@ backward (the head's, the embedding's dense one and their sum).
 Otherwise the LM head is called as a module (``get_output_embeddings()(h)``) so DeepSpeed ZeRO-3
 hooks gather its weight; tied embeddings need nothing special there (the head shares the
 embedding's weight), and a model without an output module falls back to its input embedding matrix.
-``final_logit_softcapping`` (Gemma-2 style) is honoured. Wrap the ``TargetLogProbs`` module itself
+Under ZeRO-3 every rank makes the same number of head calls (the largest chunk count over ranks, the
+surplus chunks empty): ZeRO-3's per-rank module trace must stay alike on all ranks or the next
+forward hangs (``agreed_chunk_count``). ``final_logit_softcapping`` (Gemma-2 style) is honoured. Wrap the ``TargetLogProbs`` module itself
 in the DeepSpeed engine, so that its ``forward`` is the root forward ZeRO-3 traces.
 
 ``naive_target_logps`` is the plain reference path (full logits, ``log_softmax``), for tests and
@@ -283,7 +285,10 @@ class TargetLogProbs(nn.Module):
             return {"logps": FusedHeadLogProbs.apply(targets, weight, target_ids, self.chunk_size, slot)}
         recompute = torch.is_grad_enabled() and targets.requires_grad
         chunks = []
-        for start in range(0, max(targets.shape[0], 1), self.chunk_size):
+        count = max(1, -(-targets.shape[0] // self.chunk_size))
+        if is_partitioned(head):  # ZeRO-3: every rank calls the head module equally often (see below)
+            count = agreed_chunk_count(count)
+        for start in range(0, count * self.chunk_size, self.chunk_size):
             args = (
                 head,
                 targets[start : start + self.chunk_size],
@@ -295,6 +300,25 @@ class TargetLogProbs(nn.Module):
             chunks.append(checkpoint(_target_stats, *args, use_reentrant=False) if recompute else _target_stats(*args))
         names = ["logps"] + ["entropy"] * with_entropy + ["log_sq_mass"] * with_log_sq_mass
         return {name: torch.cat([chunk[i] for chunk in chunks]) for i, name in enumerate(names)}
+
+
+def is_partitioned(head: nn.Module | torch.Tensor) -> bool:
+    """Whether ZeRO-3 partitions the head's weight (it then gathers it in the module's hooks)."""
+    params = [head] if isinstance(head, torch.Tensor) else head.parameters()
+    return any(hasattr(p, "ds_id") for p in params)
+
+
+def agreed_chunk_count(count: int) -> int:
+    """The largest head-chunk count over ranks (a collective: every rank forwards together).
+
+    ZeRO-3 records the order of submodule calls in the first forward and checks it, on each rank on
+    its own, in the next; a rank whose sequence differs invalidates its trace, and the start of its
+    next forward then runs a collective the other ranks do not (``assert_ints_same_as_other_ranks``):
+    the run hangs. The head is called once per chunk of targets, and the target count differs
+    between ranks' batches, so every rank runs the largest count, the surplus chunks empty."""
+    from alignkit.engine.collectives import all_reduce
+
+    return int(all_reduce([float(count)], "max")[0])
 
 
 def naive_target_logps(model: nn.Module, batch) -> torch.Tensor:

@@ -337,3 +337,36 @@ def test_fused_head_grads_against_the_direct_formula():
     grad_logits = g[:, None] * (torch.nn.functional.one_hot(targets, 7) - probs)
     torch.testing.assert_close(hidden.grad, grad_logits @ weight.detach())
     torch.testing.assert_close(weight.grad, grad_logits.T @ hidden.detach())
+
+
+@pytest.mark.parametrize("other_rank_chunks", [1, 7])
+def test_partitioned_head_is_called_as_often_as_on_every_other_rank(monkeypatch, other_rank_chunks):
+    """ZeRO-3 (a head weight with ``ds_id``): the head module runs the largest chunk count over ranks,
+    the surplus chunks empty, so each rank's module trace is alike (a differing count hung 2-process
+    zero3_offload runs); the log-probs and gradients are unchanged."""
+    import alignkit.engine.collectives as collectives
+
+    model = tiny_model()
+    batch = LAYOUTS["padded"]()
+    want = run_fast(model, batch, 2, with_entropy=True)["logps"]  # entropy: the generic (module) path
+    want_grads = grads_of(model, want.sum())
+    head = model.get_output_embeddings()
+    calls = []
+    head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    for param in head.parameters():
+        param.ds_id = 0  # looks partitioned; the weight itself stays whole (one process)
+    asked = []
+    monkeypatch.setattr(collectives, "all_reduce",
+                        lambda values, op="sum": asked.append((values, op)) or [max(values[0], other_rank_chunks)])
+    torch.manual_seed(0)
+    got = run_fast(model, batch, 2, with_entropy=True)["logps"]
+    mine = -(-batch.target_ids.shape[0] // 2)
+    assert asked == [([float(mine)], "max")]
+    assert len(calls) == max(mine, other_rank_chunks)
+    assert sum(calls) == batch.target_ids.shape[0] and calls.count(0) == max(0, other_rank_chunks - mine)
+    torch.testing.assert_close(got, want, rtol=0, atol=ATOL)
+    assert_same_grads(grads_of(model, got.sum()), want_grads)
+    calls.clear()
+    del head.weight.ds_id
+    run_fast(model, batch, 2, with_entropy=True)
+    assert len(calls) == mine and len(asked) == 1  # not partitioned: no collective, its own count
