@@ -63,8 +63,12 @@ class ModelReward:
 
         model_cfg = OmegaConf.to_object(cfg.model)
         model_cfg.name_or_path, model_cfg.lora.r = str(cfg.reward.model), 0
+        from alignkit.engine.collectives import accelerator_device
+
         model, tokenizer = load_reward_model(model_cfg)
-        self.scorer, self.pad_id, self.cfg = RewardScorer(model.eval()), tokenizer.pad_token_id, cfg
+        self.device = accelerator_device()  # the GPU of this rank when there is one
+        self.scorer = RewardScorer(model.eval().requires_grad_(False)).to(self.device)
+        self.pad_id, self.cfg = tokenizer.pad_token_id, cfg
 
     @torch.no_grad()
     def __call__(self, groups: list[TokenizedGroup]) -> list[float]:
@@ -72,9 +76,9 @@ class ModelReward:
 
         scores = []
         for i in range(0, len(groups), 4):
-            batch = common.collate_groups(groups[i : i + 4], self.cfg, self.pad_id)
+            batch = common.collate_groups(groups[i : i + 4], self.cfg, self.pad_id).to(self.device)
             values = score_batch(self.scorer, batch)
-            scores += values[batch.slot_mask].tolist()
+            scores += values[batch.slot_mask].float().cpu().tolist()
         return scores
 
 
