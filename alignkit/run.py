@@ -188,7 +188,11 @@ def start_run(cfg: DictConfig, run_dir: Path, config_path: Path | None = None) -
 def run_worker(config_path: str) -> int:
     """One worker of a launched run: the frozen config (``config.yaml`` or ``config.resume-N.yaml``)."""
     cfg = load_frozen(Path(config_path))
-    return run_in_process(cfg, Path(config_path).parent, worker=True)
+    code = run_in_process(cfg, Path(config_path).parent, worker=True)
+    from alignkit.engine.engine import shutdown_distributed
+
+    shutdown_distributed()  # this process exits next; reached only when train returned on this rank
+    return code
 
 
 def run_in_process(cfg: DictConfig, run_dir: Path, *, worker: bool = False) -> int:

@@ -180,6 +180,22 @@ def setup_distributed() -> DistInfo:
     )
 
 
+def shutdown_distributed() -> None:
+    """End this process's part in the process group after a run that finished normally on every rank.
+
+    A process that exits with the group still alive can die at interpreter shutdown with SIGABRT
+    ("terminate called without an active exception": gloo's worker threads outlive the interpreter;
+    pytorch/pytorch#190489), so DeepSpeed's launcher reported a run that had finished and saved as
+    failed (return code -6, seen about once in ten 2-process starts here). The barrier keeps a rank
+    that finished early from leaving while another still reduces. Only for a normal end: after an
+    error on one rank a barrier would wait for ranks that will never come (the launcher stops them).
+    Idempotent; nothing happens without a process group."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, scheduler: str) -> float:
     """Factor on the peak LR after ``step`` optimizer steps: linear warmup from 0, then the decay.
 

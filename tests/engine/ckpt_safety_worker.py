@@ -17,7 +17,7 @@ import torch
 
 from alignkit.engine import checkpoint as ckpt
 from alignkit.engine.config import DeepSpeedConfig, build_train_ds_config
-from alignkit.engine.engine import init_train_engine, setup_distributed
+from alignkit.engine.engine import init_train_engine, setup_distributed, shutdown_distributed
 from alignkit.engine.export import gathered_cpu_copy
 
 
@@ -75,7 +75,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps({"path": str(path), "state": state, "said": said, "same": same,
                                               "refused": refused, "refused_on": flags.item(),
                                               "step5": (Path(args.run_dir) / "checkpoints" / "step-5").exists()}))
-    torch.distributed.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

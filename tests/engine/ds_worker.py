@@ -19,7 +19,7 @@ import torch
 
 from alignkit.engine.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
 from alignkit.engine.config import DeepSpeedConfig, build_train_ds_config
-from alignkit.engine.engine import init_train_engine, setup_distributed
+from alignkit.engine.engine import init_train_engine, setup_distributed, shutdown_distributed
 from alignkit.engine.export import export_hf_model, gathered_cpu_copy
 
 
@@ -91,7 +91,7 @@ def main() -> None:
         save_file(state, args.out + ".safetensors")
         with open(args.out, "w") as f:
             json.dump({"losses": losses, "lrs": lrs, "world_size": info.world_size}, f)
-    torch.distributed.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

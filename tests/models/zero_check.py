@@ -21,7 +21,7 @@ def main(stage: int, tie: bool) -> None:
     from deepspeed.utils import safe_get_full_grad
     from hand_batches import LAYOUTS
 
-    from alignkit.engine.engine import setup_distributed
+    from alignkit.engine.engine import setup_distributed, shutdown_distributed
     from alignkit.models import ModelConfig, TargetLogProbs, load_causal_lm, naive_target_logps
     from alignkit.models.config import TinyModelConfig
 
@@ -47,6 +47,7 @@ def main(stage: int, tie: bool) -> None:
         got = safe_get_full_grad(param)
         grad_diff = max(grad_diff, float((got - expected).abs().max() / expected.abs().max()))
     print(json.dumps({"logps_diff": float((logps - want).abs().max()), "grad_rel_diff": grad_diff}))
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

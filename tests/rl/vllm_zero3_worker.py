@@ -23,7 +23,7 @@ from alignkit.rl.vllm_engine import VLLMGenerationEngine
 def main(out_dir: str) -> None:
     import deepspeed
 
-    from alignkit.engine.engine import setup_distributed
+    from alignkit.engine.engine import setup_distributed, shutdown_distributed
 
     torch.set_num_threads(1)
     setup_distributed()
@@ -55,6 +55,7 @@ def main(out_dir: str) -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     vllm.close()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from alignkit.rl.generation import HFGenerationEngine
 def main(out_dir: str) -> None:
     import deepspeed
 
-    from alignkit.engine.engine import setup_distributed
+    from alignkit.engine.engine import setup_distributed, shutdown_distributed
 
     torch.set_num_threads(1)
     setup_distributed()  # gloo on CPU, and removes DeepSpeed's /dev/shm all-reduce files
@@ -61,6 +61,7 @@ def main(out_dir: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
