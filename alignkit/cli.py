@@ -54,12 +54,9 @@ def train(
         from alignkit.sweep import run_sweep
 
         raise typer.Exit(run_sweep(overrides))
-    from alignkit.engine.engine import shutdown_distributed
     from alignkit.run import train_from_overrides
 
-    code = train_from_overrides(overrides)
-    shutdown_distributed()  # a one-process run's group (gloo/NCCL), before the interpreter exits
-    raise typer.Exit(code)
+    raise typer.Exit(train_from_overrides(overrides))
 
 
 def _launcher_overrides(nproc: int, nnodes: int, hostfile: Optional[str]) -> List[str]:

@@ -204,6 +204,9 @@ def run_in_process(cfg: DictConfig, run_dir: Path, *, worker: bool = False) -> i
     from alignkit.engine import faults
 
     runner = runner_for(cfg)
+    from alignkit.engine.precision import check_supported
+
+    check_supported(str(cfg.deepspeed.dtype))  # on the machine that trains, before any model loads
     module = importlib.import_module(TRAINER_MODULES[runner])
     handlers = _signal_handlers()
     try:

@@ -189,7 +189,9 @@ def shutdown_distributed() -> None:
     failed (return code -6, seen about once in ten 2-process starts here). The barrier keeps a rank
     that finished early from leaving while another still reduces. Only for a normal end: after an
     error on one rank a barrier would wait for ranks that will never come (the launcher stops them).
-    Idempotent; nothing happens without a process group."""
+    For a process that exits next (``alignkit worker``, test workers): DeepSpeed keeps its own handles
+    on the destroyed group, so engines built afterwards in the same process would fail. A one-process
+    run in the CLI or a notebook keeps its group. Idempotent; nothing happens without a process group."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     torch.distributed.barrier()

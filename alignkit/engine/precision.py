@@ -21,7 +21,9 @@ matmuls and attention in bf16 under ``torch.autocast`` (DeepSpeed's ``torch_auto
 CPU only when ``ALIGNKIT_CPU_AUTO_BF16=1`` is set; otherwise it stays fp32 on every CPU, as before.
 After the flip ``ALIGNKIT_CPU_AUTO_BF16=0`` keeps fp32.
 
-Left out: fp16 on CPU (no hardware path worth probing), per-layer precision choices, re-probing
+``check_supported`` refuses an explicit fp16 on a CPU DeepSpeed cannot run it on, before any model loads.
+
+Left out: choosing fp16 on a CPU (``auto`` never does), per-layer precision choices, re-probing
 when a machine's load changes (the thread-CPU-time ratio does not depend on it).
 """
 
@@ -282,3 +284,34 @@ def compute_precision(module) -> str:
     if callable(enabled) and enabled():
         name += f"+autocast:{module.torch_autocast_dtype()}"
     return name
+
+
+def cpu_fp16_supported() -> bool:
+    """Whether DeepSpeed's CPU accelerator takes fp16 here: its own test, oneDNN's fp16 support
+    (AVX512-FP16 / AMX-FP16; none on AVX2-only AMD EPYC or most Xeons)."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except Exception:
+        return False
+
+
+def check_supported(requested: str, *, has_cuda: Optional[bool] = None) -> None:
+    """Refuse ``deepspeed.dtype=fp16`` on a CPU without an fp16 path before any model loads: DeepSpeed
+    would raise ``ValueError: Type fp16 is not supported on your device`` only after loading it."""
+    if requested != "fp16":
+        return
+    import torch
+
+    if has_cuda is None:
+        has_cuda = torch.cuda.is_available()
+    if has_cuda or cpu_fp16_supported():
+        return
+    from alignkit.errors import ConfigError
+
+    model = read_cpu_info().model or platform.processor() or "this CPU"
+    raise ConfigError(f"deepspeed.dtype=fp16 is not possible on {model}: DeepSpeed's CPU backend needs oneDNN fp16 "
+                      "support (AVX512-FP16 or AMX-FP16), which this CPU lacks. Use deepspeed.dtype=fp32 (or "
+                      "bf16_autocast on a CPU with bf16 instructions), or run fp16 on a GPU.")
+

@@ -185,6 +185,30 @@ def test_optimizer_in_backward_refuses_16_bit_weights():
         DeepSpeedConfig(dtype="bf16x").validate()
 
 
+def test_fp16_on_a_cpu_without_fp16_is_refused_and_allowed_where_it_runs(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_fp16_supported", lambda: False)
+    with pytest.raises(ConfigError, match=r"deepspeed.dtype=fp16 is not possible.*deepspeed.dtype=fp32"):
+        precision.check_supported("fp16", has_cuda=False)
+    precision.check_supported("fp16", has_cuda=True)  # a GPU takes fp16
+    for other in ("fp32", "bf16", "bf16_autocast", "auto"):
+        precision.check_supported(other, has_cuda=False)
+    monkeypatch.setattr(precision, "cpu_fp16_supported", lambda: True)  # a CPU with AVX512-FP16 / AMX-FP16
+    precision.check_supported("fp16", has_cuda=False)
+
+
+def test_fp16_refusal_comes_before_the_model_loads(monkeypatch, tmp_path):
+    """DeepSpeed itself says ``Type fp16 is not supported on your device`` only inside
+    ``deepspeed.initialize``, after the model (and the reference pre-pass) loaded."""
+    import alignkit.models.load as load
+    from alignkit.run import train_from_overrides
+
+    monkeypatch.setattr(precision, "cpu_fp16_supported", lambda: False)
+    monkeypatch.setattr(load, "load_causal_lm", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="fp16"):
+        train_from_overrides(["recipe=dpo_tiny", "deepspeed.dtype=fp16", f"output_dir={tmp_path}", "run_name=fp16"])
+    assert not (tmp_path / "fp16").exists()  # nothing left behind
+
+
 # --- step 0 of a bf16 DPO run through the trainer -----------------------------------------------------
 
 def _records(run_dir):
