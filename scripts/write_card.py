@@ -85,7 +85,8 @@ def main() -> None:
     lines += ["## Recorded run", "",
              "```bash", command, f"{args.eval_command}   # held-out answer accuracy vs the start",
              "```", "",
-             f"Machine: {cpu} ({platform.machine()}, AMX), {os.cpu_count()} CPU cores, fp32, 1 process "
+             f"Machine: {cpu} ({platform.machine()}, {_vector_unit()}), {os.cpu_count()} CPU cores, "
+             f"{_dtype(cfg)}, 1 process "
              f"(DeepSpeed ZeRO-{cfg['deepspeed']['zero_stage']}); wall time {wall / 60:.1f} min for "
              f"{len(train)} optimizer steps (model load and reference pre-pass included)"
              + (f"; process CPU time {rows[-1]['cpu_time_s'] / 60:.1f} min." if "cpu_time_s" in rows[-1] else "."), ""]
@@ -128,6 +129,22 @@ def main() -> None:
         lines += ["### Notes", "", args.note, ""]
     (ROOT / "recipes" / f"{recipe}.md").write_text("\n".join(lines))
     print(f"wrote recipes/{recipe}.md")
+
+
+def _vector_unit() -> str:
+    """AMX (bf16 matmuls fast) or not: the two CPU kinds this project's figures come from."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return "unknown ISA"
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX-512, no AMX" if "avx512f" in flags else "AVX2, no AMX"
+
+
+def _dtype(cfg: dict) -> str:
+    dtype = str(cfg.get("deepspeed", {}).get("dtype", "auto"))
+    return "fp32" if dtype == "auto" else dtype  # auto is fp32 on a CPU (engine.precision)
 
 
 if __name__ == "__main__":
