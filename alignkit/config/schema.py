@@ -7,7 +7,9 @@ an unknown key or a value of the wrong type fails at compose time. YAML files in
 
 The ``loss`` node is the one free-form node: its keys are ``name`` (a loss name, a dotted path,
 or a list of them), ``weights`` (one per name) and the hyper-parameters, whose defaults live in
-the loss functions' signatures and are checked against them in ``validate.py``.
+the loss functions' signatures and are checked against them in ``validate.py``. ``reward.options``
+is free-form the same way: ``<reward name>.<knob>``, checked against the reward functions'
+signatures when the reward mix is built (``alignkit.rewards.registry.RewardMix``).
 
 Left out: per-trainer RL knobs beyond what the RL recipes read (``RLConfig``); they grow with
 the online trainers.
@@ -102,6 +104,9 @@ class RewardConfig:
     weights: list[float] = field(default_factory=list)  # empty = all 1.0
     model: Optional[str] = None  # folder of a trained reward model (recipe=rm_* exports one), added to the rule rewards
     model_weight: float = 1.0
+    # per-function keyword options, reward.options.<name>.<knob> (e.g. ++reward.options.overlong.cache=64);
+    # each knob must be a keyword parameter of that function (checked when the reward mix is built)
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

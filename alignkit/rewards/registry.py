@@ -7,7 +7,11 @@ Three calling conventions, told apart by the function itself (``reward_style``):
       fn(prompts: list[str], completions: list[str], **columns: list) -> list[float]
 
   ``prompts[i]`` is the rendered prompt text of ``completions[i]``; ``columns`` holds the prompt
-  record's extra columns (the demo task's ``answer``, ...), one list entry per completion.
+  record's extra columns (the demo task's ``answer``, ...), one list entry per completion. A
+  function that names a ``completion_ids`` parameter also gets the token ids of each completion as
+  generated (when the caller has them: the online runners and eval do), one that names
+  ``max_new_tokens`` the run's ``generation.max_new_tokens`` (when the mix was built with
+  ``RewardMix.from_config``); functions that do not name them never see them.
 * ``trl`` -- any other function given by dotted path, called as TRL's
   ``GRPOTrainer._calculate_rewards`` (TRL 1.16) calls it: by keyword,
   ``fn(prompts=..., completions=..., completion_ids=..., **columns)`` with every column of the record
@@ -31,8 +35,8 @@ Names and paths:
 
 * ``@register_reward(name)`` adds a function to the registry; the built-in ones (the demo
   task's ``accuracy``, ``format``, ``concise``, ``judge``; ``correctness`` from
-  ``alignkit.rewards.math``) register when ``alignkit.rewards`` is imported, and ``resolve_reward``
-  imports them on first use.
+  ``alignkit.rewards.math``; DAPO's ``overlong`` from ``alignkit.rewards.overlong``) register when
+  ``alignkit.rewards`` is imported, and ``resolve_reward`` imports them on first use.
 * ``resolve_reward("judge")`` looks a name up; ``resolve_reward("mypkg.rewards:fn")`` or
   ``resolve_reward("mypkg.rewards.fn")`` imports only the module ``mypkg.rewards`` (also from the
   working directory) and takes its attribute ``fn``; ``resolve_reward("path/to/my_rewards.py:fn")``
@@ -43,6 +47,16 @@ Names and paths:
   unweighted ``r_k`` per function (NaN where it returned ``None``), keyed by the function's short
   name (the registry name, or the attribute name of a dotted path) for the ``reward/<name>``
   metrics. A weight of 0 logs a function without rewarding it.
+* Per-function options: ``RewardMix(names, weights, options={"overlong": {"cache": 64}})``, from the
+  config's free-form ``reward.options.<short name>.<knob>`` node (``RewardMix.from_config(cfg)``
+  reads it with ``reward.fns``, ``reward.weights`` and ``generation.max_new_tokens``). Each knob is
+  passed to its function by keyword on every call, so it must be a parameter the function names (a
+  keyword-only one for the ``alignkit`` convention, whose ``**columns`` are the record's columns;
+  any name for a TRL/verl function with ``**kwargs``), and not one of the arguments alignkit itself
+  passes; options of a function not in ``names``, or knobs it does not take, are a ``ConfigError``
+  listing the valid ones. A function with a ``check_options`` attribute has it called once, as
+  ``check_options(max_new_tokens=..., **its_options)``, when the mix is built, so a bad value fails
+  before any model loads.
 * ``RewardMix.dry_run(prompt, columns)`` calls every function once on one record, with the
   completion ``DRY_RUN_COMPLETION``, before any model loads: a function whose signature cannot be
   served, that raises, or that returns the wrong thing fails there with ``RewardFunctionError``
@@ -64,13 +78,13 @@ import math
 import os
 import sys
 import traceback
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from alignkit.errors import ConfigError, UserError
 
 RewardFn = Callable[..., Sequence[float]]
 
-BUILTIN_MODULES = ("alignkit.rewards.judge", "alignkit.rewards.math")
+BUILTIN_MODULES = ("alignkit.rewards.judge", "alignkit.rewards.math", "alignkit.rewards.overlong")
 
 _REGISTRY: dict[str, RewardFn] = {}
 
@@ -185,6 +199,9 @@ def resolve_reward(name_or_path: str) -> RewardFn:
 
 
 TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")  # TRL passes these; alignkit does not
+RUN_FACTS = ("completion_ids", "max_new_tokens")  # given to an alignkit-convention function that names them
+PASSED_ARGS = ("prompts", "completions", *RUN_FACTS, "data_source", "solution_str", "ground_truth", "extra_info",
+               *TRL_EXTRAS)  # never per-function options: alignkit (or TRL) passes these itself
 DRY_RUN_COMPLETION = "The answer is 0."
 
 
@@ -250,7 +267,8 @@ def _ground_truth(columns: dict[str, list], i: int) -> Any:
 class RewardFunction:
     """One reward function with its calling convention, its name and where it is defined."""
 
-    def __init__(self, name: str, fn: Callable):
+    def __init__(self, name: str, fn: Callable, options: dict[str, Any] | None = None,
+                 max_new_tokens: int | None = None):
         self.name, self.fn, self.style = name, fn, reward_style(fn)
         self.where = where_defined(fn)
         try:
@@ -258,6 +276,33 @@ class RewardFunction:
         except (TypeError, ValueError):
             self.params = {}
         self.var_kw = any(p.kind is p.VAR_KEYWORD for p in self.params.values()) or not self.params
+        self.options, self.max_new_tokens = dict(options or {}), max_new_tokens
+        self._check_options()
+
+    def _named(self, key: str) -> bool:
+        """The function has a parameter ``key`` that can be given by keyword."""
+        param = self.params.get(key)
+        return param is not None and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+
+    def option_names(self) -> list[str] | None:
+        """The knobs ``reward.options.<name>`` may set; ``None``: any (a TRL/verl function with ``**kwargs``)."""
+        if self.style == "alignkit":
+            return [k for k, p in self.params.items() if p.kind is p.KEYWORD_ONLY and k not in PASSED_ARGS]
+        if self.var_kw:
+            return None
+        return [k for k in self.params if self._named(k) and k not in PASSED_ARGS]
+
+    def _check_options(self) -> None:
+        valid = self.option_names()
+        bad = [k for k in self.options if k in PASSED_ARGS or (valid is not None and k not in valid)]
+        if bad:
+            raise ConfigError(
+                f"reward.options.{self.name}: {self.label()} takes no option {', '.join(repr(k) for k in bad)}. "
+                f"Its options: {', '.join(valid) if valid else 'none'}"
+                f"{' (alignkit passes ' + ', '.join(PASSED_ARGS[:4]) + ' itself)' if valid is not None else ''}.")
+        check = getattr(self.fn, "check_options", None)
+        if callable(check):
+            check(max_new_tokens=self.max_new_tokens, **self.options)
 
     def label(self) -> str:
         return f"reward function {self.name!r} ({self.where}, {self.style} convention)"
@@ -294,13 +339,18 @@ class RewardFunction:
              raw_prompts: list[Any] | None, completion_ids: list[list[int]] | None) -> tuple[dict, Any]:
         """(what it was called with, what it returned) -- one batch, or one call per completion (verl)."""
         if self.style == "alignkit":
-            return {"prompts": prompts, "completions": completions, **columns}, self.fn(prompts, completions, **columns)
+            given = {**columns, **self.options}
+            if completion_ids is not None and self._named("completion_ids"):
+                given["completion_ids"] = completion_ids
+            if self.max_new_tokens is not None and self._named("max_new_tokens"):
+                given["max_new_tokens"] = self.max_new_tokens
+            return {"prompts": prompts, "completions": completions, **given}, self.fn(prompts, completions, **given)
         if self.style == "trl":
             given_prompts = raw_prompts if raw_prompts is not None else prompts
             conversational = [isinstance(p, list) for p in given_prompts]
             shown = [[{"role": "assistant", "content": c}] if conv else c
                      for c, conv in zip(completions, conversational)]
-            available = {"prompts": list(given_prompts), "completions": shown, **columns}
+            available = {"prompts": list(given_prompts), "completions": shown, **columns, **self.options}
             if completion_ids is not None:
                 available["completion_ids"] = completion_ids
             return self._keyword_call(available)
@@ -316,7 +366,8 @@ class RewardFunction:
                 ) from None
             extra = columns.get("extra_info", [None] * len(completions))[i]
             available = {"data_source": columns.get("data_source", [None] * len(completions))[i],
-                         "solution_str": text, "ground_truth": truth, "extra_info": extra if extra is not None else {}}
+                         "solution_str": text, "ground_truth": truth, "extra_info": extra if extra is not None else {},
+                         **self.options}
             kwargs, value = self._keyword_call(available)
             first = kwargs if first is None else first
             if isinstance(value, dict):
@@ -380,9 +431,10 @@ class MixedRewards(NamedTuple):
 
 
 class RewardMix:
-    """A weighted sum of reward functions; ``weights`` default to 1.0 each."""
+    """A weighted sum of reward functions; ``weights`` default to 1.0 each; ``options`` per function short name."""
 
-    def __init__(self, names: Sequence[str], weights: Sequence[float] | None = None):
+    def __init__(self, names: Sequence[str], weights: Sequence[float] | None = None,
+                 options: Mapping[str, Mapping[str, Any]] | None = None, max_new_tokens: int | None = None):
         names = [str(n) for n in names]
         if not names:
             raise ConfigError(f"reward.fns is empty: name at least one reward function ({', '.join(reward_names())}).")
@@ -398,12 +450,37 @@ class RewardMix:
         duplicates = sorted({k for k in keys if keys.count(k) > 1})
         if duplicates:
             raise ConfigError(f"reward.fns names {duplicates} more than once; list each reward function once.")
+        options = dict(options or {})
+        stray = sorted(str(k) for k in options if k not in keys)
+        if stray:
+            raise ConfigError(f"reward.options has options for {', '.join(repr(k) for k in stray)}, which "
+                              f"{'is' if len(stray) == 1 else 'are'} not in reward.fns {keys}: key each function's "
+                              "options by its name in reward.fns (a dotted path by its function name).")
+        for key, value in options.items():
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"reward.options.{key}={_short(value)} must be a mapping of knob: value "
+                                  f"(e.g. reward.options.{key}.<knob>=...).")
         self.names = keys
         self.weights = weights
         self.fns = [resolve_reward(n) for n in names]
-        self.functions = [RewardFunction(k, fn) for k, fn in zip(keys, self.fns)]
+        self.functions = [RewardFunction(k, fn, dict(options.get(k) or {}), max_new_tokens)
+                          for k, fn in zip(keys, self.fns)]
         self.unscored = 0  # completions no function applied to (all returned None)
         self._quiet = False
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "RewardMix":
+        """The mix of a run config: ``reward.fns``, ``reward.weights``, ``reward.options`` and
+        ``generation.max_new_tokens`` (what ``max_new_tokens``-taking functions such as ``overlong`` get)."""
+        from omegaconf import OmegaConf
+
+        def plain(node: Any) -> Any:
+            return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+        reward, generation = cfg.reward, cfg.get("generation")
+        limit = None if generation is None else generation.get("max_new_tokens")
+        return cls([str(n) for n in reward.fns], list(plain(reward.get("weights")) or []) or None,
+                   options=plain(reward.get("options")) or {}, max_new_tokens=None if limit is None else int(limit))
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> MixedRewards:
         """Rewards of a batch. ``columns`` may carry ``prompt`` (the records' prompts as the data has them,
