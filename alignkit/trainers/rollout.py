@@ -42,7 +42,7 @@ def build_reward_mix(cfg: DictConfig, data=None, tokenizer=None):
 
     mix = None
     if cfg.reward.fns:
-        mix = RewardMix(list(cfg.reward.fns), list(cfg.reward.weights) or [1.0] * len(cfg.reward.fns))
+        mix = RewardMix.from_config(cfg)  # fns, weights, reward.options, generation.max_new_tokens
         first = (list(data.train[:1]) or list(data.eval[:1])) if data is not None else []
         if first and tokenizer is not None:
             columns = {k: v for k, v in first[0].extra.items() if k != "prompt"}

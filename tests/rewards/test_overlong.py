@@ -157,14 +157,15 @@ class _Generator:
 def test_grpo_config_composes_and_the_reward_sees_the_token_counts(monkeypatch):
     from alignkit.config.compose import compose
     from alignkit.data.batch import TokenizedGroup
-    from alignkit.trainers.rollout import CombinedReward, sample_groups
+    from alignkit.trainers.rollout import build_reward_mix, sample_groups
 
     cfg = compose(["recipe=grpo_tiny", "reward.fns=[accuracy,overlong]", "reward.weights=[1.0,0.5]",
                    "++reward.options.overlong.cache=4", "++reward.options.overlong.penalty_factor=2.0",
                    "generation.max_new_tokens=12", "rl.num_generations=4"])
     assert list(cfg.reward.fns) == ["accuracy", "overlong"]
     assert dict(cfg.reward.options.overlong) == {"cache": 4, "penalty_factor": 2.0}
-    mix = RewardMix.from_config(cfg)
+    reward = build_reward_mix(cfg)  # what the GRPO / PPO / online DPO trainers build
+    mix = reward.mix
     fn = mix.functions[1]
     assert (fn.name, fn.options, fn.max_new_tokens) == ("overlong", {"cache": 4, "penalty_factor": 2.0}, 12)
 
@@ -175,7 +176,7 @@ def test_grpo_config_composes_and_the_reward_sees_the_token_counts(monkeypatch):
                TokenizedGroup([1, 3], [], [], extra={"answer": "9"})]
     planned = [3, 8, 9, 11, 12, 13, 30, 10]  # 13 and 30 are cut at 12 tokens
     generator = _Generator(planned)
-    sampled = sample_groups(generator, _Tokenizer(), prompts, CombinedReward(mix, None, 1.0), cfg,
+    sampled = sample_groups(generator, _Tokenizer(), prompts, reward, cfg,
                             num_samples=4, seed=0)
     assert generator.max_new_tokens == 12
     lengths = [min(n, 12) for n in planned]
@@ -191,6 +192,8 @@ def test_grpo_config_composes_and_the_reward_sees_the_token_counts(monkeypatch):
 def test_grpo_config_with_cache_zero_fails_before_any_model_loads():
     from alignkit.config.compose import compose
 
+    from alignkit.trainers.rollout import build_reward_mix
+
     cfg = compose(["recipe=grpo_tiny", "reward.fns=[accuracy,overlong]", "++reward.options.overlong.cache=0"])
     with pytest.raises(ConfigError, match=r"reward\.options\.overlong\.cache=0: the punishment interval"):
-        RewardMix.from_config(cfg)
+        build_reward_mix(cfg)
