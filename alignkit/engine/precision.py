@@ -314,4 +314,3 @@ def check_supported(requested: str, *, has_cuda: Optional[bool] = None) -> None:
     raise ConfigError(f"deepspeed.dtype=fp16 is not possible on {model}: DeepSpeed's CPU backend needs oneDNN fp16 "
                       "support (AVX512-FP16 or AMX-FP16), which this CPU lacks. Use deepspeed.dtype=fp32 (or "
                       "bf16_autocast on a CPU with bf16 instructions), or run fp16 on a GPU.")
-

@@ -38,8 +38,9 @@ hooks gather its weight; tied embeddings need nothing special there (the head sh
 embedding's weight), and a model without an output module falls back to its input embedding matrix.
 Under ZeRO-3 every rank makes the same number of head calls (the largest chunk count over ranks, the
 surplus chunks empty): ZeRO-3's per-rank module trace must stay alike on all ranks or the next
-forward hangs (``agreed_chunk_count``). ``final_logit_softcapping`` (Gemma-2 style) is honoured. Wrap the ``TargetLogProbs`` module itself
-in the DeepSpeed engine, so that its ``forward`` is the root forward ZeRO-3 traces.
+forward hangs (``agreed_chunk_count``). ``final_logit_softcapping`` (Gemma-2 style) is honoured.
+Wrap the ``TargetLogProbs`` module itself in the DeepSpeed engine, so that its ``forward`` is the
+root forward ZeRO-3 traces.
 
 ``naive_target_logps`` is the plain reference path (full logits, ``log_softmax``), for tests and
 benchmarks.
