@@ -12,7 +12,16 @@ ragged lists (mask False) and ties (equal scores: no preference either way) need
 * ``pro``: PRO / Plackett-Luce (Song et al. 2023): for each completion i with a worse one,
   ``-log(exp(s_i) / (exp(s_i) + sum over strictly worse j of exp(s_j)))``, ``s = beta * logp/len``
   (reference-free, length-normalised as in PRO). For a strict ranking this is the Plackett-Luce
-  likelihood of the ranking; tied completions do not compete with each other.
+  likelihood of the ranking; tied completions do not compete with each other. The authors' code
+  (AlibabaResearch/DAMO-ConvAI, ``PRO/train/utils/process_manager.py``) adds two parts, here as
+  knobs: ``reward_temperatures=true`` scales each competitor j of i by the score gap
+  ``T_ij = score_i - score_j`` and i itself by ``T_i = max_j T_ij`` (a wide gap is a sharper
+  preference): ``-log(exp(s_i T_i) / (exp(s_i T_i) + sum_j exp(s_j T_ij)))``; ``sft_weight`` adds
+  ``sft_weight * (n - 1)**2 * -logp(best)`` per group (n its completions, the NLL summed over
+  the best completion's tokens, the first by position among tied best; their code's default
+  weight is 2). Both default off, so ``loss=pro`` is the plain ranking likelihood; the code's
+  setting is ``loss.sft_weight=2 loss.reward_temperatures=true`` (scores then act in reward
+  units: rescaling them rescales the temperatures).
 * ``softmax_dpo``: multi-negative DPO (S-DPO): ``-log softmax`` of the best completion's
   ``s = beta * (logp - ref_logp)`` against all strictly worse ones; several tied best completions
   each count once, averaged.
@@ -24,8 +33,8 @@ carries a graph. Metrics: ``rewards/chosen`` averages ``s`` over the best comple
 ``s_i > s_j``. Any paired loss can also train on listwise data through the data pipeline's pair
 expansion; that lives there, not here.
 
-Left out: PRO's reward-difference temperatures and its SFT term (combine is pairwise-only; add it in
-the data by expanding pairs), and LiPO's other lambda variants.
+Left out: LiPO's other lambda variants; PRO's tied completions never compete with each other (the
+authors' code assumes a strict ranking).
 """
 
 from __future__ import annotations
@@ -33,10 +42,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from alignkit.losses.common import validate_knobs
+from alignkit.losses.common import register_knob_rules, validate_knobs
 from alignkit.losses.registry import SequenceLogps, register_loss
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+register_knob_rules("pro", sft_weight=(lambda v: v >= 0,
+                                       "PRO's SFT weight must be >= 0 (0 is off; the authors' code uses 2)"))
 
 
 def _checked(inputs: SequenceLogps) -> SequenceLogps:
@@ -113,15 +125,42 @@ def lipo(inputs: SequenceLogps, *, beta: float = 0.1) -> Out:
 
 
 @register_loss(view="listwise", needs_reference=False)
-def pro(inputs: SequenceLogps, *, beta: float = 1.0) -> Out:
-    """PRO / Plackett-Luce over the ranking the scores induce, on length-normalised log-probs."""
-    validate_knobs("pro", locals())
+def pro(inputs: SequenceLogps, *, beta: float = 1.0, sft_weight: float = 0.0,
+        reward_temperatures: bool = False) -> Out:
+    """PRO / Plackett-Luce over the ranking the scores induce, on length-normalised log-probs;
+    optionally with the authors' score-gap temperatures and SFT term (module docstring)."""
+    validate_knobs("pro", locals())  # the type of reward_temperatures is checked at compose time
     inputs = _checked(inputs)
     better = _better(inputs)
     s = beta * inputs.logps / inputs.lengths.clamp(min=1.0)
     has_worse = better.any(-1)
-    per_group = torch.where(has_worse, _softmax_terms(s, better), 0.0).sum(-1)
-    return _mean_over_informative(per_group, has_worse.any(-1), s), _metrics(s, inputs, better)
+    if reward_temperatures:
+        gaps = torch.where(better, inputs.scores.unsqueeze(-1) - inputs.scores.unsqueeze(-2), 0.0).to(s.dtype)
+        own = s * gaps.amax(dim=-1)  # s_i * T_i
+        pool = (s.unsqueeze(-2) * gaps).masked_fill(~better, float("-inf"))  # s_j * T_ij over worse j
+        terms = torch.logsumexp(torch.cat([own.unsqueeze(-1), pool], dim=-1), dim=-1) - own
+    else:
+        terms = _softmax_terms(s, better)
+    per_group = torch.where(has_worse, terms, 0.0).sum(-1)
+    loss = _mean_over_informative(per_group, has_worse.any(-1), s)
+    metrics = _metrics(s, inputs, better)
+    if sft_weight > 0:
+        sft = _best_nll(inputs)
+        loss = loss + sft_weight * sft
+        metrics["loss/sft"] = sft.detach()
+    return loss, metrics
+
+
+def _best_nll(inputs: SequenceLogps) -> torch.Tensor:
+    """Mean over groups of ``(n - 1)**2 * -logp(best)``: n the group's completions, best its top score
+    (the first by position among ties), as PRO's code scales its SFT term by (stages - 1)**2."""
+    top = inputs.scores.masked_fill(~inputs.mask, float("-inf")).amax(dim=-1, keepdim=True)
+    best = inputs.mask & (inputs.scores == top)
+    first = best & (best.cumsum(dim=-1) == 1)
+    count = inputs.mask.sum(-1)
+    present = count > 0
+    nll = -(inputs.logps * first).sum(-1) * (count - 1).clamp(min=0).to(inputs.logps.dtype) ** 2
+    return nll[present].mean() if present.any() else (inputs.logps * 0.0).sum()
 
 
 @register_loss(view="listwise", needs_reference=True)

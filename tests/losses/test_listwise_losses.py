@@ -151,3 +151,77 @@ def test_lipo_large_margins_stay_finite():
     for name in ("lipo", "pro", "softmax_dpo"):
         loss, _ = LOSSES[name].fn(inputs)
         assert torch.isfinite(loss), name
+
+
+# PRO as the authors' code computes it (AlibabaResearch/DAMO-ConvAI, PRO/train/utils/process_manager.py,
+# compute_loss), transcribed onto floats: completions sorted best first (a strict ranking), scores
+# s = logp / len; for each stage k the score gaps to the later ones are the temperatures, the largest of
+# them k's own; the SFT term is sft_weight * (n - 1)**2 * -logp of the best, averaged over the batch.
+STRICT_GROUPS = [
+    [(-4.0, 0.0, 4, 3.0), (-5.0, 0.0, 5, 1.0), (-3.0, 0.0, 2, 2.5), (-6.0, 0.0, 6, 0.0)],
+    [(-2.0, 0.0, 2, 0.7), (-3.0, 0.0, 3, 0.2), (-7.0, 0.0, 4, 1.9), (-1.0, 0.0, 1, -0.4)],
+]
+
+
+def _pro_reference_batch(groups, sft_weight):
+    ranking, sft = [], []
+    for group in groups:
+        ranked = sorted(group, key=lambda c: -c[3])
+        s = [c[0] / c[2] for c in ranked]
+        r = [c[3] for c in ranked]
+        n = len(ranked)
+        total = 0.0
+        for k in range(n - 1):
+            neg_t = [r[k] - r[i] for i in range(k + 1, n)]
+            pos_t = max(neg_t)
+            total += math.log(math.exp(s[k] * pos_t) + sum(math.exp(s[i] * t) for i, t in zip(range(k + 1, n), neg_t)))
+            total -= s[k] * pos_t
+        ranking.append(total)
+        sft.append(sft_weight * (n - 1) ** 2 * -ranked[0][0])
+    return mean(ranking) + mean(sft)
+
+
+@pytest.mark.parametrize("sft_weight", [0.0, 2.0, 0.5])
+def test_pro_matches_the_authors_code_with_temperatures_and_sft(sft_weight):
+    loss, metrics = LOSSES["pro"].fn(_inputs(STRICT_GROUPS), sft_weight=sft_weight, reward_temperatures=True)
+    assert float(loss) == pytest.approx(_pro_reference_batch(STRICT_GROUPS, sft_weight), rel=1e-9)
+    assert ("loss/sft" in metrics) == (sft_weight > 0)
+
+
+def test_pro_temperatures_and_sft_on_ragged_lists_with_ties():
+    """Ties never compete (here or in the temperatures); the tied best's first one carries the SFT term."""
+    def group_terms(group):
+        cands = _present(group)
+        s = [c[0] / c[2] for c in cands]
+        total = 0.0
+        for i, ci in enumerate(cands):
+            worse = [(j, ci[3] - cj[3]) for j, cj in enumerate(cands) if cj[3] < ci[3]]
+            if worse:
+                own = s[i] * max(t for _, t in worse)
+                total += math.log(math.exp(own) + sum(math.exp(s[j] * t) for j, t in worse)) - own
+        top = max(c[3] for c in cands)
+        first_best = next(c for c in cands if c[3] == top)
+        return total, (len(cands) - 1) ** 2 * -first_best[0]
+    terms = [group_terms(g) for g in GROUPS]
+    expected = mean(t for t, _ in terms) + 2.0 * mean(n for _, n in terms)
+    loss, _ = LOSSES["pro"].fn(_inputs(), sft_weight=2.0, reward_temperatures=True)
+    assert float(loss) == pytest.approx(expected, rel=1e-9)
+
+
+def test_pro_sft_term_pulls_up_the_best_completion_only():
+    inputs = _inputs(STRICT_GROUPS)
+    logps = inputs.logps.clone().requires_grad_(True)
+    plain = SequenceLogps(**{**inputs.__dict__, "logps": logps})
+    with_sft, _ = LOSSES["pro"].fn(plain, sft_weight=2.0)
+    without, _ = LOSSES["pro"].fn(plain)
+    (grad,) = torch.autograd.grad(with_sft - without, logps)
+    best = inputs.scores == inputs.scores.amax(-1, keepdim=True)
+    assert torch.all(grad[best] < 0)  # descending the loss raises the best completion's log-prob
+    assert torch.all(grad[~best] == 0)
+
+
+def test_pro_negative_sft_weight_is_a_config_error():
+    from alignkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sft_weight"):
+        LOSSES["pro"].fn(_inputs(STRICT_GROUPS), sft_weight=-1.0)
