@@ -25,7 +25,8 @@ PANELS = [
     ("kl / entropy", ["kl", "entropy"]),
     ("length", ["response_length"]),
     ("learning rate", ["lr"]),
-    ("throughput", ["tokens_per_s", "gen_tokens_per_s", "train_tokens_per_s"]),
+    ("throughput", ["tokens_per_s"]),
+    ("step time", ["step_seconds", "gen_seconds"]),
 ]
 
 

@@ -110,14 +110,14 @@ def describe_block_cache(result: dict) -> str:
 
 
 def time_alignkit_loop(profile: bool = False) -> dict:
-    """Record ``loop_start`` when ``trainers.common.begin`` returns (training steps start then).
+    """Record ``loop_start`` when ``trainers.loop.begin`` returns (training steps start then).
 
     With ``profile``, a ``torch.profiler`` starts there too (``marks["profiler"]``), and stops when
     the run completes."""
-    import alignkit.trainers.common as common
+    import alignkit.trainers.loop as loop
 
     marks: dict = {}
-    original = common.begin
+    original = loop.begin
 
     def timed_begin(*a, **k):
         done = original(*a, **k)
@@ -130,16 +130,16 @@ def time_alignkit_loop(profile: bool = False) -> dict:
         return done
 
     if profile:
-        original_complete = common.complete
+        original_complete = loop.Loop.complete
 
         def profiled_complete(*a, **k):
             marks["profiler"].stop()
             marks["loop_cpu_s"] = time.process_time() - marks["loop_cpu_start"]
             return original_complete(*a, **k)
 
-        common.complete = profiled_complete
+        loop.Loop.complete = profiled_complete
 
-    common.begin = timed_begin
+    loop.begin = timed_begin
     return marks
 
 

@@ -7,7 +7,8 @@
 ``--engine`` picks alignkit's generation engine(s) (``generation.engine``: ``hf``, ``vllm`` or both,
 comma-separated; vllm needs the environment of ``bash scripts/setup_vllm.sh``, which has no TRL:
 ``--tools`` defaults to alignkit alone there). Besides s/step and completions/s of whole steps it prints the
-generation phase alone (completion tokens/s while sampling, from the run's ``gen_tokens_per_s``).
+generation phase alone (completion tokens/s while sampling: the run's ``response_length`` x completions per step
+over its ``gen_seconds``).
 
 Each repetition runs both in fresh subprocesses, alternating: ``--prompts`` prompts per step x
 ``--generations`` samples (G) each, completions of up to ``--max-new-tokens`` tokens, the demo judge
@@ -103,7 +104,9 @@ def worker_alignkit(args) -> dict:
     from alignkit.engine.cpu_memory import block_cache_stats
 
     lengths = [r["response_length"] for r in train if "response_length" in r]
-    gen = [r["gen_tokens_per_s"] for r in train[1:] or train if "gen_tokens_per_s" in r]
+    completions = args.prompts * args.generations  # one process: every completion of the step
+    gen = [r["response_length"] * completions / max(r["gen_seconds"], 1e-9)
+           for r in train[1:] or train if "gen_seconds" in r]
     return {"step_times": times, "mean_length": statistics.fmean(lengths) if lengths else float("nan"),
             "gen_tokens_per_s": statistics.median(gen) if gen else float("nan"), "block_cache": block_cache_stats()}
 

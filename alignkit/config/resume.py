@@ -18,7 +18,7 @@ overrides, and ``{key: [old, new]}`` for the allowed and the safe changes. ``con
 ``overrides.txt`` are never rewritten, so what the first steps were trained with stays on disk.
 An allowed optimizer setting really applies: the trainer re-applies ``trainer.lr`` (and weight
 decay, Adam betas) after loading the checkpoint, whose optimizer state would otherwise restore
-the old ones (``alignkit.trainers.common.begin``).
+the old ones (``alignkit.trainers.loop.begin``).
 
 The data files themselves are stamped too: a fresh run writes ``data_stamp.json`` (size and
 modification time of every local file of ``data.train`` / ``data.eval``); a resume whose files

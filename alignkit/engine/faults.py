@@ -44,7 +44,7 @@ class StopRequest:
     """A flag set by SIGINT/SIGTERM; ``install()``/``uninstall()`` or use as a context manager.
 
     With ``at_once=True`` (the trainers' start-up), until ``defer()`` is called
-    (``trainers.common.begin``, when the loop can checkpoint) a signal raises ``StopNow`` instead."""
+    (``trainers.loop.begin``, when the loop can checkpoint) a signal raises ``StopNow`` instead."""
 
     def __init__(self, *, at_once: bool = False) -> None:
         self.deferred = not at_once

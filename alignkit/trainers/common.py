@@ -1,6 +1,7 @@
-"""Mechanics every trainer calls: start-up, step schedule, micro-batches, metrics, checkpoints, export.
+"""Mechanics every trainer calls: start-up, step schedule, micro-batches, metrics, engines, checkpoints, export.
 
-These are functions, not a base class, so each trainer's loop reads top to bottom. The step
+These are functions, not a base class, so each trainer's loop reads top to bottom; the step contract
+built from them (setup, the loop, the end of a step) is ``alignkit.trainers.loop``. The step
 schedule is a pure function of (seed, step): step ``s`` of epoch ``e`` takes the groups
 ``order_e[s*B : (s+1)*B]`` of a seeded permutation, rank ``r`` takes micro-batches
 ``r, r + W, ...`` of it. Resuming at step ``k`` therefore replays exactly the same data as an
@@ -14,14 +15,15 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.markup import escape
 
+from alignkit.config.schema import TrainerConfig
 from alignkit.config.validate import grad_accum_steps, world_size
 from alignkit.data.batch import Batch, TokenizedGroup
 
@@ -30,13 +32,17 @@ console = Console(stderr=True)
 
 @dataclass
 class Run:
-    """What a trainer knows about its run: config, directory, process placement, logger."""
+    """What a trainer knows about its run: config, directory, process placement, logger.
+
+    ``trainer`` is the typed ``trainer`` section (``TrainerConfig``), read once at start: the loop
+    reads its values from there instead of coercing ``cfg.trainer`` at every use."""
 
     cfg: DictConfig
     run_dir: Path
     rank: int
     world: int
     device: torch.device
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: Any = None
     progress: Any = None
     stop: Any = None
@@ -88,9 +94,16 @@ def start(cfg: DictConfig, run_dir: Path) -> Run:
         from alignkit.errors import ConfigError
 
         raise ConfigError(f"the config asks for {expected} process(es) but {world} were started.")
-    seed_everything(int(cfg.trainer.seed) + rank)
-    torch.manual_seed(int(cfg.trainer.seed))  # identical model init on every rank
-    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, stop=StopRequest(at_once=True).install())
+    trainer = trainer_section(cfg)
+    seed_everything(trainer.seed + rank)
+    torch.manual_seed(trainer.seed)  # identical model init on every rank
+    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, trainer=trainer,
+               stop=StopRequest(at_once=True).install())
+
+
+def trainer_section(cfg: DictConfig) -> TrainerConfig:
+    """The ``trainer`` section as a typed ``TrainerConfig`` (checked against the schema once more)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), cfg.trainer))
 
 
 def seed_everything(seed: int) -> None:
@@ -99,17 +112,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def total_steps(cfg: DictConfig, num_groups: int) -> int:
+def total_steps(t: TrainerConfig, num_groups: int) -> int:
     """Optimizer steps of the run: ``max_steps``, or ``epochs`` over the data when it is -1."""
-    if num_groups < int(cfg.trainer.batch_size):
+    if num_groups < t.batch_size:
         from alignkit.errors import DataError
 
         raise DataError(f"the training data has {num_groups} usable group(s), fewer than one batch "
-                        f"(trainer.batch_size={cfg.trainer.batch_size}). Add data, or lower trainer.batch_size "
+                        f"(trainer.batch_size={t.batch_size}). Add data, or lower trainer.batch_size "
                         "(and trainer.micro_batch_size) to at most the number of groups.")
-    if cfg.trainer.max_steps > 0:
-        return int(cfg.trainer.max_steps)
-    return max(1, math.floor(cfg.trainer.epochs * num_groups / cfg.trainer.batch_size))
+    if t.max_steps > 0:
+        return t.max_steps
+    return max(1, math.floor(t.epochs * num_groups / t.batch_size))
 
 
 def step_groups(num_groups: int, step: int, batch_size: int, seed: int) -> list[int]:
@@ -122,12 +135,11 @@ def step_groups(num_groups: int, step: int, batch_size: int, seed: int) -> list[
 
 def micro_chunks(run: Run, groups: list[TokenizedGroup], step: int) -> list[list[TokenizedGroup]]:
     """This rank's micro-batches (as lists of groups) of optimizer step ``step`` (0-based)."""
-    cfg = run.cfg
-    micro = int(cfg.trainer.micro_batch_size)
-    indices = step_groups(len(groups), step, int(cfg.trainer.batch_size), int(cfg.trainer.seed))
-    chunks = [indices[i : i + micro] for i in range(0, len(indices), micro)]
+    t = run.trainer
+    indices = step_groups(len(groups), step, t.batch_size, t.seed)
+    chunks = [indices[i : i + t.micro_batch_size] for i in range(0, len(indices), t.micro_batch_size)]
     mine = chunks[run.rank :: run.world]
-    assert len(mine) == grad_accum_steps(cfg), "batch accounting mismatch"
+    assert len(mine) == grad_accum_steps(run.cfg), "batch accounting mismatch"
     return [[groups[i] for i in chunk] for chunk in mine]
 
 
@@ -150,9 +162,8 @@ def rank_share(items: list, rank: int, world: int) -> list[tuple[Any, bool]]:
 
 def eval_chunks(run: Run, groups: list[TokenizedGroup]) -> list[tuple[list[TokenizedGroup], bool]]:
     """This rank's share of the held-out groups, in fixed order, as ``(chunk, counted)``."""
-    cfg = run.cfg
-    groups = groups[: int(cfg.trainer.max_eval_groups)]
-    size = int(cfg.trainer.eval_batch_size)
+    groups = groups[: run.trainer.max_eval_groups]
+    size = run.trainer.eval_batch_size
     return rank_share([groups[i : i + size] for i in range(0, len(groups), size)], run.rank, run.world)
 
 
@@ -212,77 +223,37 @@ def ds_train_config(cfg: DictConfig, run: Run) -> dict:
 
     return build_train_ds_config(
         OmegaConf.to_object(cfg.deepspeed),
-        micro_batch_size=int(cfg.trainer.micro_batch_size),
+        micro_batch_size=run.trainer.micro_batch_size,
         grad_accum_steps=grad_accum_steps(cfg),
         world_size=run.world,
     )
 
 
-def train_engine(module: torch.nn.Module, cfg: DictConfig, run: Run, steps: int, lr: float | None = None):
+def train_engine(module: torch.nn.Module, cfg: DictConfig, run: Run, steps: int, lr: float | None = None) -> Any:
     from alignkit.engine.engine import init_train_engine
 
-    t = cfg.trainer
+    t = run.trainer
     return init_train_engine(
         module,
         ds_train_config(cfg, run),
         lr=float(lr if lr is not None else t.lr),
-        weight_decay=float(t.weight_decay),
-        betas=(float(t.adam_beta1), float(t.adam_beta2)),
-        warmup_steps=int(t.warmup_steps),
+        weight_decay=t.weight_decay,
+        betas=(t.adam_beta1, t.adam_beta2),
+        warmup_steps=t.warmup_steps,
         total_steps=steps,
-        scheduler=str(t.scheduler),
+        scheduler=t.scheduler,
         optimizer_in_backward=bool(cfg.deepspeed.get("optimizer_in_backward", False)),
     )
 
 
-def frozen_engine(module: torch.nn.Module, cfg: DictConfig):
+def frozen_engine(module: torch.nn.Module, cfg: DictConfig) -> Any:
     from alignkit.engine.config import build_frozen_ds_config
     from alignkit.engine.engine import init_frozen_engine
 
     return init_frozen_engine(module, build_frozen_ds_config(OmegaConf.to_object(cfg.deepspeed)))
 
 
-def begin(run: Run, engine, steps: int, extra_engines: dict | None = None,
-          evaluate: Callable[[], dict[str, float]] | None = None) -> int:
-    """Resume if asked (``resume=auto|PATH``), open the metrics log and the progress bar.
-
-    Returns the last completed step (0 for a fresh run). Metrics logged after that step by an
-    interrupted run are dropped, so a resumed run's log reads as an uninterrupted one. A fresh run
-    with periodic evaluation is evaluated once before training (logged as step 0), so every run
-    records its held-out metrics before and after.
-    """
-    from alignkit.engine.checkpoint import resume_checkpoint
-    from alignkit.engine.cpu_memory import release_freed_memory
-    from alignkit.engine.metrics import MetricsLogger
-    from alignkit.engine.progress import TrainProgress
-
-    cfg = run.cfg
-    if run.device.type == "cpu" and cfg.trainer.get("cpu_release_freed_memory", True):
-        # from here on: loading and a reference pre-pass stay below the training peak
-        released = release_freed_memory()
-        if released.reason:
-            instead = ("glibc unmaps freed tensors instead (slower steps)" if released.mechanism == "mmap_threshold"
-                       else "freed tensors stay in the C library's heap (higher peak RSS)")
-            run.print(f"[yellow]CPU block cache unavailable; {instead}:[/] {released.reason}")
-    path, state = resume_checkpoint(engine, run.run_dir, cfg.resume, extra_engines=extra_engines,
-                                    say=lambda text: run.print(f"[yellow]{escape(text)}[/]"))
-    done = int(state.get("step", 0))
-    if path is not None:
-        run.print(f"[green]resumed[/] from {path} at step {done}")
-        reapply_optimizer_settings(engine, cfg.trainer)  # a resume_allow'ed lr/decay/betas is really used
-    run.logger = MetricsLogger(run.run_dir, backends=tuple(cfg.logger.backends), rank=run.rank,
-                               wandb_project=cfg.logger.wandb_project, wandb_mode=cfg.logger.wandb_mode,
-                               run_name=run.run_dir.name, config=OmegaConf.to_container(cfg, resolve=True),
-                               truncate_after=done)
-    if done == 0 and evaluate is not None and int(cfg.trainer.eval_every) > 0:
-        run.log(0, evaluate(), split="eval")
-    run.progress = TrainProgress(steps, rank=run.rank, start_step=done).__enter__()
-    if run.stop is not None:
-        run.stop.defer()  # from here a signal stops after the step, with a checkpoint
-    return done
-
-
-def reapply_optimizer_settings(engine, t: DictConfig) -> None:
+def reapply_optimizer_settings(engine: Any, t: TrainerConfig) -> None:
     """After a checkpoint load: the config's lr, weight decay and Adam betas replace the restored ones.
 
     The optimizer and LR-scheduler states in a checkpoint carry the values of the run that saved
@@ -313,10 +284,10 @@ def reapply_optimizer_settings(engine, t: DictConfig) -> None:
             group["weight_decay"] = float(t.weight_decay)
 
 
-def save(run: Run, engine, step: int, extra_engines: dict | None = None) -> None:
+def save(run: Run, engine: Any, step: int, extra_engines: dict[str, Any] | None = None) -> None:
     from alignkit.engine.checkpoint import save_checkpoint
 
-    save_checkpoint(engine, run.run_dir, step, {"step": step}, keep_last=int(run.cfg.trainer.keep_last),
+    save_checkpoint(engine, run.run_dir, step, {"step": step}, keep_last=run.trainer.keep_last,
                     extra_engines=extra_engines)
 
 
@@ -325,52 +296,27 @@ def should(every: int, step: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def after_step(run: Run, engine, step: int, steps: int, metrics: dict[str, float],
-               evaluate: Callable[[], dict[str, float]] | None, extra_engines: dict | None = None) -> bool:
-    """Log the step, evaluate when due, checkpoint when due or when a stop was requested.
-
-    Returns True when the run must stop now (SIGINT/SIGTERM on any rank): the checkpoint is saved
-    and the logs closed, so ``resume=auto`` continues exactly from here.
-    """
-    run.log(step, {**metrics, "cpu_time_s": run.cpu_time()}, split="train")
-    if evaluate is not None and should(int(run.cfg.trainer.eval_every), step, steps):
-        run.log(step, {**evaluate(), "cpu_time_s": run.cpu_time()}, split="eval")
-    stop = run.stop_requested()
-    if stop or should(int(run.cfg.trainer.save_every), step, steps):
-        save(run, engine, step, extra_engines)
-    if stop:
-        run.print(f"[yellow]stopped at step {step}[/]; continue with resume=auto")
-        run.finish()
-    return stop
-
-
-def complete(run: Run, engine, tokenizer) -> dict:
-    """End of a run: export the final model, close logs."""
-    export_final(run, engine, tokenizer)
-    run.finish()
-    return {"exit_code": 0}
-
-
-def export_final(run: Run, engine, tokenizer, name: str = "final", prepare=None) -> Path | None:
+def export_final(run: Run, engine: Any, tokenizer: Any, name: str = "final",
+                 prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = None) -> Path | None:
     """Write ``run_dir/<name>``: a transformers-loadable model + tokenizer (LoRA merged unless
     ``trainer.merge_lora=false``, which saves the adapter alone); ``prepare`` as in ``export_hf_model``."""
-    if not run.cfg.trainer.export:
+    if not run.trainer.export:
         return None
     from alignkit.engine.export import export_hf_model
 
     out = run.run_dir / name
-    export_hf_model(engine, tokenizer, out, prepare=prepare, merge_lora=bool(run.cfg.trainer.merge_lora))
+    export_hf_model(engine, tokenizer, out, prepare=prepare, merge_lora=run.trainer.merge_lora)
     run.print(f"[green]model exported[/] to {out}")
     return out
 
 
-def hf_model(engine) -> torch.nn.Module:
+def hf_model(engine: Any) -> torch.nn.Module:
     """The transformers model inside an engine wrapping a ``TargetLogProbs``-style module."""
     module = getattr(engine, "module", engine)
     return getattr(module, "model", module)
 
 
-def backward_step(engine, loss: torch.Tensor | None) -> None:
+def backward_step(engine: Any, loss: torch.Tensor | None) -> None:
     """One micro-batch: backward and DeepSpeed's ``step`` (which applies the optimizer only at the
     accumulation boundary; DeepSpeed counts micro-batches through these calls).
 
@@ -386,9 +332,9 @@ def backward_step(engine, loss: torch.Tensor | None) -> None:
 
 
 def describe_batches(run: Run, *, groups: int, steps: int, kind: str = "groups") -> None:
-    cfg = run.cfg
+    t = run.trainer
     run.print(
-        f"[bold]batch accounting[/]: {cfg.trainer.batch_size} {kind}/step = {cfg.trainer.micro_batch_size} per micro-batch "
-        f"x {grad_accum_steps(cfg)} accumulation x {run.world} process(es); {groups} training {kind}, {steps} steps "
-        f"(~{steps * cfg.trainer.batch_size / max(groups, 1):.2f} epochs)"
+        f"[bold]batch accounting[/]: {t.batch_size} {kind}/step = {t.micro_batch_size} per micro-batch "
+        f"x {grad_accum_steps(run.cfg)} accumulation x {run.world} process(es); {groups} training {kind}, {steps} steps "
+        f"(~{steps * t.batch_size / max(groups, 1):.2f} epochs)"
     )

@@ -14,84 +14,69 @@ averages micro-batches), not over the whole step's tokens.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from alignkit.config.validate import loss_terms
-from alignkit.data.batch import per_token_view
-from alignkit.trainers import common, rollout
+from alignkit.data.batch import TokenizedGroup, per_token_view
+from alignkit.trainers import common, loop, rollout
+from alignkit.trainers.common import Run
 from alignkit.trainers.reference import forward_logps
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    run = common.start(cfg, run_dir)
     spec, _, hparams = loss_terms(cfg.loss)[0]
-    from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm, load_tokenizer_for
-    from alignkit.models.logprobs import TargetLogProbs
     from alignkit.rl.advantages import compute_advantages, frac_zero_std_groups
     from alignkit.rl.generation import engine_for_run
 
-    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
-    data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
-    run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
-    reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
-    steps = common.total_steps(cfg, len(data.train))
-    num_samples, mu = int(cfg.rl.num_generations), int(cfg.rl.ppo_epochs)
-    common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
-    run.print(f"  x {num_samples} samples = {cfg.trainer.batch_size * num_samples} completions/step, "
+    setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
+    run, data, rl = setup.run, setup.data, cfg.rl
+    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    num_samples, mu, micro = int(rl.num_generations), int(rl.ppo_epochs), run.trainer.micro_batch_size
+    run.print(f"  x {num_samples} samples = {run.trainer.batch_size * num_samples} completions/step, "
               f"{mu} optimizer step(s) per generation batch")
-
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
-    policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run,
-                                 steps * mu)
+    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps * mu)
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     reference = rollout.online_reference(cfg, run, policy, float(hparams.get("beta", 0.0)))
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
-    done = common.begin(run, policy, steps, evaluate=evaluation)
+    training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
+    pad_id = tokenizer.pad_token_id
 
-    for step in range(done + 1, steps + 1):
-        tick, lr = time.time(), policy.get_lr()[0]  # the rate this step uses
+    for step in training:
         policy.eval()
-        sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
-                                        reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(cfg, run, step))
-        groups_idx = rollout.group_index(sampled.groups)
-        zero_std = float(frac_zero_std_groups(sampled.rewards, groups_idx))
-        if cfg.rl.dynamic_sampling:
-            sampled = refill(run, generator, tokenizer, data.train, reward_mix, sampled, step, num_samples)
-            groups_idx = rollout.group_index(sampled.groups)
-        advantages = compute_advantages(cfg.rl.advantage, sampled.rewards, groups_idx,
+        sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step.number - 1),
+                                        reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(run, step.number))
+        zero_std = float(frac_zero_std_groups(sampled.rewards, rollout.group_index(sampled.groups)))
+        if rl.dynamic_sampling:
+            sampled = refill(run, generator, tokenizer, data.train, reward_mix, sampled, step.number, num_samples)
+        advantages = compute_advantages(rl.advantage, sampled.rewards, rollout.group_index(sampled.groups),
                                         **_advantage_hparams(cfg))
         policy.train()
-        chunks = _chunks(sampled.groups, advantages, int(cfg.trainer.micro_batch_size), num_samples)
-        old = _old_logps(policy, chunks, cfg, tokenizer.pad_token_id, run) if mu > 1 else None
-        meter = common.MetricMeter()
-        train_tokens = 0
-        for epoch in range(mu):
+        chunks = _chunks(sampled.groups, advantages, micro, num_samples)
+        old = _old_logps(policy, chunks, cfg, pad_id, run) if mu > 1 else None
+        for _ in range(mu):
             for i, (groups, adv) in enumerate(chunks):
-                batch = common.collate_groups(groups, cfg, tokenizer.pad_token_id).to(run.device)
+                batch = common.collate_groups(groups, cfg, pad_id).to(run.device)
                 out = forward_logps(policy, batch, with_entropy=True)
                 inputs = rollout.rollout_inputs(out["logps"], batch, adv.to(run.device),
-                                        None if old is None else old[i], reference)
+                                                None if old is None else old[i], reference)
                 loss, metrics = spec.fn(inputs, **hparams)
-                common.backward_step(policy, loss)
                 entropy, mask = per_token_view(out["entropy"].detach().float(), batch)
-                meter.add({"loss": loss, **metrics, "entropy": entropy[mask].mean()})
-                train_tokens += batch.num_real_tokens()
-        train_seconds = time.time() - tick - sampled.gen_seconds
-        metrics = {**meter.means(), **rollout.reward_metrics(sampled), "frac_zero_std_groups": zero_std,
-                   "train_tokens_per_s": train_tokens / max(train_seconds, 1e-9), "lr": lr}
-        if common.after_step(run, policy, step, steps, common.all_reduce_mean(metrics, run),
-                             evaluation):
-            return {"exit_code": 0, "stopped": step}
-    return common.complete(run, policy, tokenizer)
+                metrics = {"loss": loss, **metrics, "entropy": entropy[mask].mean()}
+                if not step.update(policy, loss, metrics, tokens=batch.num_real_tokens()):
+                    return training.stop_nonfinite(step)
+        metrics = {**rollout.reward_metrics(sampled), "frac_zero_std_groups": zero_std}
+        if (stopped := training.end_step(step, metrics)) is not None:
+            return stopped
+    return training.complete(tokenizer)
 
 
 @torch.no_grad()
-def _old_logps(policy, chunks, cfg, pad_id, run) -> list[torch.Tensor]:
+def _old_logps(policy: Any, chunks: list[tuple[list[TokenizedGroup], torch.Tensor]], cfg: DictConfig, pad_id: int,
+               run: Run) -> list[torch.Tensor]:
     out = []
     for groups, _ in chunks:
         batch = common.collate_groups(groups, cfg, pad_id).to(run.device)
@@ -99,7 +84,8 @@ def _old_logps(policy, chunks, cfg, pad_id, run) -> list[torch.Tensor]:
     return out
 
 
-def _chunks(groups, advantages: torch.Tensor, micro: int, num_samples: int):
+def _chunks(groups: list[TokenizedGroup], advantages: torch.Tensor, micro: int,
+            num_samples: int) -> list[tuple[list[TokenizedGroup], torch.Tensor]]:
     seq_adv = advantages if advantages.dim() == 1 else advantages.sum(-1)
     out = []
     for i in range(0, len(groups), micro):
@@ -107,7 +93,7 @@ def _chunks(groups, advantages: torch.Tensor, micro: int, num_samples: int):
     return out
 
 
-def _advantage_hparams(cfg: DictConfig) -> dict:
+def _advantage_hparams(cfg: DictConfig) -> dict[str, Any]:
     from alignkit.rl.advantages import advantage_hparams
 
     valid = advantage_hparams(cfg.rl.advantage)
@@ -115,7 +101,8 @@ def _advantage_hparams(cfg: DictConfig) -> dict:
     return {k: v for k, v in given.items() if k in valid}
 
 
-def refill(run, generator, tokenizer, prompts, reward_mix, sampled, step: int, num_samples: int):
+def refill(run: Run, generator: Any, tokenizer: Any, prompts: list[TokenizedGroup], reward_mix: rollout.CombinedReward,
+           sampled: rollout.SampledBatch, step: int, num_samples: int) -> rollout.SampledBatch:
     """DAPO dynamic sampling: replace zero-variance groups by groups of further prompts.
 
     The batch keeps its size (DeepSpeed's accumulation needs a fixed number of micro-batches): after
@@ -136,7 +123,7 @@ def refill(run, generator, tokenizer, prompts, reward_mix, sampled, step: int, n
             break
         extra_prompts = rollout.prompt_schedule(run, prompts, step - 1 + round_ * 7919)
         more = rollout.sample_groups(generator, tokenizer, extra_prompts, reward_mix, cfg, num_samples=num_samples,
-                                     seed=rollout.seed_for(cfg, run, step) + round_ * 104729)
+                                     seed=rollout.seed_for(run, step) + round_ * 104729)
         zero = zero_std_groups_mask(more.rewards, rollout.group_index(more.groups)).tolist()
         g2, r2, p2 = _split_groups(more, num_samples)
         pool += [(g2[i], r2[i], {k: v[i] for k, v in p2.items()}) for i in range(len(g2)) if not zero[i]]
@@ -149,7 +136,7 @@ def refill(run, generator, tokenizer, prompts, reward_mix, sampled, step: int, n
     return sampled
 
 
-def _split_groups(sampled, num_samples: int):
+def _split_groups(sampled: rollout.SampledBatch, num_samples: int) -> tuple[list[TokenizedGroup], list, dict]:
     n = len(sampled.groups)
     rewards = list(sampled.rewards.view(n, num_samples))
     parts = {k: list(v.view(n, num_samples)) for k, v in sampled.reward_parts.items()}

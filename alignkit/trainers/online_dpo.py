@@ -19,79 +19,71 @@ under ZeRO-3 (the frozen copy would need a gathered copy; refused).
 from __future__ import annotations
 
 import contextlib
-import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from alignkit.config.validate import objective_from_cfg
 from alignkit.errors import ConfigError
-from alignkit.trainers import common, rollout
+from alignkit.data.batch import TokenizedGroup
+from alignkit.trainers import common, loop, rollout
 from alignkit.trainers.preference import sequence_logps
 from alignkit.trainers.reference import ModuleReference
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    run = common.start(cfg, run_dir)
-    objective = objective_from_cfg(cfg.loss)
-    if objective.view != "pairwise" or int(cfg.rl.num_generations) < 2:
+    objective, rl = objective_from_cfg(cfg.loss), cfg.rl
+    if objective.view != "pairwise" or int(rl.num_generations) < 2:
         raise ConfigError("online DPO needs a pairwise loss (e.g. loss=dpo) and rl.num_generations >= 2.")
-    if cfg.rl.update_reference_each_round and int(cfg.rl.rounds) > 1 and int(cfg.deepspeed.zero_stage) == 3:
+    if rl.update_reference_each_round and int(rl.rounds) > 1 and int(cfg.deepspeed.zero_stage) == 3:
         raise ConfigError("rl.update_reference_each_round is not supported under ZeRO-3 yet; use zero2 or rounds=1.")
-    from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm, load_tokenizer_for
-    from alignkit.models.logprobs import TargetLogProbs
     from alignkit.rl.generation import engine_for_run
 
-    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
-    data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
-    run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
-    reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
-    steps = common.total_steps(cfg, len(data.train))
-    common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
-    policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
+    setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
+    run, data = setup.run, setup.data
+    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
-    if objective.needs_reference and int(cfg.model.lora.r) > 0 and cfg.rl.update_reference_each_round:
+    if objective.needs_reference and int(cfg.model.lora.r) > 0 and rl.update_reference_each_round:
         reference = AdapterSnapshotReference(policy)  # LoRA: the reference moves to a saved copy of the adapter
     else:
         reference = rollout.online_reference(cfg, run, policy, beta=1.0 if objective.needs_reference else 0.0)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
-    done = common.begin(run, policy, steps, evaluate=evaluation)
-    round_length = max(1, steps // max(1, int(cfg.rl.rounds)))
-    micro, pad_id = int(cfg.trainer.micro_batch_size), tokenizer.pad_token_id
+    training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
+    round_length = max(1, setup.steps // max(1, int(rl.rounds)))
+    micro, pad_id = run.trainer.micro_batch_size, tokenizer.pad_token_id
 
-    for step in range(done + 1, steps + 1):
-        if cfg.rl.update_reference_each_round and step > 1 and (step - 1) % round_length == 0:
+    for step in training:
+        if rl.update_reference_each_round and step.number > 1 and (step.number - 1) % round_length == 0:
             sync_reference(reference, policy)
-            run.print(f"round {(step - 1) // round_length + 1}: reference <- current policy")
-        tick, lr = time.time(), policy.get_lr()[0]  # the rate this step uses
+            run.print(f"round {(step.number - 1) // round_length + 1}: reference <- current policy")
         policy.eval()
-        sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
-                                        reward_mix, cfg, num_samples=int(cfg.rl.num_generations),
-                                        seed=rollout.seed_for(cfg, run, step))
+        sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step.number - 1),
+                                        reward_mix, cfg, num_samples=int(rl.num_generations),
+                                        seed=rollout.seed_for(run, step.number))
         pairs = best_vs_worst(sampled)
         if not pairs:  # said, not silent: no update this step (metric pairs=0, no loss logged)
-            run.print(f"step {step}: no pair: every prompt's samples tied on reward (this rank), no update from them")
+            run.print(f"step {step.number}: no pair: every prompt's samples tied on reward (this rank), "
+                      "no update from them")
         policy.train()
-        meter = common.MetricMeter()
         for chunk in fill_chunks(pairs or best_vs_worst(sampled, keep_ties=True), len(sampled.groups), micro):
             batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
             loss, metrics = objective(sequence_logps(policy, reference, batch, objective, objective.needs_token_logps))
-            common.backward_step(policy, loss if pairs else loss * 0.0)  # tied pairs: same collectives, no update
-            if pairs:
-                meter.add({"loss": loss, **metrics})
-        metrics = {**meter.means(), **rollout.reward_metrics(sampled), "pairs": float(len(pairs)),
-                   "lr": lr, "step_seconds": time.time() - tick}
-        if common.after_step(run, policy, step, steps, common.all_reduce_mean(metrics, run),
-                             evaluation):
-            return {"exit_code": 0, "stopped": step}
-    return common.complete(run, policy, tokenizer)
+            # tied pairs: the same forward and collectives, scaled to no update and not reported
+            update = (loss, {"loss": loss, **metrics}) if pairs else (loss * 0.0, None)
+            if not step.update(policy, *update, tokens=batch.num_real_tokens()):
+                return training.stop_nonfinite(step)
+        metrics = {**rollout.reward_metrics(sampled), "pairs": float(len(pairs))}
+        if (stopped := training.end_step(step, metrics)) is not None:
+            return stopped
+    return training.complete(tokenizer)
 
 
-def best_vs_worst(sampled: rollout.SampledBatch, keep_ties: bool = False) -> list:
+def best_vs_worst(sampled: rollout.SampledBatch, keep_ties: bool = False) -> list[TokenizedGroup]:
     """One (chosen, rejected) group per prompt whose samples do not all tie (every prompt: ``keep_ties``)."""
     pairs = []
     offset = 0
@@ -111,7 +103,7 @@ def best_vs_worst(sampled: rollout.SampledBatch, keep_ties: bool = False) -> lis
     return pairs
 
 
-def fill_chunks(pairs: list, num_groups: int, micro: int) -> list[list]:
+def fill_chunks(pairs: list[TokenizedGroup], num_groups: int, micro: int) -> list[list[TokenizedGroup]]:
     """Exactly ceil(num_groups / micro) micro-batches of ``micro`` pairs (non-empty), repeating pairs to fill."""
     count = -(-num_groups // micro)
     filled = [pairs[i % len(pairs)] for i in range(count * micro)]
@@ -128,7 +120,7 @@ class AdapterSnapshotReference(ModuleReference):
     untouched. ZeRO 0-2 (the caller refuses reference updates under ZeRO-3).
     """
 
-    def __init__(self, policy):
+    def __init__(self, policy: Any):
         from alignkit.models.load import disabled_adapter
 
         self.params = [p for p in policy.module.parameters() if p.requires_grad]
@@ -141,7 +133,7 @@ class AdapterSnapshotReference(ModuleReference):
         self.snapshot = [p.detach().clone() for p in self.params]
 
     @contextlib.contextmanager
-    def _swapped(self):
+    def _swapped(self) -> Iterator[None]:
         with torch.no_grad():
             current = [p.detach().clone() for p in self.params]
             for p, saved in zip(self.params, self.snapshot):
@@ -155,7 +147,7 @@ class AdapterSnapshotReference(ModuleReference):
 
 
 @torch.no_grad()
-def sync_reference(reference, policy) -> None:
+def sync_reference(reference: ModuleReference, policy: Any) -> None:
     """The reference becomes the current policy: a saved adapter copy (LoRA) or the policy's weights
     copied into the frozen reference model (ZeRO 0-2)."""
     if isinstance(reference, AdapterSnapshotReference):

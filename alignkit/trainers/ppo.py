@@ -16,7 +16,6 @@ another PPO run's critic from it).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -24,53 +23,40 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignkit.config.validate import loss_terms
 from alignkit.losses.registry import RolloutLogps, resolve_loss
-from alignkit.trainers import common, rollout
+from alignkit.data.batch import Batch
+from alignkit.trainers import common, loop, rollout
 from alignkit.trainers.reference import forward_logps
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    run = common.start(cfg, run_dir)
     spec, _, hparams = loss_terms(cfg.loss)[0]
     value_loss = resolve_loss("ppo_value")
-    from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm, load_tokenizer_for
-    from alignkit.models.logprobs import TargetLogProbs
     from alignkit.models.value import ValueModel, load_value_model
     from alignkit.rl.advantages import compute_gae, whiten_batch
     from alignkit.rl.generation import engine_for_run
     from alignkit.rl.kl import kl_per_token, shape_token_rewards
 
-    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
-    data = prepare_data(OmegaConf.to_object(cfg.data), "prompt", tokenizer)
-    run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
-    reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
-    steps = common.total_steps(cfg, len(data.train))
-    num_samples, epochs = int(cfg.rl.num_generations), int(cfg.rl.ppo_epochs)
-    common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
-
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
-    actor = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run,
-                                steps * epochs)
+    setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
+    run, data, rl = setup.run, setup.data, cfg.rl
+    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    num_samples, epochs, micro = int(rl.num_generations), int(rl.ppo_epochs), run.trainer.micro_batch_size
+    actor, tokenizer = loop.policy_engine(cfg, run, setup.steps * epochs)
     critic_model, _ = load_value_model(OmegaConf.to_object(cfg.model))
-    critic = common.train_engine(critic_model, cfg, run, steps * epochs,
-                                 lr=float(cfg.rl.critic_lr))
+    critic = common.train_engine(critic_model, cfg, run, setup.steps * epochs, lr=float(rl.critic_lr))
     generator = engine_for_run(cfg, actor, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
-    reference = rollout.online_reference(cfg, run, actor, beta=float(cfg.rl.kl_coef))
+    reference = rollout.online_reference(cfg, run, actor, beta=float(rl.kl_coef))
     evaluation = rollout.held_out_reward(run, actor, generator, tokenizer, data.eval, reward_mix)
-    done = common.begin(run, actor, steps, extra_engines={"critic": critic}, evaluate=evaluation)
+    training = loop.begin(run, actor, setup.steps, evaluate=evaluation, extra_engines={"critic": critic})
     pad_id = tokenizer.pad_token_id
 
-    for step in range(done + 1, steps + 1):
-        tick, lr = time.time(), actor.get_lr()[0]  # the rate this step uses
+    for step in training:
         actor.eval()
-        sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step - 1),
-                                        reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(cfg, run, step))
-        chunks = [sampled.groups[i : i + int(cfg.trainer.micro_batch_size)]
-                  for i in range(0, len(sampled.groups), int(cfg.trainer.micro_batch_size))]
+        sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step.number - 1),
+                                        reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(run, step.number))
         experience, offset, kl_values = [], 0, []
         with torch.no_grad():
-            for groups in chunks:
-                batch = common.collate_groups(groups, cfg, pad_id).to(run.device)
+            for i in range(0, len(sampled.groups), micro):
+                batch = common.collate_groups(sampled.groups[i : i + micro], cfg, pad_id).to(run.device)
                 old = rollout.slot_tokens(forward_logps(actor, batch)["logps"], batch)
                 mask = rollout.slot_tokens(torch.ones_like(batch.target_ids, dtype=torch.float32), batch).bool()
                 ref_flat = reference.logps(batch, with_tokens=True)[1]
@@ -79,39 +65,35 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 rewards = sampled.rewards[offset : offset + mask.shape[0]].to(run.device)
                 offset += mask.shape[0]
                 token_rewards = shape_token_rewards(rewards, mask, logps=old, ref_logps=ref,
-                                                    kl_coef=float(cfg.rl.kl_coef), estimator=cfg.rl.kl_estimator)
-                advantages, returns = compute_gae(token_rewards, values, mask, gamma=float(cfg.rl.gamma),
-                                                  lam=float(cfg.rl.lam))
-                kl_values.append(kl_per_token(old, ref, cfg.rl.kl_estimator)[mask].mean())
+                                                    kl_coef=float(rl.kl_coef), estimator=rl.kl_estimator)
+                advantages, returns = compute_gae(token_rewards, values, mask, gamma=float(rl.gamma), lam=float(rl.lam))
+                kl_values.append(kl_per_token(old, ref, rl.kl_estimator)[mask].mean())
                 experience.append((batch, old, values, advantages, returns, mask))
-        if cfg.rl.whiten_advantages:  # over the whole rollout batch (every micro-batch, every rank)
+        if rl.whiten_advantages:  # over the whole rollout batch (every micro-batch, every rank)
             whitened = whiten_batch([e[3] for e in experience], [e[5] for e in experience],
                                     all_reduce=lambda values: common.all_reduce_values(values, run))
             experience = [(*e[:3], adv, *e[4:]) for e, adv in zip(experience, whitened)]
         actor.train()
-        meter = common.MetricMeter()
         for _ in range(epochs):
             for batch, old, old_values, advantages, returns, mask in experience:
                 logps = rollout.slot_tokens(forward_logps(actor, batch)["logps"], batch)
                 loss, metrics = spec.fn(RolloutLogps(logps=logps, old_logps=old, advantages=advantages, mask=mask),
                                         **hparams)
-                common.backward_step(actor, loss)
+                if not step.update(actor, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
+                    return training.stop_nonfinite(step)
                 values = rollout.slot_tokens(critic(**_value_inputs(batch)), batch)
                 v_loss, v_metrics = value_loss.fn(RolloutLogps(
                     logps=logps.detach(), old_logps=old, advantages=advantages, mask=mask,
                     values=values, old_values=old_values, returns=returns))
-                common.backward_step(critic, v_loss)
-                meter.add({"loss": loss, **metrics, "value_loss": v_loss, **v_metrics})  # v_metrics: value/...
-        metrics = {**meter.means(), **rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean()),
-                   "lr": lr, "step_seconds": time.time() - tick}
-        if common.after_step(run, actor, step, steps, common.all_reduce_mean(metrics, run),
-                             evaluation,
-                             extra_engines={"critic": critic}):
-            return {"exit_code": 0, "stopped": step}
+                if not step.update(critic, v_loss, {"value_loss": v_loss, **v_metrics}, name="value_loss"):
+                    return training.stop_nonfinite(step)  # v_metrics: value/...
+        metrics = {**rollout.reward_metrics(sampled), "kl": float(torch.stack(kl_values).mean())}
+        if (stopped := training.end_step(step, metrics)) is not None:
+            return stopped
     common.export_final(run, critic, tokenizer, "final_critic", prepare=ValueModel.as_token_classifier)
-    return common.complete(run, actor, tokenizer)
+    return training.complete(tokenizer)
 
 
-def _value_inputs(batch) -> dict:
+def _value_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     return dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                 target_index=batch.target_index)

@@ -15,16 +15,18 @@ optimises the token mean over the whole global batch.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.config.validate import objective_from_cfg
-from alignkit.data.batch import Batch, per_token_view, sum_per_slot
+from alignkit.config.schema import TrainerConfig
+from alignkit.data.batch import Batch, TokenizedGroup, per_token_view, sum_per_slot
 from alignkit.losses.registry import SequenceLogps
-from alignkit.trainers import common
+from alignkit.trainers import common, loop
+from alignkit.trainers.common import Run
 from alignkit.trainers.reference import (
     ModuleReference,
     NoReference,
@@ -36,61 +38,42 @@ from alignkit.trainers.reference import (
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    run = common.start(cfg, run_dir)
     objective = objective_from_cfg(cfg.loss)
-    from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm, load_tokenizer_for
-    from alignkit.models.logprobs import TargetLogProbs
-
-    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
-    data = prepare_data(OmegaConf.to_object(cfg.data), objective.view, tokenizer)
-    run.print(f"[bold]data[/]: {data.stats}")
-    steps = common.total_steps(cfg, len(data.train))
-    common.describe_batches(run, groups=len(data.train), steps=steps)
-
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
-    policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
+    setup = loop.setup(cfg, run_dir, objective.view)
+    run, data, t = setup.run, setup.data, setup.run.trainer
+    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
     pad_id = tokenizer.pad_token_id
-    reference = build_reference(cfg, run, policy, objective, data, pad_id)
+    reference = build_reference(cfg, run, policy, objective, data, pad_id, setup.steps)
     evaluation = (lambda: evaluate(run, policy, reference, objective, data.eval, pad_id)) if data.eval else None
-    done = common.begin(run, policy, steps, evaluate=evaluation)
-    need_tokens = objective.needs_token_logps
+    training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
 
-    for step in range(done + 1, steps + 1):
-        tick, lr = time.time(), policy.get_lr()[0]  # the rate this step uses
-        chunks = common.micro_chunks(run, data.train, step - 1)
+    for step in training:
+        chunks = common.micro_chunks(run, data.train, step.number - 1)
         batches = [common.collate_groups(chunk, cfg, pad_id).to(run.device) for chunk in chunks]
-        token_share = _token_shares(batches, run) if objective.view == "sft" else None
-        meter = common.MetricMeter()
+        shares = _token_shares(batches, run) if objective.view == "sft" else [1.0] * len(batches)
         step_kl = None
         if objective.needs_kl_pairs:  # KTO: one reference point for the whole step, over every rank
-            order = [data.train[i] for i in common.step_groups(len(data.train), step - 1, int(cfg.trainer.batch_size),
-                                                                int(cfg.trainer.seed))]
+            order = [data.train[i] for i in common.step_groups(len(data.train), step.number - 1, t.batch_size, t.seed)]
             step_kl = kl_estimate(policy, reference, [(c, True) for c in chunks], successors(order), cfg, pad_id, run)
-        for i, (chunk, batch) in enumerate(zip(chunks, batches)):
-            seq = sequence_logps(policy, reference, batch, objective, need_tokens, step_kl=step_kl)
+        for batch, share in zip(batches, shares):
+            seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps, step_kl=step_kl)
             loss, metrics = objective(seq)
-            bad = _nonfinite(loss, run)
-            if bad and cfg.trainer.on_nonfinite == "stop":
-                return _stop_nonfinite(run, step, bad)
-            scale = token_share[i] if token_share else 1.0
-            common.backward_step(policy, None if bad else loss * scale)
-            meter.add({"loss": loss, **metrics})
-        metrics = common.all_reduce_mean(meter.means(), run)
-        tokens = common.all_reduce_sum(sum(b.num_real_tokens() for b in batches), run)
-        metrics.update(tokens_per_s=tokens / max(time.time() - tick, 1e-9), lr=lr)
-        if common.after_step(run, policy, step, steps, metrics, evaluation):
-            return {"exit_code": 0, "stopped": step}
-    return common.complete(run, policy, tokenizer)
+            if not step.update(policy, loss * share, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
+                return training.stop_nonfinite(step)
+        if (stopped := training.end_step(step)) is not None:
+            return stopped
+    return training.complete(tokenizer)
 
 
-def build_reference(cfg, run, policy, objective, data, pad_id):
-    """The reference strategy for this run (see ``alignkit.trainers.reference``)."""
+def build_reference(cfg: DictConfig, run: Run, policy: Any, objective: Any, data: Any, pad_id: int,
+                    steps: int) -> Any:
+    """The reference strategy for this run of ``steps`` steps (see ``alignkit.trainers.reference``)."""
     from alignkit.models.load import disabled_adapter, load_causal_lm
     from alignkit.models.logprobs import TargetLogProbs
 
     lora = int(cfg.model.lora.r) > 0
-    strategy = choose_strategy(cfg.trainer.reference, objective.needs_reference, lora)
+    t = run.trainer
+    strategy = choose_strategy(t.reference, objective.needs_reference, lora)
     if strategy == "precomputed" and objective.needs_kl_pairs:
         strategy = "separate"  # KTO's mismatched pairs change every batch; they cannot be cached
     run.print(f"[bold]reference[/]: {strategy}")
@@ -104,52 +87,50 @@ def build_reference(cfg, run, policy, objective, data, pad_id):
         module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
         return ModuleReference(common.frozen_engine(module, cfg))
     # precomputed: the starting policy, before the first step, over the groups the run will visit
-    cache_dir = Path(cfg.trainer.reference_cache_dir or default_cache_dir())  # $ALIGNKIT_CACHE/ref_logps
-    steps = common.total_steps(cfg, len(data.train))
-    used = sorted({i for s in range(steps) for i in common.step_groups(len(data.train), s, int(cfg.trainer.batch_size),
-                                                                       int(cfg.trainer.seed))})
+    cache_dir = Path(t.reference_cache_dir or default_cache_dir())  # $ALIGNKIT_CACHE/ref_logps
+    used = sorted({i for s in range(steps) for i in common.step_groups(len(data.train), s, t.batch_size, t.seed)})
     policy.eval()
     table = precompute(
         policy,
-        [data.train[i] for i in used] + data.eval[: int(cfg.trainer.max_eval_groups)],
+        [data.train[i] for i in used] + data.eval[: t.max_eval_groups],
         lambda groups: common.collate_groups(groups, cfg, pad_id),
         model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
         layout=str(cfg.data.layout),
         cache_dir=cache_dir,
-        batch_groups=int(cfg.trainer.eval_batch_size),
+        batch_groups=t.eval_batch_size,
         rank=run.rank,
         world=run.world,
         device=run.device,
         log=run.print,
-        chunks=first_batches(cfg, data, steps),
+        chunks=first_batches(t, data, steps),
     )
     policy.train()
     return table
 
 
-def first_batches(cfg, data, steps: int) -> list[list]:
+def first_batches(t: TrainerConfig, data: Any, steps: int) -> list[list[TokenizedGroup]]:
     """The micro-batches (all ranks') in which training first forwards each group, then the eval batches:
     the pre-pass forwards exactly these, so at step 0 the reference equals the policy bit for bit."""
-    micro, seen, chunks = int(cfg.trainer.micro_batch_size), set(), []
+    micro, seen, chunks = t.micro_batch_size, set(), []
     for s in range(steps):
-        indices = common.step_groups(len(data.train), s, int(cfg.trainer.batch_size), int(cfg.trainer.seed))
+        indices = common.step_groups(len(data.train), s, t.batch_size, t.seed)
         for i in range(0, len(indices), micro):
             chunk = [data.train[j] for j in indices[i : i + micro]]
             if any(g.example_id not in seen for g in chunk):
                 chunks.append(chunk)
                 seen.update(g.example_id for g in chunk)
-    held_out, size = data.eval[: int(cfg.trainer.max_eval_groups)], int(cfg.trainer.eval_batch_size)
+    held_out, size = data.eval[: t.max_eval_groups], t.eval_batch_size
     return chunks + [held_out[i : i + size] for i in range(0, len(held_out), size)]
 
 
-def _frozen_model_cfg(cfg: DictConfig):
+def _frozen_model_cfg(cfg: DictConfig) -> Any:
     model_cfg = OmegaConf.to_object(cfg.model)
     model_cfg.lora.r = 0
     model_cfg.gradient_checkpointing = False
     return model_cfg
 
 
-def sequence_logps(policy, reference, batch: Batch, objective, need_tokens: bool,
+def sequence_logps(policy: Any, reference: Any, batch: Batch, objective: Any, need_tokens: bool,
                    step_kl: float | None = None) -> SequenceLogps:
     """Policy (with grad) and reference log-probs of one batch, as the loss functions take them.
 
@@ -182,14 +163,15 @@ def sequence_logps(policy, reference, batch: Batch, objective, need_tokens: bool
     return seq
 
 
-def successors(order: list) -> dict[int, object]:
+def successors(order: list[TokenizedGroup]) -> dict[int, TokenizedGroup]:
     """KTO's mismatched completions: group ``i`` of the step (in the step's global order, across every
     micro-batch and rank) takes the completion of group ``i + 1`` (the last one the first's), as TRL's
     KL dataset rotates completions by one. Keyed by ``id(group)``."""
     return {id(group): order[(i + 1) % len(order)] for i, group in enumerate(order)}
 
 
-def _mismatched(chunk, successor: dict[int, object], cfg, pad_id, run) -> Batch:
+def _mismatched(chunk: list[TokenizedGroup], successor: dict[int, TokenizedGroup], cfg: DictConfig, pad_id: int,
+                run: Run) -> Batch:
     from dataclasses import replace
 
     rotated = [
@@ -202,7 +184,8 @@ def _mismatched(chunk, successor: dict[int, object], cfg, pad_id, run) -> Batch:
 
 
 @torch.no_grad()
-def kl_estimate(policy, reference, chunks, successor: dict[int, object], cfg, pad_id, run) -> float:
+def kl_estimate(policy: Any, reference: Any, chunks: list[tuple[list[TokenizedGroup], bool]],
+                successor: dict[int, TokenizedGroup], cfg: DictConfig, pad_id: int, run: Run) -> float:
     """KTO's reference point ``max(0, mean(logp - ref_logp))`` over the mismatched pairs of every
     ``(chunk, counted)`` of every rank (no gradient, as in the paper and TRL). Every rank forwards the
     same number of chunks (ZeRO-3); uncounted padding chunks add nothing."""
@@ -219,14 +202,15 @@ def kl_estimate(policy, reference, chunks, successor: dict[int, object], cfg, pa
 
 
 @torch.no_grad()
-def evaluate(run, policy, reference, objective, groups, pad_id) -> dict[str, float]:
+def evaluate(run: Run, policy: Any, reference: Any, objective: Any, groups: list[TokenizedGroup],
+             pad_id: int) -> dict[str, float]:
     """Held-out loss and metrics (rewards/accuracy = held-out preference accuracy)."""
     policy.eval()
     meter = common.MetricMeter()
     chunks = common.eval_chunks(run, groups)
     step_kl = None
     if objective.needs_kl_pairs:  # one KL estimate over the whole held-out set
-        order = groups[: int(run.cfg.trainer.max_eval_groups)]
+        order = groups[: run.trainer.max_eval_groups]
         step_kl = kl_estimate(policy, reference, chunks, successors(order), run.cfg, pad_id, run)
     for chunk, counted in chunks:
         batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
@@ -237,29 +221,8 @@ def evaluate(run, policy, reference, objective, groups, pad_id) -> dict[str, flo
     return meter.reduced(run)
 
 
-def _token_shares(batches: list[Batch], run) -> list[float]:
+def _token_shares(batches: list[Batch], run: Run) -> list[float]:
     """Per micro-batch factor turning per-micro token means into the step's global token mean."""
     counts = [float(b.target_ids.numel()) for b in batches]
     total = common.all_reduce_sum(sum(counts), run)
     return [c * len(batches) * run.world / max(total, 1.0) for c in counts]
-
-
-def _nonfinite(loss: torch.Tensor, run) -> str | None:
-    """"loss" when the loss is NaN/inf on any rank (all ranks then stop or skip together)."""
-    from alignkit.engine.faults import any_rank
-
-    return "loss" if any_rank(not bool(torch.isfinite(loss).all())) else None
-
-
-def _stop_nonfinite(run, step: int, tensor: str) -> dict:
-    from rich.markup import escape
-
-    from alignkit.engine.checkpoint import last_good_message
-
-    run.print(
-        f"[bold red]non-finite {tensor} at step {step}[/]: stopping; nothing of this step is saved. "
-        f"{escape(last_good_message(run.run_dir))} "
-        "Lower trainer.lr or set trainer.on_nonfinite=skip."
-    )
-    run.finish()
-    return {"exit_code": 3, "nonfinite_step": step}

@@ -48,7 +48,7 @@ def choose_strategy(requested: str, needs_reference: bool, lora: bool) -> str:
     return "lora" if lora else "precomputed"
 
 
-def forward_logps(engine_or_module, batch: Batch, **flags: bool) -> dict[str, torch.Tensor]:
+def forward_logps(engine_or_module: Any, batch: Batch, **flags: bool) -> dict[str, torch.Tensor]:
     """One forward of a ``TargetLogProbs`` module (or the engine wrapping one) over ``batch``."""
     return engine_or_module(
         input_ids=batch.input_ids,
@@ -61,19 +61,19 @@ def forward_logps(engine_or_module, batch: Batch, **flags: bool) -> dict[str, to
 
 
 class NoReference:
-    def logps(self, batch: Batch, with_tokens: bool = False):
+    def logps(self, batch: Batch, with_tokens: bool = False) -> tuple[None, None]:
         return None, None
 
 
 class ModuleReference:
     """``separate`` (a frozen engine) and ``lora`` (the policy with the adapter disabled)."""
 
-    def __init__(self, module, context: Callable[[], Any] = contextlib.nullcontext):
+    def __init__(self, module: Any, context: Callable[[], Any] = contextlib.nullcontext):
         self.module = module
         self.context = context
 
     @torch.no_grad()
-    def logps(self, batch: Batch, with_tokens: bool = False):
+    def logps(self, batch: Batch, with_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         with self.context():
             out = forward_logps(self.module, batch)
         tokens = out["logps"].detach().float()
@@ -86,7 +86,7 @@ class PrecomputedReference:
     def __init__(self, table: dict[str, list[list[float]]]):
         self.table = table
 
-    def logps(self, batch: Batch, with_tokens: bool = False):
+    def logps(self, batch: Batch, with_tokens: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         # targets of slot s are emitted left to right: rebuild the flat [N] vector in batch order and sum
         # it as the policy's values are summed (bit-equal sums when the values are)
         values: list[float] = []
@@ -229,7 +229,7 @@ def _model_identity(model_cfg: dict) -> dict:
 
 @torch.no_grad()
 def precompute(
-    module,
+    module: Any,
     groups: list[TokenizedGroup],
     collate: Callable[[list[TokenizedGroup]], Batch],
     *,

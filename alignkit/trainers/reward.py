@@ -9,17 +9,18 @@ The exported folder loads with ``AutoModelForSequenceClassification`` and serves
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.config.validate import objective_from_cfg
-from alignkit.data.batch import Batch
+from alignkit.data.batch import Batch, TokenizedGroup
 from alignkit.losses.registry import SequenceLogps
 from alignkit.models.logprobs import model_dtype, prepare_attention_mask
-from alignkit.trainers import common
+from alignkit.trainers import common, loop
+from alignkit.trainers.common import Run
 
 
 class RewardScorer(torch.nn.Module):
@@ -29,7 +30,8 @@ class RewardScorer(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids, target_index, target_slot, num_slots: int):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                target_index: torch.Tensor, target_slot: torch.Tensor, num_slots: int) -> torch.Tensor:
         base = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         hidden = base(input_ids=input_ids, attention_mask=prepare_attention_mask(attention_mask, model_dtype(base)),
                       position_ids=position_ids, use_cache=False).last_hidden_state
@@ -39,42 +41,33 @@ class RewardScorer(torch.nn.Module):
         return self.model.score(rows).squeeze(-1).float()
 
 
-def score_batch(engine, batch: Batch) -> torch.Tensor:
+def score_batch(engine: Any, batch: Batch) -> torch.Tensor:
     return engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                   target_index=batch.target_index, target_slot=batch.target_slot,
                   num_slots=batch.num_slots).view(batch.num_groups, batch.group_size)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    run = common.start(cfg, run_dir)
     objective = objective_from_cfg(cfg.loss)
-    from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_reward_model, load_tokenizer_for
+    setup = loop.setup(cfg, run_dir, "pairwise", kind="pairs")
+    run, data = setup.run, setup.data
+    from alignkit.models.load import load_reward_model
 
-    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
-    data = prepare_data(OmegaConf.to_object(cfg.data), "pairwise", tokenizer)
-    run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
-    steps = common.total_steps(cfg, len(data.train))
-    common.describe_batches(run, groups=len(data.train), steps=steps, kind="pairs")
     model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model))
-    engine = common.train_engine(RewardScorer(model), cfg, run, steps)
+    engine = common.train_engine(RewardScorer(model), cfg, run, setup.steps)
     pad_id = tokenizer.pad_token_id
     evaluation = (lambda: evaluate(run, engine, objective, data.eval, pad_id)) if data.eval else None
-    done = common.begin(run, engine, steps, evaluate=evaluation)
+    training = loop.begin(run, engine, setup.steps, evaluate=evaluation)
 
-    for step in range(done + 1, steps + 1):
-        tick, lr = time.time(), engine.get_lr()[0]  # the rate this step uses
-        meter = common.MetricMeter()
-        for chunk in common.micro_chunks(run, data.train, step - 1):
+    for step in training:
+        for chunk in common.micro_chunks(run, data.train, step.number - 1):
             batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
             loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
-            common.backward_step(engine, loss)
-            meter.add({"loss": loss, **metrics})
-        metrics = {**common.all_reduce_mean(meter.means(), run), "lr": lr,
-                   "step_seconds": time.time() - tick}
-        if common.after_step(run, engine, step, steps, metrics, evaluation):
-            return {"exit_code": 0, "stopped": step}
-    return common.complete(run, engine, tokenizer)
+            if not step.update(engine, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
+                return training.stop_nonfinite(step)
+        if (stopped := training.end_step(step)) is not None:
+            return stopped
+    return training.complete(tokenizer)
 
 
 def _as_inputs(scores: torch.Tensor, batch: Batch) -> SequenceLogps:
@@ -82,7 +75,7 @@ def _as_inputs(scores: torch.Tensor, batch: Batch) -> SequenceLogps:
 
 
 @torch.no_grad()
-def evaluate(run, engine, objective, groups, pad_id) -> dict[str, float]:
+def evaluate(run: Run, engine: Any, objective: Any, groups: list[TokenizedGroup], pad_id: int) -> dict[str, float]:
     engine.eval()
     meter = common.MetricMeter()
     for chunk, counted in common.eval_chunks(run, groups):

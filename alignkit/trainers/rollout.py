@@ -11,12 +11,14 @@ Left out: asynchronous generation and a vLLM engine (the seam is ``alignkit.rl.g
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from alignkit.data.batch import TokenizedGroup, per_token_view
+from alignkit.data.batch import Batch, TokenizedGroup, per_token_view
 from alignkit.losses.registry import RolloutLogps
 from alignkit.trainers import common
 from alignkit.trainers.reference import ModuleReference, NoReference
@@ -32,7 +34,7 @@ class SampledBatch:
     gen_tokens: int
 
 
-def build_reward_mix(cfg: DictConfig, data=None, tokenizer=None):
+def build_reward_mix(cfg: DictConfig, data: Any = None, tokenizer: Any = None) -> CombinedReward:
     """Rule rewards by name (``reward.fns``) plus, with ``reward.model``, a trained reward model.
 
     With ``data`` (prepared prompts) every rule function is called once on the first record before
@@ -85,10 +87,11 @@ class ModelReward:
 class CombinedReward:
     """``total = rule mix + model_weight * reward model``; parts reported per source."""
 
-    def __init__(self, mix, model: ModelReward | None, model_weight: float):
+    def __init__(self, mix: Any, model: ModelReward | None, model_weight: float):
         self.mix, self.model, self.model_weight = mix, model, model_weight
 
-    def __call__(self, groups, prompt_texts, texts, columns) -> tuple[list[float], dict[str, list[float]]]:
+    def __call__(self, groups: list[TokenizedGroup], prompt_texts: list[str], texts: list[str],
+                 columns: dict[str, list]) -> tuple[list[float], dict[str, list[float]]]:
         total, parts = [0.0] * len(texts), {}
         if self.mix is not None:
             ids = [list(c) for g in groups for c in g.completion_ids]
@@ -103,20 +106,20 @@ class CombinedReward:
 
 def prompt_schedule(run: common.Run, prompts: list[TokenizedGroup], step: int) -> list[TokenizedGroup]:
     """This rank's prompts for optimizer step ``step`` (0-based)."""
-    indices = common.step_groups(len(prompts), step, int(run.cfg.trainer.batch_size), int(run.cfg.trainer.seed))
+    indices = common.step_groups(len(prompts), step, run.trainer.batch_size, run.trainer.seed)
     return [prompts[i] for i in indices[run.rank :: run.world]]
 
 
-def decode_prompt(group: TokenizedGroup, tokenizer) -> str:
+def decode_prompt(group: TokenizedGroup, tokenizer: Any) -> str:
     return group.extra.get("prompt_text") or tokenizer.decode(group.prompt_ids, skip_special_tokens=True)
 
 
 @torch.no_grad()
 def sample_groups(
-    generator,
-    tokenizer,
+    generator: Any,
+    tokenizer: Any,
     prompts: list[TokenizedGroup],
-    reward_mix,
+    reward_mix: CombinedReward,
     cfg: DictConfig,
     *,
     num_samples: int,
@@ -163,6 +166,7 @@ def sample_groups(
 
 
 def reward_metrics(sampled: SampledBatch) -> dict[str, float]:
+    """The sampled batch's rewards (``reward/*``), lengths, and the seconds its sampling took (``gen_seconds``)."""
     r = sampled.rewards
     lengths = [len(ids) for g in sampled.groups for ids in g.completion_ids]
     out = {
@@ -170,7 +174,7 @@ def reward_metrics(sampled: SampledBatch) -> dict[str, float]:
         "reward/std": float(r.std()) if r.numel() > 1 else 0.0,
         "response_length": sum(lengths) / max(len(lengths), 1),
         "finished_fraction": float(sampled.finished.float().mean()),
-        "gen_tokens_per_s": sampled.gen_tokens / max(sampled.gen_seconds, 1e-9),
+        "gen_seconds": sampled.gen_seconds,
     }
     out.update({f"reward/{k}": float(v.nanmean()) for k, v in sampled.reward_parts.items()})  # NaN: not applicable
     return out
@@ -181,22 +185,24 @@ def group_index(groups: list[TokenizedGroup]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_generations(run: common.Run, generator, tokenizer, prompts, reward_mix) -> dict[str, float]:
+def evaluate_generations(run: common.Run, generator: Any, tokenizer: Any, prompts: list[TokenizedGroup],
+                         reward_mix: CombinedReward) -> dict[str, float]:
     """Mean reward of greedy completions on held-out prompts (this rank's share, then averaged)."""
-    cfg = run.cfg
-    prompts = prompts[: int(cfg.trainer.max_eval_groups)]
-    size = int(cfg.trainer.eval_batch_size)
+    cfg, t = run.cfg, run.trainer
+    prompts = prompts[: t.max_eval_groups]
+    size = t.eval_batch_size
     chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     meter = common.MetricMeter()
     for chunk, counted in common.rank_share(chunks, run.rank, run.world):
         sampled = sample_groups(generator, tokenizer, chunk, reward_mix, cfg, num_samples=1,
-                                seed=int(cfg.trainer.seed), greedy=True)
+                                seed=t.seed, greedy=True)
         meter.add({k: v for k, v in reward_metrics(sampled).items() if not k.startswith("gen_")},
                   weight=len(sampled.groups) if counted else 0)
     return meter.reduced(run)
 
 
-def held_out_reward(run: common.Run, engine, generator, tokenizer, prompts, reward_mix):
+def held_out_reward(run: common.Run, engine: Any, generator: Any, tokenizer: Any, prompts: list[TokenizedGroup],
+                    reward_mix: CombinedReward) -> Callable[[], dict[str, float]] | None:
     """The evaluation callable of the online runners (None without held-out prompts)."""
     if not prompts:
         return None
@@ -208,18 +214,18 @@ def held_out_reward(run: common.Run, engine, generator, tokenizer, prompts, rewa
     return evaluate
 
 
-def seed_for(cfg: DictConfig, run: common.Run, step: int) -> int:
+def seed_for(run: common.Run, step: int) -> int:
     """Sampling seed of (step, rank): different per rank and step, reproducible on resume."""
-    return int(cfg.trainer.seed) * 1_000_003 + step * run.world + run.rank
+    return run.trainer.seed * 1_000_003 + step * run.world + run.rank
 
 
-def slot_tokens(flat: torch.Tensor, batch) -> torch.Tensor:
+def slot_tokens(flat: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-target values ``[N]`` of a rollout batch as ``[S, T]`` rows, one per existing completion."""
     tokens, _ = per_token_view(flat.float(), batch)
     return tokens.flatten(0, 1)[batch.slot_mask.flatten()]
 
 
-def online_reference(cfg: DictConfig, run, policy, beta: float):
+def online_reference(cfg: DictConfig, run: common.Run, policy: Any, beta: float) -> NoReference | ModuleReference:
     """The KL reference of the online runners: none at beta 0, the LoRA-disabled base, or a frozen copy."""
     if beta <= 0:
         return NoReference()
@@ -235,8 +241,8 @@ def online_reference(cfg: DictConfig, run, policy, beta: float):
     return ModuleReference(common.frozen_engine(TargetLogProbs(model), cfg))
 
 
-def rollout_inputs(logps: torch.Tensor, batch, advantages: torch.Tensor, old: torch.Tensor | None,
-                   reference) -> RolloutLogps:
+def rollout_inputs(logps: torch.Tensor, batch: Batch, advantages: torch.Tensor, old: torch.Tensor | None,
+                   reference: NoReference | ModuleReference) -> RolloutLogps:
     """Per-target log-probs of a collated rollout batch as the [S, T] tensors rollout losses take."""
     tokens = slot_tokens(logps, batch)
     mask = slot_tokens(torch.ones_like(logps, dtype=torch.float32), batch).bool()

@@ -431,16 +431,16 @@ def test_resume_refuses_a_changed_setting_allows_it_explicitly_and_uses_it(tmp_p
 
 def test_stopped_run_exits_with_128_plus_the_signal(tmp_path, capsys, monkeypatch):
     """SIGTERM during training: a checkpoint, "stopped at step", and exit code 143 (it used to be 0)."""
-    import alignkit.trainers.common as common
+    from alignkit.trainers.loop import Loop
 
-    real_after_step = common.after_step
+    real_end_step = Loop.end_step
 
-    def after_step(run, *args, **kwargs):
-        if args[1] == 1:  # step 1 done: the signal arrives mid-run
+    def end_step(self, step, *args, **kwargs):
+        if step.number == 1:  # step 1 done: the signal arrives mid-run
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_after_step(run, *args, **kwargs)
+        return real_end_step(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(common, "after_step", after_step)
+    monkeypatch.setattr(Loop, "end_step", end_step)
     args = ["train", "recipe=dpo_tiny", "trainer.max_steps=5", "trainer.eval_every=0", "trainer.export=false",
             f"output_dir={tmp_path}/runs", "run_name=r", f"trainer.reference_cache_dir={tmp_path}/ref"]
     code, text = run_cli(args, capsys, monkeypatch)
