@@ -27,7 +27,6 @@ from alignkit.models.config import ModelConfig
 
 RUNNERS = ("auto", "sft", "preference", "reward", "ppo", "grpo", "online_dpo")
 REFERENCE_STRATEGIES = ("auto", "separate", "precomputed", "lora", "none")
-SCHEDULERS = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -48,7 +47,7 @@ class TrainerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 0
-    scheduler: str = "cosine"
+    scheduler: str = "cosine"  # constant | linear | cosine (engine.SCHEDULERS), after warmup_steps
     eval_every: int = 50  # optimizer steps; 0 = only at the end
     eval_batch_size: int = 8
     max_eval_groups: int = 256

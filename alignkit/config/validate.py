@@ -14,12 +14,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.config import values
-from alignkit.config.schema import REFERENCE_STRATEGIES, RUNNERS, SCHEDULERS
+from alignkit.config.schema import REFERENCE_STRATEGIES, RUNNERS
 from alignkit.config.values import check_loss_weights
+from alignkit.engine.engine import SCHEDULERS  # the one table, next to lr_multiplier that implements it
 from alignkit.errors import ConfigError
 
 RESERVED_LOSS_KEYS = ("name", "weights")
-VIEW_RUNNER = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference"}
 
 
 def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
