@@ -25,7 +25,6 @@ from alignkit.engine.config import DeepSpeedConfig
 from alignkit.engine.metrics import LoggerConfig
 from alignkit.models.config import ModelConfig
 
-RUNNERS = ("auto", "sft", "preference", "reward", "ppo", "grpo", "online_dpo")
 REFERENCE_STRATEGIES = ("auto", "separate", "precomputed", "lora", "none")
 
 
@@ -132,7 +131,7 @@ class RLConfig:
 class AlignkitConfig:
     recipe: Optional[str] = None  # preset name, set by recipes/*.yaml
     description: str = ""
-    runner: str = "auto"
+    runner: str = "auto"  # auto (the one the loss declares) | a name of alignkit.losses.runners.RUNNERS
     resume: Optional[str] = None  # auto | PATH | null
     # keys a resume may change although they change what is trained (e.g. [trainer.lr]); see config/resume.py
     resume_allow: list[str] = field(default_factory=list)
