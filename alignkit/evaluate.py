@@ -210,7 +210,7 @@ def _load(name_or_path: str, cfg: DictConfig, device: torch.device):
     model_cfg = OmegaConf.to_object(cfg.model)
     model_cfg.name_or_path = name_or_path
     model_cfg.lora.r = 0
-    model, tokenizer = load_causal_lm(model_cfg)
+    model, tokenizer = load_causal_lm(model_cfg, dtype=cfg.deepspeed.dtype)
     return model.eval().to(device), tokenizer
 
 

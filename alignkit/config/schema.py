@@ -62,7 +62,7 @@ class TrainerConfig:
     # live instead of glibc's fragmented heap (SmolLM2 DPO bench: 2.95 -> 2.48 GB, steps ~6% slower)
     cpu_release_freed_memory: bool = True
     export: bool = True  # write a transformers-loadable model at the end
-    merge_lora: bool = True
+    merge_lora: bool = True  # LoRA runs: export the merged model (true) or the adapter alone (false)
 
 
 @dataclass

@@ -129,6 +129,15 @@ def resolve_dtype(dtype: str, *, has_cuda: Optional[bool] = None) -> str:
     return resolve_auto(dtype, has_cuda=has_cuda).dtype
 
 
+def weights_dtype(dtype: str, *, has_cuda: Optional[bool] = None) -> torch.dtype:
+    """The dtype a model's weights load in for ``deepspeed.dtype=dtype``: the one DeepSpeed keeps
+    them in (bf16 / fp16; fp32 for fp32 and bf16_autocast; ``auto`` resolved first), so loading
+    neither holds a wider copy than training does nor narrows what DeepSpeed keeps in fp32."""
+    _check_choice("deepspeed.dtype", dtype, DTYPE_CHOICES)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_dtype(dtype, has_cuda=has_cuda),
+                                                               torch.float32)
+
+
 def torch_dtype(ds_config: dict[str, Any]) -> torch.dtype:
     """The dtype DeepSpeed keeps the module's parameters in for this config (bf16/fp16/fp32)."""
     if ds_config.get("bf16", {}).get("enabled"):

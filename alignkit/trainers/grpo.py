@@ -45,7 +45,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run.print(f"  x {num_samples} samples = {cfg.trainer.batch_size * num_samples} completions/step, "
               f"{mu} optimizer step(s) per generation batch")
 
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
+    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run,
                                  steps * mu)
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)

@@ -51,7 +51,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     reward_mix = rollout.build_reward_mix(cfg, data, tokenizer)  # dry-calls the reward functions
     steps = common.total_steps(cfg, len(data.train))
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
+    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     if objective.needs_reference and int(cfg.model.lora.r) > 0 and cfg.rl.update_reference_each_round:

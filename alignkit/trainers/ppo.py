@@ -48,10 +48,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     num_samples, epochs = int(cfg.rl.num_generations), int(cfg.rl.ppo_epochs)
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="prompts")
 
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
+    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     actor = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run,
                                 steps * epochs)
-    critic_model, _ = load_value_model(OmegaConf.to_object(cfg.model))
+    critic_model, _ = load_value_model(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     critic = common.train_engine(critic_model, cfg, run, steps * epochs,
                                  lr=float(cfg.rl.critic_lr))
     generator = engine_for_run(cfg, actor, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)

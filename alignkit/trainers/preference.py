@@ -48,7 +48,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     steps = common.total_steps(cfg, len(data.train))
     common.describe_batches(run, groups=len(data.train), steps=steps)
 
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
+    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     policy = common.train_engine(TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size)), cfg, run, steps)
     pad_id = tokenizer.pad_token_id
     reference = build_reference(cfg, run, policy, objective, data, pad_id)
@@ -100,7 +100,7 @@ def build_reference(cfg, run, policy, objective, data, pad_id):
         inner = common.hf_model(policy)
         return ModuleReference(policy, context=lambda: disabled_adapter(inner))
     if strategy == "separate":
-        model, _ = load_causal_lm(_frozen_model_cfg(cfg))
+        model, _ = load_causal_lm(_frozen_model_cfg(cfg), dtype=cfg.deepspeed.dtype)
         module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
         return ModuleReference(common.frozen_engine(module, cfg))
     # precomputed: the starting policy, before the first step, over the groups the run will visit

@@ -56,7 +56,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
     steps = common.total_steps(cfg, len(data.train))
     common.describe_batches(run, groups=len(data.train), steps=steps, kind="pairs")
-    model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model))
+    model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     engine = common.train_engine(RewardScorer(model), cfg, run, steps)
     pad_id = tokenizer.pad_token_id
     evaluation = (lambda: evaluate(run, engine, objective, data.eval, pad_id)) if data.eval else None
