@@ -156,14 +156,6 @@ def _precision_block(dtype: str) -> dict[str, Any]:
     return block
 
 
-def compute_dtype_name(ds_config: dict[str, Any]) -> str:
-    """``fp32 | bf16 | fp16 | bf16_autocast``: the precision a built DeepSpeed config computes in."""
-    if ds_config.get("torch_autocast", {}).get("enabled"):
-        return "bf16_autocast" if str(ds_config["torch_autocast"].get("dtype", "bfloat16")) in (
-            "bfloat16", "bf16", "torch.bfloat16") else "fp16_autocast"
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype(ds_config), "fp32")
-
-
 def _zero_block(cfg: DeepSpeedConfig, *, stage: int, with_optimizer: bool) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": stage}
     if with_optimizer and cfg.offload_optimizer != "none" and stage >= 1:

@@ -44,10 +44,6 @@ VIEW_RUNNERS = {"sft": "sft", "pairwise": "preference", "unpaired": "preference"
 JOINS_ANY = "sft"
 
 
-def online_runners() -> tuple[str, ...]:
-    return tuple(name for name, runner in RUNNERS.items() if runner.online)
-
-
 def offline_runners() -> tuple[str, ...]:
     return tuple(name for name, runner in RUNNERS.items() if not runner.online)
 

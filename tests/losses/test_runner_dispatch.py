@@ -17,7 +17,7 @@ from alignkit.config.validate import runner_for
 from alignkit.errors import ConfigError
 from alignkit.losses import available_losses, resolve_loss
 from alignkit.losses.registry import register_loss
-from alignkit.losses.runners import RUNNERS, VIEW_RUNNERS, online_runners, runner_of
+from alignkit.losses.runners import RUNNERS, VIEW_RUNNERS, offline_runners, runner_of
 
 
 @pytest.mark.parametrize("name", sorted(available_losses()))
@@ -46,7 +46,8 @@ def test_runner_of_the_registry_declarations():
     assert runner_of([resolve_loss("kto")]) == runner_of([resolve_loss("lipo")]) == "preference"
     with pytest.raises(ConfigError, match="need different runners"):
         runner_of([resolve_loss("grpo"), resolve_loss("ppo")])
-    assert set(online_runners()) == {"ppo", "grpo", "online_dpo"}
+    assert offline_runners() == ("sft", "preference", "reward")
+    assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo"}
 
 
 def test_runner_for_and_the_runner_choices_read_the_table():
