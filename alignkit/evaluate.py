@@ -62,7 +62,6 @@ from alignkit.config.compose import compose, conf_dir, load_frozen
 from alignkit.errors import ConfigError, DataError, UserError
 from alignkit.stats import Interval, mean_interval, paired_difference, paired_mean_difference, wilson
 
-RL_RUNNERS = ("grpo", "ppo", "online_dpo")
 JUDGE_PARTS = ("format", "concise")  # shown beside the demo judge, never instead of answer accuracy
 
 
@@ -136,6 +135,7 @@ def _apply_overrides(cfg: DictConfig, dotlist: list[str], where: Path) -> DictCo
 def resolve_target(target: str, overrides: list[str], baseline: str | None = None) -> EvalTarget:
     """What to evaluate, against what, on which data (see the module docstring)."""
     from alignkit.config.validate import runner_for
+    from alignkit.losses.runners import is_online
     from alignkit.data.overrides import expand_shorthand
 
     data_file, rest = _split_overrides(list(overrides))
@@ -157,7 +157,7 @@ def resolve_target(target: str, overrides: list[str], baseline: str | None = Non
             raise UserError(f"{run_dir} has no final/ model yet (the run did not finish); evaluate a checkpoint's "
                             "export folder instead (alignkit eval RUN_DIR/checkpoints/...).")
         base = baseline or str(cfg.model.name_or_path)
-        explicit = reward_named or runner_for(cfg) in RL_RUNNERS
+        explicit = reward_named or is_online(runner_for(cfg))
         if data_file is not None:
             cfg = _own_data(cfg, data_file, run_dir / "config.yaml")
             return EvalTarget(cfg, model, base, run_dir, f"every record of {data_file} (data=...)", True, explicit)
@@ -193,7 +193,7 @@ def resolve_target(target: str, overrides: list[str], baseline: str | None = Non
         notes.append(f"no reward.fns given: the default {list(cfg.reward.fns)} (the demo task's) not scored; "
                      "answer accuracy only (reward.fns=[correctness,my_rewards:fn] to add rewards)")
         cfg.reward.fns = []
-    return EvalTarget(cfg, target, baseline, None, where, use_train, reward_named or runner_for(cfg) in RL_RUNNERS,
+    return EvalTarget(cfg, target, baseline, None, where, use_train, reward_named or is_online(runner_for(cfg)),
                       notes)
 
 
@@ -210,7 +210,7 @@ def _load(name_or_path: str, cfg: DictConfig, device: torch.device):
     model_cfg = OmegaConf.to_object(cfg.model)
     model_cfg.name_or_path = name_or_path
     model_cfg.lora.r = 0
-    model, tokenizer = load_causal_lm(model_cfg)
+    model, tokenizer = load_causal_lm(model_cfg, dtype=cfg.deepspeed.dtype)
     return model.eval().to(device), tokenizer
 
 

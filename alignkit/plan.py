@@ -21,6 +21,7 @@ from rich.table import Table
 
 from alignkit.config.compose import compose
 from alignkit.config.validate import grad_accum_steps, objective_from_cfg, runner_for, world_size
+from alignkit.losses.runners import is_online
 
 console = Console()
 
@@ -138,7 +139,7 @@ def memory_estimates(total: int, largest: int, gpus: int, nodes: int, dtype: str
 def tokens_per_micro_batch(cfg: DictConfig, runner: str) -> int:
     """Upper bound of the tokens one micro-batch forwards (rows at their length limits)."""
     t, d = cfg.trainer, cfg.data
-    if runner in ("grpo", "ppo", "online_dpo"):
+    if is_online(runner):
         samples = 2 if runner == "online_dpo" else int(cfg.rl.num_generations)
         per_group = samples * (int(d.max_prompt_length) + int(cfg.generation.max_new_tokens))
     else:
@@ -179,7 +180,7 @@ def print_plan(overrides: list[str]) -> int:
     world = world_size(cfg)
     console.print(f"[bold]recipe[/] {cfg.recipe}  [bold]runner[/] {runner}  [bold]loss[/] {cfg.loss.name}  "
                   f"[bold]model[/] {cfg.model.name_or_path}  [bold]deepspeed[/] zero{cfg.deepspeed.zero_stage}")
-    unit = "prompts" if runner in ("grpo", "ppo", "online_dpo") else "groups"
+    unit = "prompts" if is_online(runner) else "groups"
     console.print(f"[bold]batch[/]: {t.batch_size} {unit}/optimizer step = {t.micro_batch_size} per micro-batch x "
                   f"{grad_accum_steps(cfg)} accumulation step(s) x {world} process(es)")
     if unit == "prompts":

@@ -37,14 +37,6 @@ from alignkit.config.compose import compose, freeze, load_frozen
 from alignkit.config.validate import runner_for, world_size
 from alignkit.errors import ConfigError, UserError
 
-TRAINER_MODULES = {
-    "sft": "alignkit.trainers.preference",
-    "preference": "alignkit.trainers.preference",
-    "reward": "alignkit.trainers.reward",
-    "ppo": "alignkit.trainers.ppo",
-    "grpo": "alignkit.trainers.grpo",
-    "online_dpo": "alignkit.trainers.online_dpo",
-}
 FROZEN = "config.yaml"
 OVERRIDES = "overrides.txt"
 # what a run directory holds before its trainer has trained anything: removable on a failed start
@@ -207,7 +199,9 @@ def run_in_process(cfg: DictConfig, run_dir: Path, *, worker: bool = False) -> i
     from alignkit.engine.precision import check_supported
 
     check_supported(str(cfg.deepspeed.dtype))  # on the machine that trains, before any model loads
-    module = importlib.import_module(TRAINER_MODULES[runner])
+    from alignkit.losses.runners import RUNNERS
+
+    module = importlib.import_module(RUNNERS[runner].module)
     handlers = _signal_handlers()
     try:
         result = module.train(cfg, run_dir)

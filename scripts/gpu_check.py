@@ -71,7 +71,7 @@ class Checks:
         if self.dry:
             overrides += ["deepspeed=none", "deepspeed.dtype=fp32"]
         else:
-            overrides += ["deepspeed=zero2", "deepspeed.dtype=bf16", "model.dtype=bf16"]
+            overrides += ["deepspeed=zero2", "deepspeed.dtype=bf16"]
         env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
         env.setdefault("HF_HUB_OFFLINE", "1")
         if self.dry:
@@ -98,8 +98,7 @@ class Checks:
 
         cfg = compose([f"recipe=sft_{self.model}"])
         model_cfg = OmegaConf.to_object(cfg.model)
-        model_cfg.dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-        model, tokenizer = load_causal_lm(model_cfg)
+        model, tokenizer = load_causal_lm(model_cfg, dtype={torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype])
         return model.to(self.device).eval(), tokenizer
 
     # ------------------------------------------------------------------ checks

@@ -6,8 +6,9 @@ error into a ``ConfigError`` whose message names the key and the valid choices, 
 before any model is loaded: an unknown key (also one added with ``+key=``, which Hydra would
 keep) names the closest valid keys (difflib) and the keys of its section, a wrong type names the
 expected type and the default as an example, an override with a control character (a newline
-from a shell quoting slip) is refused by name instead of a lexer exception. ``freeze``/``load_frozen`` write and read the resolved config of a
-run directory: workers of a multi-process run load that file and never re-compose.
+from a shell quoting slip) is refused by name instead of a lexer exception, a removed knob
+(``REMOVED_KEYS``) names its replacement. ``freeze``/``load_frozen`` write and read the resolved
+config of a run directory: workers of a multi-process run load that file and never re-compose.
 
 Left out: the multirun path, which goes through ``@hydra.main`` in ``alignkit.sweep`` so that
 sweeper and launcher plugins work unchanged.
@@ -25,6 +26,15 @@ from omegaconf import DictConfig, OmegaConf
 from alignkit.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
+# knobs that were removed -> what replaces them. Setting one fails at compose time with a message
+# naming the replacement (``unknown_key_message``); a run frozen before the removal loads without
+# it (``load_frozen``): none of them changes what is trained once the replacement is read.
+REMOVED_KEYS = {
+    "model.dtype": "deepspeed.dtype, the one precision knob (auto, fp32, bf16, fp16, bf16_autocast): the model "
+                   "loads in the precision it trains in",
+    "model.lora.merge_on_export": "trainer.merge_lora, the one LoRA-merge knob (true: export the merged model, "
+                                  "false: the adapter alone)",
+}
 
 
 def conf_dir() -> Path:
@@ -242,6 +252,8 @@ def unknown_key_message(path: str) -> str:
     """'unknown config key X. Did you mean: closest keys? Keys under PARENT: ...' (difflib)."""
     import difflib
 
+    if path in REMOVED_KEYS:
+        return f"config key {path!r} was removed; use {REMOVED_KEYS[path]}."
     parent, _, leaf = path.rpartition(".")
     keys = schema_keys()
     siblings = [k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == parent]
@@ -358,7 +370,13 @@ def load_frozen(path: Path) -> DictConfig:
     if not Path(path).is_file():
         raise ConfigError(f"{path}: no such run config file.")
     schema = OmegaConf.structured(AlignkitConfig)
-    return OmegaConf.merge(schema, OmegaConf.load(path))
+    frozen = OmegaConf.load(path)
+    for key in REMOVED_KEYS:  # frozen before the knob was removed
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(frozen, parent) if parent else frozen
+        if isinstance(node, DictConfig) and leaf in node:
+            del node[leaf]
+    return OmegaConf.merge(schema, frozen)
 
 
 def list_recipes() -> list[tuple[str, str]]:

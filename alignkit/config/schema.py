@@ -25,9 +25,7 @@ from alignkit.engine.config import DeepSpeedConfig
 from alignkit.engine.metrics import LoggerConfig
 from alignkit.models.config import ModelConfig
 
-RUNNERS = ("auto", "sft", "preference", "reward", "ppo", "grpo", "online_dpo")
 REFERENCE_STRATEGIES = ("auto", "separate", "precomputed", "lora", "none")
-SCHEDULERS = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -48,7 +46,7 @@ class TrainerConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     warmup_steps: int = 0
-    scheduler: str = "cosine"
+    scheduler: str = "cosine"  # constant | linear | cosine (engine.SCHEDULERS), after warmup_steps
     eval_every: int = 50  # optimizer steps; 0 = only at the end
     eval_batch_size: int = 8
     max_eval_groups: int = 256
@@ -64,7 +62,7 @@ class TrainerConfig:
     # live instead of glibc's fragmented heap (SmolLM2 DPO bench: 2.95 -> 2.48 GB, steps ~6% slower)
     cpu_release_freed_memory: bool = True
     export: bool = True  # write a transformers-loadable model at the end
-    merge_lora: bool = True
+    merge_lora: bool = True  # LoRA runs: export the merged model (true) or the adapter alone (false)
 
 
 @dataclass
@@ -133,7 +131,7 @@ class RLConfig:
 class AlignkitConfig:
     recipe: Optional[str] = None  # preset name, set by recipes/*.yaml
     description: str = ""
-    runner: str = "auto"
+    runner: str = "auto"  # auto (the one the loss declares) | a name of alignkit.losses.runners.RUNNERS
     resume: Optional[str] = None  # auto | PATH | null
     # keys a resume may change although they change what is trained (e.g. [trainer.lr]); see config/resume.py
     resume_allow: list[str] = field(default_factory=list)

@@ -14,12 +14,13 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from alignkit.config import values
-from alignkit.config.schema import REFERENCE_STRATEGIES, RUNNERS, SCHEDULERS
+from alignkit.config.schema import REFERENCE_STRATEGIES
 from alignkit.config.values import check_loss_weights
+from alignkit.engine.engine import SCHEDULERS  # the one table, next to lr_multiplier that implements it
 from alignkit.errors import ConfigError
+from alignkit.losses.runners import RUNNERS, is_online, offline_runners, runner_of
 
 RESERVED_LOSS_KEYS = ("name", "weights")
-VIEW_RUNNER = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference"}
 
 
 def _choice(value: str, valid: tuple[str, ...], key: str) -> None:
@@ -87,18 +88,12 @@ def objective_from_cfg(loss_cfg: Any):
 
 
 def runner_for(cfg: DictConfig) -> str:
-    """The runner that trains ``cfg``: explicit ``runner`` or the one the loss's view implies."""
+    """The runner that trains ``cfg``: explicit ``runner``, or the one its losses declare
+    (``LossSpec.runner``; ``alignkit.losses.runners`` holds the table and the rule)."""
     terms = loss_terms(cfg.loss)
-    views = {spec.view for spec, _, _ in terms}
     if cfg.runner != "auto":
         return cfg.runner
-    if "rollout" in views:
-        names = [spec.name for spec, _, _ in terms]
-        return "ppo" if "ppo" in names else "grpo"
-    if any(spec.name == "bradley_terry" for spec, _, _ in terms):
-        return "reward"
-    views.discard("sft")
-    return "preference" if views else "sft"
+    return runner_of(spec for spec, _, _ in terms)
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -114,7 +109,7 @@ def _validate_sections(cfg: DictConfig) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    _choice(cfg.runner, RUNNERS, "runner")
+    _choice(cfg.runner, ("auto", *RUNNERS), "runner")
     _choice(cfg.trainer.scheduler, SCHEDULERS, "trainer.scheduler")
     _choice(cfg.trainer.reference, REFERENCE_STRATEGIES, "trainer.reference")
     _choice(cfg.trainer.on_nonfinite, ("stop", "skip"), "trainer.on_nonfinite")
@@ -134,17 +129,17 @@ def validate(cfg: DictConfig) -> None:
     check_scale_rules(cfg)
     if cfg.deepspeed.get("optimizer_in_backward", False):
         _check_optimizer_in_backward(cfg, runner)
-    if runner in ("ppo", "grpo", "online_dpo"):
+    if is_online(runner):
         _check_online(cfg, runner)
-    needs_ref = any(spec.needs_reference for spec, _, _ in terms)
+    needs_ref = any(spec.reference_needed(hp) for spec, _, hp in terms)
     ref = cfg.trainer.reference
     if ref == "lora" and int(cfg.model.lora.r) <= 0:
         raise ConfigError("trainer.reference=lora needs LoRA training: set model.lora.r (e.g. model.lora.r=16).")
     if needs_ref and ref == "none":
-        names = [s.name for s, _, _ in terms if s.needs_reference]
+        names = [s.name for s, _, hp in terms if s.reference_needed(hp)]
         raise ConfigError(f"loss {names} needs a reference model; trainer.reference=none is not possible. "
                           "Valid: auto, separate, precomputed, lora.")
-    if not needs_ref and ref not in ("auto", "none") and runner not in ("ppo", "grpo", "online_dpo"):
+    if not needs_ref and ref not in ("auto", "none") and not is_online(runner):
         names = [s.name for s, _, _ in terms]
         raise ConfigError(f"loss {names} is reference-free: trainer.reference={ref} would build a reference that no "
                           "loss term reads. Use trainer.reference=auto (or none), or a loss that needs a reference "
@@ -236,8 +231,9 @@ def _check_optimizer_in_backward(cfg: DictConfig, runner: str) -> None:
     if grad_accum_steps(cfg) != 1:
         problems.append(f"no gradient accumulation (trainer.batch_size={cfg.trainer.batch_size} must equal "
                         f"trainer.micro_batch_size={cfg.trainer.micro_batch_size})")
-    if runner not in ("sft", "preference", "reward"):
-        problems.append(f"an offline runner: sft, preference or reward (got {runner})")
+    if is_online(runner):
+        offline = offline_runners()
+        problems.append(f"an offline runner: {', '.join(offline[:-1])} or {offline[-1]} (got {runner})")
     if problems:
         raise ConfigError("deepspeed.optimizer_in_backward=true needs " + "; ".join(problems) + ".")
 

@@ -2,7 +2,7 @@
 
 Files -> raw rows (``sources``) -> canonical ``Record`` (``formats``, ``record``) -> the loss's view
 (``views`` over ``convert``) -> ``TokenizedGroup`` (``tokenize``) -> ``Batch`` (``collate``, the
-contract in ``batch``). ``pipeline.prepare_data`` runs it all (with caching) and
-``pipeline.iterate_batches`` batches it; ``doctor`` + ``cli`` are ``alignkit data ...``.
+contract in ``batch``). ``pipeline.prepare_data`` runs it all (with caching); the
+trainers batch the groups; ``doctor`` + ``cli`` are ``alignkit data ...``.
 Settings: ``config.DataConfig``. Nothing is imported here, so ``import alignkit.data.batch`` stays light.
 """

@@ -4,7 +4,7 @@
 lead composes it into the Hydra schema as ``data``. Defaults live here and nowhere else.
 
 Deliberately left out: model/tokenizer choice (the ``model`` group owns it) and the batch size
-(the trainer owns it and passes ``batch_groups`` to ``iterate_batches``).
+(the trainer owns it: ``trainer.batch_size``, ``trainer.micro_batch_size``).
 """
 
 from __future__ import annotations

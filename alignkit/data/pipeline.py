@@ -1,4 +1,4 @@
-"""From a ``DataConfig`` to tokenized train/eval groups, and from groups to batches.
+"""From a ``DataConfig`` to tokenized train/eval groups.
 
 ``prepare_data(cfg, view, tokenizer)`` reads every source, parses and validates every row (bad rows
 raise one located ``DataError`` before any model is loaded, or with ``on_error=skip`` are skipped
@@ -10,10 +10,8 @@ rebuilds. Cache files (``alignkit.data.cache``: safetensors + JSON, never pickle
 atomically and carry their key and a checksum; a damaged or planted file is reported (in the
 stats line), moved aside and rebuilt.
 
-``iterate_batches`` yields collated batches for one epoch: a permutation seeded by (seed, epoch),
-sharded so that rank r takes the r-th ``batch_groups`` of every global batch, the last global batch
-completed by wrapping around (so every rank takes the same number of steps), and ``skip_batches``
-to resume mid-epoch exactly. Deliberately left out: device placement and gradient accumulation.
+Batching is the trainers' (``alignkit.trainers.common.step_groups`` / ``micro_chunks`` /
+``collate_groups``).
 """
 
 from __future__ import annotations
@@ -25,11 +23,10 @@ import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from alignkit.data import cache as data_cache
-from alignkit.data.batch import Batch, TokenizedGroup
-from alignkit.data.collate import collate
+from alignkit.data.batch import TokenizedGroup
 from alignkit.data.config import DataConfig, SourceConfig
 from alignkit.data.convert import ConvertStats
 from alignkit.data.formats import parse_row
@@ -274,38 +271,3 @@ def prepare_data(cfg: DataConfig, view: str, tokenizer: Any) -> PreparedData:
             stats.cache_note = f"not cached: {unsupported}"
             log.warning("data.cache_dir: %s", stats.cache_note)
     return prepared
-
-
-# ---------------------------------------------------------------- batches
-
-
-def num_batches(num_groups: int, batch_groups: int, world_size: int = 1) -> int:
-    """Batches per epoch on every rank (the last global batch is completed by wrapping around)."""
-    global_batch = batch_groups * world_size
-    return -(-num_groups // global_batch) if num_groups else 0
-
-
-def epoch_order(num_groups: int, *, shuffle: bool, seed: int, epoch: int) -> list[int]:
-    order = list(range(num_groups))
-    if shuffle:
-        random.Random(f"{seed}:{epoch}").shuffle(order)
-    return order
-
-
-def iterate_batches(
-    groups: list[TokenizedGroup], *, batch_groups: int, layout: str, pad_token_id: int, shuffle: bool = True,
-    seed: int = 0, epoch: int = 0, rank: int = 0, world_size: int = 1, max_tokens_per_row: int | None = None,
-    skip_batches: int = 0,
-) -> Iterator[Batch]:
-    """This rank's batches of one epoch, deterministic given (seed, epoch); see the module docstring."""
-    if batch_groups <= 0 or not 0 <= rank < world_size:
-        raise ValueError(f"need batch_groups > 0 and 0 <= rank < world_size (got {batch_groups}, {rank}, {world_size})")
-    order = epoch_order(len(groups), shuffle=shuffle, seed=seed, epoch=epoch)
-    total = num_batches(len(groups), batch_groups, world_size)
-    global_batch = batch_groups * world_size
-    for step in range(skip_batches, total):
-        start = step * global_batch + rank * batch_groups
-        indices = [order[i % len(order)] for i in range(start, start + batch_groups)]
-        yield collate([groups[i] for i in indices], layout=layout, pad_token_id=pad_token_id,
-                      max_tokens_per_row=max_tokens_per_row)
-

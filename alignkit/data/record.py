@@ -47,10 +47,6 @@ class Record:
     def group_size(self) -> int:
         return len(self.completions)
 
-    @property
-    def is_chat(self) -> bool:
-        return isinstance(self.prompt, list)
-
     def content(self) -> dict[str, Any]:
         """The record's content without its location (what identifies it)."""
         return {

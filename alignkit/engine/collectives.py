@@ -50,19 +50,6 @@ def device() -> torch.device:
     return accelerator_device()
 
 
-def all_reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    """Reduce ``tensor`` over ranks (in place when it already lives on ``device()``); returns the result
-    on ``tensor``'s own device."""
-    if not active():
-        return tensor
-    target = device()
-    work = tensor if tensor.device == target else tensor.to(target)
-    dist.all_reduce(work, op=_OPS[op])
-    if work is not tensor:
-        tensor.copy_(work.to(tensor.device))
-    return tensor
-
-
 def all_reduce(values: Sequence[float], op: str = "sum") -> list[float]:
     """Reduce a few Python floats over ranks (float64 on ``device()``)."""
     if not active():

@@ -129,6 +129,15 @@ def resolve_dtype(dtype: str, *, has_cuda: Optional[bool] = None) -> str:
     return resolve_auto(dtype, has_cuda=has_cuda).dtype
 
 
+def weights_dtype(dtype: str, *, has_cuda: Optional[bool] = None) -> torch.dtype:
+    """The dtype a model's weights load in for ``deepspeed.dtype=dtype``: the one DeepSpeed keeps
+    them in (bf16 / fp16; fp32 for fp32 and bf16_autocast; ``auto`` resolved first), so loading
+    neither holds a wider copy than training does nor narrows what DeepSpeed keeps in fp32."""
+    _check_choice("deepspeed.dtype", dtype, DTYPE_CHOICES)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_dtype(dtype, has_cuda=has_cuda),
+                                                               torch.float32)
+
+
 def torch_dtype(ds_config: dict[str, Any]) -> torch.dtype:
     """The dtype DeepSpeed keeps the module's parameters in for this config (bf16/fp16/fp32)."""
     if ds_config.get("bf16", {}).get("enabled"):
@@ -145,14 +154,6 @@ def _precision_block(dtype: str) -> dict[str, Any]:
         # all-gather and gradient reduction in fp32 (DeepSpeed's default narrows nn.Linear's to bf16).
         block["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return block
-
-
-def compute_dtype_name(ds_config: dict[str, Any]) -> str:
-    """``fp32 | bf16 | fp16 | bf16_autocast``: the precision a built DeepSpeed config computes in."""
-    if ds_config.get("torch_autocast", {}).get("enabled"):
-        return "bf16_autocast" if str(ds_config["torch_autocast"].get("dtype", "bfloat16")) in (
-            "bfloat16", "bf16", "torch.bfloat16") else "fp16_autocast"
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype(ds_config), "fp32")
 
 
 def _zero_block(cfg: DeepSpeedConfig, *, stage: int, with_optimizer: bool) -> dict[str, Any]:

@@ -24,8 +24,8 @@
 Precision: DeepSpeed casts the module to the config's dtype (``config.torch_dtype(ds_config)``):
 bf16 on GPUs (``dtype=auto``), fp32 here on CPU; with bf16/fp16 it keeps fp32 master weights in
 the optimizer. A trainer feeds integer token ids unchanged, casts any float input (e.g. a 4D
-additive attention mask) to ``engine_dtype(engine)``, and upcasts logits to fp32 before
-``log_softmax`` so losses are computed in fp32.
+additive attention mask) to the module's dtype (``models.logprobs.model_dtype``), and upcasts
+logits to fp32 before ``log_softmax`` so losses are computed in fp32.
 
 Left out: pipeline/tensor parallelism, DeepSpeed's own LR schedulers, and the training loop itself
 (``engine.backward(loss); engine.step()`` is the trainer's business).
@@ -48,7 +48,7 @@ import torch
 
 from alignkit.errors import ConfigError
 
-SCHEDULERS = ("constant", "linear", "cosine")
+SCHEDULERS = ("constant", "linear", "cosine")  # trainer.scheduler: the one table (lr_multiplier)
 
 
 @dataclass(frozen=True)
@@ -339,15 +339,6 @@ def init_frozen_engine(module: torch.nn.Module, ds_config: dict[str, Any]):
     engine, *_ = deepspeed.initialize(model=module, config=dict(ds_config))
     engine.eval()
     return engine
-
-
-def engine_dtype(engine) -> torch.dtype:
-    """The dtype the engine's module computes in (cast float inputs such as 4D masks to it)."""
-    if engine.bfloat16_enabled():
-        return torch.bfloat16
-    if engine.fp16_enabled():
-        return torch.float16
-    return torch.float32
 
 
 def zero_stage(engine) -> int:

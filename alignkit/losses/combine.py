@@ -13,8 +13,9 @@ Metrics: each part's own loss as ``loss/<name>`` (unweighted), then the parts' m
 the first part winning a name clash (so ``dpo``'s ``logps/chosen`` stands over ``sft``'s).
 
 ``WeightedLoss.needs_reference`` / ``needs_kl_pairs`` / ``needs_token_logps`` tell the trainer what
-to fill; ``requires_token_logps(spec, hparams)`` answers for one part given its hyper-parameter
-values (WPO's ``use_weighting`` and LD-DPO's ``ld_alpha`` need per-token tensors only when on).
+to fill: each part's spec answers for its hyper-parameter values (``LossSpec.reference_needed`` /
+``token_logps_needed``: WPO's ``use_weighting`` and LD-DPO's ``ld_alpha`` need per-token tensors
+only when on, GRPO a reference only with ``beta != 0``).
 
 Left out: schedules for the weights (constant weights only) and per-part learning signals.
 """
@@ -30,11 +31,6 @@ import torch
 from alignkit.errors import ConfigError
 from alignkit.losses.common import validate_knobs
 from alignkit.losses.registry import LossSpec, SequenceLogps, check_hparams, resolve_loss
-
-
-def requires_token_logps(spec: LossSpec, hparams: dict[str, Any]) -> bool:
-    """Whether this loss, with these hyper-parameter values, reads the per-token tensors."""
-    return bool(spec.needs_token_logps or hparams.get("use_weighting") or hparams.get("ld_alpha") is not None)
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ class WeightedLoss:
 
     @property
     def needs_reference(self) -> bool:
-        return any(part.spec.needs_reference for part in self.parts)
+        return any(part.spec.reference_needed(part.hparams) for part in self.parts)
 
     @property
     def needs_kl_pairs(self) -> bool:
@@ -69,7 +65,7 @@ class WeightedLoss:
 
     @property
     def needs_token_logps(self) -> bool:
-        return any(requires_token_logps(part.spec, part.hparams) for part in self.parts)
+        return any(part.spec.token_logps_needed(part.hparams) for part in self.parts)
 
     def __call__(self, inputs: SequenceLogps) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total: torch.Tensor | None = None

@@ -13,7 +13,8 @@ Knobs, accepted where TRL accepts them:
   ``token_logps``, ``token_log_sq_mass``, ``token_mask``. Not on ``aot`` (batch-sorted, as TRL).
 * ``ld_alpha`` (LD-DPO): recomputes policy and reference sums from the per-token tensors, weighting
   tokens past the shorter completion's length by ``ld_alpha``; needs ``token_logps`` (with grad),
-  ``ref_token_logps``, ``token_mask``. ``combine.requires_token_logps`` tells the trainer when.
+  ``ref_token_logps``, ``token_mask``. ``reads_token_logps``, each loss's ``needs_token_logps``,
+  tells the trainer when.
 
 Deliberate differences from TRL 1.16 (tests check each): ``dpo`` honours ``label_smoothing``
 (conservative DPO, (1-e)*l(z) + e*l(-z)); TRL's ``sigmoid`` ignores it. ``bco_pair`` takes the
@@ -37,6 +38,7 @@ from alignkit.losses.common import (
     f_divergence_scores,
     pair_terms,
     preference_metrics,
+    register_knob_rules,
     smoothed_logistic,
     validate_knobs,
     wpo_weights,
@@ -44,6 +46,14 @@ from alignkit.losses.common import (
 from alignkit.losses.registry import SequenceLogps, register_loss
 
 Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+register_knob_rules("robust", label_smoothing=(lambda v: 0.0 <= v < 0.5, "a label-flip rate in [0, 0.5)"))
+register_knob_rules("exo_pair", label_smoothing=(lambda v: 1e-12 <= v < 1.0, "EXO's epsilon in (0, 1), e.g. 1e-3"))
+
+
+def reads_token_logps(hparams: dict) -> bool:
+    """WPO (``use_weighting``) and LD-DPO (``ld_alpha``) read the per-token tensors; the plain sums do not."""
+    return bool(hparams.get("use_weighting")) or hparams.get("ld_alpha") is not None
 
 
 def _terms(name: str, inputs: SequenceLogps, knobs: dict) -> PairTerms:
@@ -65,7 +75,7 @@ def _finish(per_pair: torch.Tensor, t: PairTerms, beta: float, inputs: SequenceL
     return per_pair.mean(), metrics
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def dpo(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 0.0,
         f_divergence: str = "reverse_kl", f_alpha: float = 0.5, use_weighting: bool = False,
         ld_alpha: float | None = None) -> Out:
@@ -75,7 +85,7 @@ def dpo(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 0.
     return _finish(smoothed_logistic(beta * (chosen - rejected), label_smoothing), t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def hinge(inputs: SequenceLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
           use_weighting: bool = False, ld_alpha: float | None = None) -> Out:
     """SLiC / RSO hinge: relu(1 - beta * (h_c - h_r))."""
@@ -89,7 +99,7 @@ def _length_normalised_delta(t: PairTerms, f_divergence: str, f_alpha: float) ->
     return chosen / t.chosen_lengths - rejected / t.rejected_lengths
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def ipo(inputs: SequenceLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl", f_alpha: float = 0.5,
         use_weighting: bool = False, ld_alpha: float | None = None) -> Out:
     """IPO: (d - 1/(2*beta))^2 with d the difference of per-token (length-normalised) log-ratios.
@@ -102,7 +112,7 @@ def ipo(inputs: SequenceLogps, *, beta: float = 0.1, f_divergence: str = "revers
     return _finish((d - 1.0 / (2.0 * beta)) ** 2, t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def sigmoid_norm(inputs: SequenceLogps, *, beta: float = 0.1, f_divergence: str = "reverse_kl",
                  f_alpha: float = 0.5, use_weighting: bool = False, ld_alpha: float | None = None) -> Out:
     """DPO on per-token log-ratios: -log sigmoid(beta * (h_c/len_c - h_r/len_r)), lengths clamped at 1."""
@@ -111,7 +121,7 @@ def sigmoid_norm(inputs: SequenceLogps, *, beta: float = 0.1, f_divergence: str 
     return _finish(F.softplus(-beta * d), t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def robust(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 0.1,
            f_divergence: str = "reverse_kl", f_alpha: float = 0.5, use_weighting: bool = False,
            ld_alpha: float | None = None) -> Out:
@@ -124,7 +134,7 @@ def robust(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float =
     return _finish(per_pair, t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def exo_pair(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 1e-3,
              f_divergence: str = "reverse_kl", f_alpha: float = 0.5, use_weighting: bool = False,
              ld_alpha: float | None = None) -> Out:
@@ -138,7 +148,7 @@ def exo_pair(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float
     return _finish(per_pair, t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def discopop(inputs: SequenceLogps, *, beta: float = 0.1, tau: float = 0.05, f_divergence: str = "reverse_kl",
              f_alpha: float = 0.5, use_weighting: bool = False, ld_alpha: float | None = None) -> Out:
     """DiscoPOP (log-ratio modulated): (1 - s) * l(z) + s * exp(-z), s = sigmoid(z / tau) (TRL's discopop_tau).
@@ -154,7 +164,7 @@ def discopop(inputs: SequenceLogps, *, beta: float = 0.1, tau: float = 0.05, f_d
     return _finish(per_pair, t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def nca_pair(inputs: SequenceLogps, *, beta: float = 0.1, use_weighting: bool = False,
              ld_alpha: float | None = None) -> Out:
     """NCA (pairwise): -log sigmoid(r_c) - 0.5 log sigmoid(-r_c) - 0.5 log sigmoid(-r_r), r = beta*h."""
@@ -164,7 +174,7 @@ def nca_pair(inputs: SequenceLogps, *, beta: float = 0.1, use_weighting: bool = 
     return _finish(per_pair, t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def bco_pair(inputs: SequenceLogps, *, beta: float = 0.1, delta: float = 0.0, use_weighting: bool = False,
              ld_alpha: float | None = None) -> Out:
     """BCO (pairwise): -log sigmoid(r_c - delta) - log sigmoid(-(r_r - delta)), r = beta*h.
@@ -176,7 +186,7 @@ def bco_pair(inputs: SequenceLogps, *, beta: float = 0.1, delta: float = 0.0, us
     return _finish(F.softplus(-(r_c - delta)) + F.softplus(r_r - delta), t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def sppo_hard(inputs: SequenceLogps, *, beta: float = 0.1, use_weighting: bool = False,
               ld_alpha: float | None = None) -> Out:
     """SPPO with hard labels: (h_c - 1/(2 beta))^2 + (h_r + 1/(2 beta))^2."""
@@ -186,7 +196,7 @@ def sppo_hard(inputs: SequenceLogps, *, beta: float = 0.1, use_weighting: bool =
     return _finish(per_pair, t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def aot(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 0.0,
         ld_alpha: float | None = None) -> Out:
     """AOT (paired): smoothed logistic loss on sorted(logp_c - logp_r) - sorted(ref_c - ref_r) over the batch.
@@ -200,7 +210,7 @@ def aot(inputs: SequenceLogps, *, beta: float = 0.1, label_smoothing: float = 0.
     return _finish(per_pair, t, beta, inputs, use_weighting=False)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def apo_zero(inputs: SequenceLogps, *, beta: float = 0.1, use_weighting: bool = False,
              ld_alpha: float | None = None) -> Out:
     """APO-zero: (1 - sigmoid(beta*h_c)) + sigmoid(beta*h_r); for chosen better than the model's own outputs."""
@@ -209,7 +219,7 @@ def apo_zero(inputs: SequenceLogps, *, beta: float = 0.1, use_weighting: bool = 
     return _finish(per_pair, t, beta, inputs, use_weighting)
 
 
-@register_loss(view="pairwise", needs_reference=True)
+@register_loss(view="pairwise", needs_reference=True, needs_token_logps=reads_token_logps)
 def apo_down(inputs: SequenceLogps, *, beta: float = 0.1, use_weighting: bool = False,
              ld_alpha: float | None = None) -> Out:
     """APO-down: sigmoid(beta*h_c) + (1 - sigmoid(beta*(h_c - h_r))); for chosen worse than the model's outputs."""

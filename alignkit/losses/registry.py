@@ -9,10 +9,19 @@ A loss is ``fn(inputs, **hyper_parameters) -> (loss, metrics)`` where ``inputs``
 
 * ``view``: which data the loss consumes: ``"sft"``, ``"pairwise"`` (K=2, slot 0 chosen, slot 1
   rejected), ``"unpaired"`` (K=1 with a label), ``"listwise"`` (K>=2 with scores) or ``"rollout"``;
+* ``runner``: the training loop that trains it (a name of ``alignkit.losses.runners.RUNNERS``);
+  default: the view's (``VIEW_RUNNERS``: sft -> sft, pairwise/unpaired/listwise -> preference);
+  a rollout loss must name it (``grpo``, ``ppo``);
 * ``needs_reference``: whether ``ref_logps`` must be filled (a reference model or a cache);
 * ``needs_token_logps``: whether the per-token tensors must be filled (WPO, LD-DPO, ...);
 * ``needs_kl_pairs``: whether ``kl_logps``/``ref_kl_logps`` (mismatched prompt/completion pairs,
   KTO's batch KL estimate) must be filled.
+
+``needs_reference`` and ``needs_token_logps`` are a bool or, where the answer depends on the
+hyper-parameters, a function of them (``{name: value}``, the defaults filled in): GRPO needs a
+reference only with a KL term (``beta != 0``), the DPO family per-token tensors only for WPO
+(``use_weighting``) or LD-DPO (``ld_alpha``). Ask ``spec.reference_needed(hparams)`` /
+``spec.token_logps_needed(hparams)``; ``combine.WeightedLoss`` asks every part.
 
 Hyper-parameter names are read from the signature, so unknown keys in a config are rejected at
 compose time (``check_hparams``). Users may register their own loss from a dotted path
@@ -28,11 +37,12 @@ from __future__ import annotations
 import importlib
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 
 from alignkit.errors import ConfigError
+from alignkit.losses.runners import RUNNERS, VIEW_RUNNERS
 
 VIEWS = ("sft", "pairwise", "unpaired", "listwise", "rollout")
 
@@ -70,15 +80,41 @@ class RolloutLogps:
     group_index: torch.Tensor | None = None  # [S] prompt group of each sequence
 
 
+# a need that is fixed (bool) or depends on the hyper-parameter values (a function of them)
+Need = Union[bool, Callable[[dict[str, Any]], bool]]
+
+
 @dataclass(frozen=True)
 class LossSpec:
     name: str
     fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
     view: str
-    needs_reference: bool
-    needs_token_logps: bool = False
+    needs_reference: Need
+    needs_token_logps: Need = False
     needs_kl_pairs: bool = False
     description: str = ""
+    runner: str = ""  # "" = the view's default runner (VIEW_RUNNERS)
+
+    def __post_init__(self) -> None:
+        if not self.runner:
+            object.__setattr__(self, "runner", VIEW_RUNNERS.get(self.view, ""))
+        if self.runner not in RUNNERS:
+            raise ValueError(f"loss {self.name!r}: runner must be one of {tuple(RUNNERS)}, got {self.runner!r}"
+                             + (" (a rollout loss names its runner)" if self.view == "rollout" else ""))
+
+    def reference_needed(self, hparams: dict[str, Any] | None = None) -> bool:
+        """Whether the loss reads ``ref_logps`` with these hyper-parameter values (defaults filled in)."""
+        return self._need(self.needs_reference, hparams)
+
+    def token_logps_needed(self, hparams: dict[str, Any] | None = None) -> bool:
+        """Whether the loss reads the per-token tensors with these hyper-parameter values."""
+        return self._need(self.needs_token_logps, hparams)
+
+    def _need(self, need: Need, hparams: dict[str, Any] | None) -> bool:
+        if not callable(need):
+            return bool(need)
+        defaults = {k: v for k, v in self.hparams().items() if v is not inspect.Parameter.empty}
+        return bool(need({**defaults, **(hparams or {})}))
 
     def hparams(self) -> dict[str, Any]:
         """Keyword-only hyper-parameters with their defaults."""
@@ -97,11 +133,13 @@ def register_loss(
     name: str | None = None,
     *,
     view: str,
-    needs_reference: bool,
-    needs_token_logps: bool = False,
+    needs_reference: Need,
+    needs_token_logps: Need = False,
     needs_kl_pairs: bool = False,
+    runner: str | None = None,
 ):
-    """Decorator: register ``fn`` under ``name`` (default: the function's name)."""
+    """Decorator: register ``fn`` under ``name`` (default: the function's name); ``runner``
+    defaults to the view's (a rollout loss must name it)."""
     if view not in VIEWS:
         raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
 
@@ -116,6 +154,7 @@ def register_loss(
             needs_token_logps=needs_token_logps,
             needs_kl_pairs=needs_kl_pairs,
             description=doc[0] if doc else "",
+            runner=runner or "",
         )
         if key in _REGISTRY and _REGISTRY[key].fn is not fn:
             raise ValueError(f"loss {key!r} is registered twice")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from alignkit.losses.registry import SequenceLogps, register_loss
 
 
-@register_loss(view="pairwise", needs_reference=False)
+@register_loss(view="pairwise", runner="reward", needs_reference=False)
 def bradley_terry(inputs: SequenceLogps, *, margin_coef: float = 0.0, center_coef: float = 0.0):
     """Bradley-Terry reward-model loss on the scores of chosen vs rejected (optional margin, centering)."""
     chosen, rejected = inputs.logps[:, 0], inputs.logps[:, 1]

@@ -141,7 +141,7 @@ def _policy_objective(
     return aggregate_token_loss(per_token, mask, loss_agg, max_completion_length), metrics
 
 
-@register_loss(view="rollout", needs_reference=False)
+@register_loss(view="rollout", runner="grpo", needs_reference=lambda hp: hp["beta"] != 0)  # the KL term reads it
 def grpo(
     inputs: RolloutLogps,
     *,
@@ -164,7 +164,7 @@ def grpo(
     )
 
 
-@register_loss(view="rollout", needs_reference=False)
+@register_loss(view="rollout", runner="ppo", needs_reference=False)  # KL lives in the rewards (rl.kl_coef)
 def ppo(
     inputs: RolloutLogps,
     *,
@@ -185,7 +185,7 @@ def ppo(
     )
 
 
-@register_loss(view="rollout", needs_reference=False)
+@register_loss(view="rollout", runner="ppo", needs_reference=False)
 def ppo_value(
     inputs: RolloutLogps,
     *,

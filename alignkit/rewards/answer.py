@@ -267,9 +267,6 @@ def gold_answer(value: Any) -> str | None:
     return _content(text)
 
 
-_FALLBACK_WARNED = False
-
-
 def _symbolic_equal(given: str, gold: str) -> bool:
     if not MATH_VERIFY_AVAILABLE:
         return " ".join(given.split()) == " ".join(gold.split())

@@ -6,7 +6,6 @@ losses are in ``alignkit.losses.rollout`` (registered as ``grpo``, ``ppo``, ``pp
 """
 
 from alignkit.rl.advantages import (  # noqa: F401
-    AdvantageConfig,
     available_advantages,
     compute_advantages,
     compute_gae,
@@ -17,13 +16,9 @@ from alignkit.rl.advantages import (  # noqa: F401
     zero_std_groups_mask,
 )
 from alignkit.rl.generation import (  # noqa: F401
-    GenerationConfig,
     GenerationEngine,
     HFGenerationEngine,
     Rollout,
-    RolloutTensors,
-    build_generation_engine,
-    stack_rollouts,
-    to_tokenized_groups,
+    engine_for_run,
 )
 from alignkit.rl.kl import kl_per_token, shape_token_rewards  # noqa: F401

@@ -15,7 +15,7 @@ Every estimator has the same signature (keyword-only hyper-parameters after the 
 
 ``compute_advantages(name, ...)`` looks the estimator up and always hands back ``[S, T]`` when a mask
 is given (broadcasting sequence-level advantages over the completion tokens), so a trainer can feed
-``RolloutLogps.advantages`` directly. ``AdvantageConfig`` is the structured config for the choice.
+``RolloutLogps.advantages`` directly.
 
 Estimators (definitions checked against verl's ``core_algos`` and OpenRLHF's experience maker):
 
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
@@ -329,27 +328,3 @@ def compute_advantages(
         if mask is not None and adv.dim() == 1:
             adv = torch.where(mask.bool(), adv[:, None], 0.0)
     return adv
-
-
-@dataclass
-class AdvantageConfig:
-    """Which estimator and its hyper-parameters; each estimator takes only the fields it uses."""
-
-    estimator: str = "grpo"
-    scale: str = "group"  # grpo: group | batch | none
-    epsilon: float = 1e-6  # grpo: added to the std; reinforce_pp*: added to the variance
-    gamma: float = 1.0  # reinforce_pp*, gae: discount
-    lam: float = 0.95  # gae: lambda
-    whiten_advantages: bool = True  # gae
-
-    def validate(self) -> None:
-        resolve_advantage(self.estimator)
-        if self.scale not in GRPO_SCALES:
-            raise ConfigError(
-                f"advantage.scale {self.scale!r} is not valid. Valid choices: {', '.join(GRPO_SCALES)}."
-            )
-
-    def hparams(self) -> dict[str, object]:
-        """The fields the chosen estimator takes, ready for ``compute_advantages(**hparams)``."""
-        self.validate()
-        return {k: getattr(self, k) for k in advantage_hparams(self.estimator)}

@@ -38,17 +38,13 @@ forwards until all are (what ``transformers``' ``synced_gpus`` does). Every rank
 hooks during generation (as TRL does) would avoid it but relies on DeepSpeed internals, so it is
 not done here. A ``DeepSpeedEngine`` may be passed; its ``.module`` is used.
 
-For the trainers: ``stack_rollouts`` turns the list into right-padded ``[S, T]`` tensors (ids,
-mask, log-probs, group index) and ``to_tokenized_groups`` into the shared collator's
-``TokenizedGroup`` s (one per prompt, its G samples as the K completions).
-
 The model may be any ``transformers`` causal LM (or a ``peft`` model wrapping one) that accepts
 ``attention_mask``, ``position_ids``, ``past_key_values``, ``use_cache`` and ``logits_to_keep``.
 
-The seam: ``GenerationConfig.engine`` (``generation.engine`` in a run's config) picks the class
-with this ``generate`` signature in ``build_generation_engine`` / ``engine_for_run``: ``hf`` (this
-module) or ``vllm`` (``alignkit.rl.vllm_engine.VLLMGenerationEngine``: colocated vLLM with the
-trained weights pushed in; an optional extra, checked at compose time by ``check_engine``).
+The seam: ``generation.engine`` (the one ``GenerationConfig``, in ``alignkit.config.schema``)
+picks the class with this ``generate`` signature in ``engine_for_run``: ``hf`` (this module) or
+``vllm`` (``alignkit.rl.vllm_engine.VLLMGenerationEngine``: colocated vLLM with the trained weights
+pushed in; an optional extra, checked at compose time by ``check_engine``).
 
 Deliberately left out: stop strings, repetition penalties, beam search, and chunking of very large
 batches (the caller passes chunks).
@@ -64,7 +60,6 @@ from typing import Protocol
 
 import torch
 
-from alignkit.data.batch import TokenizedGroup
 from alignkit.errors import ConfigError
 
 ENGINES = ("hf", "vllm")
@@ -97,37 +92,6 @@ class GenerationEngine(Protocol):
     ) -> list[Rollout]: ...
 
 
-@dataclass
-class GenerationConfig:
-    """Sampling settings of the online runners (the group size G lives with the trainer)."""
-
-    engine: str = "hf"  # hf | vllm (alignkit.rl.vllm_engine; an optional extra)
-    max_new_tokens: int = 128
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # 1 = off
-    top_k: int = 0  # 0 = off
-    share_prompt_prefill: bool = True
-    max_model_len: int = 2048  # vllm: prompt + completion tokens one request may hold
-    vllm_gpu_memory_utilization: float = 0.3  # vllm on CUDA: share of device memory for vLLM
-    vllm_cpu_kv_cache_gib: float = 1.0  # vllm on CPU: KV cache size
-
-    def validate(self) -> None:
-        if self.engine not in ENGINES:
-            raise ConfigError(
-                f"generation.engine {self.engine!r} is not valid. Valid choices: {', '.join(ENGINES)}."
-            )
-        check_sampling_args(1, self.max_new_tokens, self.temperature, self.top_p, self.top_k)
-
-    def sampling_kwargs(self) -> dict:
-        """Keyword arguments for ``GenerationEngine.generate`` (add ``num_samples`` and ``seed``)."""
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-        }
-
-
 def check_sampling_args(
     num_samples: int, max_new_tokens: int, temperature: float, top_p: float, top_k: int
 ) -> None:
@@ -146,48 +110,28 @@ def check_sampling_args(
         raise ConfigError("generation settings: " + "; ".join(problems) + ".")
 
 
-def build_generation_engine(
-    config: GenerationConfig, model, tokenizer=None, *, trainer_engine=None, seed: int = 0, **token_ids
-) -> GenerationEngine:
-    """The engine ``config.engine`` names. ``model`` is the ``transformers`` (or ``peft``) model;
-    ``trainer_engine`` (a DeepSpeed engine) tells the vLLM engine when an optimizer step happened."""
-    config.validate()
-    if config.engine == "vllm":
-        from alignkit.rl.vllm_engine import VLLMGenerationEngine
-
-        ids = dict(token_ids)
-        if ids.get("eos_token_id") is None:
-            ids["eos_token_id"] = HFGenerationEngine(model, tokenizer, **token_ids).eos_token_ids
-        return VLLMGenerationEngine(
-            model,
-            eos_token_id=ids["eos_token_id"],
-            pad_token_id=ids.get("pad_token_id", getattr(tokenizer, "pad_token_id", None)),
-            max_model_len=config.max_model_len,
-            trainer_engine=trainer_engine,
-            gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-            cpu_kv_cache_gib=config.vllm_cpu_kv_cache_gib,
-            seed=seed,
-        )
-    return HFGenerationEngine(model, tokenizer, share_prompt_prefill=config.share_prompt_prefill, **token_ids)
-
-
 def engine_for_run(cfg, policy, tokenizer) -> GenerationEngine:
-    """The generation engine of an online runner: ``cfg.generation.engine`` over the policy, a
-    DeepSpeed engine wrapping a ``TargetLogProbs``-style module (its ``.model`` is sampled from)."""
-    gen, default = cfg.generation, GenerationConfig()
+    """The generation engine of an online runner, as ``cfg.generation`` (the schema's
+    ``GenerationConfig``, checked at compose time) names it, over the policy: a DeepSpeed engine
+    wrapping a ``TargetLogProbs``-style module (its ``.model`` is sampled from). The vLLM engine
+    is told by the DeepSpeed engine when an optimizer step happened."""
+    gen = cfg.generation
     module = getattr(policy, "module", policy)
-    config = GenerationConfig(
-        engine=str(gen.get("engine", default.engine)),
-        max_new_tokens=int(gen.max_new_tokens),
-        temperature=float(gen.temperature),
-        top_p=float(gen.top_p),
-        top_k=int(gen.top_k),
-        max_model_len=int(cfg.data.max_prompt_length) + int(gen.max_new_tokens),
-        vllm_gpu_memory_utilization=float(gen.get("vllm_gpu_memory_utilization", default.vllm_gpu_memory_utilization)),
-        vllm_cpu_kv_cache_gib=float(gen.get("vllm_cpu_kv_cache_gib", default.vllm_cpu_kv_cache_gib)),
+    model = getattr(module, "model", module)
+    if str(gen.engine) != "vllm":
+        return HFGenerationEngine(model, tokenizer)
+    from alignkit.rl.vllm_engine import VLLMGenerationEngine
+
+    return VLLMGenerationEngine(
+        model,
+        eos_token_id=HFGenerationEngine(model, tokenizer).eos_token_ids,
+        pad_token_id=getattr(tokenizer, "pad_token_id", None),
+        max_model_len=int(cfg.data.max_prompt_length) + int(gen.max_new_tokens),  # prompt + completion tokens
+        trainer_engine=policy,
+        gpu_memory_utilization=float(gen.vllm_gpu_memory_utilization),
+        cpu_kv_cache_gib=float(gen.vllm_cpu_kv_cache_gib),
+        seed=int(cfg.trainer.seed),
     )
-    return build_generation_engine(config, getattr(module, "model", module), tokenizer, trainer_engine=policy,
-                                   seed=int(cfg.trainer.seed))
 
 
 def check_engine(cfg) -> None:
@@ -204,58 +148,6 @@ def check_engine(cfg) -> None:
     from alignkit.rl.vllm_engine import check_vllm_available
 
     check_vllm_available()
-
-
-@dataclass
-class RolloutTensors:
-    """Rollouts stacked in output order (slot ``prompt_index * G + sample_index``), right-padded."""
-
-    completion_ids: torch.Tensor  # [S, T] long, pad_token_id past each completion
-    mask: torch.Tensor  # [S, T] bool, True on completion tokens
-    logprobs: torch.Tensor  # [S, T] float32 policy log-probs at generation time, 0 outside mask
-    group_index: torch.Tensor  # [S] long, the prompt index (GRPO's group)
-    finished: torch.Tensor  # [S] bool, ended with EOS
-
-
-def stack_rollouts(rollouts: Sequence[Rollout], pad_token_id: int = 0) -> RolloutTensors:
-    """Stack ``generate``'s output into ``[S, T]`` tensors (T = longest completion)."""
-    width = max(len(r.completion_ids) for r in rollouts)
-    ids = torch.full((len(rollouts), width), pad_token_id, dtype=torch.long)
-    logprobs = torch.zeros((len(rollouts), width), dtype=torch.float32)
-    mask = torch.zeros((len(rollouts), width), dtype=torch.bool)
-    for row, r in enumerate(rollouts):
-        n = len(r.completion_ids)
-        ids[row, :n] = torch.tensor(r.completion_ids, dtype=torch.long)
-        logprobs[row, :n] = torch.tensor(r.logprobs, dtype=torch.float32)
-        mask[row, :n] = True
-    return RolloutTensors(
-        completion_ids=ids,
-        mask=mask,
-        logprobs=logprobs,
-        group_index=torch.tensor([r.prompt_index for r in rollouts], dtype=torch.long),
-        finished=torch.tensor([r.finished for r in rollouts], dtype=torch.bool),
-    )
-
-
-def to_tokenized_groups(
-    prompts: Sequence[Sequence[int]], rollouts: Sequence[Rollout]
-) -> list[TokenizedGroup]:
-    """One ``TokenizedGroup`` per prompt holding its samples in ``sample_index`` order, every
-    completion token a training target, ready for the shared collator (slot ``g * K + k``)."""
-    by_prompt: dict[int, list[Rollout]] = {}
-    for r in rollouts:
-        by_prompt.setdefault(r.prompt_index, []).append(r)
-    groups = []
-    for index, prompt in enumerate(prompts):
-        samples = sorted(by_prompt.get(index, []), key=lambda r: r.sample_index)
-        groups.append(
-            TokenizedGroup(
-                prompt_ids=list(prompt),
-                completion_ids=[list(r.completion_ids) for r in samples],
-                completion_train_mask=[[True] * len(r.completion_ids) for r in samples],
-            )
-        )
-    return groups
 
 
 # ----------------------------------------------------------------------------- sampling

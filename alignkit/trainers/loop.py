@@ -79,7 +79,7 @@ def policy_engine(cfg: DictConfig, run: Run, steps: int) -> tuple[Any, Any]:
     from alignkit.models.load import load_causal_lm
     from alignkit.models.logprobs import TargetLogProbs
 
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model))
+    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
     return common.train_engine(module, cfg, run, steps), tokenizer
 

@@ -41,7 +41,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
     num_samples, epochs, micro = int(rl.num_generations), int(rl.ppo_epochs), run.trainer.micro_batch_size
     actor, tokenizer = loop.policy_engine(cfg, run, setup.steps * epochs)
-    critic_model, _ = load_value_model(OmegaConf.to_object(cfg.model))
+    critic_model, _ = load_value_model(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     critic = common.train_engine(critic_model, cfg, run, setup.steps * epochs, lr=float(rl.critic_lr))
     generator = engine_for_run(cfg, actor, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     reference = rollout.online_reference(cfg, run, actor, beta=float(rl.kl_coef))

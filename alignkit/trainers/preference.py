@@ -83,7 +83,7 @@ def build_reference(cfg: DictConfig, run: Run, policy: Any, objective: Any, data
         inner = common.hf_model(policy)
         return ModuleReference(policy, context=lambda: disabled_adapter(inner))
     if strategy == "separate":
-        model, _ = load_causal_lm(_frozen_model_cfg(cfg))
+        model, _ = load_causal_lm(_frozen_model_cfg(cfg), dtype=cfg.deepspeed.dtype)
         module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
         return ModuleReference(common.frozen_engine(module, cfg))
     # precomputed: the starting policy, before the first step, over the groups the run will visit

@@ -53,7 +53,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run, data = setup.run, setup.data
     from alignkit.models.load import load_reward_model
 
-    model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model))
+    model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
     engine = common.train_engine(RewardScorer(model), cfg, run, setup.steps)
     pad_id = tokenizer.pad_token_id
     evaluation = (lambda: evaluate(run, engine, objective, data.eval, pad_id)) if data.eval else None

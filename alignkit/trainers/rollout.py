@@ -67,7 +67,7 @@ class ModelReward:
         model_cfg.name_or_path, model_cfg.lora.r = str(cfg.reward.model), 0
         from alignkit.engine.collectives import accelerator_device
 
-        model, tokenizer = load_reward_model(model_cfg)
+        model, tokenizer = load_reward_model(model_cfg, dtype=cfg.deepspeed.dtype)
         self.device = accelerator_device()  # the GPU of this rank when there is one
         self.scorer = RewardScorer(model.eval().requires_grad_(False)).to(self.device)
         self.pad_id, self.cfg = tokenizer.pad_token_id, cfg
@@ -237,7 +237,7 @@ def online_reference(cfg: DictConfig, run: common.Run, policy: Any, beta: float)
         return ModuleReference(policy, context=lambda: disabled_adapter(inner))
     model_cfg = OmegaConf.to_object(cfg.model)
     model_cfg.lora.r = 0
-    model, _ = load_causal_lm(model_cfg)
+    model, _ = load_causal_lm(model_cfg, dtype=cfg.deepspeed.dtype)
     return ModuleReference(common.frozen_engine(TargetLogProbs(model), cfg))
 
 

@@ -62,6 +62,7 @@ def test_overrides_apply_and_runner_follows_loss():
         (["recipe=grpo_tiny", "rl.num_generations=1"], ["num_generations"]),
         (["recipe=dpo_tiny", "data.layout=diagonal"], ["layout", "prefix_shared"]),
         (["recipe=dpo_tiny", "model.dtype=fp8"], ["dtype", "bf16"]),
+        (["recipe=dpo_tiny", "deepspeed.dtype=fp8"], ["deepspeed.dtype", "bf16"]),
         (["recipe=dpo_tiny", "loss.f_divergence=hellinger"], ["f_divergence", "js_divergence"]),
     ],
 )

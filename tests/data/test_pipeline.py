@@ -1,4 +1,4 @@
-"""prepare_data (split, weights, cache keys) and iterate_batches (determinism, sharding, resume)."""
+"""prepare_data (split, weights, cache keys)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,8 @@ import copy
 
 import pytest
 
-from alignkit.data.batch import TokenizedGroup
 from alignkit.data.config import DataConfig, SourceConfig
-from alignkit.data.pipeline import cache_key, iterate_batches, num_batches, prepare_data, tokenizer_fingerprint
+from alignkit.data.pipeline import cache_key, prepare_data, tokenizer_fingerprint
 from alignkit.errors import ConfigError
 
 
@@ -62,35 +61,3 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(paired_file, tiny_tokeni
     assert cache_key(cfg, "pairwise", tiny_tokenizer) != key
     rebuilt = prepare_data(cfg, "pairwise", tiny_tokenizer)
     assert not rebuilt.stats.cached and len(rebuilt.train) == 22
-
-
-def groups(n: int) -> list[TokenizedGroup]:
-    return [TokenizedGroup([1, 2], [[3 + i % 5]], [[True]], example_id=str(i)) for i in range(n)]
-
-
-def ids_of(batches) -> list[list[str]]:
-    return [batch.example_ids for batch in batches]
-
-
-def run(data, **kwargs):
-    return ids_of(iterate_batches(data, layout="padded", pad_token_id=0, **{"batch_groups": 2, **kwargs}))
-
-
-def test_iterate_batches_is_deterministic_per_seed_and_epoch():
-    data = groups(10)
-    assert run(data, seed=1, epoch=0) == run(data, seed=1, epoch=0)
-    assert run(data, seed=1, epoch=0) != run(data, seed=1, epoch=1)
-    assert sorted(sum(run(data, seed=1, epoch=1), [])) == sorted(g.example_id for g in data)
-    assert run(data, shuffle=False) == [["0", "1"], ["2", "3"], ["4", "5"], ["6", "7"], ["8", "9"]]
-
-
-def test_iterate_batches_shards_ranks_and_resumes():
-    data = groups(10)
-    rank0 = run(data, seed=4, world_size=2, rank=0)
-    rank1 = run(data, seed=4, world_size=2, rank=1)
-    assert len(rank0) == len(rank1) == num_batches(10, 2, 2) == 3  # 10 groups, global batch 4: last one wraps
-    everything = sum(rank0, []) + sum(rank1, [])
-    assert len(everything) == 12 and set(everything) == {g.example_id for g in data}
-    single = run(data, seed=4, batch_groups=4)  # the same global batches, unsharded
-    assert [sorted(a + b) for a, b in zip(rank0, rank1)][:2] == [sorted(s) for s in single[:2]]
-    assert run(data, seed=4, world_size=2, rank=1, skip_batches=2) == rank1[2:]

@@ -13,7 +13,6 @@ from transformers import (
 
 from alignkit.engine.config import DeepSpeedConfig, build_frozen_ds_config, build_train_ds_config
 from alignkit.engine.engine import (
-    engine_dtype,
     init_frozen_engine,
     init_train_engine,
     lr_multiplier,
@@ -53,6 +52,16 @@ def test_lr_multiplier_matches_transformers_schedules(name, reference):
 def test_unknown_scheduler_is_config_error():
     with pytest.raises(ConfigError, match="constant, linear, cosine"):
         lr_multiplier(5, warmup_steps=0, total_steps=10, scheduler="poly")
+
+
+def test_one_scheduler_table():
+    """The compose-time check and the schedule read the same table, and every name in it is implemented."""
+    from alignkit.config import schema, validate
+    from alignkit.engine import engine
+
+    assert validate.SCHEDULERS is engine.SCHEDULERS and not hasattr(schema, "SCHEDULERS")
+    for name in engine.SCHEDULERS:
+        lr_multiplier(5, warmup_steps=0, total_steps=10, scheduler=name)
 
 
 def plain_pytorch_run():
@@ -107,7 +116,7 @@ def test_train_engine_equals_plain_pytorch_loop(stage, offload):
         total_steps=STEPS,
         scheduler="cosine",
     )
-    assert engine_dtype(engine) is torch.float32
+    assert next(engine.module.parameters()).dtype is torch.float32
     losses = []
     for step in range(STEPS):
         total = 0.0

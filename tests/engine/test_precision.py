@@ -12,9 +12,10 @@ import json
 import math
 
 import pytest
+import torch
 
 from alignkit.engine import precision
-from alignkit.engine.config import DeepSpeedConfig, build_frozen_ds_config, build_train_ds_config, compute_dtype_name
+from alignkit.engine.config import DeepSpeedConfig, build_frozen_ds_config, build_train_ds_config, torch_dtype
 from alignkit.engine.precision import CpuInfo, ProbeResult, cached_probe, choose_dtype, read_cpu_info
 from alignkit.errors import ConfigError
 
@@ -29,6 +30,14 @@ processor\t: 1
 model name\t: {model}
 flags\t\t: {flags}
 """
+
+
+def compute_dtype_name(ds_config: dict) -> str:
+    """``fp32 | bf16 | fp16 | bf16_autocast``: the precision a built DeepSpeed config computes in."""
+    if ds_config.get("torch_autocast", {}).get("enabled"):
+        return "bf16_autocast" if str(ds_config["torch_autocast"].get("dtype", "bfloat16")) in (
+            "bfloat16", "bf16", "torch.bfloat16") else "fp16_autocast"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(torch_dtype(ds_config), "fp32")
 
 
 def fake_probe(fp32=(160.0, 160.0), bf16=(1200.0, 400.0), model="Intel(R) Xeon(R) Processor") -> ProbeResult:

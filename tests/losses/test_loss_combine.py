@@ -7,7 +7,7 @@ import torch
 
 from alignkit.errors import ConfigError
 from alignkit.losses import resolve_loss
-from alignkit.losses.combine import WeightedLoss, build_objective, requires_token_logps
+from alignkit.losses.combine import WeightedLoss, build_objective
 from offline_loss_cases import PAIRS, log_sigmoid, mean, paired, token_level
 
 torch.set_num_threads(1)
@@ -53,10 +53,20 @@ def test_needs_over_the_parts():
 
 def test_requires_token_logps_reads_the_values():
     spec = resolve_loss("dpo")
-    assert not requires_token_logps(spec, {})
-    assert not requires_token_logps(spec, {"use_weighting": False, "ld_alpha": None})
-    assert requires_token_logps(spec, {"use_weighting": True})
-    assert requires_token_logps(spec, {"ld_alpha": 0.0})
+    assert not spec.token_logps_needed({})
+    assert not spec.token_logps_needed({"use_weighting": False, "ld_alpha": None})
+    assert spec.token_logps_needed({"use_weighting": True})
+    assert spec.token_logps_needed({"ld_alpha": 0.0})
+    # the loss declares it (a function of its hyper-parameters); a loss without the knobs never needs them
+    assert not resolve_loss("simpo").token_logps_needed({"ld_alpha": 0.0})
+
+
+def test_reference_need_reads_the_values():
+    grpo = resolve_loss("grpo")
+    assert not grpo.reference_needed() and not grpo.reference_needed({"beta": 0.0})
+    assert grpo.reference_needed({"beta": 0.04})  # the KL term reads ref_logps
+    assert build_objective(["grpo"], hparams={"grpo": {"beta": 0.04}}).needs_reference
+    assert not build_objective(["grpo"]).needs_reference
 
 
 @pytest.mark.parametrize(

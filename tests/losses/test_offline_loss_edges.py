@@ -200,6 +200,6 @@ def test_registry_flags():
     assert not OFFLINE["sft"].needs_reference
     assert OFFLINE["kto"].needs_kl_pairs and not OFFLINE["apo_zero_unpaired"].needs_kl_pairs
     assert all(OFFLINE[n].needs_reference for n in PAIRED if n not in {"simpo", "cpo", "orpo", "repo", "cpl"} | SCORE_LOSSES)
-    assert not any(spec.needs_token_logps for spec in OFFLINE.values())  # asked per value via combine
+    assert not any(spec.token_logps_needed() for spec in OFFLINE.values())  # at the defaults; asked per value
     assert "f_divergence" in OFFLINE["dpo"].hparams() and "f_divergence" not in OFFLINE["nca_pair"].hparams()
     assert "use_weighting" not in OFFLINE["aot"].hparams()

@@ -196,7 +196,8 @@ def test_beta_needs_reference_and_enums_are_validated():
 def test_registration():
     for name in ("grpo", "ppo", "ppo_value"):
         spec = resolve_loss(name)
-        assert spec.view == "rollout" and not spec.needs_reference
+        assert spec.view == "rollout" and not spec.reference_needed()  # at the defaults (grpo: beta = 0)
+        assert spec.runner == ("grpo" if name == "grpo" else "ppo")
 
 
 def test_ppo_value_clipped_loss_matches_hand_formula():

@@ -31,8 +31,8 @@ MODES = ("autocast", "bf16_weights")
 
 
 def tiny(*, tied: bool, lean: bool = True, dtype: str = "fp32"):
-    cfg = ModelConfig(dtype=dtype, lean_activations=lean, tiny=TinyModelConfig(tie_word_embeddings=tied))
-    return load_causal_lm(cfg)[0]
+    cfg = ModelConfig(lean_activations=lean, tiny=TinyModelConfig(tie_word_embeddings=tied))
+    return load_causal_lm(cfg, dtype=dtype)[0]
 
 
 def grads_of(model, loss) -> dict[str, torch.Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -121,13 +122,24 @@ def test_pad_token_is_set_when_missing(tmp_path):
 
 def test_config_validation_and_dict_configs():
     with pytest.raises(ConfigError, match="fp32, bf16, fp16"):
-        load_causal_lm(ModelConfig(dtype="fp8"))
+        load_causal_lm(ModelConfig(), dtype="fp8")
     with pytest.raises(ConfigError, match="sdpa"):
         ModelConfig(attn_implementation="fast").validate()
     with pytest.raises(ConfigError, match="divisible"):
         ModelConfig(tiny=TinyModelConfig(num_heads=3)).validate()
-    model, _ = load_causal_lm({"tiny": {"num_layers": 1}, "dtype": "bf16"})
+    model, _ = load_causal_lm({"tiny": {"num_layers": 1}}, dtype="bf16")
     assert len(model.model.layers) == 1 and model.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("precision, expected", [
+    ("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16),
+    ("bf16_autocast", torch.float32),  # fp32 weights, bf16 matmuls under autocast
+])
+def test_weights_load_in_the_precision_deepspeed_dtype_trains_in(precision, expected):
+    """One precision knob: the model section has none; the loaders take the run's deepspeed.dtype."""
+    assert load_causal_lm(ModelConfig(), dtype=precision)[0].dtype == expected
+    assert load_causal_lm(ModelConfig())[0].dtype == torch.float32  # outside a run: fp32
+    assert "dtype" not in {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def test_lora_wraps_trains_adapters_only_and_rejects_unknown_targets():

@@ -269,7 +269,7 @@ def test_gradient_checkpointed_decoder_gives_the_same_grads():
 
 def test_bf16_model_with_additive_mask():
     """The float mask is cast to the model dtype (bf16 here); log-sum-exp still runs in fp32."""
-    model, _ = load_causal_lm(ModelConfig(dtype="bf16"))
+    model, _ = load_causal_lm(ModelConfig(), dtype="bf16")
     batch = LAYOUTS["packed"]()
     with torch.no_grad():
         fast = run_fast(model, batch, 3)["logps"]

@@ -3,15 +3,12 @@ log-probs against a fresh forward pass, shared vs per-sample prefill."""
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tiny_llama import tiny_llama
 
+from alignkit.config.schema import AlignkitConfig
 from alignkit.errors import ConfigError
-from alignkit.rl.generation import (
-    GenerationConfig,
-    HFGenerationEngine,
-    build_generation_engine,
-    sample_next_token,
-)
+from alignkit.rl.generation import HFGenerationEngine, check_engine, engine_for_run, sample_next_token
 
 torch.set_num_threads(1)
 
@@ -159,30 +156,6 @@ def test_settings_are_validated(model):
     with pytest.raises(ConfigError, match="top_p"):
         engine.generate(PROMPTS, max_new_tokens=2, top_p=0.0)
     with pytest.raises(ConfigError, match="Valid choices: hf, vllm"):
-        GenerationConfig(engine="sglang").validate()
-    config = GenerationConfig(max_new_tokens=3, temperature=0.0)
-    rollouts = build_generation_engine(config, model, eos_token_id=UNUSED_EOS).generate(
-        PROMPTS[:1], **config.sampling_kwargs()
-    )
-    assert len(rollouts[0].completion_ids) == 3
-
-
-def test_stack_rollouts_and_tokenized_groups(model):
-    from alignkit.rl.generation import stack_rollouts, to_tokenized_groups
-
-    prompts = PROMPTS[:2]
-    rollouts = HFGenerationEngine(model, eos_token_id=UNUSED_EOS, pad_token_id=PAD).generate(
-        prompts, num_samples=2, max_new_tokens=4, seed=1
-    )
-    rollouts[1].completion_ids, rollouts[1].logprobs = (
-        rollouts[1].completion_ids[:2],
-        rollouts[1].logprobs[:2],
-    )  # ragged
-    t = stack_rollouts(rollouts, pad_token_id=PAD)
-    assert t.completion_ids.shape == (4, 4) and t.group_index.tolist() == [0, 0, 1, 1]
-    assert t.mask.sum(-1).tolist() == [4, 2, 4, 4] and t.logprobs[1, 2:].abs().sum() == 0
-    assert t.completion_ids[1].tolist() == rollouts[1].completion_ids + [PAD, PAD]
-    groups = to_tokenized_groups(prompts, rollouts)
-    assert [g.prompt_ids for g in groups] == prompts and [g.group_size for g in groups] == [2, 2]
-    assert groups[0].completion_ids[1] == rollouts[1].completion_ids
-    assert groups[1].completion_train_mask[0] == [True] * 4
+        check_engine(OmegaConf.create({"generation": {"engine": "sglang"}, "launcher": {"nnodes": 1}}))
+    cfg = OmegaConf.structured(AlignkitConfig)  # the one GenerationConfig: the schema's
+    assert isinstance(engine_for_run(cfg, model, None), HFGenerationEngine)
