@@ -58,7 +58,7 @@ class DeepSpeedConfig:
     offload_optimizer: str = "none"  # none | cpu (optimizer states and step on the CPU: DeepSpeedCPUAdam)
     offload_params: str = "none"  # none | cpu (ZeRO-3 only)
     # auto (bf16 on a bf16-capable GPU; on CPU fp32, or bf16_autocast on a CPU measured faster in bf16 with
-    # ALIGNKIT_CPU_AUTO_BF16=1, see engine/precision.py) | fp32 | bf16 | fp16 | bf16_autocast (fp32 weights)
+    # unless ALIGNKIT_CPU_AUTO_BF16=0, see engine/precision.py) | fp32 | bf16 | fp16 | bf16_autocast (fp32 weights)
     dtype: str = "auto"
     gradient_clipping: float = 1.0  # max global grad norm; 0 disables
     # apply AdamW to each parameter as soon as its gradient is ready, then free that gradient (one
@@ -118,8 +118,8 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
 
 def resolve_dtype(dtype: str, *, has_cuda: Optional[bool] = None) -> str:
     """``auto`` -> ``bf16`` on a bf16-capable GPU; on a CPU ``bf16_autocast`` where the CPU has bf16
-    instructions and a cached probe measured bf16 matmuls faster (only with the temporary switch
-    ``ALIGNKIT_CPU_AUTO_BF16=1``), else ``fp32``; other values pass through. The decision is
+    instructions and a cached probe measured bf16 matmuls faster (unless ``ALIGNKIT_CPU_AUTO_BF16=0``),
+    else ``fp32``; other values pass through. The decision is
     ``precision.choose_dtype``, a pure function; this gathers its inputs on the machine.
     """
     if dtype != "auto":

@@ -2,11 +2,13 @@
 and a bf16 run's step-0 DPO loss (policy == reference) of ln 2 through the real trainer.
 
 The choice is tested as a pure function with made-up CPUs (an AMX Xeon, an AVX2-only EPYC) and
-made-up probe results; the temporary switch ``ALIGNKIT_CPU_AUTO_BF16`` is tested off (fp32 on every
-CPU, today's default) and on.
+made-up probe results; the switch ``ALIGNKIT_CPU_AUTO_BF16`` is tested off (fp32 on every CPU; the test
+suite's setting, tests/conftest.py) and on (the default since the flip).
 """
 
 from __future__ import annotations
+
+import os
 
 import json
 import math
@@ -50,7 +52,7 @@ def fake_probe(fp32=(160.0, 160.0), bf16=(1200.0, 400.0), model="Intel(R) Xeon(R
 def test_amx_xeon_picks_bf16_autocast_only_with_the_switch_and_a_faster_probe():
     amx = dict(has_cuda=False, cpu_flags=XEON_FLAGS)
     assert choose_dtype("auto", **amx, probe_speedup=2.5, cpu_auto_bf16=True).dtype == "bf16_autocast"
-    assert choose_dtype("auto", **amx, probe_speedup=2.5, cpu_auto_bf16=False).dtype == "fp32"  # today's default
+    assert choose_dtype("auto", **amx, probe_speedup=2.5, cpu_auto_bf16=False).dtype == "fp32"  # switch off
     assert choose_dtype("auto", **amx, probe_speedup=1.2, cpu_auto_bf16=True).dtype == "fp32"  # measured, not faster
     assert choose_dtype("auto", **amx, probe_speedup=None, cpu_auto_bf16=True).dtype == "fp32"  # not measured
     only_avx512_bf16 = frozenset({"avx2", "avx512f", "avx512_bf16"})
@@ -175,6 +177,13 @@ def test_the_switch_reads_1_and_0_and_falls_back_to_the_default(monkeypatch):
     assert not precision.auto_bf16_switch()
     monkeypatch.delenv(precision.AUTO_BF16_ENV)
     assert precision.auto_bf16_switch()
+
+
+def test_the_shipped_default_lets_auto_pick_bf16_and_the_suite_pins_fp32(monkeypatch):
+    import importlib
+
+    assert importlib.reload(precision).AUTO_BF16_DEFAULT is True  # flipped after the DPO comparison
+    assert os.environ.get(precision.AUTO_BF16_ENV) == "0"  # tests/conftest.py: the suite runs fp32 everywhere
 
 
 def test_auto_with_the_switch_on_an_epyc_never_probes(monkeypatch, tmp_path):
