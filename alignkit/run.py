@@ -44,6 +44,7 @@ TRAINER_MODULES = {
     "ppo": "alignkit.trainers.ppo",
     "grpo": "alignkit.trainers.grpo",
     "online_dpo": "alignkit.trainers.online_dpo",
+    "raft": "alignkit.trainers.raft",
 }
 FROZEN = "config.yaml"
 OVERRIDES = "overrides.txt"

@@ -25,7 +25,7 @@ from alignkit.engine.config import DeepSpeedConfig
 from alignkit.engine.metrics import LoggerConfig
 from alignkit.models.config import ModelConfig
 
-RUNNERS = ("auto", "sft", "preference", "reward", "ppo", "grpo", "online_dpo")
+RUNNERS = ("auto", "sft", "preference", "reward", "ppo", "grpo", "online_dpo", "raft")
 REFERENCE_STRATEGIES = ("auto", "separate", "precomputed", "lora", "none")
 SCHEDULERS = ("constant", "linear", "cosine")
 
@@ -125,8 +125,10 @@ class RLConfig:
     whiten_advantages: bool = True
     dynamic_sampling: bool = False  # drop zero-variance groups and refill
     max_refill_rounds: int = 2
-    rounds: int = 1  # online DPO: iterative rounds
+    rounds: int = 1  # online DPO, raft: iterative rounds
     update_reference_each_round: bool = True
+    # raft: a prompt's best sample is trained on only if its reward is >= this (None: always the best)
+    raft_min_reward: Optional[float] = None
 
 
 @dataclass

@@ -134,8 +134,11 @@ def validate(cfg: DictConfig) -> None:
     check_scale_rules(cfg)
     if cfg.deepspeed.get("optimizer_in_backward", False):
         _check_optimizer_in_backward(cfg, runner)
-    if runner in ("ppo", "grpo", "online_dpo"):
+    if runner in ("ppo", "grpo", "online_dpo", "raft"):
         _check_online(cfg, runner)
+    if runner == "raft" and {spec.view for spec, _, _ in terms} != {"sft"}:
+        raise ConfigError(f"runner=raft fine-tunes on the best sample of each prompt with an SFT loss; loss.name="
+                          f"{cfg.loss.name} is not one. Use loss=sft (recipe=raft_tiny).")
     needs_ref = any(spec.needs_reference for spec, _, _ in terms)
     ref = cfg.trainer.reference
     if ref == "lora" and int(cfg.model.lora.r) <= 0:
