@@ -138,8 +138,8 @@ def memory_estimates(total: int, largest: int, gpus: int, nodes: int, dtype: str
 def tokens_per_micro_batch(cfg: DictConfig, runner: str) -> int:
     """Upper bound of the tokens one micro-batch forwards (rows at their length limits)."""
     t, d = cfg.trainer, cfg.data
-    if runner in ("grpo", "ppo", "online_dpo"):
-        samples = 2 if runner == "online_dpo" else int(cfg.rl.num_generations)
+    if runner in ("grpo", "ppo", "online_dpo", "raft"):  # raft trains on one winner per prompt
+        samples = {"online_dpo": 2, "raft": 1}.get(runner, int(cfg.rl.num_generations))
         per_group = samples * (int(d.max_prompt_length) + int(cfg.generation.max_new_tokens))
     else:
         k = 1 if runner == "sft" else (2 if runner in ("preference", "reward") else 1)
@@ -179,7 +179,7 @@ def print_plan(overrides: list[str]) -> int:
     world = world_size(cfg)
     console.print(f"[bold]recipe[/] {cfg.recipe}  [bold]runner[/] {runner}  [bold]loss[/] {cfg.loss.name}  "
                   f"[bold]model[/] {cfg.model.name_or_path}  [bold]deepspeed[/] zero{cfg.deepspeed.zero_stage}")
-    unit = "prompts" if runner in ("grpo", "ppo", "online_dpo") else "groups"
+    unit = "prompts" if runner in ("grpo", "ppo", "online_dpo", "raft") else "groups"
     console.print(f"[bold]batch[/]: {t.batch_size} {unit}/optimizer step = {t.micro_batch_size} per micro-batch x "
                   f"{grad_accum_steps(cfg)} accumulation step(s) x {world} process(es)")
     if unit == "prompts":
