@@ -75,15 +75,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     done = common.begin(run, policy, steps, evaluate=evaluation)
     per_rank, micro, pad_id = int(cfg.trainer.batch_size) // run.world, int(cfg.trainer.micro_batch_size), \
-        tokenizer.pad_token_id
+        tokenizer.pad_token_id  # per_rank: this rank's prompts (winners) per step
     current: Round | None = None
 
     for step in range(done + 1, steps + 1):
         tick, lr = time.time(), policy.get_lr()[0]  # the rate this step uses
         if current is None or step > current.last:  # a round starts (or a resumed run re-enters one)
             policy.eval()
-            current = sample_round(run, generator, tokenizer, data.train, reward_mix, step, round_end(starts, step,
-                                                                                                        steps))
+            last = round_end(starts, step, steps)
+            current = sample_round(run, generator, tokenizer, data.train, reward_mix, step, last)
             policy.train()
         learn = bool(current.winners)
         pool = current.winners or current.fallback
@@ -102,7 +102,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         sampled, best = current.sampled[step], current.best[step]
         metrics = common.all_reduce_mean({**meter.means(), **rollout.reward_metrics(sampled), "lr": lr,
                                           "step_seconds": time.time() - tick}, run)
-        metrics.update(winner_metrics(sampled, best, run), round=float(1 + sum(s <= step for s in starts[1:])))
+        metrics.update(winner_metrics(sampled, best, run), round=float(sum(s <= step for s in starts)))
         if common.after_step(run, policy, step, steps, metrics, evaluation):
             return {"exit_code": 0, "stopped": step}
     return common.complete(run, policy, tokenizer)

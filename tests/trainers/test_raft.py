@@ -87,13 +87,18 @@ def test_threshold_drops_are_counted_and_said(tmp_path, capsys):
     assert "kept no prompt this round" in err
 
 
-def test_raft_is_refused_with_a_non_sft_loss():
+def test_raft_config_is_checked_at_compose_time():
     from alignkit.config.compose import compose
     from alignkit.config.validate import validate
     from alignkit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="runner=raft"):
         validate(compose(["recipe=raft_tiny", "loss=dpo"]))
+    with pytest.raises(ConfigError, match="read by runner=raft only"):
+        validate(compose(["recipe=grpo_tiny", "rl.raft_min_reward=1.0"]))
+    with pytest.raises(ConfigError, match="finite"):
+        validate(compose(["recipe=raft_tiny", "rl.raft_min_reward=nan"]))
+    validate(compose(["recipe=raft_tiny", "rl.raft_min_reward=-2"]))
 
 
 def test_training_on_the_winners_raises_their_likelihood_over_the_other_samples(tmp_path, monkeypatch):
