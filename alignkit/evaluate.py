@@ -25,8 +25,9 @@ What it measures (each with N and a 95% interval, ``alignkit.stats``):
   column; ``alignkit.rewards.answer`` reads both sides with the same parser), Wilson intervals; and
   the model-minus-baseline difference on the same prompts with Newcombe's paired interval
   (method 10). Records without a reference are left out of N (and counted).
-* every reward function's mean (the run's ``reward.fns``; with the demo ``judge`` also its
-  ``format`` and ``concise`` parts beside it), model and baseline, and the paired difference: a
+* every reward function's mean (the run's ``reward.fns`` with their ``reward.options``, as the
+  trainers build them; with the demo ``judge`` also its ``format`` and ``concise`` parts beside it),
+  model and baseline, and the paired difference: a
   0/1 reward as a proportion (Wilson, Newcombe's paired difference), any other with the normal
   interval of the mean (of the per-prompt differences); the win rate of the model's total reward
   over the baseline's (ties 1/2),
@@ -298,7 +299,7 @@ def _first_sentence(exc: BaseException, width: int = 240) -> str:
 
 def build_scoring(target: EvalTarget, first, tokenizer):
     """The reward mix for eval: the run's (or the named) functions that can score this data."""
-    from alignkit.rewards.registry import DRY_RUN_COMPLETION, RewardMix
+    from alignkit.rewards.registry import DRY_RUN_COMPLETION
     from alignkit.trainers.rollout import decode_prompt
 
     names = _reward_names(target)
@@ -309,7 +310,8 @@ def build_scoring(target: EvalTarget, first, tokenizer):
                 completion_ids=tokenizer.encode(DRY_RUN_COMPLETION, add_special_tokens=False))
     prompt = decode_prompt(first, tokenizer)
     if target.reward_explicit:
-        mix = RewardMix(names)
+        _note_unused_options(target, names)
+        mix = _reward_mix(target, names)
         try:
             mix.dry_run(prompt, columns, **call)
         except (DataError, ConfigError) as exc:
@@ -319,7 +321,7 @@ def build_scoring(target: EvalTarget, first, tokenizer):
     kept, left_out = [], {}
     for name in names:
         try:
-            RewardMix([name]).dry_run(prompt, columns, **call)
+            _reward_mix(target, [name]).dry_run(prompt, columns, **call)
             kept.append(name)
         except (DataError, ConfigError) as exc:
             left_out.setdefault(_first_sentence(exc), []).append(name)
@@ -327,7 +329,33 @@ def build_scoring(target: EvalTarget, first, tokenizer):
         target.notes.append(f"reward{'s' if len(left) > 1 else ''} {', '.join(repr(n) for n in left)} left out: "
                             f"{'they' if len(left) > 1 else 'it'} cannot score this data ({why}); "
                             "pass reward.fns=[...] to choose")
-    return RewardMix(kept) if kept else None
+    _note_unused_options(target, kept)
+    return _reward_mix(target, kept) if kept else None
+
+
+def _reward_mix(target: EvalTarget, names: list[str]):
+    """``RewardMix`` of ``names`` as the trainers build it (``RewardMix.from_config``): each function with
+    its ``reward.options`` and the eval's ``generation.max_new_tokens`` (``overlong``'s default L_max)."""
+    from alignkit.rewards.registry import RewardMix, short_name
+
+    keys = {short_name(n) for n in names}
+    return RewardMix(names, options={k: v for k, v in _reward_options(target).items() if k in keys},
+                     max_new_tokens=int(target.cfg.generation.max_new_tokens))
+
+
+def _reward_options(target: EvalTarget) -> dict:
+    node = target.cfg.reward.get("options")
+    return (OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})) or {}
+
+
+def _note_unused_options(target: EvalTarget, names: list[str]) -> None:
+    """Options of a function eval does not score are not used: said, not silent."""
+    from alignkit.rewards.registry import short_name
+
+    unused = sorted(str(k) for k in _reward_options(target) if k not in {short_name(n) for n in names})
+    if unused:
+        target.notes.append(f"reward.options for {', '.join(unused)} not used: not among the scored reward "
+                            "functions")
 
 
 @torch.no_grad()

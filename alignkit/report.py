@@ -21,7 +21,7 @@ PANELS = [
     ("loss", ["loss"]),
     ("preference", ["rewards/accuracy", "rewards/margin"]),
     ("rewards", ["rewards/chosen", "rewards/rejected"]),
-    ("reward", ["reward/mean"]),
+    ("reward", ["reward/mean", "reward/winners"]),  # reward/winners: raft's kept best replies
     ("kl / entropy", ["kl", "entropy"]),
     ("length", ["response_length"]),
     ("learning rate", ["lr"]),

@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 KEYS_EVAL = ["rewards/accuracy", "rewards/margin", "loss", "reward/mean", "reward/accuracy", "reward/format",
              "reward/concise", "response_length"]
-KEYS_TRAIN = ["loss", "rewards/accuracy", "rewards/margin", "reward/mean", "kl", "response_length", "clip_fraction"]
+KEYS_TRAIN = ["loss", "rewards/accuracy", "rewards/margin", "reward/mean", "reward/winners", "kept_fraction", "kl",
+              "response_length", "clip_fraction"]  # reward/winners, kept_fraction: raft
 
 
 def spread(values: list[float]) -> str:

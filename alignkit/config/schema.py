@@ -123,8 +123,10 @@ class RLConfig:
     whiten_advantages: bool = True
     dynamic_sampling: bool = False  # drop zero-variance groups and refill
     max_refill_rounds: int = 2
-    rounds: int = 1  # online DPO: iterative rounds
+    rounds: int = 1  # online DPO, raft: iterative rounds
     update_reference_each_round: bool = True
+    # raft: a prompt's best sample is trained on only if its reward is >= this (None: always the best)
+    raft_min_reward: Optional[float] = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ divides into micro-batches across processes, the reference strategy fits the los
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,13 @@ def validate(cfg: DictConfig) -> None:
         _check_optimizer_in_backward(cfg, runner)
     if is_online(runner):
         _check_online(cfg, runner)
+    if runner == "raft" and {spec.view for spec, _, _ in terms} != {"sft"}:
+        raise ConfigError(f"runner=raft fine-tunes on the best sample of each prompt with an SFT loss; loss.name="
+                          f"{cfg.loss.name} is not one. Use loss=sft (recipe=raft_tiny).")
+    if cfg.rl.raft_min_reward is not None and (runner != "raft" or not math.isfinite(cfg.rl.raft_min_reward)):
+        raise ConfigError(f"rl.raft_min_reward={cfg.rl.raft_min_reward} " + (
+            "must be a finite number (or null: keep every prompt's best sample)." if runner == "raft" else
+            f"is read by runner=raft only; this run's runner is {runner}. Remove it."))
     needs_ref = any(spec.reference_needed(hp) for spec, _, hp in terms)
     ref = cfg.trainer.reference
     if ref == "lora" and int(cfg.model.lora.r) <= 0:

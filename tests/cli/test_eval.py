@@ -148,3 +148,28 @@ def test_cli_prints_n_and_intervals(tmp_path):
     # the same model against itself: no difference, an interval around 0
     diff = json.loads((tmp_path / "ev" / "eval.json").read_text())["metrics"]["answer_accuracy_diff"]
     assert diff["rate"] == 0.0 and diff["ci_low"] <= 0.0 <= diff["ci_high"]
+
+
+def test_reward_options_reach_the_eval_scoring(tmp_path):
+    """``reward.options`` reach eval's scoring as they reach the trainers' (``RewardMix.from_config``), and
+    ``generation.max_new_tokens`` is ``overlong``'s default L_max. Without options (L_max 6, L_cache 1) a
+    6-token reply scores -1 and a shorter one 0; with max_len=2, cache=1, penalty_factor=0.5 a reply of
+    >= 2 tokens scores -0.5. Options of a function eval does not score are left out with a note."""
+    data = _own_prompts(tmp_path)
+    common = [f"data={data}", "generation.max_new_tokens=6", "reward.fns=[overlong]"]
+    options = ["++reward.options.overlong.max_len=2", "++reward.options.overlong.cache=1",
+               "++reward.options.overlong.penalty_factor=0.5"]
+    run_eval("tiny", common, baseline=None, limit=6, out_dir=str(tmp_path / "plain"))
+    with_options = run_eval("tiny", [*common, *options], baseline=None, limit=6, out_dir=str(tmp_path / "options"))
+    plain, scored = _scores(tmp_path / "plain"), _scores(tmp_path / "options")
+    assert set(plain) <= {0.0, -1.0} and -1.0 in plain, plain  # greedy replies of the random tiny model: the limit
+    assert set(scored) <= {0.0, -0.5}, scored
+    assert all(b == -0.5 for a, b in zip(plain, scored) if a == -1.0), (plain, scored)  # same replies, new knobs
+    assert with_options["metrics"]["reward/overlong"]["n"] == 6
+    other = run_eval("tiny", [f"data={data}", "generation.max_new_tokens=4", "reward.fns=[concise]", *options],
+                     baseline=None, limit=2, out_dir=str(tmp_path / "other"))
+    assert any("reward.options for overlong not used" in n for n in other["notes"]), other["notes"]
+
+
+def _scores(out: Path) -> list[float]:
+    return [json.loads(line)["model_score"] for line in (out / "samples.jsonl").read_text().splitlines()]

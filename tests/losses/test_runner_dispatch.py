@@ -47,7 +47,7 @@ def test_runner_of_the_registry_declarations():
     with pytest.raises(ConfigError, match="need different runners"):
         runner_of([resolve_loss("grpo"), resolve_loss("ppo")])
     assert offline_runners() == ("sft", "preference", "reward")
-    assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo"}
+    assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo", "raft"}
 
 
 def test_runner_for_and_the_runner_choices_read_the_table():

@@ -75,7 +75,7 @@ def test_separate_and_precomputed_reference_agree(tmp_path):
     assert losses["separate"] == pytest.approx(losses["precomputed"], abs=1e-5)
 
 
-@pytest.mark.parametrize("recipe", ["grpo_tiny", "ppo_tiny", "online_dpo_tiny", "rm_tiny"])
+@pytest.mark.parametrize("recipe", ["grpo_tiny", "ppo_tiny", "online_dpo_tiny", "raft_tiny", "rm_tiny"])
 def test_other_runners_train(tmp_path, recipe):
     run_dir = _run(tmp_path, f"recipe={recipe}", "trainer.max_steps=2", "generation.max_new_tokens=8")
     rows = _metrics(run_dir)
@@ -83,6 +83,8 @@ def test_other_runners_train(tmp_path, recipe):
     assert (run_dir / "final").is_dir()
     if recipe != "rm_tiny":  # a real learning signal: the samples' rewards differ (reply_length shaping)
         assert all(r["reward/std"] > 0 and "reward/reply_length" in r and "reward/judge" in r for r in rows), rows
+    if recipe == "raft_tiny":
+        assert all(r["kept_fraction"] == 1.0 and r["reward/winners"] > r["reward/mean"] for r in rows), rows
     if recipe == "online_dpo_tiny":
         assert all(r["pairs"] > 0 and "rewards/margin" in r for r in rows), rows
     if recipe == "grpo_tiny":
@@ -146,6 +148,7 @@ RL_GEN = "generation.max_new_tokens=6"
                                            ("sft_tiny", []),
                                            ("ppo_tiny", [RL_GEN]),
                                            ("online_dpo_tiny", [RL_GEN]),
+                                           ("raft_tiny", [RL_GEN]),
                                            ("rm_tiny", [])])
 def test_lora_training_exports_a_merged_model(tmp_path, recipe, extra):
     """Only the adapters (and the reward head) train: in the merged export the weights LoRA does not
