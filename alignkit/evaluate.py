@@ -334,25 +334,18 @@ def build_scoring(target: EvalTarget, first, tokenizer):
 
 
 def _reward_mix(target: EvalTarget, names: list[str]):
-    """``RewardMix`` of ``names`` as the trainers build it (``RewardMix.from_config``): each function with
-    its ``reward.options`` and the eval's ``generation.max_new_tokens`` (``overlong``'s default L_max)."""
-    from alignkit.rewards.registry import RewardMix, short_name
+    """``names`` as the trainers build a mix (``RewardMix.from_config``): each with its ``reward.options``
+    and the eval's ``generation.max_new_tokens`` (``overlong``'s default L_max)."""
+    from alignkit.rewards.registry import RewardMix
 
-    keys = {short_name(n) for n in names}
-    return RewardMix(names, options={k: v for k, v in _reward_options(target).items() if k in keys},
-                     max_new_tokens=int(target.cfg.generation.max_new_tokens))
-
-
-def _reward_options(target: EvalTarget) -> dict:
-    node = target.cfg.reward.get("options")
-    return (OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})) or {}
+    return RewardMix.from_config(target.cfg, names=names)
 
 
 def _note_unused_options(target: EvalTarget, names: list[str]) -> None:
     """Options of a function eval does not score are not used: said, not silent."""
-    from alignkit.rewards.registry import short_name
+    from alignkit.rewards.registry import config_options, short_name
 
-    unused = sorted(str(k) for k in _reward_options(target) if k not in {short_name(n) for n in names})
+    unused = sorted(str(k) for k in config_options(target.cfg) if k not in {short_name(n) for n in names})
     if unused:
         target.notes.append(f"reward.options for {', '.join(unused)} not used: not among the scored reward "
                             "functions")

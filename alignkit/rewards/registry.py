@@ -430,6 +430,17 @@ class MixedRewards(NamedTuple):
     per_function: dict[str, list[float]]  # unweighted rewards per function short name, NaN = not applicable
 
 
+def _plain(node: Any) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def config_options(cfg: Any) -> dict[str, Any]:
+    """The config's ``reward.options`` node as a plain dict (``{}`` when unset)."""
+    return dict(_plain(cfg.reward.get("options")) or {})
+
+
 class RewardMix:
     """A weighted sum of reward functions; ``weights`` default to 1.0 each; ``options`` per function short name."""
 
@@ -469,18 +480,21 @@ class RewardMix:
         self._quiet = False
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "RewardMix":
+    def from_config(cls, cfg: Any, names: list[str] | None = None) -> "RewardMix":
         """The mix of a run config: ``reward.fns``, ``reward.weights``, ``reward.options`` and
-        ``generation.max_new_tokens`` (what ``max_new_tokens``-taking functions such as ``overlong`` get)."""
-        from omegaconf import OmegaConf
+        ``generation.max_new_tokens`` (what ``max_new_tokens``-taking functions such as ``overlong`` get).
 
-        def plain(node: Any) -> Any:
-            return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
+        ``names``: a subset of functions instead of ``reward.fns`` (``alignkit eval`` scores the ones
+        that fit its data), each weight 1 and with its own options only."""
         reward, generation = cfg.reward, cfg.get("generation")
         limit = None if generation is None else generation.get("max_new_tokens")
-        return cls([str(n) for n in reward.fns], list(plain(reward.get("weights")) or []) or None,
-                   options=plain(reward.get("options")) or {}, max_new_tokens=None if limit is None else int(limit))
+        options = config_options(cfg)
+        if names is None:
+            names, weights = [str(n) for n in reward.fns], list(_plain(reward.get("weights")) or []) or None
+        else:
+            keys = {short_name(n) for n in names}
+            names, weights, options = list(names), None, {k: v for k, v in options.items() if k in keys}
+        return cls(names, weights, options=options, max_new_tokens=None if limit is None else int(limit))
 
     def __call__(self, prompts: list[str], completions: list[str], **columns: list) -> MixedRewards:
         """Rewards of a batch. ``columns`` may carry ``prompt`` (the records' prompts as the data has them,
