@@ -31,17 +31,11 @@ Three calling conventions, told apart by the function itself (``reward_style``):
   function accepts it. It returns a number, or a dict whose ``"score"`` is the reward; ``None`` is
   "not applicable".
 
-Names and paths:
+Names and paths (``alignkit.rewards.names``, re-exported here): ``@register_reward``,
+``resolve_reward``, ``reward_names``, ``short_name``.
 
-* ``@register_reward(name)`` adds a function to the registry; the built-in ones (the demo
-  task's ``accuracy``, ``format``, ``concise``, ``judge``; ``correctness`` from
-  ``alignkit.rewards.math``; DAPO's ``overlong`` from ``alignkit.rewards.overlong``) register when
-  ``alignkit.rewards`` is imported, and ``resolve_reward`` imports them on first use.
-* ``resolve_reward("judge")`` looks a name up; ``resolve_reward("mypkg.rewards:fn")`` or
-  ``resolve_reward("mypkg.rewards.fn")`` imports only the module ``mypkg.rewards`` (also from the
-  working directory) and takes its attribute ``fn``; ``resolve_reward("path/to/my_rewards.py:fn")``
-  loads that file (verl's ``custom_reward_function.path`` + ``name``). Unknown names and
-  unimportable paths raise ``ConfigError`` listing the valid names, so a typo fails at compose time.
+The mix:
+
 * ``RewardMix(names, weights)`` resolves every name once; calling it returns
   ``MixedRewards(total, per_function)``: ``total[i] = nansum_k weights[k] * r_k[i]`` and the
   unweighted ``r_k`` per function (NaN where it returned ``None``), keyed by the function's short
@@ -72,131 +66,16 @@ Left out: asynchronous reward functions beyond the trivial case (a coroutine res
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import math
-import os
 import sys
 import traceback
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 from alignkit.errors import ConfigError, UserError
-
-RewardFn = Callable[..., Sequence[float]]
-
-BUILTIN_MODULES = ("alignkit.rewards.judge", "alignkit.rewards.math", "alignkit.rewards.overlong")
-
-_REGISTRY: dict[str, RewardFn] = {}
-
-
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator: register ``fn`` under ``name`` (a plain identifier, no dots or colons)."""
-    if not name or "." in name or ":" in name:
-        raise ValueError(f"reward name {name!r} must be non-empty and contain no '.' or ':'")
-
-    def decorate(fn: RewardFn) -> RewardFn:
-        known = _REGISTRY.get(name)
-        if known is not None and _qualified(known) != _qualified(fn):
-            raise ValueError(f"reward {name!r} is already registered by {_qualified(known)}")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorate
-
-
-def _qualified(fn: Callable) -> str:
-    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', repr(fn))}"
-
-
-def _load_builtins() -> None:
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
-
-
-def reward_names() -> list[str]:
-    """Every registered reward name, sorted."""
-    _load_builtins()
-    return sorted(_REGISTRY)
-
-
-def _split_path(path: str) -> tuple[str, str]:
-    module, sep, attr = path.partition(":")
-    if not sep:
-        module, _, attr = path.rpartition(".")
-    return module, attr
-
-
-def short_name(name_or_path: str) -> str:
-    """The metric name of a reward: the registry name, or the attribute name of a dotted path."""
-    return _split_path(name_or_path)[1] if ("." in name_or_path or ":" in name_or_path) else name_or_path
-
-
-def _import_module(module_name: str):
-    """``importlib.import_module``, also from the working directory (a console script does not put it on sys.path)."""
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        top = module_name.split(".")[0]
-        if exc.name != top or os.getcwd() in sys.path or "" in sys.path:
-            raise
-        sys.path.append(os.getcwd())
-        return importlib.import_module(module_name)
-
-
-def _import_file(file_name: str):
-    """The module of a ``.py`` file named in ``reward.fns`` (``my_rewards.py:fn``), as verl's
-    ``custom_reward_function.path`` names one."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(file_name).expanduser().resolve()
-    if not path.is_file():
-        raise ImportError(f"no such file {path}")
-    key = f"alignkit_user_rewards_{abs(hash(str(path)))}_{path.stem}"
-    if key in sys.modules:
-        return sys.modules[key]
-    spec = importlib.util.spec_from_file_location(key, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[key] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        del sys.modules[key]
-        raise ImportError(f"{path} raised {type(exc).__name__}: {exc} on import") from exc
-    return module
-
-
-def resolve_reward(name_or_path: str) -> RewardFn:
-    """The reward function registered as ``name_or_path``, or the one a dotted path points to."""
-    _load_builtins()
-    name = str(name_or_path).strip()
-    if name in _REGISTRY:
-        return _REGISTRY[name]
-    valid = ", ".join(sorted(_REGISTRY))
-    hint = (
-        f"Valid reward names: {valid}; or give a dotted path to your own function "
-        "('mypkg.rewards:my_reward', 'mypkg.rewards.my_reward' or 'path/to/my_rewards.py:my_reward'): "
-        "a TRL-style function called by keyword "
-        "with prompts, completions and the record's columns, returning one float (or None) per completion, "
-        "or a verl-style compute_score(data_source, solution_str, ground_truth, extra_info)."
-    )
-    if "." not in name and ":" not in name:
-        raise ConfigError(f"reward.fns: unknown reward function {name!r}. {hint}")
-    module_name, attr = _split_path(name)
-    if not module_name or not attr:
-        raise ConfigError(f"reward.fns: {name!r} is not a valid dotted path. {hint}")
-    try:
-        module = _import_file(module_name) if module_name.endswith(".py") else _import_module(module_name)
-    except ImportError as exc:
-        raise ConfigError(
-            f"reward.fns: cannot import module {module_name!r} for reward {name!r} ({exc}). {hint}") from exc
-    fn = getattr(module, attr, None)
-    if fn is None or not callable(fn):
-        raise ConfigError(f"reward.fns: module {module_name!r} has no callable {attr!r} (from {name!r}). {hint}")
-    return fn
-
+from alignkit.rewards.names import (  # noqa: F401 -- re-exported: callers import them from here
+    BUILTIN_MODULES, RewardFn, is_registered, qualified_name, register_reward, resolve_reward, reward_names,
+    short_name)
 
 TRL_EXTRAS = ("trainer_state", "log_extra", "log_metric", "environments")  # TRL passes these; alignkit does not
 RUN_FACTS = ("completion_ids", "max_new_tokens")  # given to an alignkit-convention function that names them
@@ -220,13 +99,12 @@ def where_defined(fn: Callable) -> str:
         line = inspect.getsourcelines(target)[1]
         return f"{file}:{line}"
     except (TypeError, OSError):
-        return _qualified(fn)
+        return qualified_name(fn)
 
 
 def reward_style(fn: Callable) -> str:
     """``alignkit`` (registered), ``verl`` (has ``solution_str``) or ``trl`` (anything else)."""
-    _load_builtins()
-    if any(fn is known for known in _REGISTRY.values()):
+    if is_registered(fn):
         return "alignkit"
     try:
         params = inspect.signature(fn).parameters
