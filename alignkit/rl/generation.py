@@ -213,7 +213,7 @@ def _as_id_list(ids) -> list[int]:
 
 
 def left_pad(
-    prompts: Sequence[Sequence[int]], pad_token_id: int, device
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``position_ids`` ``[B, L]`` for left-padded prompts."""
     if not prompts or any(len(p) == 0 for p in prompts):

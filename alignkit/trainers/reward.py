@@ -26,7 +26,7 @@ from alignkit.trainers.common import Run
 class RewardScorer(torch.nn.Module):
     """Scalar score of every slot of a ``Batch``: hidden state of its last token -> ``score`` head."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 

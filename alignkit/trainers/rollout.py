@@ -62,7 +62,7 @@ def build_reward_mix(cfg: DictConfig, data: Any = None, tokenizer: Any = None) -
 class ModelReward:
     """Scores (prompt ids, completion ids) with a reward model exported by ``recipe=rm_*``."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig) -> None:
         from alignkit.engine.collectives import accelerator_device
         from alignkit.models.load import load_reward_model
         from alignkit.trainers.reward import RewardScorer
