@@ -138,17 +138,17 @@ def memory_estimates(total: int, largest: int, gpus: int, nodes: int, dtype: str
 
 def tokens_per_micro_batch(cfg: DictConfig, runner: str) -> int:
     """Upper bound of the tokens one micro-batch forwards (rows at their length limits)."""
-    t, d = cfg.trainer, cfg.data
+    t, d = cfg.trainer, cfg.data  # typed by the schema: no coercion needed
     if is_online(runner):
-        samples = {"online_dpo": 2, "raft": 1}.get(runner, int(cfg.rl.num_generations))  # raft trains on one winner per prompt
-        per_group = samples * (int(d.max_prompt_length) + int(cfg.generation.max_new_tokens))
+        samples = {"online_dpo": 2, "raft": 1}.get(runner, cfg.rl.num_generations)  # raft trains on one winner per prompt
+        per_group = samples * (d.max_prompt_length + cfg.generation.max_new_tokens)
     else:
         k = 1 if runner == "sft" else (2 if runner in ("preference", "reward") else 1)
-        if str(d.layout) == "prefix_shared":
-            per_group = int(d.max_prompt_length) + k * (int(d.max_length) - int(d.max_prompt_length))
+        if d.layout == "prefix_shared":
+            per_group = d.max_prompt_length + k * (d.max_length - d.max_prompt_length)
         else:
-            per_group = k * int(d.max_length)
-    return int(t.micro_batch_size) * per_group
+            per_group = k * d.max_length
+    return t.micro_batch_size * per_group
 
 
 def activation_gib(config, tokens: int, *, checkpointing: bool, bytes_per_value: int = 2,
@@ -195,22 +195,22 @@ def print_plan(overrides: list[str]) -> int:
     else:
         console.print(f"[bold]parameters[/]: {total / 1e6:,.1f} M (largest layer {largest / 1e6:,.1f} M)")
         dtype = "fp32" if str(cfg.deepspeed.dtype) in ("fp32", "bf16_autocast") else "bf16"  # autocast: fp32 states
-        stage = f"zero{int(cfg.deepspeed.zero_stage)}"
+        stage = f"zero{cfg.deepspeed.zero_stage}"
         table = Table("setting", "model states / device (GiB)", "CPU / node (GiB)",
                       title=f"Model states ({dtype}, AdamW) on {cfg.launcher.nproc_per_node} device(s) x "
                             f"{cfg.launcher.nnodes} node(s); this run: {stage}")
-        for label, dev, cpu in memory_estimates(total, largest, int(cfg.launcher.nproc_per_node),
-                                                int(cfg.launcher.nnodes), dtype):
+        for label, dev, cpu in memory_estimates(total, largest, cfg.launcher.nproc_per_node, cfg.launcher.nnodes,
+                                                dtype):
             mark = " <- this run" if label.startswith(stage + " ") and "offload" not in label else ""
             table.add_row(label + mark, f"{dev:,.2f}", f"{cpu:,.2f}")
         console.print(table)
         tokens = tokens_per_micro_batch(cfg, runner)
         checkpointing = bool(cfg.model.gradient_checkpointing)
         act = activation_gib(config, tokens, checkpointing=checkpointing, bytes_per_value=4 if dtype == "fp32" else 2,
-                             logprob_chunk=int(cfg.model.logprob_chunk_size))
+                             logprob_chunk=cfg.model.logprob_chunk_size)
         console.print(f"[bold]activations[/]: ~{act:,.2f} GiB per device for one micro-batch of up to {tokens:,} tokens "
                       f"(gradient checkpointing {'on' if checkpointing else 'off'}; rough: Llama-style layers, SDPA)")
-        if objective.needs_reference and cfg.trainer.reference in ("separate", "auto") and int(cfg.model.lora.r) == 0:
+        if objective.needs_reference and cfg.trainer.reference in ("separate", "auto") and cfg.model.lora.r == 0:
             console.print("  a separate reference model adds its parameters again "
                           "(trainer.reference=precomputed holds none during training)")
     for text in warnings:
@@ -220,7 +220,7 @@ def print_plan(overrides: list[str]) -> int:
 
 def _warnings(cfg: DictConfig, runner: str, objective) -> list[str]:
     out = []
-    if cfg.deepspeed.offload_params != "none" and int(cfg.deepspeed.zero_stage) != 3:
+    if cfg.deepspeed.offload_params != "none" and cfg.deepspeed.zero_stage != 3:
         out.append("deepspeed.offload_params needs zero_stage=3; it is ignored otherwise.")
     if not torch.cuda.is_available() and cfg.deepspeed.dtype in ("bf16", "fp16", "bf16_autocast"):
         from alignkit.engine.precision import BF16_CPU_FLAGS, read_cpu_info
@@ -230,10 +230,10 @@ def _warnings(cfg: DictConfig, runner: str, objective) -> list[str]:
                        "16-bit matmuls are far slower than fp32 here.")
     if cfg.data.layout == "prefix_shared" and runner == "sft":
         out.append("data.layout=prefix_shared gains nothing for SFT (K=1); use packed.")
-    if runner == "grpo" and int(cfg.rl.num_generations) < 2:
+    if runner == "grpo" and cfg.rl.num_generations < 2:
         out.append("rl.num_generations < 2: group-relative advantages are all zero.")
-    if (runner == "online_dpo" and cfg.rl.update_reference_each_round and int(cfg.rl.rounds) > 1
-            and int(cfg.deepspeed.zero_stage) == 3):
+    if (runner == "online_dpo" and cfg.rl.update_reference_each_round and cfg.rl.rounds > 1
+            and cfg.deepspeed.zero_stage == 3):
         out.append("online DPO moves its reference each round, which is not supported under ZeRO-3 (the run "
                    "refuses it at start): use zero2 or rl.rounds=1.")
     return out

@@ -11,6 +11,9 @@ the loss functions' signatures and are checked against them in ``validate.py``. 
 is free-form the same way: ``<reward name>.<knob>``, checked against the reward functions'
 signatures when the reward mix is built (``alignkit.rewards.registry.RewardMix``).
 
+``typed_sections`` converts a config's sections to these dataclasses once, where a run starts
+(``trainers.common.start``); the runners read them from the ``Run``.
+
 Left out: per-trainer RL knobs beyond what the RL recipes read (``RLConfig``); they grow with
 the online trainers.
 """
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
 
 from alignkit.data.config import DataConfig
 from alignkit.engine.config import DeepSpeedConfig
@@ -150,3 +155,17 @@ class AlignkitConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+
+
+SECTIONS: dict[str, type] = {"trainer": TrainerConfig, "model": ModelConfig, "deepspeed": DeepSpeedConfig,
+                             "generation": GenerationConfig, "reward": RewardConfig, "rl": RLConfig}
+
+
+def typed_sections(cfg: DictConfig) -> dict[str, Any]:
+    """The ``SECTIONS`` of a composed (or frozen) config as the schema's dataclasses, for a run to hold."""
+    return {name: section(cfg, name, cls) for name, cls in SECTIONS.items()}
+
+
+def section(cfg: DictConfig, name: str, cls: type) -> Any:
+    """``cfg.<name>`` as a ``cls`` instance, checked against ``cls`` once more (a copy: ``cfg`` is unchanged)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), cfg[name]))

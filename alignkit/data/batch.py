@@ -25,6 +25,7 @@ target positions only.
 ``TokenizedGroup`` is the input to the collator: token ids of a prompt and of K completions, with a
 per-token train mask on each completion (False for tokens that are context, e.g. user turns of a
 multi-turn SFT conversation, which then sit in the completion with no target).
+``decode_prompt`` gives a group's prompt as text (what reward functions score).
 """
 
 from __future__ import annotations
@@ -124,3 +125,8 @@ def per_token_view(values: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, to
     mask[batch.target_slot, pos] = True
     shape = (batch.num_groups, batch.group_size, padded.shape[-1])
     return padded.view(shape), mask.view(shape)
+
+
+def decode_prompt(group: TokenizedGroup, tokenizer: Any) -> str:
+    """The prompt's text as reward functions see it: the record's own text, else its decoded ids."""
+    return group.extra.get("prompt_text") or tokenizer.decode(group.prompt_ids, skip_special_tokens=True)

@@ -42,6 +42,8 @@ forward hangs (``agreed_chunk_count``). ``final_logit_softcapping`` (Gemma-2 sty
 Wrap the ``TargetLogProbs`` module itself in the DeepSpeed engine, so that its ``forward`` is the
 root forward ZeRO-3 traces.
 
+``forward_logps(module, batch)`` is that one forward over a collated ``Batch`` (a ``TargetLogProbs`` or
+a DeepSpeed engine wrapping one): the trainers, their references and ``alignkit eval`` call it.
 ``naive_target_logps`` is the plain reference path (full logits, ``log_softmax``), for tests and
 benchmarks.
 
@@ -51,6 +53,8 @@ and fused Triton kernels (CPU-first; the chunking gives the memory bound).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -320,6 +324,19 @@ def agreed_chunk_count(count: int) -> int:
     from alignkit.engine.collectives import all_reduce
 
     return int(all_reduce([float(count)], "max")[0])
+
+
+def forward_logps(engine_or_module: Any, batch: Any, **flags: bool) -> dict[str, torch.Tensor]:
+    """One forward of a ``TargetLogProbs`` module (or the engine wrapping one) over ``batch``
+    (an ``alignkit.data.batch.Batch``); ``flags``: ``with_entropy``, ``with_log_sq_mass``."""
+    return engine_or_module(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        position_ids=batch.position_ids,
+        target_index=batch.target_index,
+        target_ids=batch.target_ids,
+        **flags,
+    )
 
 
 def naive_target_logps(model: nn.Module, batch) -> torch.Tensor:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,7 +55,7 @@ AdvantageFn = Callable[..., torch.Tensor]
 _REGISTRY: dict[str, AdvantageFn] = {}
 
 
-def register_advantage(name: str | None = None):
+def register_advantage(name: str | None = None) -> Callable[[AdvantageFn], AdvantageFn]:
     """Decorator: register an estimator under ``name`` (default: the function's name)."""
 
     def wrap(fn: AdvantageFn) -> AdvantageFn:
@@ -68,6 +69,7 @@ def register_advantage(name: str | None = None):
 
 
 def available_advantages() -> list[str]:
+    """The registered estimator names, sorted."""
     return sorted(_REGISTRY)
 
 
@@ -209,15 +211,15 @@ def compute_gae(
 
 @register_advantage()
 def grpo(
-    rewards,
-    group_index,
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
     *,
-    token_rewards=None,
-    values=None,
-    mask=None,
+    token_rewards: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     scale: str = "group",
     epsilon: float = 1e-6,
-):
+) -> torch.Tensor:
     """Group-relative advantage: ``(r - mean_group) / (std + epsilon)``; std by ``scale``."""
     if scale not in GRPO_SCALES:
         raise ConfigError(f"advantage scale {scale!r} is not valid. Valid choices: {', '.join(GRPO_SCALES)}.")
@@ -232,13 +234,15 @@ def grpo(
 
 
 @register_advantage()
-def rloo(rewards, group_index, *, token_rewards=None, values=None, mask=None):
+def rloo(rewards: torch.Tensor, group_index: torch.Tensor, *, token_rewards: torch.Tensor | None = None,
+         values: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Leave-one-out baseline: ``r_i - mean of the other samples of the group``."""
     mean, _, size = group_stats(rewards, group_index)
     return torch.where(size > 1, (rewards.float() - mean) * size / (size - 1).clamp(min=1), 0.0)
 
 
-def _reinforce_pp_core(rewards, baseline, token_rewards, mask, gamma, epsilon):
+def _reinforce_pp_core(rewards: torch.Tensor, baseline: torch.Tensor, token_rewards: torch.Tensor | None,
+                       mask: torch.Tensor | None, gamma: float, epsilon: float) -> torch.Tensor:
     """Whitened returns of ``token_rewards - baseline at the last token`` (or of rewards - baseline)."""
     if mask is None:
         if token_rewards is not None:
@@ -252,15 +256,15 @@ def _reinforce_pp_core(rewards, baseline, token_rewards, mask, gamma, epsilon):
 
 @register_advantage()
 def reinforce_pp(
-    rewards,
-    group_index,
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
     *,
-    token_rewards=None,
-    values=None,
-    mask=None,
+    token_rewards: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     gamma: float = 1.0,
     epsilon: float = 1e-8,
-):
+) -> torch.Tensor:
     """REINFORCE++: discounted token returns whitened over the whole batch (no group baseline)."""
     return _reinforce_pp_core(
         rewards, torch.zeros_like(rewards, dtype=torch.float32), token_rewards, mask, gamma, epsilon
@@ -269,15 +273,15 @@ def reinforce_pp(
 
 @register_advantage()
 def reinforce_pp_baseline(
-    rewards,
-    group_index,
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
     *,
-    token_rewards=None,
-    values=None,
-    mask=None,
+    token_rewards: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     gamma: float = 1.0,
     epsilon: float = 1e-8,
-):
+) -> torch.Tensor:
     """REINFORCE++-baseline: subtract the group mean reward, then batch whitening as REINFORCE++."""
     mean, _, _ = group_stats(rewards, group_index)
     return _reinforce_pp_core(rewards, mean, token_rewards, mask, gamma, epsilon)
@@ -285,16 +289,16 @@ def reinforce_pp_baseline(
 
 @register_advantage()
 def gae(
-    rewards,
-    group_index,
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
     *,
-    token_rewards=None,
-    values=None,
-    mask=None,
+    token_rewards: torch.Tensor | None = None,
+    values: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
     gamma: float = 1.0,
     lam: float = 0.95,
     whiten_advantages: bool = True,
-):
+) -> torch.Tensor:
     """Generalised advantage estimation (PPO); needs ``values`` and ``mask``."""
     if values is None or mask is None:
         raise ValueError("the gae estimator needs values [S, T] and mask [S, T]")
@@ -312,7 +316,7 @@ def compute_advantages(
     token_rewards: torch.Tensor | None = None,
     values: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
-    **hparams,
+    **hparams: Any,
 ) -> torch.Tensor:
     """Run estimator ``name``; ``[S, T]`` (0 outside ``mask``) when a mask is given, else ``[S]``. No grad."""
     fn = resolve_advantage(name)

@@ -56,9 +56,10 @@ import contextlib
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+from omegaconf import DictConfig
 
 from alignkit.errors import ConfigError
 
@@ -110,15 +111,16 @@ def check_sampling_args(
         raise ConfigError("generation settings: " + "; ".join(problems) + ".")
 
 
-def engine_for_run(cfg, policy, tokenizer) -> GenerationEngine:
+def engine_for_run(cfg: DictConfig, policy: Any, tokenizer: Any) -> GenerationEngine:
     """The generation engine of an online runner, as ``cfg.generation`` (the schema's
     ``GenerationConfig``, checked at compose time) names it, over the policy: a DeepSpeed engine
     wrapping a ``TargetLogProbs``-style module (its ``.model`` is sampled from). The vLLM engine
-    is told by the DeepSpeed engine when an optimizer step happened."""
+    is told by the DeepSpeed engine when an optimizer step happened. ``cfg`` is a composed or
+    frozen config, typed by the schema (its values need no coercion)."""
     gen = cfg.generation
     module = getattr(policy, "module", policy)
     model = getattr(module, "model", module)
-    if str(gen.engine) != "vllm":
+    if gen.engine != "vllm":
         return HFGenerationEngine(model, tokenizer)
     from alignkit.rl.vllm_engine import VLLMGenerationEngine
 
@@ -126,22 +128,22 @@ def engine_for_run(cfg, policy, tokenizer) -> GenerationEngine:
         model,
         eos_token_id=HFGenerationEngine(model, tokenizer).eos_token_ids,
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
-        max_model_len=int(cfg.data.max_prompt_length) + int(gen.max_new_tokens),  # prompt + completion tokens
+        max_model_len=cfg.data.max_prompt_length + gen.max_new_tokens,  # prompt + completion tokens
         trainer_engine=policy,
-        gpu_memory_utilization=float(gen.vllm_gpu_memory_utilization),
-        cpu_kv_cache_gib=float(gen.vllm_cpu_kv_cache_gib),
-        seed=int(cfg.trainer.seed),
+        gpu_memory_utilization=gen.vllm_gpu_memory_utilization,
+        cpu_kv_cache_gib=gen.vllm_cpu_kv_cache_gib,
+        seed=cfg.trainer.seed,
     )
 
 
-def check_engine(cfg) -> None:
+def check_engine(cfg: DictConfig) -> None:
     """Compose-time checks of ``generation.engine`` (the vLLM one: installed, fits, one node)."""
     engine = str(cfg.generation.get("engine", "hf"))
     if engine not in ENGINES:
         raise ConfigError(f"generation.engine={engine!r} is not valid. Valid choices: {', '.join(ENGINES)}.")
     if engine != "vllm":
         return
-    if int(cfg.launcher.nnodes) != 1:
+    if cfg.launcher.nnodes != 1:
         raise ConfigError(f"generation.engine=vllm runs on one node for now (launcher.nnodes={cfg.launcher.nnodes}): "
                           "each process starts its own colocated vLLM engine, tested with several processes on one "
                           "node only; use generation.engine=hf across nodes.")
@@ -211,7 +213,7 @@ def _as_id_list(ids) -> list[int]:
 
 
 def left_pad(
-    prompts: Sequence[Sequence[int]], pad_token_id: int, device
+    prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``input_ids``, ``attention_mask`` and ``position_ids`` ``[B, L]`` for left-padded prompts."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -236,13 +238,13 @@ class HFGenerationEngine:
 
     def __init__(
         self,
-        model,
-        tokenizer=None,
+        model: Any,
+        tokenizer: Any = None,
         *,
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         share_prompt_prefill: bool = True,
-    ):
+    ) -> None:
         self.model = model
         self.share_prompt_prefill = share_prompt_prefill
         inner = _unwrap_deepspeed(model)

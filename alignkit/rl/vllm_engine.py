@@ -51,10 +51,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from alignkit.errors import ConfigError, UserError
+
+if TYPE_CHECKING:  # for the annotations only; generate imports it where it runs, as before
+    from alignkit.rl.generation import Rollout
 
 INSTALL_HINT = (
     "Install it into its own environment with `bash scripts/setup_vllm.sh` (creates .venv-vllm: alignkit "
@@ -151,7 +155,7 @@ def _gathered(model) -> Iterator[None]:
         yield
 
 
-def checkpoint_weights(model) -> list[tuple[str, torch.Tensor]]:
+def checkpoint_weights(model: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
     """``(name, tensor)`` in the transformers checkpoint layout for the model's current weights.
 
     Plain models: ``named_parameters`` (tied weights once, as vLLM expects). ``peft`` LoRA models:
@@ -188,7 +192,7 @@ def checkpoint_weights(model) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
-def refresh_tied_head(model) -> bool:
+def refresh_tied_head(model: Any) -> bool:
     """Re-derive a tied LM head's kernel data from the (just reloaded) embedding, in vLLM's model.
 
     vLLM's in-place reload re-processes the modules whose weights it loads; a tied ``lm_head``
@@ -252,16 +256,16 @@ class VLLMGenerationEngine:
 
     def __init__(
         self,
-        model,
+        model: Any,
         *,
         eos_token_id: int | list[int],
         pad_token_id: int | None = None,
         max_model_len: int,
-        trainer_engine=None,
+        trainer_engine: Any = None,
         gpu_memory_utilization: float = 0.3,
         cpu_kv_cache_gib: float = 1.0,
         seed: int = 0,
-    ):
+    ) -> None:
         check_vllm_available()
         from alignkit.rl.generation import _as_id_list
 
@@ -344,7 +348,7 @@ class VLLMGenerationEngine:
         top_p: float = 1.0,
         top_k: int = 0,
         seed: int | None = None,
-    ):
+    ) -> list[Rollout]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 

@@ -20,12 +20,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 
-from alignkit.config.schema import TrainerConfig
+from alignkit.config.schema import GenerationConfig, RewardConfig, RLConfig, TrainerConfig, section, typed_sections
 from alignkit.config.validate import grad_accum_steps, world_size
 from alignkit.data.batch import Batch, TokenizedGroup
+from alignkit.engine.config import DeepSpeedConfig
+from alignkit.models.config import ModelConfig
 
 console = Console(stderr=True)
 
@@ -34,8 +36,10 @@ console = Console(stderr=True)
 class Run:
     """What a trainer knows about its run: config, directory, process placement, logger.
 
-    ``trainer`` is the typed ``trainer`` section (``TrainerConfig``), read once at start: the loop
-    reads its values from there instead of coercing ``cfg.trainer`` at every use."""
+    ``trainer``, ``model``, ``deepspeed``, ``generation``, ``reward`` and ``rl`` are the config's
+    sections as the schema's dataclasses, converted once at start (``schema.typed_sections``): the runners read
+    typed values from there instead of coercing ``cfg.<section>.<key>`` at every use. ``cfg`` stays
+    for what has no dataclass (the free-form ``loss`` node) and for the functions that take it whole."""
 
     cfg: DictConfig
     run_dir: Path
@@ -43,6 +47,11 @@ class Run:
     world: int
     device: torch.device
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
     logger: Any = None
     progress: Any = None
     stop: Any = None
@@ -94,16 +103,11 @@ def start(cfg: DictConfig, run_dir: Path) -> Run:
         from alignkit.errors import ConfigError
 
         raise ConfigError(f"the config asks for {expected} process(es) but {world} were started.")
-    trainer = trainer_section(cfg)
-    seed_everything(trainer.seed + rank)
-    torch.manual_seed(trainer.seed)  # identical model init on every rank
-    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, trainer=trainer,
+    typed = typed_sections(cfg)
+    seed_everything(typed["trainer"].seed + rank)
+    torch.manual_seed(typed["trainer"].seed)  # identical model init on every rank
+    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, **typed,
                stop=StopRequest(at_once=True).install())
-
-
-def trainer_section(cfg: DictConfig) -> TrainerConfig:
-    """The ``trainer`` section as a typed ``TrainerConfig`` (checked against the schema once more)."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainerConfig), cfg.trainer))
 
 
 def seed_everything(seed: int) -> None:
@@ -219,10 +223,11 @@ class MetricMeter:
 
 
 def ds_train_config(cfg: DictConfig, run: Run) -> dict:
+    """The DeepSpeed config of a trained engine: ``run.deepspeed`` for this run's batch accounting."""
     from alignkit.engine.config import build_train_ds_config
 
     return build_train_ds_config(
-        OmegaConf.to_object(cfg.deepspeed),
+        run.deepspeed,
         micro_batch_size=run.trainer.micro_batch_size,
         grad_accum_steps=grad_accum_steps(cfg),
         world_size=run.world,
@@ -230,27 +235,30 @@ def ds_train_config(cfg: DictConfig, run: Run) -> dict:
 
 
 def train_engine(module: torch.nn.Module, cfg: DictConfig, run: Run, steps: int, lr: float | None = None) -> Any:
+    """``module`` as a DeepSpeed training engine (AdamW, the ``trainer`` schedule over ``steps`` steps);
+    ``lr`` replaces ``trainer.lr`` (PPO's critic)."""
     from alignkit.engine.engine import init_train_engine
 
     t = run.trainer
     return init_train_engine(
         module,
         ds_train_config(cfg, run),
-        lr=float(lr if lr is not None else t.lr),
+        lr=t.lr if lr is None else lr,
         weight_decay=t.weight_decay,
         betas=(t.adam_beta1, t.adam_beta2),
         warmup_steps=t.warmup_steps,
         total_steps=steps,
         scheduler=t.scheduler,
-        optimizer_in_backward=bool(cfg.deepspeed.get("optimizer_in_backward", False)),
+        optimizer_in_backward=run.deepspeed.optimizer_in_backward,
     )
 
 
 def frozen_engine(module: torch.nn.Module, cfg: DictConfig) -> Any:
+    """``module`` as a frozen DeepSpeed engine (reference, reward model): ``cfg.deepspeed``'s inference config."""
     from alignkit.engine.config import build_frozen_ds_config
     from alignkit.engine.engine import init_frozen_engine
 
-    return init_frozen_engine(module, build_frozen_ds_config(OmegaConf.to_object(cfg.deepspeed)))
+    return init_frozen_engine(module, build_frozen_ds_config(section(cfg, "deepspeed", DeepSpeedConfig)))
 
 
 def reapply_optimizer_settings(engine: Any, t: TrainerConfig) -> None:

@@ -20,27 +20,30 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from alignkit.config.schema import RLConfig
 from alignkit.config.validate import loss_terms
 from alignkit.data.batch import TokenizedGroup, per_token_view
+from alignkit.models.logprobs import forward_logps
 from alignkit.trainers import common, loop, rollout
 from alignkit.trainers.common import Run
-from alignkit.trainers.reference import forward_logps
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train ``cfg``'s rollout loss (``grpo`` and variants) with group-relative advantages: ``{"exit_code": ...}``."""
     spec, _, hparams = loss_terms(cfg.loss)[0]
     from alignkit.rl.advantages import compute_advantages, frac_zero_std_groups
     from alignkit.rl.generation import engine_for_run
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
-    run, data, rl = setup.run, setup.data, cfg.rl
+    run, data, rl = setup.run, setup.data, setup.run.rl
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
-    num_samples, mu, micro = int(rl.num_generations), int(rl.ppo_epochs), run.trainer.micro_batch_size
+    num_samples, mu, micro = rl.num_generations, rl.ppo_epochs, run.trainer.micro_batch_size
     run.print(f"  x {num_samples} samples = {run.trainer.batch_size * num_samples} completions/step, "
               f"{mu} optimizer step(s) per generation batch")
     policy, tokenizer = loop.policy_engine(cfg, run, setup.steps * mu)
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
-    reference = rollout.online_reference(cfg, run, policy, float(hparams.get("beta", 0.0)))
+    # the KL term's reference, as the registry says for these hyper-parameters (grpo: beta != 0)
+    reference = rollout.online_reference(cfg, run, policy, beta=1.0 if spec.reference_needed(hparams) else 0.0)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
     pad_id = tokenizer.pad_token_id
@@ -48,12 +51,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for step in training:
         policy.eval()
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step.number - 1),
-                                        reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(run, step.number))
+                                        reward_mix, run.generation, num_samples=num_samples,
+                                        seed=rollout.seed_for(run, step.number))
         zero_std = float(frac_zero_std_groups(sampled.rewards, rollout.group_index(sampled.groups)))
         if rl.dynamic_sampling:
             sampled = refill(run, generator, tokenizer, data.train, reward_mix, sampled, step.number, num_samples)
         advantages = compute_advantages(rl.advantage, sampled.rewards, rollout.group_index(sampled.groups),
-                                        **_advantage_hparams(cfg))
+                                        **_advantage_hparams(rl))
         policy.train()
         chunks = _chunks(sampled.groups, advantages, micro, num_samples)
         old = _old_logps(policy, chunks, cfg, pad_id, run) if mu > 1 else None
@@ -93,11 +97,11 @@ def _chunks(groups: list[TokenizedGroup], advantages: torch.Tensor, micro: int,
     return out
 
 
-def _advantage_hparams(cfg: DictConfig) -> dict[str, Any]:
+def _advantage_hparams(rl: RLConfig) -> dict[str, Any]:
     from alignkit.rl.advantages import advantage_hparams
 
-    valid = advantage_hparams(cfg.rl.advantage)
-    given = {"scale": cfg.rl.scale_rewards, "gamma": cfg.rl.gamma, "lam": cfg.rl.lam}
+    valid = advantage_hparams(rl.advantage)
+    given = {"scale": rl.scale_rewards, "gamma": rl.gamma, "lam": rl.lam}
     return {k: v for k, v in given.items() if k in valid}
 
 
@@ -111,18 +115,18 @@ def refill(run: Run, generator: Any, tokenizer: Any, prompts: list[TokenizedGrou
     """
     from alignkit.rl.advantages import zero_std_groups_mask
 
-    cfg = run.cfg
     want = len(sampled.groups)
     groups, rewards, parts = _split_groups(sampled, num_samples)
     zero = zero_std_groups_mask(sampled.rewards, rollout.group_index(sampled.groups)).tolist()
     kept = [i for i in range(want) if not zero[i]]
     spare = [i for i in range(want) if zero[i]]
     pool = [(groups[i], rewards[i], {k: v[i] for k, v in parts.items()}) for i in kept]
-    for round_ in range(1, int(cfg.rl.max_refill_rounds) + 1):
+    for round_ in range(1, run.rl.max_refill_rounds + 1):
         if len(pool) >= want:
             break
         extra_prompts = rollout.prompt_schedule(run, prompts, step - 1 + round_ * 7919)
-        more = rollout.sample_groups(generator, tokenizer, extra_prompts, reward_mix, cfg, num_samples=num_samples,
+        more = rollout.sample_groups(generator, tokenizer, extra_prompts, reward_mix, run.generation,
+                                     num_samples=num_samples,
                                      seed=rollout.seed_for(run, step) + round_ * 104729)
         zero = zero_std_groups_mask(more.rewards, rollout.group_index(more.groups)).tolist()
         g2, r2, p2 = _split_groups(more, num_samples)

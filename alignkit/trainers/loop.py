@@ -65,7 +65,7 @@ def setup(cfg: DictConfig, run_dir: Path, view: str, *, kind: str = "groups") ->
     from alignkit.models.load import load_tokenizer_for
 
     run = common.start(cfg, run_dir)
-    tokenizer = load_tokenizer_for(cfg.model)  # gguf_file, trust_remote_code, revision
+    tokenizer = load_tokenizer_for(run.model)  # gguf_file, trust_remote_code, revision
     data = prepare_data(OmegaConf.to_object(cfg.data), view, tokenizer)
     run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
     steps = common.total_steps(run.trainer, len(data.train))
@@ -74,13 +74,13 @@ def setup(cfg: DictConfig, run_dir: Path, view: str, *, kind: str = "groups") ->
 
 
 def policy_engine(cfg: DictConfig, run: Run, steps: int) -> tuple[Any, Any]:
-    """The trained causal LM as a ``TargetLogProbs`` DeepSpeed engine over ``steps`` optimizer steps,
-    and the tokenizer loaded with it."""
+    """The trained causal LM (``run.model``, loaded in ``run.deepspeed.dtype``) as a ``TargetLogProbs``
+    DeepSpeed engine over ``steps`` optimizer steps, and the tokenizer loaded with it."""
     from alignkit.models.load import load_causal_lm
     from alignkit.models.logprobs import TargetLogProbs
 
-    model, tokenizer = load_causal_lm(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
-    module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
+    model, tokenizer = load_causal_lm(run.model, dtype=run.deepspeed.dtype)
+    module = TargetLogProbs(model, chunk_size=run.model.logprob_chunk_size)
     return common.train_engine(module, cfg, run, steps), tokenizer
 
 

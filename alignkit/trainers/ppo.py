@@ -19,16 +19,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from alignkit.config.validate import loss_terms
 from alignkit.losses.registry import RolloutLogps, resolve_loss
 from alignkit.data.batch import Batch
+from alignkit.models.logprobs import forward_logps
 from alignkit.trainers import common, loop, rollout
-from alignkit.trainers.reference import forward_logps
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train ``cfg``'s actor (``loss=ppo``) and a critic with GAE on KL-shaped rewards: ``{"exit_code": ...}``."""
     spec, _, hparams = loss_terms(cfg.loss)[0]
     value_loss = resolve_loss("ppo_value")
     from alignkit.models.value import ValueModel, load_value_model
@@ -37,14 +38,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from alignkit.rl.kl import kl_per_token, shape_token_rewards
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
-    run, data, rl = setup.run, setup.data, cfg.rl
+    run, data, rl = setup.run, setup.data, setup.run.rl
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
-    num_samples, epochs, micro = int(rl.num_generations), int(rl.ppo_epochs), run.trainer.micro_batch_size
+    num_samples, epochs, micro = rl.num_generations, rl.ppo_epochs, run.trainer.micro_batch_size
     actor, tokenizer = loop.policy_engine(cfg, run, setup.steps * epochs)
-    critic_model, _ = load_value_model(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
-    critic = common.train_engine(critic_model, cfg, run, setup.steps * epochs, lr=float(rl.critic_lr))
+    critic_model, _ = load_value_model(run.model, dtype=run.deepspeed.dtype)
+    critic = common.train_engine(critic_model, cfg, run, setup.steps * epochs, lr=rl.critic_lr)
     generator = engine_for_run(cfg, actor, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
-    reference = rollout.online_reference(cfg, run, actor, beta=float(rl.kl_coef))
+    reference = rollout.online_reference(cfg, run, actor, beta=rl.kl_coef)
     evaluation = rollout.held_out_reward(run, actor, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, actor, setup.steps, evaluate=evaluation, extra_engines={"critic": critic})
     pad_id = tokenizer.pad_token_id
@@ -52,7 +53,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for step in training:
         actor.eval()
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step.number - 1),
-                                        reward_mix, cfg, num_samples=num_samples, seed=rollout.seed_for(run, step.number))
+                                        reward_mix, run.generation, num_samples=num_samples,
+                                        seed=rollout.seed_for(run, step.number))
         experience, offset, kl_values = [], 0, []
         with torch.no_grad():
             for i in range(0, len(sampled.groups), micro):
@@ -65,8 +67,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                 rewards = sampled.rewards[offset : offset + mask.shape[0]].to(run.device)
                 offset += mask.shape[0]
                 token_rewards = shape_token_rewards(rewards, mask, logps=old, ref_logps=ref,
-                                                    kl_coef=float(rl.kl_coef), estimator=rl.kl_estimator)
-                advantages, returns = compute_gae(token_rewards, values, mask, gamma=float(rl.gamma), lam=float(rl.lam))
+                                                    kl_coef=rl.kl_coef, estimator=rl.kl_estimator)
+                advantages, returns = compute_gae(token_rewards, values, mask, gamma=rl.gamma, lam=rl.lam)
                 kl_values.append(kl_per_token(old, ref, rl.kl_estimator)[mask].mean())
                 experience.append((batch, old, values, advantages, returns, mask))
         if rl.whiten_advantages:  # over the whole rollout batch (every micro-batch, every rank)

@@ -27,11 +27,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from alignkit.config.validate import objective_from_cfg
+from alignkit.data.batch import TokenizedGroup
 from alignkit.trainers import common, loop, rollout
 from alignkit.trainers.preference import _token_shares, sequence_logps
 from alignkit.trainers.reference import NoReference
@@ -45,20 +47,21 @@ class Round:
     last: int
     sampled: dict[int, rollout.SampledBatch]
     best: dict[int, list[int | None]]  # per step, per prompt: the winner's sample index, None = dropped
-    winners: list  # K=1 groups to train on, in step order
-    fallback: list  # every prompt's best reply regardless of the threshold (trained with loss x 0)
+    winners: list[TokenizedGroup]  # K=1 groups to train on, in step order
+    fallback: list[TokenizedGroup]  # every prompt's best reply regardless of the threshold (trained with loss x 0)
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Rounds of best-of-K sampling by reward, then SFT on the winners: ``{"exit_code": ...}``."""
     objective = objective_from_cfg(cfg.loss)  # sft (checked at compose time)
     from alignkit.rl.generation import engine_for_run
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data = setup.run, setup.data
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
-    starts = round_starts(setup.steps, int(cfg.rl.rounds))
-    threshold = cfg.rl.raft_min_reward
-    run.print(f"  x {cfg.rl.num_generations} samples, the best kept per prompt"
+    starts = round_starts(setup.steps, run.rl.rounds)
+    threshold = run.rl.raft_min_reward
+    run.print(f"  x {run.rl.num_generations} samples, the best kept per prompt"
               f"{'' if threshold is None else f' if its reward >= {threshold}'}; {len(starts)} round(s) "
               f"starting at steps {starts}")
     policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
@@ -130,7 +133,7 @@ def group_rewards(sampled: rollout.SampledBatch) -> list[list[float]]:
     return out
 
 
-def winner_groups(sampled: rollout.SampledBatch, best: list[int | None]) -> list:
+def winner_groups(sampled: rollout.SampledBatch, best: list[int | None]) -> list[TokenizedGroup]:
     """The K=1 groups (prompt + its winning reply) of the prompts that kept one."""
     return [replace(group, completion_ids=[group.completion_ids[b]],
                     completion_train_mask=[group.completion_train_mask[b]], scores=None,
@@ -139,14 +142,14 @@ def winner_groups(sampled: rollout.SampledBatch, best: list[int | None]) -> list
 
 
 @torch.no_grad()
-def sample_round(run, generator, tokenizer, prompts, reward_mix, first: int, last: int) -> Round:
+def sample_round(run: common.Run, generator: Any, tokenizer: Any, prompts: list[TokenizedGroup],
+                 reward_mix: rollout.CombinedReward, first: int, last: int) -> Round:
     """Sample, score and select for steps ``first..last`` (this rank's prompts); print kept/dropped."""
-    cfg = run.cfg
-    threshold = None if cfg.rl.raft_min_reward is None else float(cfg.rl.raft_min_reward)
+    threshold = run.rl.raft_min_reward
     sampled, best, winners, fallback = {}, {}, [], []
     for step in range(first, last + 1):
         batch = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, prompts, step - 1),
-                                      reward_mix, cfg, num_samples=int(cfg.rl.num_generations),
+                                      reward_mix, run.generation, num_samples=run.rl.num_generations,
                                       seed=rollout.seed_for(run, step))
         sampled[step], best[step] = batch, select_best(group_rewards(batch), threshold)
         winners += winner_groups(batch, best[step])
@@ -162,7 +165,7 @@ def sample_round(run, generator, tokenizer, prompts, reward_mix, first: int, las
     return Round(first, last, sampled, best, winners, fallback)
 
 
-def winner_metrics(sampled: rollout.SampledBatch, best: list[int | None], run) -> dict[str, float]:
+def winner_metrics(sampled: rollout.SampledBatch, best: list[int | None], run: common.Run) -> dict[str, float]:
     """``kept_fraction`` and ``reward/winners`` (mean reward of the kept winners) of one step, over every rank."""
     rewards = [group[b] for group, b in zip(group_rewards(sampled), best) if b is not None]
     kept, prompts, total = common.all_reduce_values([float(len(rewards)), float(len(best)), float(sum(rewards))], run)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from alignkit.config.validate import objective_from_cfg
 from alignkit.data.batch import Batch, TokenizedGroup
@@ -26,7 +26,7 @@ from alignkit.trainers.common import Run
 class RewardScorer(torch.nn.Module):
     """Scalar score of every slot of a ``Batch``: hidden state of its last token -> ``score`` head."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
@@ -48,12 +48,13 @@ def score_batch(engine: Any, batch: Batch) -> torch.Tensor:
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train a reward model (a scalar head) on preference pairs: ``{"exit_code": ...}``."""
     objective = objective_from_cfg(cfg.loss)
     setup = loop.setup(cfg, run_dir, "pairwise", kind="pairs")
     run, data = setup.run, setup.data
     from alignkit.models.load import load_reward_model
 
-    model, tokenizer = load_reward_model(OmegaConf.to_object(cfg.model), dtype=cfg.deepspeed.dtype)
+    model, tokenizer = load_reward_model(run.model, dtype=run.deepspeed.dtype)
     engine = common.train_engine(RewardScorer(model), cfg, run, setup.steps)
     pad_id = tokenizer.pad_token_id
     evaluation = (lambda: evaluate(run, engine, objective, data.eval, pad_id)) if data.eval else None

@@ -1,4 +1,4 @@
-"""Sampling and scoring shared by the online runners (GRPO, PPO, online DPO).
+"""Sampling and scoring shared by the online runners (GRPO, PPO, online DPO, RAFT).
 
 ``sample_groups`` takes this rank's prompts (prompt-only ``TokenizedGroup``s, K=0), samples G
 completions per prompt with the policy, scores them with the reward mix, and returns the
@@ -16,9 +16,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from alignkit.data.batch import Batch, TokenizedGroup, per_token_view
+from alignkit.config.schema import GenerationConfig, section
+from alignkit.models.config import ModelConfig
+
+from alignkit.data.batch import Batch, TokenizedGroup, decode_prompt, per_token_view
 from alignkit.losses.registry import RolloutLogps
 from alignkit.trainers import common
 from alignkit.trainers.reference import ModuleReference, NoReference
@@ -53,20 +56,19 @@ def build_reward_mix(cfg: DictConfig, data: Any = None, tokenizer: Any = None) -
             mix.dry_run(decode_prompt(first[0], tokenizer), columns, raw_prompt=first[0].extra.get("prompt"),
                         completion_ids=tokenizer.encode(DRY_RUN_COMPLETION, add_special_tokens=False))
     model = ModelReward(cfg) if cfg.reward.model else None
-    return CombinedReward(mix, model, float(cfg.reward.model_weight))
+    return CombinedReward(mix, model, cfg.reward.model_weight)  # a float: the config is typed (schema)
 
 
 class ModelReward:
     """Scores (prompt ids, completion ids) with a reward model exported by ``recipe=rm_*``."""
 
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig) -> None:
+        from alignkit.engine.collectives import accelerator_device
         from alignkit.models.load import load_reward_model
         from alignkit.trainers.reward import RewardScorer
 
-        model_cfg = OmegaConf.to_object(cfg.model)
-        model_cfg.name_or_path, model_cfg.lora.r = str(cfg.reward.model), 0
-        from alignkit.engine.collectives import accelerator_device
-
+        model_cfg = section(cfg, "model", ModelConfig)
+        model_cfg = replace(model_cfg, name_or_path=str(cfg.reward.model), lora=replace(model_cfg.lora, r=0))
         model, tokenizer = load_reward_model(model_cfg, dtype=cfg.deepspeed.dtype)
         self.device = accelerator_device()  # the GPU of this rank when there is one
         self.scorer = RewardScorer(model.eval().requires_grad_(False)).to(self.device)
@@ -87,7 +89,7 @@ class ModelReward:
 class CombinedReward:
     """``total = rule mix + model_weight * reward model``; parts reported per source."""
 
-    def __init__(self, mix: Any, model: ModelReward | None, model_weight: float):
+    def __init__(self, mix: Any, model: ModelReward | None, model_weight: float) -> None:
         self.mix, self.model, self.model_weight = mix, model, model_weight
 
     def __call__(self, groups: list[TokenizedGroup], prompt_texts: list[str], texts: list[str],
@@ -110,31 +112,33 @@ def prompt_schedule(run: common.Run, prompts: list[TokenizedGroup], step: int) -
     return [prompts[i] for i in indices[run.rank :: run.world]]
 
 
-def decode_prompt(group: TokenizedGroup, tokenizer: Any) -> str:
-    return group.extra.get("prompt_text") or tokenizer.decode(group.prompt_ids, skip_special_tokens=True)
-
-
 @torch.no_grad()
 def sample_groups(
     generator: Any,
     tokenizer: Any,
     prompts: list[TokenizedGroup],
     reward_mix: CombinedReward,
-    cfg: DictConfig,
+    generation: GenerationConfig | DictConfig,
     *,
     num_samples: int,
     seed: int,
     greedy: bool = False,
 ) -> SampledBatch:
-    gen = cfg.generation
+    """``num_samples`` completions of each prompt sampled with ``generation`` (``run.generation``; greedy:
+    temperature 0), scored by ``reward_mix``: the groups filled with them (K = ``num_samples``) and rewards.
+
+    ``generation`` may still be the whole run config (online_dpo passes it): its ``generation`` section is read.
+    """
+    gen = section(generation, "generation", GenerationConfig) if isinstance(generation, DictConfig) \
+        else generation
     tick = time.time()
     rollouts = generator.generate(
         [p.prompt_ids for p in prompts],
         num_samples=num_samples,
-        max_new_tokens=int(gen.max_new_tokens),
-        temperature=0.0 if greedy else float(gen.temperature),
-        top_p=float(gen.top_p),
-        top_k=int(gen.top_k),
+        max_new_tokens=gen.max_new_tokens,
+        temperature=0.0 if greedy else gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
         seed=seed,
     )
     gen_seconds = time.time() - tick
@@ -181,6 +185,7 @@ def reward_metrics(sampled: SampledBatch) -> dict[str, float]:
 
 
 def group_index(groups: list[TokenizedGroup]) -> torch.Tensor:
+    """``[S]``: the group of each completion of ``groups`` (group-major)."""
     return torch.repeat_interleave(torch.arange(len(groups)), torch.tensor([g.group_size for g in groups]))
 
 
@@ -188,13 +193,13 @@ def group_index(groups: list[TokenizedGroup]) -> torch.Tensor:
 def evaluate_generations(run: common.Run, generator: Any, tokenizer: Any, prompts: list[TokenizedGroup],
                          reward_mix: CombinedReward) -> dict[str, float]:
     """Mean reward of greedy completions on held-out prompts (this rank's share, then averaged)."""
-    cfg, t = run.cfg, run.trainer
+    t = run.trainer
     prompts = prompts[: t.max_eval_groups]
     size = t.eval_batch_size
     chunks = [prompts[i : i + size] for i in range(0, len(prompts), size)]
     meter = common.MetricMeter()
     for chunk, counted in common.rank_share(chunks, run.rank, run.world):
-        sampled = sample_groups(generator, tokenizer, chunk, reward_mix, cfg, num_samples=1,
+        sampled = sample_groups(generator, tokenizer, chunk, reward_mix, run.generation, num_samples=1,
                                 seed=t.seed, greedy=True)
         meter.add({k: v for k, v in reward_metrics(sampled).items() if not k.startswith("gen_")},
                   weight=len(sampled.groups) if counted else 0)
@@ -232,12 +237,11 @@ def online_reference(cfg: DictConfig, run: common.Run, policy: Any, beta: float)
     from alignkit.models.load import disabled_adapter, load_causal_lm
     from alignkit.models.logprobs import TargetLogProbs
 
-    if int(cfg.model.lora.r) > 0:
+    if run.model.lora.r > 0:
         inner = common.hf_model(policy)
         return ModuleReference(policy, context=lambda: disabled_adapter(inner))
-    model_cfg = OmegaConf.to_object(cfg.model)
-    model_cfg.lora.r = 0
-    model, _ = load_causal_lm(model_cfg, dtype=cfg.deepspeed.dtype)
+    model_cfg = replace(run.model, lora=replace(run.model.lora, r=0))
+    model, _ = load_causal_lm(model_cfg, dtype=run.deepspeed.dtype)
     return ModuleReference(common.frozen_engine(TargetLogProbs(model), cfg))
 
 

@@ -111,7 +111,7 @@ def test_crash_between_save_and_rename_keeps_previous_checkpoint(tmp_path, monke
     def crash(tmp, final):
         raise OSError("simulated crash before the rename")
 
-    monkeypatch.setattr(ckpt, "_commit", crash)
+    monkeypatch.setattr(ckpt.state, "_commit", crash)  # where save_checkpoint looks it up
     with pytest.raises(OSError, match="simulated"):
         ckpt.save_checkpoint(engine, tmp_path, 2, {"step": 2}, keep_last=1)
     monkeypatch.undo()

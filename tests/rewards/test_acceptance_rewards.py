@@ -44,7 +44,7 @@ def _no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the data was read")
 
-    monkeypatch.setattr(evaluate, "_load", refuse)
+    monkeypatch.setattr(evaluate.command, "_load", refuse)  # where run_eval looks it up
 
 
 def test_eval_reads_the_data_before_any_model_loads(monkeypatch, tmp_path):
@@ -74,7 +74,7 @@ def test_eval_note_for_a_left_out_reward_is_not_cut_mid_word():
     exc = DataError("answer: the demo judge needs each prompt record's reference answer in an 'answer' column "
                     "(extra columns received: none). Use the demo prompts files (data/demo/prompts_train.jsonl, "
                     "...) or pass reward.fns=[...]")
-    text = evaluate._first_sentence(exc)
+    text = evaluate.scoring._first_sentence(exc)
     assert text.endswith("(extra columns received: none)"), text
 
 
