@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 
 from alignkit.errors import ConfigError
-from alignkit.losses.common import register_knob_rules, validate_knobs
+from alignkit.losses.common import register_knob_choices, register_knob_rules, validate_knobs
 from alignkit.losses.dpo import dpo, ipo
 from alignkit.losses.registry import RolloutLogps, SequenceLogps, register_loss
 
@@ -48,15 +48,13 @@ Out = tuple[torch.Tensor, dict[str, torch.Tensor]]
 XPO_LOSS_TYPES = ("sigmoid", "ipo")
 
 register_knob_rules("xpo", alpha=(lambda v: v >= 0, "it must be >= 0 (0 = online DPO without exploration)"))
+register_knob_choices("xpo", loss_type=XPO_LOSS_TYPES)
 
 
 @register_loss(view="pairwise", runner="xpo", needs_reference=True)
 def xpo(inputs: SequenceLogps, *, beta: float = 0.1, alpha: float = 1e-5, loss_type: str = "sigmoid") -> Out:
     """XPO: the pair's DPO (or IPO) loss + alpha * log pi(reference sample), pushing away from the reference."""
-    validate_knobs("xpo", locals())
-    if loss_type not in XPO_LOSS_TYPES:
-        raise ConfigError(f"loss 'xpo': loss_type={loss_type!r} is not valid; valid choices: "
-                          f"{', '.join(XPO_LOSS_TYPES)}. Change loss.loss_type in the config.")
+    validate_knobs("xpo", locals())  # alpha >= 0, beta > 0, loss_type a choice
     if inputs.from_reference is None:
         raise ValueError("SequenceLogps.from_reference is required by xpo (which slot the reference sampled); "
                          "the xpo runner fills it.")

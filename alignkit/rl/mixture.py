@@ -91,17 +91,22 @@ class GeometricMixture:
         policy_cache, reference_cache = past_key_values.caches if past_key_values is not None else (None, None)
         logits = None
         if self.coef < 1.0:
-            out = self.policy(past_key_values=policy_cache, **kwargs)
+            out = self.policy(**kwargs, **_cache(policy_cache))
             policy_cache, logits = out.past_key_values, out.logits.float()
             if self.coef > 0.0:
                 logits = (1.0 - self.coef) * logits
         if self.coef > 0.0:
             with self.reference_context():
-                out = self.reference(past_key_values=reference_cache, **kwargs)
+                out = self.reference(**kwargs, **_cache(reference_cache))
             reference_cache, ref_logits = out.past_key_values, out.logits.float()
             logits = ref_logits if logits is None else logits + self.coef * ref_logits
         cache = PairCache(policy_cache, reference_cache) if kwargs.get("use_cache") else None
         return MixtureOutput(logits=logits, past_key_values=cache)
+
+
+def _cache(cache: Any) -> dict[str, Any]:
+    """The cache argument as the engine passes it: only when there is one (the prefill passes none)."""
+    return {} if cache is None else {"past_key_values": cache}
 
 
 def mixture_engine(policy: Any, reference: Any, tokenizer: Any, coef: float) -> Any:

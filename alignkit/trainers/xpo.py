@@ -60,8 +60,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             chunk = pairs[i : i + micro * half]
             batch = common.collate_groups([group for group, _ in chunk], cfg, pad_id).to(run.device)
             inputs = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps)
-            inputs.from_reference = torch.tensor([[not own_chosen, own_chosen] for _, own_chosen in chunk],
-                                                 device=inputs.logps.device)
+            inputs.from_reference = reference_slots(chunk).to(inputs.logps.device)
             loss, metrics = objective(inputs)
             if not step.update(policy, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
                 return training.stop_nonfinite(step)
@@ -90,6 +89,11 @@ def policy_vs_reference(own: rollout.SampledBatch, ref: rollout.SampledBatch) ->
             ), own_chosen))
         offset += mine.group_size
     return pairs
+
+
+def reference_slots(pairs: list[tuple[TokenizedGroup, bool]]) -> torch.Tensor:
+    """``[G, 2]`` bool, True on the slot that holds the reference's sample: rejected when the policy's won."""
+    return torch.tensor([[not own_chosen, own_chosen] for _, own_chosen in pairs])
 
 
 def pair_metrics(own: rollout.SampledBatch, ref: rollout.SampledBatch,
