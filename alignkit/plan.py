@@ -140,7 +140,8 @@ def tokens_per_micro_batch(cfg: DictConfig, runner: str) -> int:
     """Upper bound of the tokens one micro-batch forwards (rows at their length limits)."""
     t, d = cfg.trainer, cfg.data  # typed by the schema: no coercion needed
     if is_online(runner):
-        samples = {"online_dpo": 2, "raft": 1}.get(runner, cfg.rl.num_generations)  # raft trains on one winner per prompt
+        # raft trains on one winner per prompt, nash_md on the policy's half of the samples
+        samples = {"online_dpo": 2, "raft": 1, "nash_md": cfg.rl.num_generations // 2}.get(runner, cfg.rl.num_generations)
         per_group = samples * (d.max_prompt_length + cfg.generation.max_new_tokens)
     else:
         k = 1 if runner == "sft" else (2 if runner in ("preference", "reward") else 1)

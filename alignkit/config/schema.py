@@ -116,7 +116,7 @@ class RewardConfig:
 class RLConfig:
     """Knobs of the online runners."""
 
-    num_generations: int = 4  # samples per prompt (G)
+    num_generations: int = 4  # samples per prompt (G); xpo, nash_md: half from the policy, half from the other sampler
     advantage: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline | gae
     scale_rewards: str = "group"  # group | batch | none
     ppo_epochs: int = 1  # mu: optimisation passes per generation batch
@@ -132,6 +132,11 @@ class RLConfig:
     update_reference_each_round: bool = True
     # raft: a prompt's best sample is trained on only if its reward is >= this (None: always the best)
     raft_min_reward: Optional[float] = None
+    # nash_md: the second sample of each pair comes from pi^(1 - m) * ref^m (logits mixed), m in [0, 1]
+    mixture_coef: float = 0.5  # TRL's NashMDConfig default; 0 = the policy itself, 1 = the reference
+    # nash_md: P(policy sample beats mixture sample) from the rewards: sigmoid (TRL: sigmoid(r_a - r_b)) |
+    # hard (1 higher, 0.5 tie, 0 lower)
+    preference: str = "sigmoid"
 
 
 @dataclass

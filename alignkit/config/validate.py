@@ -130,6 +130,7 @@ def validate(cfg: DictConfig) -> None:
     check_scale_rules(cfg)
     if cfg.deepspeed.get("optimizer_in_backward", False):
         _check_optimizer_in_backward(cfg, runner)
+    _check_second_sampler(cfg, runner, terms)  # before the online rules: it refuses vllm before vllm is looked for
     if is_online(runner):
         _check_online(cfg, runner)
     if runner == "raft" and {spec.view for spec, _, _ in terms} != {"sft"}:
@@ -217,6 +218,49 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
     if cfg.rl.num_generations < minimum:
         raise ConfigError(f"rl.num_generations={cfg.rl.num_generations}: {runner} needs at least {minimum} samples "
                           "per prompt.")
+
+
+SECOND_SAMPLER_RUNNERS = ("xpo", "nash_md")  # each pair: a policy sample against a reference / mixture sample
+
+
+def _check_second_sampler(cfg: DictConfig, runner: str, terms: list) -> None:
+    """XPO and Nash-MD: their losses only under their runner (and the reverse), an even number of samples
+    (half policy, half reference / mixture), the HF engine, no rounds; Nash-MD's own knobs only there."""
+    from alignkit.config.schema import RLConfig
+    from alignkit.trainers.nash_md import PREFERENCES
+
+    rl, names = cfg.rl, [spec.name for spec, _, _ in terms]
+    for spec, _, _ in terms:
+        if spec.runner in SECOND_SAMPLER_RUNNERS and spec.runner != runner:
+            raise ConfigError(f"loss {spec.name} is trained by runner={spec.runner} only (it needs that runner's "
+                              f"samples); this run's runner is {runner}. Use runner=auto (recipe={spec.runner}_tiny).")
+    defaults = RLConfig()
+    if runner != "nash_md":
+        for key in ("mixture_coef", "preference"):
+            if rl[key] != getattr(defaults, key):
+                raise ConfigError(f"rl.{key}={rl[key]} is read by runner=nash_md only; this run's runner is "
+                                  f"{runner}. Remove it.")
+    if runner not in SECOND_SAMPLER_RUNNERS:
+        return
+    if runner == "xpo" and objective_from_cfg(cfg.loss).view != "pairwise":
+        raise ConfigError(f"runner=xpo trains a pairwise loss on (policy, reference) sample pairs; loss.name="
+                          f"{cfg.loss.name} is not one. Use loss=xpo (recipe=xpo_tiny).")
+    if runner == "nash_md" and names != ["nash_md"]:
+        raise ConfigError(f"runner=nash_md trains loss=nash_md alone; loss.name={cfg.loss.name}. Use loss=nash_md "
+                          "(recipe=nash_md_tiny).")
+    if int(rl.num_generations) < 2 or int(rl.num_generations) % 2:
+        raise ConfigError(f"rl.num_generations={rl.num_generations}: {runner} samples half of each prompt's "
+                          "completions from the policy and half from the " + ("reference" if runner == "xpo" else
+                          "mixture") + ", so it must be even and >= 2 (2 = one pair per prompt, as TRL).")
+    if str(cfg.generation.engine) == "vllm":
+        raise ConfigError(f"generation.engine=vllm: {runner} samples from the " + ("reference model" if runner ==
+                          "xpo" else "geometric mixture of policy and reference") + " with the HF engine "
+                          "(alignkit/rl/mixture.py), which vLLM cannot serve here. Use generation.engine=hf.")
+    if int(rl.rounds) != 1:
+        raise ConfigError(f"rl.rounds={rl.rounds}: {runner} keeps its reference fixed (no rounds). Use rl.rounds=1.")
+    if not (math.isfinite(float(rl.mixture_coef)) and 0.0 <= float(rl.mixture_coef) <= 1.0):
+        raise ConfigError(f"rl.mixture_coef={rl.mixture_coef} must lie in [0, 1] (0 = the policy, 1 = the reference).")
+    _choice(str(rl.preference), PREFERENCES, "rl.preference")
 
 
 def _check_batch(cfg: DictConfig) -> None:

@@ -12,7 +12,8 @@ What lives here is what two or more loss families compute the same way:
 * ``preference_metrics``: the metric names shared across losses (docs/DESIGN.md "Names");
 * ``validate_knobs``: value checks (enum choices, ranges) raising ``ConfigError``; the losses call it
   on every call and ``combine.build_objective`` calls it at compose time; a loss module declares
-  ranges for its own knobs with ``register_knob_rules``.
+  ranges for its own knobs with ``register_knob_rules`` and the choices of its string knobs with
+  ``register_knob_choices``.
 
 Deliberately left out: anything stateful (running means, EMA references) and any reduction other
 than the mean over groups; the loss modules decide their reductions and document them.
@@ -174,8 +175,20 @@ def register_knob_rules(loss: str, **rules: tuple[Callable[[Any], bool], str]) -
     KNOB_RULES.setdefault(loss, {}).update(rules)
 
 
+# loss name -> {hyper-parameter: valid values}: the string knobs a loss module declares (``register_knob_choices``)
+KNOB_CHOICES: dict[str, dict[str, tuple[str, ...]]] = {}
+
+
+def register_knob_choices(loss: str, **choices: tuple[str, ...]) -> None:
+    """Declare the valid values of ``loss``'s own string knobs, e.g. ``loss_type=("sigmoid", "ipo")``."""
+    KNOB_CHOICES.setdefault(loss, {}).update(choices)
+
+
 def validate_knobs(loss: str, hparams: dict[str, Any]) -> None:
     """Check the values of the shared knobs present in ``hparams`` (names not given are skipped)."""
+    for name, valid in KNOB_CHOICES.get(loss, {}).items():
+        if name in hparams and hparams[name] not in valid:
+            raise _bad(loss, name, hparams[name], f"valid choices: {', '.join(valid)}")
     for name, (test, rule) in KNOB_RULES.get(loss, {}).items():
         value = hparams.get(name)
         if value is None:

@@ -63,6 +63,7 @@ class SequenceLogps:
     token_log_sq_mass: torch.Tensor | None = None  # [G, K, T] log sum_v p(v)^2 per position (WPO weights)
     kl_logps: torch.Tensor | None = None  # [G] policy log-probs of mismatched (prompt, completion) pairs
     ref_kl_logps: torch.Tensor | None = None  # [G]
+    from_reference: torch.Tensor | None = None  # [G, K] bool: sampled from the reference model (XPO's exploration term)
 
 
 @dataclass

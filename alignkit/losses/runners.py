@@ -2,7 +2,8 @@
 
 ``RUNNERS`` maps a runner name (the ``runner`` config key) to its trainer module (whose
 ``train(cfg, run_dir)`` runs it) and whether it samples its own completions (``online``: PPO,
-GRPO, online DPO, RAFT; they need rewards and generation settings, and build their own KL reference).
+GRPO, online DPO, RAFT, XPO, Nash-MD; they need rewards and generation settings, and build their
+own KL reference).
 Everything that names runners reads this table: the registry (``register_loss(runner=...)``
 refuses an unknown one), ``config.validate`` (the ``runner`` choices, ``runner_for``, the online
 rules), ``run.run_in_process`` (the module to import), ``plan`` and ``evaluate``.
@@ -38,6 +39,8 @@ RUNNERS: dict[str, Runner] = {
     "grpo": Runner("alignkit.trainers.grpo", online=True),
     "online_dpo": Runner("alignkit.trainers.online_dpo", online=True),
     "raft": Runner("alignkit.trainers.raft", online=True),  # best-of-K sampling, SFT on the winners
+    "xpo": Runner("alignkit.trainers.xpo", online=True),  # policy vs reference samples, DPO + exploration
+    "nash_md": Runner("alignkit.trainers.nash_md", online=True),  # policy vs geometric-mixture samples
 }
 # the runner an offline loss needs unless it names one; a rollout loss always names its runner
 VIEW_RUNNERS = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference"}

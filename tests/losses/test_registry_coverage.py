@@ -43,6 +43,8 @@ VALUE_TESTS: dict[str, str] = {
     "modpo": "test_new_losses::test_modpo_value",
     "cpl": "test_new_losses::test_cpl_value",
     "bco": "test_new_losses::test_bco_value",
+    "xpo": "test_online_losses::test_xpo_value",
+    "nash_md": "test_online_losses::test_nash_md_value",
 }
 
 

@@ -26,7 +26,9 @@ def test_every_registered_loss_resolves_to_a_known_runner_module(name):
     assert spec.runner in RUNNERS, f"loss {name!r} declares runner {spec.runner!r}, not in RUNNERS"
     assert importlib.util.find_spec(RUNNERS[spec.runner].module) is not None
     if spec.view != "rollout":
-        assert spec.runner == VIEW_RUNNERS[spec.view] or name == "bradley_terry"
+        # bradley_terry trains a reward model; xpo needs the xpo runner's (policy, reference) sample pairs
+        assert spec.runner == VIEW_RUNNERS[spec.view] or (name, spec.runner) in {("bradley_terry", "reward"),
+                                                                                  ("xpo", "xpo")}
     else:
         assert RUNNERS[spec.runner].online
 
@@ -47,7 +49,10 @@ def test_runner_of_the_registry_declarations():
     with pytest.raises(ConfigError, match="need different runners"):
         runner_of([resolve_loss("grpo"), resolve_loss("ppo")])
     assert offline_runners() == ("sft", "preference", "reward")
-    assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo", "raft"}
+    assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo", "raft", "xpo",
+                                                                            "nash_md"}
+    assert runner_of([resolve_loss("xpo")]) == runner_of([resolve_loss("xpo"), resolve_loss("sft")]) == "xpo"
+    assert runner_of([resolve_loss("nash_md")]) == "nash_md"
 
 
 def test_runner_for_and_the_runner_choices_read_the_table():

@@ -149,6 +149,8 @@ RL_GEN = "generation.max_new_tokens=6"
                                            ("ppo_tiny", [RL_GEN]),
                                            ("online_dpo_tiny", [RL_GEN]),
                                            ("raft_tiny", [RL_GEN]),
+                                           ("xpo_tiny", [RL_GEN]),
+                                           ("nash_md_tiny", [RL_GEN]),
                                            ("rm_tiny", [])])
 def test_lora_training_exports_a_merged_model(tmp_path, recipe, extra):
     """Only the adapters (and the reward head) train: in the merged export the weights LoRA does not
@@ -162,7 +164,8 @@ def test_lora_training_exports_a_merged_model(tmp_path, recipe, extra):
     run_dir = _run(tmp_path, f"recipe={recipe}", "trainer.max_steps=2", "model.lora.r=4", *extra)
     rows = _metrics(run_dir)
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
-    gap = {"dpo_tiny": "rewards/margin", "online_dpo_tiny": "rewards/margin", "grpo_tiny": "kl", "ppo_tiny": "kl"}
+    gap = {"dpo_tiny": "rewards/margin", "online_dpo_tiny": "rewards/margin", "grpo_tiny": "kl", "ppo_tiny": "kl",
+           "xpo_tiny": "rewards/margin", "nash_md_tiny": "kl"}
     if recipe in gap:
         assert rows[0][gap[recipe]] == 0.0 and abs(rows[1][gap[recipe]]) > 1e-7, rows
     if recipe == "ppo_tiny":

@@ -12,7 +12,8 @@ from alignkit.run import train_from_overrides
 
 # one recipe per runner (sft and dpo both run the preference runner: without and with a reference)
 RUNNERS = {"sft_tiny": "preference", "dpo_tiny": "preference", "rm_tiny": "reward", "grpo_tiny": "grpo",
-           "ppo_tiny": "ppo", "online_dpo_tiny": "online_dpo", "raft_tiny": "raft"}
+           "ppo_tiny": "ppo", "online_dpo_tiny": "online_dpo", "raft_tiny": "raft", "xpo_tiny": "xpo",
+           "nash_md_tiny": "nash_md"}
 # 2 micro-batches per step, one update pass: the 3rd training loss is the first micro-batch of step 2
 FAST = ["trainer.batch_size=4", "trainer.micro_batch_size=2", "rl.ppo_epochs=1", "generation.max_new_tokens=4",
         "trainer.eval_every=0", "trainer.max_eval_groups=2", "trainer.export=false", "logger.backends=[jsonl]"]
@@ -37,7 +38,7 @@ def _poison_third_training_loss(monkeypatch, runner: str) -> None:
                 return loss * float("nan")
         return loss
 
-    if hasattr(module, "objective_from_cfg"):  # preference, reward, online DPO: an objective object
+    if hasattr(module, "objective_from_cfg"):  # preference, reward, online DPO, XPO: an objective object
         real = module.objective_from_cfg
 
         class Poisoned:
@@ -52,14 +53,14 @@ def _poison_third_training_loss(monkeypatch, runner: str) -> None:
                 return poison(loss), metrics
 
         monkeypatch.setattr(module, "objective_from_cfg", lambda loss_cfg: Poisoned(real(loss_cfg)))
-    else:  # GRPO, PPO: the policy loss term
+    else:  # GRPO, PPO, Nash-MD: the policy loss term
         real_terms = module.loss_terms
 
         def terms(loss_cfg):
             (spec, weight, hparams), *rest = real_terms(loss_cfg)
 
             class Spec:
-                reference_needed = staticmethod(spec.reference_needed)  # the registry's needs, unpoisoned
+                reference_needed = staticmethod(spec.reference_needed)  # the registry's needs, unpoisoned (GRPO, Nash-MD ask whether to load a reference)
 
                 @staticmethod
                 def fn(inputs, **hp):
