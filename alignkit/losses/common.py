@@ -12,7 +12,8 @@ What lives here is what two or more loss families compute the same way:
 * ``preference_metrics``: the metric names shared across losses (docs/DESIGN.md "Names");
 * ``validate_knobs``: value checks (enum choices, ranges) raising ``ConfigError``; the losses call it
   on every call and ``combine.build_objective`` calls it at compose time; a loss module declares
-  ranges for its own knobs with ``register_knob_rules``.
+  ranges for its own knobs with ``register_knob_rules`` and a rule over several of them (a knob
+  that one variant ignores) with ``register_knob_check``.
 
 Deliberately left out: anything stateful (running means, EMA references) and any reduction other
 than the mean over groups; the loss modules decide their reductions and document them.
@@ -174,8 +175,21 @@ def register_knob_rules(loss: str, **rules: tuple[Callable[[Any], bool], str]) -
     KNOB_RULES.setdefault(loss, {}).update(rules)
 
 
+# loss name -> checks over all its knob values (defaults filled in): fn(hparams) -> the problem, or None
+KNOB_CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {}
+
+
+def register_knob_check(loss: str, check: Callable[[dict[str, Any]], str | None]) -> None:
+    """Declare a rule over several of ``loss``'s knobs, e.g. a knob that one of its variants would ignore."""
+    KNOB_CHECKS.setdefault(loss, []).append(check)
+
+
 def validate_knobs(loss: str, hparams: dict[str, Any]) -> None:
     """Check the values of the shared knobs present in ``hparams`` (names not given are skipped)."""
+    for check in KNOB_CHECKS.get(loss, ()):
+        problem = check(hparams)
+        if problem:
+            raise ConfigError(f"loss {loss!r}: {problem}")
     for name, (test, rule) in KNOB_RULES.get(loss, {}).items():
         value = hparams.get(name)
         if value is None:

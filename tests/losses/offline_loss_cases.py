@@ -88,7 +88,8 @@ OFFLINE_VIEWS = ("sft", "pairwise", "unpaired", "listwise")
 def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] | None = None,
              lengths: list[list[float]] | None = None, *, dtype=torch.float64) -> SequenceLogps:
     """A SequenceLogps fit for ``view`` from nested lists [G][K]: slot 0 best (scores descending), labels
-    alternating desirable/undesirable for unpaired data, KL pairs equal to the completions."""
+    alternating desirable/undesirable for unpaired data, KL pairs equal to the completions, and a sequential
+    KL of 0 (``seq_kl``, TDPO: the reference's next-token distributions taken as the policy's)."""
     logps_t = torch.tensor(logps, dtype=dtype)
     g, k = logps_t.shape
     ref_t = logps_t.detach().clone() if ref_logps is None else torch.tensor(ref_logps, dtype=dtype)
@@ -101,6 +102,7 @@ def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] |
         labels=(torch.arange(g) % 2 == 0).to(dtype).view(g, 1).expand(g, k).clone(),
         kl_logps=logps_t[:, 0].detach().clone(),
         ref_kl_logps=ref_t[:, 0].clone(),
+        seq_kl=torch.zeros(g, k, dtype=dtype),
     )
 
 

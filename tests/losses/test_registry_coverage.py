@@ -43,6 +43,7 @@ VALUE_TESTS: dict[str, str] = {
     "modpo": "test_new_losses::test_modpo_value",
     "cpl": "test_new_losses::test_cpl_value",
     "bco": "test_new_losses::test_bco_value",
+    "tdpo": "test_tdpo::test_tdpo_value",
 }
 
 
