@@ -212,8 +212,9 @@ def print_plan(overrides: list[str]) -> int:
         console.print(f"[bold]activations[/]: ~{act:,.2f} GiB per device for one micro-batch of up to {tokens:,} tokens "
                       f"(gradient checkpointing {'on' if checkpointing else 'off'}; rough: Llama-style layers, SDPA)")
         if objective.needs_reference and cfg.trainer.reference in ("separate", "auto") and cfg.model.lora.r == 0:
-            console.print("  a separate reference model adds its parameters again "
-                          "(trainer.reference=precomputed holds none during training)")
+            console.print("  a separate reference model adds its parameters again " + (
+                "(needed: the loss's per-token KL reads the reference's logits)" if objective.needs_token_kl else
+                "(trainer.reference=precomputed holds none during training)"))
     for text in warnings:
         console.print(f"[yellow]warning[/]: {text}")
     return 0

@@ -148,11 +148,31 @@ def validate(cfg: DictConfig) -> None:
         names = [s.name for s, _, hp in terms if s.reference_needed(hp)]
         raise ConfigError(f"loss {names} needs a reference model; trainer.reference=none is not possible. "
                           "Valid: auto, separate, precomputed, lora.")
+    _check_token_kl(cfg, terms, runner)
     if not needs_ref and ref not in ("auto", "none") and not is_online(runner):
         names = [s.name for s, _, _ in terms]
         raise ConfigError(f"loss {names} is reference-free: trainer.reference={ref} would build a reference that no "
                           "loss term reads. Use trainer.reference=auto (or none), or a loss that needs a reference "
                           "(e.g. loss=dpo).")
+
+
+def _check_token_kl(cfg: DictConfig, terms: list, runner: str) -> None:
+    """A loss with ``needs_token_kl`` (TDPO's per-token full-vocabulary KL) needs the reference's logits at
+    every target: the preference runner with a live reference (separate, lora; auto picks one), ZeRO 0-2."""
+    names = [spec.name for spec, _, _ in terms if spec.needs_token_kl]
+    if not names:
+        return
+    what = f"loss {names} needs the per-token KL to the reference over the full vocabulary"
+    if runner != "preference":
+        raise ConfigError(f"{what}, which only the preference runner computes; runner={runner} does not. "
+                          "Use runner=auto (preference).")
+    if cfg.trainer.reference == "precomputed":
+        raise ConfigError(f"{what}: trainer.reference=precomputed caches only the reference's target log-probs, "
+                          "from which that KL cannot be computed. Use trainer.reference=separate (a frozen copy), "
+                          "lora (with LoRA training) or auto (picks one of those for this loss).")
+    if int(cfg.deepspeed.zero_stage) == 3:
+        raise ConfigError(f"{what}, computed inside the policy's LM-head pass; under deepspeed.zero_stage=3 the "
+                          "reference's head is sharded outside that pass. Use deepspeed.zero_stage 0, 1 or 2.")
 
 
 def _check_reward_callable(name: str, fn) -> None:

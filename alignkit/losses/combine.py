@@ -12,7 +12,7 @@ demonstration (an undesirable completion, or whichever completion comes first).
 Metrics: each part's own loss as ``loss/<name>`` (unweighted), then the parts' metrics merged with
 the first part winning a name clash (so ``dpo``'s ``logps/chosen`` stands over ``sft``'s).
 
-``WeightedLoss.needs_reference`` / ``needs_kl_pairs`` / ``needs_token_logps`` tell the trainer what
+``WeightedLoss.needs_reference`` / ``needs_kl_pairs`` / ``needs_token_logps`` / ``needs_token_kl`` tell the trainer what
 to fill: each part's spec answers for its hyper-parameter values (``LossSpec.reference_needed`` /
 ``token_logps_needed``: WPO's ``use_weighting`` and LD-DPO's ``ld_alpha`` need per-token tensors
 only when on, GRPO a reference only with ``beta != 0``).
@@ -62,6 +62,10 @@ class WeightedLoss:
     @property
     def needs_kl_pairs(self) -> bool:
         return any(part.spec.needs_kl_pairs for part in self.parts)
+
+    @property
+    def needs_token_kl(self) -> bool:
+        return any(part.spec.needs_token_kl for part in self.parts)
 
     @property
     def needs_token_logps(self) -> bool:

@@ -12,8 +12,9 @@ What lives here is what two or more loss families compute the same way:
 * ``preference_metrics``: the metric names shared across losses (docs/DESIGN.md "Names");
 * ``validate_knobs``: value checks (enum choices, ranges) raising ``ConfigError``; the losses call it
   on every call and ``combine.build_objective`` calls it at compose time; a loss module declares
-  ranges for its own knobs with ``register_knob_rules`` and the choices of its string knobs with
-  ``register_knob_choices``.
+  ranges for its own knobs with ``register_knob_rules``, the choices of its string knobs with
+  ``register_knob_choices`` and a rule over several of them (a knob that one variant ignores) with
+  ``register_knob_check``.
 
 Deliberately left out: anything stateful (running means, EMA references) and any reduction other
 than the mean over groups; the loss modules decide their reductions and document them.
@@ -184,11 +185,24 @@ def register_knob_choices(loss: str, **choices: tuple[str, ...]) -> None:
     KNOB_CHOICES.setdefault(loss, {}).update(choices)
 
 
+# loss name -> checks over all its knob values (defaults filled in): fn(hparams) -> the problem, or None
+KNOB_CHECKS: dict[str, list[Callable[[dict[str, Any]], str | None]]] = {}
+
+
+def register_knob_check(loss: str, check: Callable[[dict[str, Any]], str | None]) -> None:
+    """Declare a rule over several of ``loss``'s knobs, e.g. a knob that one of its variants would ignore."""
+    KNOB_CHECKS.setdefault(loss, []).append(check)
+
+
 def validate_knobs(loss: str, hparams: dict[str, Any]) -> None:
     """Check the values of the shared knobs present in ``hparams`` (names not given are skipped)."""
     for name, valid in KNOB_CHOICES.get(loss, {}).items():
         if name in hparams and hparams[name] not in valid:
             raise _bad(loss, name, hparams[name], f"valid choices: {', '.join(valid)}")
+    for check in KNOB_CHECKS.get(loss, ()):
+        problem = check(hparams)
+        if problem:
+            raise ConfigError(f"loss {loss!r}: {problem}")
     for name, (test, rule) in KNOB_RULES.get(loss, {}).items():
         value = hparams.get(name)
         if value is None:

@@ -24,8 +24,8 @@ mean for the paired variant); a pure function keeps no state, the trainer may pa
 finite loss where TRL gives nan. ``robust`` defaults to ``label_smoothing=0.1`` (the rDPO paper's
 value; TRL's 0 makes it plain DPO).
 
-Left out: stateful variants (TR-DPO reference sync, BCO's running mean), ``aot_unpaired`` and the
-per-token TDPO family; reference-free losses live in ``reference_free.py``.
+Left out: stateful variants (TR-DPO reference sync, BCO's running mean) and ``aot_unpaired``; TDPO
+(per-token KL to the reference) lives in ``tdpo.py``, reference-free losses in ``reference_free.py``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,13 @@ A loss is ``fn(inputs, **hyper_parameters) -> (loss, metrics)`` where ``inputs``
 * ``needs_reference``: whether ``ref_logps`` must be filled (a reference model or a cache);
 * ``needs_token_logps``: whether the per-token tensors must be filled (WPO, LD-DPO, ...);
 * ``needs_kl_pairs``: whether ``kl_logps``/``ref_kl_logps`` (mismatched prompt/completion pairs,
-  KTO's batch KL estimate) must be filled.
+  KTO's batch KL estimate) must be filled;
+* ``needs_token_kl``: whether ``seq_kl`` must be filled: per completion, the sum over its target
+  positions of the full-vocabulary KL(pi_ref(.|prefix) || pi_theta(.|prefix)), with gradient
+  through the policy (TDPO). Only a live reference (``separate``, ``lora``) can give it: the
+  preference runner computes it chunk by chunk inside the policy's LM-head pass
+  (``models.logprobs.ReferenceHead``); a cache of sequence totals (``precomputed``) cannot, which
+  ``config.validate`` refuses at compose time.
 
 ``needs_reference`` and ``needs_token_logps`` are a bool or, where the answer depends on the
 hyper-parameters, a function of them (``{name: value}``, the defaults filled in): GRPO needs a
@@ -64,6 +70,7 @@ class SequenceLogps:
     kl_logps: torch.Tensor | None = None  # [G] policy log-probs of mismatched (prompt, completion) pairs
     ref_kl_logps: torch.Tensor | None = None  # [G]
     from_reference: torch.Tensor | None = None  # [G, K] bool: sampled from the reference model (XPO's exploration term)
+    seq_kl: torch.Tensor | None = None  # [G, K] sum_t KL(pi_ref || pi_theta) over each completion's targets (grad)
 
 
 @dataclass
@@ -93,6 +100,7 @@ class LossSpec:
     needs_reference: Need
     needs_token_logps: Need = False
     needs_kl_pairs: bool = False
+    needs_token_kl: bool = False
     description: str = ""
     runner: str = ""  # "" = the view's default runner (VIEW_RUNNERS)
 
@@ -137,6 +145,7 @@ def register_loss(
     needs_reference: Need,
     needs_token_logps: Need = False,
     needs_kl_pairs: bool = False,
+    needs_token_kl: bool = False,
     runner: str | None = None,
 ):
     """Decorator: register ``fn`` under ``name`` (default: the function's name); ``runner``
@@ -154,6 +163,7 @@ def register_loss(
             needs_reference=needs_reference,
             needs_token_logps=needs_token_logps,
             needs_kl_pairs=needs_kl_pairs,
+            needs_token_kl=needs_token_kl,
             description=doc[0] if doc else "",
             runner=runner or "",
         )

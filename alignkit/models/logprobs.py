@@ -27,6 +27,17 @@ runs outside autocast); the weight gradient accumulates over chunks in the weigh
 Optional per-target statistics from the same chunk: ``entropy`` of the next-token distribution and
 ``log_sq_mass`` = log sum_v p_v^2 (WPO's weight).
 
+Per-token KL to a reference (TDPO, a loss with ``needs_token_kl``): ``forward(reference=ReferenceHead)``
+takes a frozen reference's final hidden states at the same target positions (``hidden_only=True``
+on the reference's own ``TargetLogProbs`` gives them, through its engine) and its LM head; each
+chunk then also computes the reference's ``[chunk, vocab]`` logits (no grad) and returns ``kl`` =
+KL(pi_ref || pi_theta) over the full vocabulary (with grad through the policy's logits) and
+``ref_logps`` (the reference's target log-probs, no grad) per target. This runs on the generic
+checkpointed path (the fused head serves only plain log-probs), so no ``[tokens, vocab]`` tensor
+of either model outlives its chunk; backward recomputes both chunks' logits. Each chunk holds about
+twice the ``[chunk, vocab]`` temporaries of a plain one. Not under ZeRO-3 (the reference's head is
+called inside the policy's forward, outside the hooks that gather its shards): refused.
+
 When that fused head shares its weight with a plain ``nn.Embedding`` input embedding (tied
 weights, as SmolLM2), the lookup runs as ``TiedEmbeddingLookup`` and the decoder gets
 ``inputs_embeds``: its backward adds the looked-up rows into the head's weight gradient in place,
@@ -54,7 +65,8 @@ and fused Triton kernels (CPU-first; the chunking gives the memory bound).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +99,23 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+@dataclass
+class ReferenceHead:
+    """A frozen reference at the policy's target positions, for the per-token KL (see the module docstring)."""
+
+    hidden: torch.Tensor  # [N, H_ref] final hidden states at the batch's targets, in target order, no grad
+    logits: Callable[[torch.Tensor], torch.Tensor]  # [n, H_ref] -> [n, vocab] fp32 logits, no grad
+
+
+def head_logits(head: nn.Module | torch.Tensor, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """fp32 logits of ``hidden`` under the LM head (module or weight matrix), soft-capped if the model does."""
+    logits = head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)
+    logits = logits.float()
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
 def _target_stats(
     head: nn.Module | torch.Tensor,
     hidden: torch.Tensor,
@@ -94,12 +123,11 @@ def _target_stats(
     softcap: float | None,
     with_entropy: bool,
     with_log_sq_mass: bool,
+    ref_hidden: torch.Tensor | None = None,
+    ref_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """(logps, [entropy], [log_sq_mass]) for one chunk of target hidden states ``[n, H]``."""
-    logits = head(hidden) if isinstance(head, nn.Module) else F.linear(hidden, head)
-    logits = logits.float()
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
+    """(logps, [entropy], [log_sq_mass], [kl, ref_logps]) for one chunk of target hidden states ``[n, H]``."""
+    logits = head_logits(head, hidden, softcap)
     log_normalizer = torch.logsumexp(logits, dim=-1)
     stats = [logits.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1) - log_normalizer]
     if with_entropy:
@@ -107,6 +135,16 @@ def _target_stats(
         stats.append(log_normalizer - (probs * logits).sum(-1))
     if with_log_sq_mass:
         stats.append(torch.logsumexp(2.0 * logits, dim=-1) - 2.0 * log_normalizer)
+    if ref_hidden is not None:
+        # both rows normalised by the same ops: log_softmax rounds differently, a per-row shift of ~4e-6 at
+        # SmolLM2's logits, which summed to ~1e-4 nats of KL (and -1e-4 of log-ratio) per completion at step 0
+        with torch.no_grad():
+            ref = ref_logits(ref_hidden)
+            ref_log_probs = ref - torch.logsumexp(ref, dim=-1, keepdim=True)
+        log_probs = logits - log_normalizer.unsqueeze(-1)
+        # sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)); exactly 0 where the two rows are equal
+        stats.append(F.kl_div(log_probs, ref_log_probs, reduction="none", log_target=True).sum(-1))
+        stats.append(ref_log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1))
     return tuple(stats)
 
 
@@ -276,9 +314,14 @@ class TargetLogProbs(nn.Module):
         *,
         with_entropy: bool = False,
         with_log_sq_mass: bool = False,
+        reference: ReferenceHead | None = None,
+        hidden_only: bool = False,
     ) -> dict[str, torch.Tensor]:
+        """``{"logps": [N]}`` (+ ``entropy``, ``log_sq_mass``; + ``kl``, ``ref_logps`` with ``reference``);
+        ``hidden_only``: ``{"hidden": [N, H]}``, the final hidden states at the targets, no head applied."""
         head = output_head(self.model)
-        weight = fused_head_weight(head, self.softcap, with_entropy, with_log_sq_mass) if self.fused_head else None
+        plain = self.fused_head and reference is None and not hidden_only
+        weight = fused_head_weight(head, self.softcap, with_entropy, with_log_sq_mass) if plain else None
         embedding = tied_input_embedding(self.model, weight) if weight is not None else None
         slot = TiedGradSlot() if embedding is not None else None
         inputs_embeds = None
@@ -286,25 +329,31 @@ class TargetLogProbs(nn.Module):
             inputs_embeds = TiedEmbeddingLookup.apply(weight, input_ids, embedding.padding_idx, slot)
         hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds)
         targets = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_index)  # [N, H]
+        if hidden_only:
+            return {"hidden": targets}
         if weight is not None:
             return {"logps": FusedHeadLogProbs.apply(targets, weight, target_ids, self.chunk_size, slot)}
+        if reference is not None and is_partitioned(head):
+            raise NotImplementedError("the per-token KL to a reference (needs_token_kl) does not run under ZeRO-3; "
+                                      "use deepspeed.zero_stage 0-2")
         recompute = torch.is_grad_enabled() and targets.requires_grad
         chunks = []
         count = max(1, -(-targets.shape[0] // self.chunk_size))
         if is_partitioned(head):  # ZeRO-3: every rank calls the head module equally often (see below)
             count = agreed_chunk_count(count)
         for start in range(0, count * self.chunk_size, self.chunk_size):
-            args = (
-                head,
-                targets[start : start + self.chunk_size],
-                target_ids[start : start + self.chunk_size],
-                self.softcap,
-                with_entropy,
-                with_log_sq_mass,
-            )
+            span = slice(start, start + self.chunk_size)
+            args = (head, targets[span], target_ids[span], self.softcap, with_entropy, with_log_sq_mass)
+            if reference is not None:
+                args += (reference.hidden[span], reference.logits)
             chunks.append(checkpoint(_target_stats, *args, use_reentrant=False) if recompute else _target_stats(*args))
         names = ["logps"] + ["entropy"] * with_entropy + ["log_sq_mass"] * with_log_sq_mass
+        names += ["kl", "ref_logps"] if reference is not None else []
         return {name: torch.cat([chunk[i] for chunk in chunks]) for i, name in enumerate(names)}
+
+    def target_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[n, vocab]`` of final hidden states ``[n, H]`` (the head of ``ReferenceHead.logits``)."""
+        return head_logits(output_head(self.model), hidden, self.softcap)
 
 
 def is_partitioned(head: nn.Module | torch.Tensor) -> bool:

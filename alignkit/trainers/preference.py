@@ -74,9 +74,12 @@ def build_reference(cfg: DictConfig, run: Run, policy: Any, objective: Any, data
     lora = int(cfg.model.lora.r) > 0
     t = run.trainer
     strategy = choose_strategy(t.reference, objective.needs_reference, lora)
+    why = ""
     if strategy == "precomputed" and objective.needs_kl_pairs:
         strategy = "separate"  # KTO's mismatched pairs change every batch; they cannot be cached
-    run.print(f"[bold]reference[/]: {strategy}")
+    if strategy == "precomputed" and objective.needs_token_kl:  # auto (an explicit precomputed fails at compose)
+        strategy, why = "separate", " (auto: the per-token KL of the loss needs the reference's logits, not a cache)"
+    run.print(f"[bold]reference[/]: {strategy}{why}")
     if strategy == "none":
         return NoReference()
     if strategy == "lora":
@@ -136,12 +139,33 @@ def sequence_logps(policy: Any, reference: Any, batch: Batch, objective: Any, ne
 
     ``step_kl`` (KTO): the step's KL estimate from ``kl_estimate``, handed to the loss as one
     mismatched "pair" whose log-ratio is the estimate, so the loss's batch mean returns it unchanged.
+
+    A loss with ``needs_token_kl`` (TDPO): the reference gives its hidden states at the targets and its
+    head (``reference.head``), and the policy's forward computes, chunk by chunk, the per-token KL
+    (summed per completion into ``seq_kl``) and the reference's target log-probs from them.
     """
+    wpo = any(part.hparams.get("use_weighting") for part in objective.parts)
+    if objective.needs_token_kl:  # the preference runner only (compose-time rule): a fixed live reference
+        return _token_kl_logps(policy, reference.head(batch), batch, need_tokens, wpo, step_kl)
     # the reference first: a reference that swaps weights in and out of the policy (online DPO's moving
     # LoRA reference) must not touch tensors the policy's graph has saved
     ref_seq, ref_tokens = reference.logps(batch, with_tokens=need_tokens)
-    wpo = any(part.hparams.get("use_weighting") for part in objective.parts)
     out = forward_logps(policy, batch, with_log_sq_mass=wpo) if wpo else forward_logps(policy, batch)
+    return _sequence_logps(batch, out, ref_seq, ref_tokens, need_tokens, step_kl)
+
+
+def _token_kl_logps(policy: Any, ref_head: Any, batch: Batch, need_tokens: bool, wpo: bool,
+                    step_kl: float | None) -> SequenceLogps:
+    flags = {"with_log_sq_mass": True} if wpo else {}
+    out = forward_logps(policy, batch, reference=ref_head, **flags)
+    ref_tokens = out["ref_logps"].detach().float()
+    seq = _sequence_logps(batch, out, sum_per_slot(ref_tokens, batch), ref_tokens, need_tokens, step_kl)
+    seq.seq_kl = sum_per_slot(out["kl"].float(), batch)
+    return seq
+
+
+def _sequence_logps(batch: Batch, out: dict[str, torch.Tensor], ref_seq: torch.Tensor | None,
+                    ref_tokens: torch.Tensor | None, need_tokens: bool, step_kl: float | None) -> SequenceLogps:
     token_logps = out["logps"].float()
     seq = SequenceLogps(
         logps=sum_per_slot(token_logps, batch),

@@ -9,7 +9,11 @@
 ``auto`` picks none for reference-free losses, lora when training LoRA, else precomputed.
 
 Every strategy answers ``logps(batch, with_tokens)`` with the per-slot sums ``[G, K]`` and, when
-asked, the per-target values ``[N]`` in the batch's target order.
+asked, the per-target values ``[N]`` in the batch's target order. The live ones (``separate``,
+``lora``) also answer ``head(batch)``: a ``models.logprobs.ReferenceHead`` (the reference's hidden
+states at the targets, through its own engine, and its LM head) from which the policy's forward
+computes the per-token full-vocabulary KL of a loss with ``needs_token_kl`` (TDPO) and the
+reference's target log-probs in the same chunked pass; ``precomputed`` cannot (compose-time error).
 
 The precomputed cache lives in ``trainer.reference_cache_dir``, else ``$ALIGNKIT_CACHE/ref_logps``
 (``~/.cache/alignkit/ref_logps``), as ``ref-<key>.safetensors``: the values as one float32 tensor,
@@ -38,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from alignkit.data.batch import Batch, TokenizedGroup, sum_per_slot
+from alignkit.models.logprobs import ReferenceHead
 
 
 def choose_strategy(requested: str, needs_reference: bool, lora: bool) -> str:
@@ -48,7 +53,7 @@ def choose_strategy(requested: str, needs_reference: bool, lora: bool) -> str:
     return "lora" if lora else "precomputed"
 
 
-def forward_logps(engine_or_module: Any, batch: Batch, **flags: bool) -> dict[str, torch.Tensor]:
+def forward_logps(engine_or_module: Any, batch: Batch, **flags: Any) -> dict[str, torch.Tensor]:
     """One forward of a ``TargetLogProbs`` module (or the engine wrapping one) over ``batch``."""
     return engine_or_module(
         input_ids=batch.input_ids,
@@ -78,6 +83,21 @@ class ModuleReference:
             out = forward_logps(self.module, batch)
         tokens = out["logps"].detach().float()
         return sum_per_slot(tokens, batch), (tokens if with_tokens else None)
+
+    @torch.no_grad()
+    def head(self, batch: Batch) -> ReferenceHead:
+        """The reference at ``batch``'s targets, for the policy's per-token KL (``needs_token_kl``)."""
+        with self.context():
+            hidden = forward_logps(self.module, batch, hidden_only=True)["hidden"].detach()
+        inner = getattr(self.module, "module", self.module)  # the TargetLogProbs inside an engine
+        context = self.context
+
+        @torch.no_grad()
+        def logits(chunk: torch.Tensor) -> torch.Tensor:
+            with context():  # lora: the base model's head, also when backward recomputes a chunk
+                return inner.target_logits(chunk)
+
+        return ReferenceHead(hidden=hidden, logits=logits)
 
 
 class PrecomputedReference:

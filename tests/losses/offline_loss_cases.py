@@ -89,7 +89,8 @@ def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] |
              lengths: list[list[float]] | None = None, *, dtype=torch.float64) -> SequenceLogps:
     """A SequenceLogps fit for ``view`` from nested lists [G][K]: slot 0 best (scores descending), labels
     alternating desirable/undesirable for unpaired data, KL pairs equal to the completions, slot 1 of a
-    pair the reference's sample (xpo)."""
+    pair the reference's sample (xpo), and a sequential KL of 0 (``seq_kl``, TDPO: the reference's
+    next-token distributions taken as the policy's)."""
     logps_t = torch.tensor(logps, dtype=dtype)
     g, k = logps_t.shape
     ref_t = logps_t.detach().clone() if ref_logps is None else torch.tensor(ref_logps, dtype=dtype)
@@ -104,6 +105,7 @@ def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] |
         ref_kl_logps=ref_t[:, 0].clone(),
         # xpo: the rejected completion is the one the reference sampled (the other losses ignore it)
         from_reference=torch.tensor([[False, True]]).expand(g, 2).clone() if k == 2 else None,
+        seq_kl=torch.zeros(g, k, dtype=dtype),
     )
 
 

@@ -45,6 +45,7 @@ VALUE_TESTS: dict[str, str] = {
     "bco": "test_new_losses::test_bco_value",
     "xpo": "test_online_losses::test_xpo_value",
     "nash_md": "test_online_losses::test_nash_md_value",
+    "tdpo": "test_tdpo::test_tdpo_value",
 }
 
 

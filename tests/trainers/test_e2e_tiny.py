@@ -2,6 +2,7 @@
 final model that transformers loads back."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def test_sft_tiny_leaves_a_complete_run_dir(tmp_path):
     assert model(ids).logits.shape[-1] == len(tokenizer)
 
 
-@pytest.mark.parametrize("recipe", ["dpo_tiny", "ipo_tiny", "simpo_tiny", "orpo_tiny", "kto_tiny", "lipo_tiny"])
+@pytest.mark.parametrize("recipe", ["dpo_tiny", "ipo_tiny", "simpo_tiny", "orpo_tiny", "kto_tiny", "lipo_tiny", "tdpo_tiny"])
 def test_preference_presets_train(tmp_path, recipe):
     run_dir = _run(tmp_path, f"recipe={recipe}", "trainer.max_steps=3", "trainer.export=false",
                    f"trainer.reference_cache_dir={tmp_path / 'ref'}")
@@ -51,6 +52,20 @@ def test_preference_presets_train(tmp_path, recipe):
         assert key in rows[0], rows[0].keys()
     evals = _metrics(run_dir, "eval")
     assert evals and "rewards/margin" in evals[-1]
+
+
+@pytest.mark.parametrize("lora, strategy", [(False, "separate (auto"), (True, "lora")])
+def test_tdpo_tiny_trains_against_a_live_reference_and_logs_the_kl(tmp_path, capsys, lora, strategy):
+    """auto picks a live reference for the per-token KL and says so; at step 0 (policy == reference) the
+    KL is 0 and the loss ln 2; then the policy moves and the KL grows."""
+    extra = ["model.lora.r=4", "trainer.lr=0.01"] if lora else []
+    run_dir = _run(tmp_path, "recipe=tdpo_tiny", "trainer.max_steps=3", "trainer.export=false", *extra)
+    assert f"reference: {strategy}" in capsys.readouterr().err
+    first = _metrics(run_dir, "eval")[0]
+    assert first["step"] == 0 and first["loss"] == pytest.approx(math.log(2.0), abs=1e-5), first
+    assert abs(first["kl/chosen"]) < 1e-5 and abs(first["kl/rejected"]) < 1e-5
+    rows = _metrics(run_dir)
+    assert len(rows) == 3 and rows[-1]["kl/chosen"] > 1e-4 and rows[-1]["kl/rejected"] > 1e-4, rows[-1]
 
 
 def test_precomputed_reference_is_cached_and_reused(tmp_path):
