@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from alignkit.config.validate import objective_from_cfg
+from alignkit.config.validate import loss_terms, objective_from_cfg
 from alignkit.data.batch import Batch, TokenizedGroup
 from alignkit.trainers import common, loop
 from alignkit.trainers.common import Run
@@ -44,6 +44,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from alignkit.models.value import ValueModel, load_value_model
 
     objective = objective_from_cfg(cfg.loss)
+    value_objective = value_side_objective(cfg)
     setup = loop.setup(cfg, run_dir, VIEW)
     run, data = setup.run, setup.data
     policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
@@ -62,13 +63,21 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             loss, metrics = objective(replace(seq, values=values.detach()))  # d/d(policy)
             if not step.update(policy, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
                 return training.stop_nonfinite(step)
-            value_loss, _ = objective(_value_side(seq, values))  # d/dV: the same residual, policy fixed
+            value_loss = value_objective(_value_side(seq, values))  # d/dV: the same residual, policy fixed
             if not step.update(value, value_loss, name="value_loss"):
                 return training.stop_nonfinite(step)
         if (stopped := training.end_step(step)) is not None:
             return stopped
     common.export_final(run, value, tokenizer, "final_value", prepare=ValueModel.as_token_classifier)
     return training.complete(tokenizer)
+
+
+def value_side_objective(cfg: DictConfig) -> Any:
+    """The objective's loss alone (``sum_i w_i * loss_i`` over the loss terms, as ``WeightedLoss``
+    sums them), for the value update; the policy update calls the objective itself, which also
+    gives the metrics."""
+    terms = loss_terms(cfg.loss)
+    return lambda seq: sum(weight * spec.fn(seq, **hparams)[0] for spec, weight, hparams in terms)
 
 
 def prompt_values(value: Any, batch: Batch) -> torch.Tensor:
