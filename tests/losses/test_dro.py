@@ -18,7 +18,8 @@ from alignkit.errors import ConfigError
 from alignkit.losses import SequenceLogps, available_losses
 
 torch.set_num_threads(1)
-DRO = available_losses()["dro"]
+LOSSES = available_losses()
+DRO = LOSSES["dro"]
 # (logp, ref_logp, reward, value) per group
 ROWS = [(-12.0, -11.5, 1.0, 0.2), (-8.0, -9.0, 0.0, 0.4), (-20.0, -20.0, 1.5, -0.3), (-3.0, -2.0, -1.0, 0.0)]
 
@@ -39,7 +40,7 @@ def formula(rows, tau: float) -> float:
 
 @pytest.mark.parametrize("tau", [0.05, 0.5, 1.0, 3.0])
 def test_dro_value(tau):
-    loss, metrics = DRO.fn(scalar(), tau=tau)
+    loss, metrics = LOSSES["dro"].fn(scalar(), tau=tau)
     assert loss.item() == pytest.approx(formula(ROWS, tau), rel=1e-12)
     residuals = [r - v - tau * (lp - ref) for lp, ref, r, v in ROWS]
     assert metrics["dro/residual"].item() == pytest.approx(sum(residuals) / 4)
