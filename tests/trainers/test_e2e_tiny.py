@@ -232,3 +232,34 @@ def test_dro_refuses_data_without_rewards_before_any_model_loads(tmp_path, monke
     monkeypatch.setattr(load, "load_causal_lm", no_model)
     with pytest.raises(ConfigError, match="sft data .* cannot feed a loss that consumes scalar data"):
         train_from_overrides(["recipe=dro_tiny", "data=demo_sft", f"output_dir={tmp_path}", "run_name=run"])
+
+
+def test_dro_stop_and_resume_continues_policy_and_value_exactly(tmp_path, monkeypatch):
+    """A DRO run stopped after step 2 (as by SIGTERM: checkpoint saved) and resumed ends with the same
+    losses and the same policy and value weights as an uninterrupted run: both engines are checkpointed."""
+    from safetensors.torch import load_file
+
+    from alignkit.trainers.common import Run
+
+    common = ["recipe=dro_tiny", "trainer.max_steps=4", "trainer.eval_every=0", f"output_dir={tmp_path}",
+              f"trainer.reference_cache_dir={tmp_path / 'ref'}"]
+    assert train_from_overrides([*common, "run_name=full"]) == 0
+    calls = []
+    real = Run.stop_requested
+
+    def stop_after_two(self):
+        calls.append(1)
+        return len(calls) == 2 or real(self)
+
+    monkeypatch.setattr(Run, "stop_requested", stop_after_two)
+    assert train_from_overrides([*common, "run_name=cut"]) == 143  # 128 + SIGTERM, as a signalled stop exits
+    assert [r["step"] for r in _metrics(tmp_path / "cut")] == [1, 2] and not (tmp_path / "cut" / "final").exists()
+    monkeypatch.setattr(Run, "stop_requested", real)
+    assert train_from_overrides([*common, "run_name=cut", "resume=auto"]) == 0
+    losses = lambda name: [r["loss"] for r in _metrics(tmp_path / name)]  # noqa: E731
+    assert losses("cut") == pytest.approx(losses("full"), rel=1e-6)
+    for folder in ("final", "final_value"):
+        full, cut = (load_file(tmp_path / run / folder / "model.safetensors") for run in ("full", "cut"))
+        assert full.keys() == cut.keys()
+        for name in full:
+            torch.testing.assert_close(cut[name], full[name], rtol=1e-6, atol=1e-7)
