@@ -151,6 +151,13 @@ def test_tau_is_checked_at_compose_time():
         compose(["recipe=dro_tiny", "loss.tau=0"])
 
 
+def test_label_threshold_is_refused_under_dro():
+    from alignkit.config.compose import compose
+
+    with pytest.raises(ConfigError, match="label_threshold"):
+        compose(["recipe=dro_tiny", "data.label_threshold=1.0"])
+
+
 def test_missing_tensors_and_non_finite_rewards_are_refused():
     inputs = scalar()
     inputs.values = None
