@@ -127,7 +127,7 @@ class RLConfig:
     kl_estimator: str = "k1"  # k1 | k2 | k3
     gamma: float = 1.0
     lam: float = 0.95
-    critic_lr: float = 1e-5
+    critic_lr: float = 1e-5  # the value network's learning rate: PPO's critic, DRO's value (runner=dro)
     whiten_advantages: bool = True
     dynamic_sampling: bool = False  # drop zero-variance groups and refill
     max_refill_rounds: int = 2
