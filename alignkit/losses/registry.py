@@ -8,7 +8,8 @@ A loss is ``fn(inputs, **hyper_parameters) -> (loss, metrics)`` where ``inputs``
 ``register_loss`` records, next to the function, what the trainer must provide:
 
 * ``view``: which data the loss consumes: ``"sft"``, ``"pairwise"`` (K=2, slot 0 chosen, slot 1
-  rejected), ``"unpaired"`` (K=1 with a label), ``"listwise"`` (K>=2 with scores) or ``"rollout"``;
+  rejected), ``"unpaired"`` (K=1 with a label), ``"listwise"`` (K>=2 with scores), ``"rollout"`` or ``"distill"`` (student and teacher logits at
+  completion tokens, ``losses.distill.DistillLogits``: GKD);
 * ``runner``: the training loop that trains it (a name of ``alignkit.losses.runners.RUNNERS``);
   default: the view's (``VIEW_RUNNERS``: sft -> sft, pairwise/unpaired/listwise -> preference);
   a rollout loss must name it (``grpo``, ``ppo``);
@@ -50,7 +51,7 @@ import torch
 from alignkit.errors import ConfigError
 from alignkit.losses.runners import RUNNERS, VIEW_RUNNERS
 
-VIEWS = ("sft", "pairwise", "unpaired", "listwise", "rollout")
+VIEWS = ("sft", "pairwise", "unpaired", "listwise", "rollout", "distill")
 
 
 @dataclass
