@@ -88,3 +88,17 @@ def test_the_on_policy_coin_follows_lmbda():
 
     assert share(0.0) == 0.0 and share(1.0) == 1.0
     assert share(0.5) == pytest.approx(0.5, abs=0.04) and share(0.2) == pytest.approx(0.2, abs=0.04)
+
+
+def test_seq_kd_samples_from_the_teacher_and_self_distillation_starts_at_zero(tmp_path):
+    """rl.seq_kd with lmbda=0: every step trains on the teacher's samples; with the teacher = the starting
+    student (no rl.teacher_seed) the first step's JSD is 0 (same positions, same logits)."""
+    common = ["recipe=gkd_tiny", "trainer.max_steps=2", "trainer.eval_every=0", "trainer.export=false",
+              "generation.max_new_tokens=6", f"output_dir={tmp_path}", "logger.backends=[jsonl]"]
+    assert train_from_overrides([*common, "rl.seq_kd=true", "rl.lmbda=0.0", "run_name=seq"]) == 0
+    rows = _rows(tmp_path / "seq", "train")
+    assert [r["on_policy"] for r in rows] == [0.0, 0.0] and all(r["response_length"] > 0 for r in rows), rows
+    assert rows[0]["jsd"] > 1e-4  # another teacher: a divergence to learn from
+    assert train_from_overrides([*common, "rl.teacher_seed=null", "rl.lmbda=1.0", "run_name=self"]) == 0
+    first = _rows(tmp_path / "self", "train")[0]
+    assert first["on_policy"] == 1.0 and abs(first["jsd"]) < 1e-6, first
