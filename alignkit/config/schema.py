@@ -140,6 +140,12 @@ class RLConfig:
     # nash_md: P(policy sample beats mixture sample) from the rewards: sigmoid (TRL: sigmoid(r_a - r_b)) |
     # hard (1 higher, 0.5 tie, 0 lower)
     preference: str = "sigmoid"
+    # gkd (trainers/gkd.py): the teacher (a model name_or_path as model.name_or_path takes; None = the policy's
+    # starting model, as TRL's teacher_model_name_or_path=None), with tiny: its model.tiny.seed (None = the same)
+    teacher: Optional[str] = None
+    teacher_seed: Optional[int] = None
+    lmbda: float = 0.5  # gkd: probability that a step trains on the student's own samples (TRL's GKDConfig.lmbda)
+    seq_kd: bool = False  # gkd: off-policy steps train on the teacher's samples, not the data's (TRL's seq_kd)
 
 
 @dataclass

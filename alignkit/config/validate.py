@@ -144,6 +144,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.label_threshold={cfg.data.label_threshold} turns scores into labels, but runner=dro "
                           "trains on the scores themselves as rewards (a label-only row is reward 1.0 / 0.0). "
                           "Remove data.label_threshold.")
+    _check_gkd(cfg, runner, terms)
     needs_ref = any(spec.reference_needed(hp) for spec, _, hp in terms)
     ref = cfg.trainer.reference
     if ref == "lora" and int(cfg.model.lora.r) <= 0:
@@ -285,6 +286,47 @@ def _check_second_sampler(cfg: DictConfig, runner: str, terms: list) -> None:
     if not (math.isfinite(float(rl.mixture_coef)) and 0.0 <= float(rl.mixture_coef) <= 1.0):
         raise ConfigError(f"rl.mixture_coef={rl.mixture_coef} must lie in [0, 1] (0 = the policy, 1 = the reference).")
     _choice(str(rl.preference), PREFERENCES, "rl.preference")
+
+
+GKD_KNOBS = ("teacher", "teacher_seed", "lmbda", "seq_kd")  # rl.* read by runner=gkd only
+
+
+def _check_gkd(cfg: DictConfig, runner: str, terms: list) -> None:
+    """GKD: loss=gkd under runner=gkd only, its rl knobs only there, lmbda a probability, a teacher that the
+    run can build (teacher_seed: a tiny teacher), ZeRO 0-2 and the HF engine."""
+    from alignkit.config.schema import RLConfig
+
+    rl, names, defaults = cfg.rl, [spec.name for spec, _, _ in terms], RLConfig()
+    if runner != "gkd":
+        for key in GKD_KNOBS:
+            if rl[key] != getattr(defaults, key):
+                raise ConfigError(f"rl.{key}={rl[key]} is read by runner=gkd only; this run's runner is {runner}. "
+                                  "Remove it.")
+        if "gkd" in names:
+            raise ConfigError(f"loss gkd is trained by runner=gkd only (it needs a teacher); this run's runner is "
+                              f"{runner}. Use runner=auto (recipe=gkd_tiny).")
+        return
+    if names != ["gkd"]:
+        raise ConfigError(f"runner=gkd trains loss=gkd alone; loss.name={cfg.loss.name}. Use loss=gkd "
+                          "(recipe=gkd_tiny).")
+    if not (math.isfinite(float(rl.lmbda)) and 0.0 <= float(rl.lmbda) <= 1.0):
+        raise ConfigError(f"rl.lmbda={rl.lmbda} must lie in [0, 1]: the probability that a step trains on the "
+                          "student's own samples (0 = never, 1 = every step).")
+    teacher = rl.teacher or cfg.model.name_or_path
+    if rl.teacher_seed is not None and teacher != "tiny":
+        raise ConfigError(f"rl.teacher_seed={rl.teacher_seed} seeds a tiny teacher's random weights; the teacher is "
+                          f"{teacher!r}. Remove rl.teacher_seed, or set rl.teacher=tiny.")
+    if Path(teacher).is_dir() and not (Path(teacher) / "config.json").is_file():
+        raise ConfigError(f"rl.teacher={teacher!r} is a path without config.json; give a transformers model folder "
+                          "(e.g. the final/ folder of a run), tiny, smollm2 or a hub id.")
+    if int(cfg.deepspeed.zero_stage) == 3:
+        raise ConfigError("runner=gkd computes the teacher's logits inside the student's LM-head pass; under "
+                          "deepspeed.zero_stage=3 the teacher's head is sharded outside that pass. Use "
+                          "deepspeed.zero_stage 0, 1 or 2.")
+    if str(cfg.generation.engine) == "vllm":
+        raise ConfigError("generation.engine=vllm: runner=gkd samples with the HF engine (the teacher's samples "
+                          "too, rl.seq_kd). Use generation.engine=hf.")
+    values.check_generation(cfg, runner)
 
 
 def _check_batch(cfg: DictConfig) -> None:

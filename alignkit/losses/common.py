@@ -218,7 +218,7 @@ def validate_knobs(loss: str, hparams: dict[str, Any]) -> None:
     ld_alpha = hparams.get("ld_alpha")
     if ld_alpha is not None and not 0.0 <= ld_alpha <= 1.0:
         raise _bad(loss, "ld_alpha", ld_alpha, "it must lie in [0, 1] or be null (off)")
-    if "beta" in hparams and not hparams["beta"] > 0:
+    if "beta" in hparams and "beta" not in KNOB_RULES.get(loss, {}) and not hparams["beta"] > 0:  # gkd: [0, 1]
         raise _bad(loss, "beta", hparams["beta"], "it must be > 0")
     smoothing = hparams.get("label_smoothing", 0.0)
     if "label_smoothing" not in KNOB_RULES.get(loss, {}) and not 0.0 <= smoothing < 0.5:  # a loss may declare its own

@@ -9,7 +9,8 @@ A loss is ``fn(inputs, **hyper_parameters) -> (loss, metrics)`` where ``inputs``
 
 * ``view``: which data the loss consumes: ``"sft"``, ``"pairwise"`` (K=2, slot 0 chosen, slot 1
   rejected), ``"unpaired"`` (K=1 with a label), ``"listwise"`` (K>=2 with scores), ``"scalar"`` (K=1
-  with a scalar reward in ``scores`` and the value of its prompt in ``values``: DRO) or ``"rollout"``;
+  with a scalar reward in ``scores`` and the value of its prompt in ``values``: DRO), ``"rollout"`` or
+  ``"distill"`` (student and teacher logits at completion tokens, ``losses.distill.DistillLogits``: GKD);
 * ``runner``: the training loop that trains it (a name of ``alignkit.losses.runners.RUNNERS``);
   default: the view's (``VIEW_RUNNERS``: sft -> sft, pairwise/unpaired/listwise -> preference,
   scalar -> dro);
@@ -52,7 +53,7 @@ import torch
 from alignkit.errors import ConfigError
 from alignkit.losses.runners import RUNNERS, VIEW_RUNNERS
 
-VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar", "rollout")
+VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar", "rollout", "distill")
 
 
 @dataclass

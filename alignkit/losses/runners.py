@@ -42,6 +42,7 @@ RUNNERS: dict[str, Runner] = {
     "xpo": Runner("alignkit.trainers.xpo", online=True),  # policy vs reference samples, DPO + exploration
     "nash_md": Runner("alignkit.trainers.nash_md", online=True),  # policy vs geometric-mixture samples
     "dro": Runner("alignkit.trainers.dro"),  # offline scalar rewards: policy + a value network (DRO-V)
+    "gkd": Runner("alignkit.trainers.gkd"),  # distillation from a frozen teacher; samples, but needs no reward
 }
 # the runner an offline loss needs unless it names one; a rollout loss always names its runner
 VIEW_RUNNERS = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference",

@@ -32,7 +32,8 @@ takes a frozen reference's final hidden states at the same target positions (``h
 on the reference's own ``TargetLogProbs`` gives them, through its engine) and its LM head; each
 chunk then also computes the reference's ``[chunk, vocab]`` logits (no grad) and returns ``kl`` =
 KL(pi_ref || pi_theta) over the full vocabulary (with grad through the policy's logits) and
-``ref_logps`` (the reference's target log-probs, no grad) per target. This runs on the generic
+``ref_logps`` (the reference's target log-probs, no grad) per target; a ``ReferenceHead.divergence``
+(GKD's generalized JSD, a frozen teacher as the "reference") replaces that KL under the same name. This runs on the generic
 checkpointed path (the fused head serves only plain log-probs), so no ``[tokens, vocab]`` tensor
 of either model outlives its chunk; backward recomputes both chunks' logits. Each chunk holds about
 twice the ``[chunk, vocab]`` temporaries of a plain one. Not under ZeRO-3 (the reference's head is
@@ -105,6 +106,9 @@ class ReferenceHead:
 
     hidden: torch.Tensor  # [N, H_ref] final hidden states at the batch's targets, in target order, no grad
     logits: Callable[[torch.Tensor], torch.Tensor]  # [n, H_ref] -> [n, vocab] fp32 logits, no grad
+    # (policy logits [n, vocab] with grad, reference logits [n, vocab]) -> [n]; None: KL(pi_ref || pi_theta).
+    # GKD passes its generalized JSD (losses/distill.generalized_jsd), returned under "kl" all the same
+    divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 def head_logits(head: nn.Module | torch.Tensor, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
@@ -125,6 +129,7 @@ def _target_stats(
     with_log_sq_mass: bool,
     ref_hidden: torch.Tensor | None = None,
     ref_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ref_divergence: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """(logps, [entropy], [log_sq_mass], [kl, ref_logps]) for one chunk of target hidden states ``[n, H]``."""
     logits = head_logits(head, hidden, softcap)
@@ -141,9 +146,12 @@ def _target_stats(
         with torch.no_grad():
             ref = ref_logits(ref_hidden)
             ref_log_probs = ref - torch.logsumexp(ref, dim=-1, keepdim=True)
-        log_probs = logits - log_normalizer.unsqueeze(-1)
-        # sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)); exactly 0 where the two rows are equal
-        stats.append(F.kl_div(log_probs, ref_log_probs, reduction="none", log_target=True).sum(-1))
+        if ref_divergence is not None:  # GKD's JSD, on the raw logits of both (it applies its temperature)
+            stats.append(ref_divergence(logits, ref))
+        else:
+            log_probs = logits - log_normalizer.unsqueeze(-1)
+            # sum_v p_ref(v) * (log p_ref(v) - log p_theta(v)); exactly 0 where the two rows are equal
+            stats.append(F.kl_div(log_probs, ref_log_probs, reduction="none", log_target=True).sum(-1))
         stats.append(ref_log_probs.gather(-1, target_ids.unsqueeze(-1)).squeeze(-1))
     return tuple(stats)
 
@@ -345,7 +353,7 @@ class TargetLogProbs(nn.Module):
             span = slice(start, start + self.chunk_size)
             args = (head, targets[span], target_ids[span], self.softcap, with_entropy, with_log_sq_mass)
             if reference is not None:
-                args += (reference.hidden[span], reference.logits)
+                args += (reference.hidden[span], reference.logits, reference.divergence)
             chunks.append(checkpoint(_target_stats, *args, use_reentrant=False) if recompute else _target_stats(*args))
         names = ["logps"] + ["entropy"] * with_entropy + ["log_sq_mass"] * with_log_sq_mass
         names += ["kl", "ref_logps"] if reference is not None else []

@@ -14,7 +14,8 @@ from offline_loss_cases import for_view, paired, token_level
 
 torch.set_num_threads(1)
 # every registered offline loss, read from the registry (a new loss is checked here without listing it)
-OFFLINE = {name: spec for name, spec in available_losses().items() if spec.view != "rollout"}
+# rollout and distill (GKD, logits in: tests/losses/test_distill.py) losses take no SequenceLogps
+OFFLINE = {name: spec for name, spec in available_losses().items() if spec.view not in ("rollout", "distill")}
 PAIRED = sorted(name for name, spec in OFFLINE.items() if spec.view == "pairwise")
 SCORE_LOSSES = {"bradley_terry"}  # reward-model losses: inputs are a value head's scores, not log-probs
 K_OF_VIEW = {"sft": 1, "pairwise": 2, "unpaired": 1, "listwise": 3, "scalar": 1}

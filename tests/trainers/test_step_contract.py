@@ -13,7 +13,7 @@ from alignkit.run import train_from_overrides
 # one recipe per runner (sft and dpo both run the preference runner: without and with a reference)
 RUNNERS = {"sft_tiny": "preference", "dpo_tiny": "preference", "rm_tiny": "reward", "grpo_tiny": "grpo",
            "ppo_tiny": "ppo", "online_dpo_tiny": "online_dpo", "raft_tiny": "raft", "xpo_tiny": "xpo",
-           "nash_md_tiny": "nash_md", "dro_tiny": "dro"}
+           "nash_md_tiny": "nash_md", "dro_tiny": "dro", "gkd_tiny": "gkd"}
 # 2 micro-batches per step, one update pass: the 3rd training loss is the first micro-batch of step 2
 FAST = ["trainer.batch_size=4", "trainer.micro_batch_size=2", "rl.ppo_epochs=1", "generation.max_new_tokens=4",
         "trainer.eval_every=0", "trainer.max_eval_groups=2", "trainer.export=false", "logger.backends=[jsonl]"]
@@ -38,7 +38,10 @@ def _poison_third_training_loss(monkeypatch, runner: str) -> None:
                 return loss * float("nan")
         return loss
 
-    if hasattr(module, "objective_from_cfg"):  # preference, reward, online DPO, XPO: an objective object
+    if runner == "gkd":  # its loss is the token mean of the in-head JSD
+        real_mean = module.token_mean
+        monkeypatch.setattr(module, "token_mean", lambda values, mask: poison(real_mean(values, mask)))
+    elif hasattr(module, "objective_from_cfg"):  # preference, reward, online DPO, XPO: an objective object
         real = module.objective_from_cfg
 
         class Poisoned:
