@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 # every registered offline loss, read from the registry (a new loss is checked here without listing it)
 OFFLINE = {name: spec for name, spec in available_losses().items() if spec.view != "rollout"}
 PAIRED = sorted(name for name, spec in OFFLINE.items() if spec.view == "pairwise")
-SCORE_LOSSES = {"bradley_terry"}  # reward-model losses: inputs are a value head's scores, not log-probs
+SCORE_LOSSES = {"bradley_terry", "pairwise_bce"}  # reward / pairwise models: inputs are a head's scores, not log-probs
 K_OF_VIEW = {"sft": 1, "pairwise": 2, "unpaired": 1, "listwise": 3}
 
 

@@ -27,7 +27,7 @@ def test_every_registered_loss_resolves_to_a_known_runner_module(name):
     assert importlib.util.find_spec(RUNNERS[spec.runner].module) is not None
     if spec.view != "rollout":
         # bradley_terry trains a reward model; xpo needs the xpo runner's (policy, reference) sample pairs
-        assert spec.runner == VIEW_RUNNERS[spec.view] or (name, spec.runner) in {("bradley_terry", "reward"),
+        assert spec.runner == VIEW_RUNNERS[spec.view] or (name, spec.runner) in {("bradley_terry", "reward"), ("pairwise_bce", "pm"),
                                                                                   ("xpo", "xpo")}
     else:
         assert RUNNERS[spec.runner].online
@@ -48,7 +48,7 @@ def test_runner_of_the_registry_declarations():
     assert runner_of([resolve_loss("kto")]) == runner_of([resolve_loss("lipo")]) == "preference"
     with pytest.raises(ConfigError, match="need different runners"):
         runner_of([resolve_loss("grpo"), resolve_loss("ppo")])
-    assert offline_runners() == ("sft", "preference", "reward")
+    assert offline_runners() == ("sft", "preference", "reward", "pm")
     assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo", "raft", "xpo",
                                                                             "nash_md"}
     assert runner_of([resolve_loss("xpo")]) == runner_of([resolve_loss("xpo"), resolve_loss("sft")]) == "xpo"
