@@ -134,6 +134,9 @@ def validate(cfg: DictConfig) -> None:
     if is_online(runner):
         _check_online(cfg, runner)
     _check_pm(cfg, runner, terms)
+    from alignkit.rl.judges import check_judge
+
+    check_judge(cfg, runner)
     if runner == "raft" and {spec.view for spec, _, _ in terms} != {"sft"}:
         raise ConfigError(f"runner=raft fine-tunes on the best sample of each prompt with an SFT loss; loss.name="
                           f"{cfg.loss.name} is not one. Use loss=sft (recipe=raft_tiny).")
