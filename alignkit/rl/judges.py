@@ -72,6 +72,8 @@ def check_judge(cfg: Any, runner: str) -> None:
     if j.path and not (Path(j.path) / "config.json").is_file():
         raise ConfigError(f"judge.path={j.path!r} is not a model folder (no config.json); give the final/ folder "
                           "of a training run (recipe=rm_* for reward_model, pm_* for pairwise, any causal LM for llm).")
+    if j.path:
+        _check_architecture(Path(j.path), j.kind)
     if j.kind != "rule" and j.fns:
         raise ConfigError(f"judge.fns is read by judge.kind=rule only (judge.kind={j.kind}). Remove it.")
     if j.kind == "rule":
@@ -87,6 +89,28 @@ def check_judge(cfg: Any, runner: str) -> None:
         check_template(j.prompt_template)
     if int(j.batch_size) <= 0:
         raise ConfigError(f"judge.batch_size={j.batch_size} must be positive.")
+
+
+def _check_architecture(folder: Path, kind: str) -> None:
+    """The folder's model class fits the kind: a one-label sequence classifier (reward_model, pairwise) or a
+    causal LM (llm), read from its config.json (nothing loads)."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"judge.path={str(folder)!r}: config.json cannot be read ({err}).") from None
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if kind == "llm":
+        wanted, fits = "a causal LM (…ForCausalLM)", any(a.endswith("ForCausalLM") for a in architectures)
+    else:
+        labels = len(config.get("id2label") or {}) or int(config.get("num_labels", 2))
+        wanted = "a one-label sequence classifier (…ForSequenceClassification, the export of recipe=" + (
+            "rm_*)" if kind == "reward_model" else "pm_*)")
+        fits = any(a.endswith("ForSequenceClassification") for a in architectures) and labels == 1
+    if architectures and not fits:
+        raise ConfigError(f"judge.kind={kind} needs {wanted}; judge.path={str(folder)!r} holds "
+                          f"{', '.join(architectures)}" + ("" if kind == "llm" else f" with {labels} label(s)") + ".")
 
 
 def check_template(template: str) -> None:

@@ -154,6 +154,14 @@ def test_bad_judge_settings_fail_at_compose_time(overrides, message):
     assert message in str(err.value)
 
 
+def test_a_judge_path_of_the_wrong_model_class_is_refused(checkpoints):
+    from alignkit.config.validate import validate
+
+    with pytest.raises(ConfigError, match="judge.kind=llm needs a causal LM"):
+        validate(_judge_cfg("judge.kind=llm", f"judge.path={checkpoints['pm']}"))
+    validate(_judge_cfg("judge.kind=reward_model", f"judge.path={checkpoints['pm']}"))  # same class: accepted
+
+
 def test_a_judge_on_another_runner_is_refused():
     from alignkit.config.validate import validate
 
