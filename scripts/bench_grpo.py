@@ -4,8 +4,8 @@
     python scripts/bench_grpo.py --steps 3 --repeats 2     # SmolLM2-135M-Instruct, fp32, CPU, HF generate
     .venv-vllm/bin/python scripts/bench_grpo.py --engine hf,vllm   # alignkit's two engines (no TRL there)
 
-``--engine`` picks alignkit's generation engine(s) (``generation.engine``: ``hf``, ``vllm`` or both,
-comma-separated; vllm needs the environment of ``bash scripts/setup_vllm.sh``, which has no TRL:
+``--engine`` picks alignkit's generation engine(s) (``generation.engine``: ``hf``, ``hf-bf16`` = hf with
+``generation.decode_dtype=bf16``, ``vllm``; comma-separated; vllm needs the environment of ``bash scripts/setup_vllm.sh``, which has no TRL:
 ``--tools`` defaults to alignkit alone there). Besides s/step and completions/s of whole steps it prints the
 generation phase alone (completion tokens/s while sampling: the run's ``response_length`` x completions per step
 over its ``gen_seconds``).
@@ -97,7 +97,9 @@ def worker_alignkit(args) -> dict:
             f"generation.max_new_tokens={args.max_new_tokens}", "generation.temperature=1.0", "trainer.eval_every=0",
             "trainer.export=false", "trainer.warmup_steps=0", "trainer.lr=1e-5", "loss.beta=0.0",
             f"data.train=[{{path: {data_file}}}]", "data.eval=[]", f"data.layout={args.layout}",
-            f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]", f"generation.engine={args.engine}",
+            f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
+            f"generation.engine={args.engine.removesuffix('-bf16')}",
+            f"generation.decode_dtype={'bf16' if args.engine.endswith('-bf16') else 'auto'}",
         ])
         assert code == 0
         times, train = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
@@ -125,7 +127,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--layout", default="prefix_shared", choices=["padded", "packed", "prefix_shared"])
     parser.add_argument("--worker", choices=["trl", "alignkit"])
-    parser.add_argument("--engine", default="hf", help="alignkit's generation engine(s): hf, vllm, or hf,vllm")
+    parser.add_argument("--engine", default="hf", help="alignkit's generation engine(s), comma-separated: hf, hf-bf16 "
+                        "(the hf engine with generation.decode_dtype=bf16), vllm")
     parser.add_argument("--tools", default=None,
                         help="trl,alignkit or alignkit (default: both where TRL is installed, else alignkit)")
     bench_common.add_threads_argument(parser)
@@ -149,7 +152,7 @@ def main() -> None:
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
     tools = tuple(t for t in ("trl",) if t in args.tools.split(","))
     tools += tuple(f"alignkit:{e}" for e in engines) if "alignkit" in args.tools.split(",") else ()
-    if len(engines) == 1 and "trl" in tools:
+    if engines == ["hf"] and "trl" in tools:
         tools = tuple("alignkit" if t.startswith("alignkit") else t for t in tools)
     results = bench_common.alternate(
         tools, args.repeats, lambda tool: run_worker(tool, args),
@@ -168,8 +171,12 @@ def main() -> None:
     for tool, (s, lo, hi, cps, rss, length, gen) in summary.items():
         label = f"{tool} ({engine})" if tool == "alignkit" else tool
         print(f"{label:<15}{s:>8.2f} [{lo:.2f}-{hi:.2f}]{cps:>15.3f}{gen:>11.1f}{rss:>8.2f}{length:>13.1f}")
-    if "trl" in summary and "alignkit" in summary:
-        print(f"\nalignkit / TRL: {summary['alignkit'][3] / summary['trl'][3]:.2f}x completions/s")
+    for tool in summary:
+        if "trl" in summary and tool.startswith("alignkit"):
+            print(f"\n{tool} / TRL: {summary[tool][3] / summary['trl'][3]:.2f}x completions/s")
+    if "alignkit:hf" in summary and "alignkit:hf-bf16" in summary:
+        print(f"\nhf-bf16 / hf engine: {summary['alignkit:hf-bf16'][3] / summary['alignkit:hf'][3]:.2f}x completions/s, "
+              f"{summary['alignkit:hf-bf16'][6] / summary['alignkit:hf'][6]:.2f}x generation tokens/s")
     if "alignkit:hf" in summary and "alignkit:vllm" in summary:
         print(f"\nvllm / hf engine: {summary['alignkit:vllm'][3] / summary['alignkit:hf'][3]:.2f}x completions/s, "
               f"{summary['alignkit:vllm'][6] / summary['alignkit:hf'][6]:.2f}x generation tokens/s")

@@ -1,4 +1,4 @@
-"""Write the demo task's datasets to data/demo/: SFT, paired, unpaired, listwise and prompt-only.
+"""Write the demo task's datasets to data/demo/: SFT, paired, unpaired, scalar, listwise and prompt-only.
 
 The task (data/demo/README.md): *look a number up among similar facts*. Each prompt states 3 or 4
 facts of one kind (``The red key opens door 20. The blue key opens door 47. ...``, people's ages,
@@ -16,7 +16,9 @@ preference in the files IS the judge's:
   another fact quoted, a bare wrong ``Answer: N``, a number that is in no fact, a refusal.
 
 Files: paired (chosen is always a correct reply, rejected always a wrong one, so every pair teaches
-which number is right, not which format), unpaired (``label`` = the reply is correct), listwise (4
+which number is right, not which format), unpaired (``label`` = the reply is correct), scalar (one
+reply, correct or wrong with equal odds as in unpaired, and its judge ``score`` as a scalar reward:
+DRO's data), listwise (4
 distinct candidates with their judge ``scores``), sft (the ideal reply), prompts (``prompt`` plus
 the reference ``answer``, the fact ``task`` kind, ``facts`` and the asked ``position``).
 
@@ -179,6 +181,11 @@ def unpaired_row(p: Problem, rng: random.Random) -> dict:
     return {"prompt": p.prompt, "completion": _reply(text), "label": value >= DESIRABLE_THRESHOLD, "answer": str(p.answer)}
 
 
+def scalar_row(p: Problem, rng: random.Random) -> dict:
+    text, value = _judged(_pick(rng, CORRECT) if rng.random() < 0.5 else _pick(rng, WRONG), p, rng)
+    return {"prompt": p.prompt, "completion": _reply(text), "score": value, "answer": str(p.answer)}
+
+
 def listwise_row(p: Problem, rng: random.Random) -> dict:
     kinds = [_pick(rng, CORRECT), *rng.sample(list(WRONG), 3)]  # one correct reply, three wrong ones
     rng.shuffle(kinds)
@@ -187,7 +194,8 @@ def listwise_row(p: Problem, rng: random.Random) -> dict:
             "answer": str(p.answer)}
 
 
-ROWS = {"sft": sft_row, "paired": paired_row, "unpaired": unpaired_row, "listwise": listwise_row, "prompts": prompt_row}
+ROWS = {"sft": sft_row, "paired": paired_row, "unpaired": unpaired_row, "scalar": scalar_row, "listwise": listwise_row,
+        "prompts": prompt_row}
 
 
 def build(seed: int = 0, n_train: int = 1000, n_eval: int = 300) -> dict[str, list[dict]]:

@@ -95,6 +95,9 @@ class GenerationConfig:
     # online runners: hf (transformers generate) | vllm (colocated vLLM, weights pushed after each
     # optimizer step; its own environment: bash scripts/setup_vllm.sh; checked at compose time)
     engine: str = "hf"
+    # hf engine, precision of the decoding matmuls: auto (bf16 under deepspeed.dtype=bf16_autocast, else the
+    # weights') | fp32 | bf16 (alignkit.rl.lean_decode: Llama-family models; faster on a CPU)
+    decode_dtype: str = "auto"
     vllm_gpu_memory_utilization: float = 0.3  # vllm on CUDA: share of device memory vLLM may take
     vllm_cpu_kv_cache_gib: float = 1.0  # vllm on CPU: its KV cache size
 
@@ -124,7 +127,7 @@ class RLConfig:
     kl_estimator: str = "k1"  # k1 | k2 | k3
     gamma: float = 1.0
     lam: float = 0.95
-    critic_lr: float = 1e-5
+    critic_lr: float = 1e-5  # the value network's learning rate: PPO's critic, DRO's value (runner=dro)
     whiten_advantages: bool = True
     dynamic_sampling: bool = False  # drop zero-variance groups and refill
     max_refill_rounds: int = 2

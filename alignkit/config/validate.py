@@ -144,6 +144,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rl.raft_min_reward={cfg.rl.raft_min_reward} " + (
             "must be a finite number (or null: keep every prompt's best sample)." if runner == "raft" else
             f"is read by runner=raft only; this run's runner is {runner}. Remove it."))
+    if runner == "dro" and cfg.data.label_threshold is not None:
+        raise ConfigError(f"data.label_threshold={cfg.data.label_threshold} turns scores into labels, but runner=dro "
+                          "trains on the scores themselves as rewards (a label-only row is reward 1.0 / 0.0). "
+                          "Remove data.label_threshold.")
     needs_ref = any(spec.reference_needed(hp) for spec, _, hp in terms)
     ref = cfg.trainer.reference
     if ref == "lora" and int(cfg.model.lora.r) <= 0:

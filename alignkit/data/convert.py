@@ -33,10 +33,13 @@ class ConvertStats:
     records_in: int = 0
     records_out: int = 0
     dropped: Counter = field(default_factory=Counter)
+    converted: Counter = field(default_factory=Counter)  # records kept but changed, by what was done
 
     def __str__(self) -> str:
         reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.dropped.items()))
         tail = f", dropped {sum(self.dropped.values())} ({reasons})" if self.dropped else ""
+        if self.converted:
+            tail += ", converted " + ", ".join(f"{count} {what}" for what, count in sorted(self.converted.items()))
         return f"{self.name}: {self.records_in} in, {self.records_out} out{tail}"
 
 

@@ -98,6 +98,8 @@ def _text(row: dict[str, Any], field: str, location: str, *, response: bool = Fa
 
 
 def _number(value: Any, location: str, field: str) -> float:
+    if value is None:
+        raise fail(location, field, "a number", "null (a missing value)")
     if isinstance(value, str):
         try:
             value = float(value)

@@ -66,7 +66,8 @@ class DataStats:
         if self.eval_set:
             parts.append(self.eval_set)
         parts += getattr(self, "notes", [])  # what reading the sources did (summary.py)
-        if self.convert is not None and (self.convert.dropped or self.convert.records_in != self.convert.records_out):
+        if self.convert is not None and (self.convert.dropped or self.convert.converted
+                                         or self.convert.records_in != self.convert.records_out):
             parts.append(str(self.convert))
         tok = self.tokenize
         parts.append(f"truncated {100 * tok.truncation_rate:.1f}% of groups (prompts cut {tok.prompts_truncated}, "

@@ -1,7 +1,7 @@
 """Turning records of any format into what a loss view consumes.
 
 ``to_view(records, view, cfg)`` with view in ``sft``, ``pairwise``, ``unpaired``, ``listwise``,
-``prompt`` (``rollout`` is an alias of ``prompt``: online runners sample the completions):
+``scalar``, ``prompt`` (``rollout`` is an alias of ``prompt``: online runners sample the completions):
 
 ============  ==========================================================================
 view          accepted formats and what happens
@@ -13,6 +13,11 @@ unpaired      unpaired (scores -> labels by ``cfg.label_threshold``); paired -> 
               (even when the pair has scores);
               listwise -> scores -> labels
 listwise      listwise as-is; paired -> K=2 with scores [1, 0]; unpaired -> grouped by prompt
+scalar        K=1 with a scalar reward in ``scores`` (DRO): unpaired with a ``score`` -> that score
+              (also when it has a label); unpaired with a label only -> reward 1.0 (desirable) /
+              0.0 (undesirable); paired -> chosen 1.0 / rejected 0.0 (the pair's verdict, even
+              when the pair has scores, as the unpaired view); listwise -> one record per response
+              with its score
 prompt        every format -> its prompt (K=0), extra columns kept
 ============  ==========================================================================
 
@@ -34,14 +39,15 @@ from alignkit.data.convert import (
     unpaired_to_paired,
 )
 from alignkit.data.record import Record
-from alignkit.errors import ConfigError
+from alignkit.errors import ConfigError, DataError
 
-DATA_VIEWS = ("sft", "pairwise", "unpaired", "listwise", "prompt", "rollout")
+DATA_VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar", "prompt", "rollout")
 ACCEPTS = {
     "sft": ("sft", "paired", "listwise", "unpaired"),
     "pairwise": ("paired", "listwise", "unpaired"),
     "unpaired": ("unpaired", "paired", "listwise"),
     "listwise": ("listwise", "paired", "unpaired"),
+    "scalar": ("unpaired", "paired", "listwise"),
     "prompt": ("prompt", "sft", "paired", "unpaired", "listwise"),
 }
 
@@ -104,6 +110,32 @@ def _to_unpaired(records: list[Record], cfg: DataConfig) -> tuple[list[Record], 
     return out, stats
 
 
+def _to_scalar(records: list[Record]) -> tuple[list[Record], ConvertStats]:
+    """Each completion alone with its reward in ``scores`` (see the table above); counts what was converted."""
+    stats = ConvertStats("-> scalar rewards", records_in=len(records))
+    out: list[Record] = []
+    for record in records:
+        if record.format == "paired":
+            singles, pair_stats = paired_to_unpaired([record])
+            stats.dropped.update(pair_stats.dropped)
+            stats.converted["paired -> labels 1/0 as rewards"] += 1
+            out += [replace(r, scores=list(r.labels)) for r in singles]
+        elif record.format == "listwise":
+            stats.converted["listwise -> one record per response"] += 1
+            out += [replace(record, format="unpaired", completions=[c], scores=[s], labels=None)
+                    for c, s in zip(record.completions, record.scores)]
+        elif record.scores is not None:
+            out.append(record)
+        elif record.labels is not None:
+            stats.converted["label -> reward 1.0/0.0"] += 1
+            out.append(replace(record, scores=list(record.labels)))
+        else:  # the parser refuses such a row; a record built in code may still arrive here
+            raise DataError("expected a scalar reward (a score or a label) / found neither",
+                            location=record.location, field="score")
+    stats.records_out = len(out)
+    return out, stats
+
+
 RESPONSE_LIKE = ("response", "output", "answer", "target", "solution", "chosen_response")  # columns a prompt
 # record may carry that are responses under another name (prompt/response SFT data)
 
@@ -133,5 +165,7 @@ def to_view(records: list[Record], view: str, cfg: DataConfig) -> tuple[list[Rec
         return _to_unpaired(records, cfg)
     if view == "listwise":
         return _to_listwise(records)
+    if view == "scalar":
+        return _to_scalar(records)
     out = [replace(r, format="prompt", completions=[], scores=None, labels=None) for r in records]
     return out, ConvertStats("-> prompt", records_in=len(records), records_out=len(out))

@@ -8,9 +8,11 @@ A loss is ``fn(inputs, **hyper_parameters) -> (loss, metrics)`` where ``inputs``
 ``register_loss`` records, next to the function, what the trainer must provide:
 
 * ``view``: which data the loss consumes: ``"sft"``, ``"pairwise"`` (K=2, slot 0 chosen, slot 1
-  rejected), ``"unpaired"`` (K=1 with a label), ``"listwise"`` (K>=2 with scores) or ``"rollout"``;
+  rejected), ``"unpaired"`` (K=1 with a label), ``"listwise"`` (K>=2 with scores), ``"scalar"`` (K=1
+  with a scalar reward in ``scores`` and the value of its prompt in ``values``: DRO) or ``"rollout"``;
 * ``runner``: the training loop that trains it (a name of ``alignkit.losses.runners.RUNNERS``);
-  default: the view's (``VIEW_RUNNERS``: sft -> sft, pairwise/unpaired/listwise -> preference);
+  default: the view's (``VIEW_RUNNERS``: sft -> sft, pairwise/unpaired/listwise -> preference,
+  scalar -> dro);
   a rollout loss must name it (``grpo``, ``ppo``);
 * ``needs_reference``: whether ``ref_logps`` must be filled (a reference model or a cache);
 * ``needs_token_logps``: whether the per-token tensors must be filled (WPO, LD-DPO, ...);
@@ -50,7 +52,7 @@ import torch
 from alignkit.errors import ConfigError
 from alignkit.losses.runners import RUNNERS, VIEW_RUNNERS
 
-VIEWS = ("sft", "pairwise", "unpaired", "listwise", "rollout")
+VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar", "rollout")
 
 
 @dataclass
@@ -71,6 +73,7 @@ class SequenceLogps:
     ref_kl_logps: torch.Tensor | None = None  # [G]
     from_reference: torch.Tensor | None = None  # [G, K] bool: sampled from the reference model (XPO's exploration term)
     seq_kl: torch.Tensor | None = None  # [G, K] sum_t KL(pi_ref || pi_theta) over each completion's targets (grad)
+    values: torch.Tensor | None = None  # [G, K] a value model's V(x) of each group's prompt (view "scalar", DRO)
 
 
 @dataclass

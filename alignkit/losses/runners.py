@@ -42,9 +42,11 @@ RUNNERS: dict[str, Runner] = {
     "raft": Runner("alignkit.trainers.raft", online=True),  # best-of-K sampling, SFT on the winners
     "xpo": Runner("alignkit.trainers.xpo", online=True),  # policy vs reference samples, DPO + exploration
     "nash_md": Runner("alignkit.trainers.nash_md", online=True),  # policy vs geometric-mixture samples
+    "dro": Runner("alignkit.trainers.dro"),  # offline scalar rewards: policy + a value network (DRO-V)
 }
 # the runner an offline loss needs unless it names one; a rollout loss always names its runner
-VIEW_RUNNERS = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference"}
+VIEW_RUNNERS = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference",
+                "scalar": "dro"}
 # a runner that joins any other: sft (slot 0 = the demonstration) rides along with pairwise losses
 JOINS_ANY = "sft"
 

@@ -53,6 +53,7 @@ batches (the caller passes chunks).
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -121,7 +122,12 @@ def engine_for_run(cfg: DictConfig, policy: Any, tokenizer: Any) -> GenerationEn
     module = getattr(policy, "module", policy)
     model = getattr(module, "model", module)
     if gen.engine != "vllm":
-        return HFGenerationEngine(model, tokenizer)
+        engine = HFGenerationEngine(model, tokenizer, decode_dtype=decode_dtype_for(gen.decode_dtype, policy))
+        if int(os.environ.get("RANK", "0")) == 0:
+            from alignkit.trainers.common import console
+
+            console.print(f"  generation: {engine.decoder}", highlight=False)
+        return engine
     from alignkit.rl.vllm_engine import VLLMGenerationEngine
 
     return VLLMGenerationEngine(
@@ -136,13 +142,45 @@ def engine_for_run(cfg: DictConfig, policy: Any, tokenizer: Any) -> GenerationEn
     )
 
 
+DECODE_DTYPES = ("auto", "fp32", "bf16")
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def decode_dtype_for(choice: str, policy: Any) -> torch.dtype | None:
+    """The matmul precision ``generation.decode_dtype`` asks of the HF engine (None: the weights').
+
+    ``auto``: bf16 when the policy's engine computes its forward under bf16 autocast
+    (``deepspeed.dtype=bf16_autocast``: sampling then uses the training forward's matmul precision),
+    else the weights' own; ``bf16``: bf16 matmuls on any fp32 policy (faster decoding on a CPU, where
+    a few-row decode step is bound by reading the weights: ``scripts/bench_decode.py``); ``fp32``:
+    the weights' own (transformers' forward)."""
+    if choice not in DECODE_DTYPES:
+        raise ConfigError(f"generation.decode_dtype={choice!r}: expected one of {', '.join(DECODE_DTYPES)}.")
+    if choice == "bf16":
+        return torch.bfloat16
+    if choice == "auto":
+        enabled = getattr(policy, "torch_autocast_enabled", None)
+        if callable(enabled) and enabled() and policy.torch_autocast_dtype() == torch.bfloat16:
+            return torch.bfloat16
+    return None
+
+
 def check_engine(cfg: DictConfig) -> None:
     """Compose-time checks of ``generation.engine`` (the vLLM one: installed, fits, one node)."""
     engine = str(cfg.generation.get("engine", "hf"))
     if engine not in ENGINES:
         raise ConfigError(f"generation.engine={engine!r} is not valid. Valid choices: {', '.join(ENGINES)}.")
+    decode = str(cfg.generation.get("decode_dtype", "auto"))
+    if decode not in DECODE_DTYPES:
+        raise ConfigError(f"generation.decode_dtype={decode!r} is not valid. Valid choices: {', '.join(DECODE_DTYPES)}.")
     if engine != "vllm":
         return
+    if decode == "bf16":
+        raise ConfigError("generation.decode_dtype=bf16 is the hf engine's (alignkit's lean decoder); vLLM decodes in "
+                          "its own dtype: drop generation.decode_dtype or use generation.engine=hf.")
     if cfg.launcher.nnodes != 1:
         raise ConfigError(f"generation.engine=vllm runs on one node for now (launcher.nnodes={cfg.launcher.nnodes}): "
                           "each process starts its own colocated vLLM engine, tested with several processes on one "
@@ -244,10 +282,25 @@ class HFGenerationEngine:
         eos_token_id: int | list[int] | None = None,
         pad_token_id: int | None = None,
         share_prompt_prefill: bool = True,
+        decode_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         self.share_prompt_prefill = share_prompt_prefill
         inner = _unwrap_deepspeed(model)
+        weights = next(inner.parameters()).dtype
+        self.decode_dtype = decode_dtype if decode_dtype not in (None, weights) else None
+        if self.decode_dtype is not None:
+            from alignkit.rl.lean_decode import lean_decoder_for
+
+            able, why = lean_decoder_for(inner)
+            if not able:
+                raise ConfigError(f"generation.decode_dtype={_dtype_name(decode_dtype)} decodes with alignkit's lean "
+                                  f"decoder, which cannot run this model: {why}. Use generation.decode_dtype=auto "
+                                  f"(the weights' precision, {_dtype_name(weights)}).")
+        #: which forward decodes, in which precision (printed by the online runners)
+        self.decoder = (f"lean static-cache decoder, {_dtype_name(self.decode_dtype)} matmuls on "
+                        f"{_dtype_name(weights)} weights" if self.decode_dtype is not None
+                        else f"transformers forward, {_dtype_name(weights)}")
         sources = [tokenizer, getattr(inner, "generation_config", None), getattr(inner, "config", None)]
         if eos_token_id is None:
             eos_token_id = next(
@@ -317,7 +370,16 @@ class HFGenerationEngine:
         eos = torch.tensor(self.eos_token_ids, device=device)
 
         with _generation_mode(model):
-            cache, logits, attention, next_position = self._prefill(model, prompts, num_samples, device)
+            lean = None
+            if self.decode_dtype is not None:
+                from alignkit.rl.lean_decode import LeanDecoder
+
+                lean = LeanDecoder(model, pad_token_id=self.pad_token_id, max_new_tokens=max_new_tokens,
+                                   compute_dtype=self.decode_dtype)
+                rows = prompts if self.share_prompt_prefill else [p for p in prompts for _ in range(num_samples)]
+                logits = lean.prefill(rows, num_samples if self.share_prompt_prefill else 1, device)
+            else:
+                cache, logits, attention, next_position = self._prefill(model, prompts, num_samples, device)
             active = torch.arange(n_rows, device=device)  # rows of the output still decoding
 
             # the loop runs until every rank is done (only this rank's condition without synced ranks)
@@ -337,15 +399,21 @@ class HFGenerationEngine:
                         finished[row] = stop
                     if bool(done.any()):
                         keep = (~done).nonzero().flatten()
-                        cache.batch_select_indices(keep)
                         active, token = active[keep], token[keep]
-                        attention, next_position = attention[keep], next_position[keep]
+                        if lean is not None:
+                            lean.select(keep)
+                        else:
+                            cache.batch_select_indices(keep)
+                            attention, next_position = attention[keep], next_position[keep]
                 step += 1
                 local_more = active.numel() > 0 and step < max_new_tokens
                 if not _any_rank(local_more, synced, device):
                     break
                 if not local_more:  # this rank is done; keep ZeRO-3's collectives in step with the others
                     model(input_ids=torch.full((1, 1), self.pad_token_id, device=device), use_cache=False)
+                    continue
+                if lean is not None:
+                    logits = lean.step(token)
                     continue
                 attention = torch.cat([attention, attention.new_ones(attention.shape[0], 1)], dim=-1)
                 out = model(
@@ -357,6 +425,8 @@ class HFGenerationEngine:
                 )
                 cache, logits = out.past_key_values, out.logits[:, -1, :].float()
                 next_position = next_position + 1
+            if lean is not None:
+                lean.close()
 
         return [
             Rollout(

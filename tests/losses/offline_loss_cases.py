@@ -82,7 +82,7 @@ def with_logps(inputs: SequenceLogps, logps: torch.Tensor) -> SequenceLogps:
     return SequenceLogps(**{**inputs.__dict__, "logps": logps})
 
 
-OFFLINE_VIEWS = ("sft", "pairwise", "unpaired", "listwise")
+OFFLINE_VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar")
 
 
 def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] | None = None,
@@ -90,7 +90,8 @@ def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] |
     """A SequenceLogps fit for ``view`` from nested lists [G][K]: slot 0 best (scores descending), labels
     alternating desirable/undesirable for unpaired data, KL pairs equal to the completions, slot 1 of a
     pair the reference's sample (xpo), and a sequential KL of 0 (``seq_kl``, TDPO: the reference's
-    next-token distributions taken as the policy's)."""
+    next-token distributions taken as the policy's), and values V(x) of 0 (view "scalar", DRO: the
+    reward of slot 0 is its score, 1 for K=1)."""
     logps_t = torch.tensor(logps, dtype=dtype)
     g, k = logps_t.shape
     ref_t = logps_t.detach().clone() if ref_logps is None else torch.tensor(ref_logps, dtype=dtype)
@@ -106,6 +107,7 @@ def for_view(view: str, logps: list[list[float]], ref_logps: list[list[float]] |
         # xpo: the rejected completion is the one the reference sampled (the other losses ignore it)
         from_reference=torch.tensor([[False, True]]).expand(g, 2).clone() if k == 2 else None,
         seq_kl=torch.zeros(g, k, dtype=dtype),
+        values=torch.zeros(g, k, dtype=dtype),
     )
 
 

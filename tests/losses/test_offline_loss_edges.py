@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 OFFLINE = {name: spec for name, spec in available_losses().items() if spec.view != "rollout"}
 PAIRED = sorted(name for name, spec in OFFLINE.items() if spec.view == "pairwise")
 SCORE_LOSSES = {"bradley_terry", "pairwise_bce"}  # reward / pairwise models: inputs are a head's scores, not log-probs
-K_OF_VIEW = {"sft": 1, "pairwise": 2, "unpaired": 1, "listwise": 3}
+K_OF_VIEW = {"sft": 1, "pairwise": 2, "unpaired": 1, "listwise": 3, "scalar": 1}
 
 
 def _inputs(name, logps_row, ref_row=None, lengths_row=None, groups=2):
@@ -28,7 +28,7 @@ def _inputs(name, logps_row, ref_row=None, lengths_row=None, groups=2):
 
 
 def test_every_offline_view_is_covered():
-    assert {spec.view for spec in OFFLINE.values()} == {"sft", "pairwise", "unpaired", "listwise"}
+    assert {spec.view for spec in OFFLINE.values()} == {"sft", "pairwise", "unpaired", "listwise", "scalar"}
     assert SCORE_LOSSES <= set(OFFLINE)
     assert len(PAIRED) >= 16
 

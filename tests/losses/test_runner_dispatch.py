@@ -48,7 +48,7 @@ def test_runner_of_the_registry_declarations():
     assert runner_of([resolve_loss("kto")]) == runner_of([resolve_loss("lipo")]) == "preference"
     with pytest.raises(ConfigError, match="need different runners"):
         runner_of([resolve_loss("grpo"), resolve_loss("ppo")])
-    assert offline_runners() == ("sft", "preference", "reward", "pm")
+    assert offline_runners() == ("sft", "preference", "reward", "pm", "dro")
     assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo", "raft", "xpo",
                                                                             "nash_md"}
     assert runner_of([resolve_loss("xpo")]) == runner_of([resolve_loss("xpo"), resolve_loss("sft")]) == "xpo"

@@ -13,7 +13,7 @@ from alignkit.rewards.judge import INSTRUCTION, MAX_SCORE, score
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data" / "demo"
 SCRIPT = ROOT / "scripts" / "make_demo_data.py"
-FORMATS = ("sft", "paired", "unpaired", "listwise", "prompts")
+FORMATS = ("sft", "paired", "unpaired", "scalar", "listwise", "prompts")
 SIZES = {"train": 1000, "eval": 300}
 THRESHOLD = 1.0  # unpaired label = judge score >= this = the answer is right (README)
 
@@ -65,6 +65,7 @@ def test_every_file_parses_with_the_expected_columns(fmt, split):
         "sft": {"messages", "answer"},
         "paired": {"prompt", "chosen", "rejected", "score_chosen", "score_rejected", "answer"},
         "unpaired": {"prompt", "completion", "label", "answer"},
+        "scalar": {"prompt", "completion", "score", "answer"},
         "listwise": {"prompt", "responses", "scores", "answer"},
         "prompts": {"prompt", "answer", "task", "facts", "position"},
     }[fmt]
@@ -79,7 +80,8 @@ def test_every_file_parses_with_the_expected_columns(fmt, split):
 def test_files_load_through_the_data_pipeline(split):
     formats = pytest.importorskip("alignkit.data.formats")
     sources = pytest.importorskip("alignkit.data.sources")
-    expected = {"sft": "sft", "paired": "paired", "unpaired": "unpaired", "listwise": "listwise", "prompts": "prompt"}
+    expected = {"sft": "sft", "paired": "paired", "unpaired": "unpaired", "scalar": "unpaired", "listwise": "listwise",
+                "prompts": "prompt"}
     for fmt, record_format in expected.items():
         for raw in sources.iter_rows(str(DEMO / f"{fmt}_{split}.jsonl")):
             assert raw.error is None
@@ -129,6 +131,12 @@ def test_preferences_are_the_judges_and_about_correctness(split):
         labels.append(row["label"])
         assert row["label"] is (score(reply(row["completion"]), row["answer"]).accuracy == 1.0)
     assert 0.35 < sum(labels) / len(labels) < 0.65
+    right = []
+    for row in rows(f"scalar_{split}"):  # DRO's scalar rewards: the judge's total, 0 exactly when wrong
+        judged = score(reply(row["completion"]), row["answer"])
+        assert row["score"] == judged.total and (row["score"] > 0) is (judged.accuracy == 1.0)
+        right.append(row["score"] > 0)
+    assert 0.35 < sum(right) / len(right) < 0.65
     for row in rows(f"sft_{split}"):
         text = reply(row["messages"][1:])
         assert score(text, row["answer"]).total == MAX_SCORE and text.endswith(f". Answer: {row['answer']}")
