@@ -143,6 +143,10 @@ def tokens_per_micro_batch(cfg: DictConfig, runner: str) -> int:
         # raft trains on one winner per prompt, nash_md on the policy's half of the samples
         samples = {"online_dpo": 2, "raft": 1, "nash_md": cfg.rl.num_generations // 2}.get(runner, cfg.rl.num_generations)
         per_group = samples * (d.max_prompt_length + cfg.generation.max_new_tokens)
+    elif runner == "pm":  # both orders of each pair, each sequence holding the prompt and two responses
+        response = d.max_length - d.max_prompt_length
+        per_group = (d.max_prompt_length + 4 * response if d.layout == "prefix_shared"
+                     else 2 * (d.max_prompt_length + 2 * response))
     else:
         k = 1 if runner == "sft" else (2 if runner in ("preference", "reward") else 1)
         if d.layout == "prefix_shared":

@@ -149,6 +149,19 @@ class RLConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """Who picks chosen / rejected among online DPO's samples (``alignkit/rl/judges.py``); kind null = the rewards."""
+
+    kind: Optional[str] = None  # null | rule | reward_model | pairwise | llm
+    path: Optional[str] = None  # reward_model: a recipe=rm_* final/ folder; pairwise: pm_*; llm: a causal LM (null = model)
+    fns: list[str] = field(default_factory=list)  # rule: reward functions (empty = reward.fns and reward.weights)
+    # llm: the question, with {prompt}, {a} and {b}; the judge reads the next-token probabilities of "A" and "B"
+    prompt_template: str = ("Which response is better? Answer with A or B.\n\nQuestion:\n{prompt}\n\n"
+                            "Response A:\n{a}\n\nResponse B:\n{b}\n\nThe better response is")
+    batch_size: int = 8  # comparisons per judge forward
+
+
+@dataclass
 class AlignkitConfig:
     recipe: Optional[str] = None  # preset name, set by recipes/*.yaml
     description: str = ""
@@ -169,6 +182,7 @@ class AlignkitConfig:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
 SECTIONS: dict[str, type] = {"trainer": TrainerConfig, "model": ModelConfig, "deepspeed": DeepSpeedConfig,

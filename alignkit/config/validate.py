@@ -133,6 +133,10 @@ def validate(cfg: DictConfig) -> None:
     _check_second_sampler(cfg, runner, terms)  # before the online rules: it refuses vllm before vllm is looked for
     if is_online(runner):
         _check_online(cfg, runner)
+    _check_pm(cfg, runner, terms)
+    from alignkit.rl.judges import check_judge
+
+    check_judge(cfg, runner)
     if runner == "raft" and {spec.view for spec, _, _ in terms} != {"sft"}:
         raise ConfigError(f"runner=raft fine-tunes on the best sample of each prompt with an SFT loss; loss.name="
                           f"{cfg.loss.name} is not one. Use loss=sft (recipe=raft_tiny).")
@@ -159,6 +163,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"loss {names} is reference-free: trainer.reference={ref} would build a reference that no "
                           "loss term reads. Use trainer.reference=auto (or none), or a loss that needs a reference "
                           "(e.g. loss=dpo).")
+
+
+def _check_pm(cfg: DictConfig, runner: str, terms: list) -> None:
+    """The pairwise preference model: runner=pm trains loss=pairwise_bce alone, and that loss only there."""
+    names = [spec.name for spec, _, _ in terms]
+    if runner == "pm" and names != ["pairwise_bce"]:
+        raise ConfigError(f"runner=pm trains a pairwise preference model with loss=pairwise_bce alone; loss.name="
+                          f"{cfg.loss.name}. Use loss=pairwise_bce (recipe=pm_tiny).")
+    if runner != "pm" and "pairwise_bce" in names:
+        raise ConfigError(f"loss pairwise_bce scores (prompt, a, b) sequences, which only runner=pm builds; this run's "
+                          f"runner is {runner}. Use runner=auto (recipe=pm_tiny).")
 
 
 def _check_token_kl(cfg: DictConfig, terms: list, runner: str) -> None:

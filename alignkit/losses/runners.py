@@ -35,6 +35,7 @@ RUNNERS: dict[str, Runner] = {
     "sft": Runner("alignkit.trainers.preference"),
     "preference": Runner("alignkit.trainers.preference"),
     "reward": Runner("alignkit.trainers.reward"),
+    "pm": Runner("alignkit.trainers.pm"),  # pairwise preference model: both responses in, P(a > b) out
     "ppo": Runner("alignkit.trainers.ppo", online=True),
     "grpo": Runner("alignkit.trainers.grpo", online=True),
     "online_dpo": Runner("alignkit.trainers.online_dpo", online=True),

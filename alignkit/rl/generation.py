@@ -337,6 +337,16 @@ class HFGenerationEngine:
             )
         return cache, logits, attention, next_position
 
+    @torch.no_grad()
+    def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """``[len(prompts), V]`` float32: the model's next-token logits after each prompt (one prefill, no
+        sampling; the LLM judge of ``alignkit/rl/judges.py`` reads its answer tokens from them)."""
+        model = _unwrap_deepspeed(self.model)
+        device = next(model.parameters()).device
+        with _generation_mode(model):
+            _, logits, _, _ = self._prefill(model, prompts, 1, device)
+        return logits
+
     def generate(
         self,
         prompts: Sequence[Sequence[int]],

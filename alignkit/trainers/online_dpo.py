@@ -1,5 +1,7 @@
 """Online / iterative DPO: sample from the current policy, rank with the judge (or any reward mix),
-train any registered paired loss on the best-vs-worst pair of each prompt.
+train any registered paired loss on the best-vs-worst pair of each prompt. With ``judge.kind`` set
+(``alignkit/rl/judges.py``; OAIF) the samples are ranked by their win rates under that pairwise judge
+instead of the rewards (which are still computed and logged).
 
 One step: this rank's prompts -> ``rl.num_generations`` (>= 2) samples each -> rewards -> pair
 the best and the worst sample of each prompt (groups whose samples all tie give no pair) ->
@@ -30,6 +32,7 @@ from omegaconf import DictConfig
 from alignkit.config.validate import objective_from_cfg
 from alignkit.errors import ConfigError
 from alignkit.data.batch import TokenizedGroup
+from alignkit.rl import judges
 from alignkit.trainers import common, loop, rollout
 from alignkit.trainers.preference import sequence_logps
 from alignkit.trainers.reference import ModuleReference
@@ -47,6 +50,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run, data = setup.run, setup.data
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
+    judge = judges.build_judge(cfg, tokenizer)  # judge.kind: a pairwise judge ranks the samples (OAIF); null: rewards
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     if objective.needs_reference and int(cfg.model.lora.r) > 0 and rl.update_reference_each_round:
         reference = AdapterSnapshotReference(policy)  # LoRA: the reference moves to a saved copy of the adapter
@@ -65,7 +69,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step.number - 1),
                                         reward_mix, cfg, num_samples=int(rl.num_generations),
                                         seed=rollout.seed_for(run, step.number))
-        pairs = best_vs_worst(sampled)
+        pairs = best_vs_worst(sampled, None if judge is None else judges.win_rates(judge, sampled, tokenizer))
         if not pairs:  # said, not silent: no update this step (metric pairs=0, no loss logged)
             run.print(f"step {step.number}: no pair: every prompt's samples tied on reward (this rank), "
                       "no update from them")
@@ -83,12 +87,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return training.complete(tokenizer)
 
 
-def best_vs_worst(sampled: rollout.SampledBatch, keep_ties: bool = False) -> list[TokenizedGroup]:
-    """One (chosen, rejected) group per prompt whose samples do not all tie (every prompt: ``keep_ties``)."""
+def best_vs_worst(sampled: rollout.SampledBatch, ranking: torch.Tensor | None = None,
+                  keep_ties: bool = False) -> list[TokenizedGroup]:
+    """One (chosen, rejected) group per prompt whose samples do not all tie (every prompt: ``keep_ties``),
+    by ``ranking`` (a judge's win rates, ``[S]``) or else the rewards."""
     pairs = []
     offset = 0
     for group in sampled.groups:
-        rewards = sampled.rewards[offset : offset + group.group_size]
+        rewards = (sampled.rewards if ranking is None else ranking)[offset : offset + group.group_size]
         offset += group.group_size
         best, worst = int(rewards.argmax()), int(rewards.argmin())
         if rewards[best] <= rewards[worst] and not keep_ties:

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 # rollout and distill (GKD, logits in: tests/losses/test_distill.py) losses take no SequenceLogps
 OFFLINE = {name: spec for name, spec in available_losses().items() if spec.view not in ("rollout", "distill")}
 PAIRED = sorted(name for name, spec in OFFLINE.items() if spec.view == "pairwise")
-SCORE_LOSSES = {"bradley_terry"}  # reward-model losses: inputs are a value head's scores, not log-probs
+SCORE_LOSSES = {"bradley_terry", "pairwise_bce"}  # reward / pairwise models: inputs are a head's scores, not log-probs
 K_OF_VIEW = {"sft": 1, "pairwise": 2, "unpaired": 1, "listwise": 3, "scalar": 1}
 
 

@@ -46,6 +46,7 @@ VALUE_TESTS: dict[str, str] = {
     "xpo": "test_online_losses::test_xpo_value",
     "nash_md": "test_online_losses::test_nash_md_value",
     "tdpo": "test_tdpo::test_tdpo_value",
+    "pairwise_bce": "test_pairwise_loss::test_pairwise_bce_value",
     "dro": "test_dro::test_dro_value",
     "gkd": "test_distill::test_gkd_value",
 }

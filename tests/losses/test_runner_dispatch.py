@@ -29,7 +29,7 @@ def test_every_registered_loss_resolves_to_a_known_runner_module(name):
         assert spec.runner == "gkd" and not RUNNERS["gkd"].online
     elif spec.view != "rollout":
         # bradley_terry trains a reward model; xpo needs the xpo runner's (policy, reference) sample pairs
-        assert spec.runner == VIEW_RUNNERS[spec.view] or (name, spec.runner) in {("bradley_terry", "reward"),
+        assert spec.runner == VIEW_RUNNERS[spec.view] or (name, spec.runner) in {("bradley_terry", "reward"), ("pairwise_bce", "pm"),
                                                                                   ("xpo", "xpo")}
     else:
         assert RUNNERS[spec.runner].online
@@ -50,7 +50,7 @@ def test_runner_of_the_registry_declarations():
     assert runner_of([resolve_loss("kto")]) == runner_of([resolve_loss("lipo")]) == "preference"
     with pytest.raises(ConfigError, match="need different runners"):
         runner_of([resolve_loss("grpo"), resolve_loss("ppo")])
-    assert offline_runners() == ("sft", "preference", "reward", "dro", "gkd")
+    assert offline_runners() == ("sft", "preference", "reward", "pm", "dro", "gkd")
     assert runner_of([resolve_loss("gkd")]) == "gkd"
     assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo", "raft", "xpo",
                                                                             "nash_md"}

@@ -1,0 +1,94 @@
+"""The pairwise preference model runner (``runner=pm``, ``loss=pairwise_bce``): P(a > b | x) from one
+sequence holding the prompt and both responses (PairRM-style, ``alignkit.models.pair_input``).
+
+Same loop as the reward runner (data before model, micro-batches, held-out metrics, checkpoints,
+export) and the same forward: ``trainers.reward.RewardScorer``, the decoder's hidden state at the last
+token through the one-label ``score`` head of a sequence-classification model. Each canonical paired
+record (the data the dpo / rm recipes read, slot 0 chosen) is trained in both orders:
+``(chosen, rejected) -> 1`` and ``(rejected, chosen) -> 0``; a pair whose two scores are equal (a tie
+in the record's ``score_chosen`` / ``score_rejected``, kept in the pair's ``scores``) -> 0.5 in both
+orders (``losses.pairwise.ties``), counted and printed,
+never dropped. (Ties the pipeline drops itself, listwise -> paired with equal scores, are counted in
+its data summary.) The exported folder loads with ``AutoModelForSequenceClassification`` (1 label) and
+serves as ``judge.kind=pairwise judge.path=RUN/final`` for online DPO.
+
+Metrics (``alignkit/losses/pairwise.py``): ``rewards/accuracy`` (held-out: the share of decisive
+pairs ranked right by the order-averaged P), ``pm/antisymmetry`` (mean |P(a>b) + P(b>a) - 1|),
+``pm/prob_chosen``. Left out: LoRA-specific heads (the head is trained fully), PairRM's special tokens
+(the markers are plain text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from alignkit.config.validate import objective_from_cfg
+from alignkit.data.batch import TokenizedGroup
+from alignkit.losses.pairwise import ties
+from alignkit.losses.registry import SequenceLogps
+from alignkit.models.pair_input import marker_ids, pair_group
+from alignkit.trainers import common, loop
+from alignkit.trainers.common import Run
+from alignkit.trainers.reward import RewardScorer, score_batch
+
+
+def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train a pairwise preference model on preference pairs: ``{"exit_code": ...}``."""
+    objective = objective_from_cfg(cfg.loss)
+    setup = loop.setup(cfg, run_dir, "pairwise", kind="pairs")
+    run, data = setup.run, setup.data
+    markers = marker_ids(setup.tokenizer)
+    train_pairs, train_ties = as_pairs(data.train, markers)
+    eval_pairs, eval_ties = as_pairs(data.eval, markers)
+    if train_ties or eval_ties:
+        run.print(f"pm: {train_ties} training and {eval_ties} held-out pairs have equal chosen/rejected scores: "
+                  "trained towards P = 0.5 in both orders (left out of rewards/accuracy)")
+    from alignkit.models.load import load_reward_model
+
+    model, tokenizer = load_reward_model(run.model, dtype=run.deepspeed.dtype)
+    engine = common.train_engine(RewardScorer(model), cfg, run, setup.steps)
+    pad_id = tokenizer.pad_token_id
+    evaluation = (lambda: evaluate(run, engine, objective, eval_pairs, pad_id)) if eval_pairs else None
+    training = loop.begin(run, engine, setup.steps, evaluate=evaluation)
+
+    for step in training:
+        for chunk in common.micro_chunks(run, train_pairs, step.number - 1):
+            batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
+            loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
+            if not step.update(engine, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
+                return training.stop_nonfinite(step)
+        if (stopped := training.end_step(step)) is not None:
+            return stopped
+    return training.complete(tokenizer)
+
+
+def as_pairs(groups: list[TokenizedGroup], markers: tuple[list[int], list[int]]) -> tuple[list[TokenizedGroup], int]:
+    """Each (chosen, rejected) group as its two-order pair group, keeping the record's scores (equal scores:
+    a tie, target 0.5 in ``pairwise_bce``); and the number of ties."""
+    pairs, tied = [], 0
+    for group in groups:
+        pair = replace(pair_group(group, 0, 1, markers), scores=group.scores)
+        tied += int(group.scores is not None and bool(ties(torch.tensor([group.scores]), 1)[0]))
+        pairs.append(pair)
+    return pairs, tied
+
+
+def _as_inputs(scores: torch.Tensor, batch: Any) -> SequenceLogps:
+    return SequenceLogps(logps=scores, lengths=batch.slot_lengths().float(), mask=batch.slot_mask, scores=batch.scores)
+
+
+@torch.no_grad()
+def evaluate(run: Run, engine: Any, objective: Any, groups: list[TokenizedGroup], pad_id: int) -> dict[str, float]:
+    engine.eval()
+    meter = common.MetricMeter()
+    for chunk, counted in common.eval_chunks(run, groups):
+        batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
+        loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
+        meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)
+    engine.train()
+    return meter.reduced(run)
