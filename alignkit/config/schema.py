@@ -162,8 +162,9 @@ class AlignkitConfig:
     rl: RLConfig = field(default_factory=RLConfig)
 
 
-SECTIONS: dict[str, type] = {"trainer": TrainerConfig, "model": ModelConfig, "deepspeed": DeepSpeedConfig,
-                             "generation": GenerationConfig, "reward": RewardConfig, "rl": RLConfig}
+SECTIONS: dict[str, type] = {"trainer": TrainerConfig, "model": ModelConfig, "data": DataConfig,
+                             "deepspeed": DeepSpeedConfig, "generation": GenerationConfig, "reward": RewardConfig,
+                             "rl": RLConfig}
 
 
 def typed_sections(cfg: DictConfig) -> dict[str, Any]:

@@ -138,7 +138,7 @@ def engine_for_run(cfg: DictConfig, policy: Any, tokenizer: Any) -> GenerationEn
 
 def check_engine(cfg: DictConfig) -> None:
     """Compose-time checks of ``generation.engine`` (the vLLM one: installed, fits, one node)."""
-    engine = str(cfg.generation.get("engine", "hf"))
+    engine = cfg.generation.get("engine", "hf")  # a composed config is typed by the schema
     if engine not in ENGINES:
         raise ConfigError(f"generation.engine={engine!r} is not valid. Valid choices: {', '.join(ENGINES)}.")
     if engine != "vllm":
