@@ -185,8 +185,9 @@ class AlignkitConfig:
     judge: JudgeConfig = field(default_factory=JudgeConfig)
 
 
-SECTIONS: dict[str, type] = {"trainer": TrainerConfig, "model": ModelConfig, "deepspeed": DeepSpeedConfig,
-                             "generation": GenerationConfig, "reward": RewardConfig, "rl": RLConfig}
+SECTIONS: dict[str, type] = {"trainer": TrainerConfig, "model": ModelConfig, "data": DataConfig,
+                             "deepspeed": DeepSpeedConfig, "generation": GenerationConfig, "reward": RewardConfig,
+                             "rl": RLConfig}
 
 
 def typed_sections(cfg: DictConfig) -> dict[str, Any]:

@@ -383,9 +383,11 @@ def agreed_chunk_count(count: int) -> int:
     return int(all_reduce([float(count)], "max")[0])
 
 
-def forward_logps(engine_or_module: Any, batch: Any, **flags: bool) -> dict[str, torch.Tensor]:
+def forward_logps(engine_or_module: Any, batch: Any, **flags: Any) -> dict[str, torch.Tensor]:
     """One forward of a ``TargetLogProbs`` module (or the engine wrapping one) over ``batch``
-    (an ``alignkit.data.batch.Batch``); ``flags``: ``with_entropy``, ``with_log_sq_mass``."""
+    (an ``alignkit.data.batch.Batch``); ``flags``: ``with_entropy``, ``with_log_sq_mass``,
+    ``hidden_only`` (the final hidden states at the targets) and ``reference`` (a ``ReferenceHead``:
+    the per-token KL), as ``TargetLogProbs.forward`` takes them."""
     return engine_or_module(
         input_ids=batch.input_ids,
         attention_mask=batch.attention_mask,

@@ -170,10 +170,10 @@ def decode_dtype_for(choice: str, policy: Any) -> torch.dtype | None:
 
 def check_engine(cfg: DictConfig) -> None:
     """Compose-time checks of ``generation.engine`` (the vLLM one: installed, fits, one node)."""
-    engine = str(cfg.generation.get("engine", "hf"))
+    engine = cfg.generation.get("engine", "hf")  # a composed config is typed by the schema
     if engine not in ENGINES:
         raise ConfigError(f"generation.engine={engine!r} is not valid. Valid choices: {', '.join(ENGINES)}.")
-    decode = str(cfg.generation.get("decode_dtype", "auto"))
+    decode = cfg.generation.get("decode_dtype", "auto")
     if decode not in DECODE_DTYPES:
         raise ConfigError(f"generation.decode_dtype={decode!r} is not valid. Valid choices: {', '.join(DECODE_DTYPES)}.")
     if engine != "vllm":

@@ -141,7 +141,7 @@ def build_judge(cfg: Any, tokenizer: Any = None) -> Judge | None:
     data_cfg = DataConfig(max_length=int(d.max_length), max_prompt_length=int(d.max_prompt_length),
                           chat_template=str(d.chat_template), input_template=d.input_template,
                           prompt_truncation=str(d.prompt_truncation))
-    dtype, batch = str(cfg.deepspeed.dtype), int(j.batch_size)
+    dtype, batch = cfg.deepspeed.dtype, j.batch_size  # a composed config is typed by the schema
     if j.kind == "reward_model":
         return RewardModelJudge(_model_cfg(cfg, j.path), data_cfg, dtype=dtype, batch_size=batch)
     if j.kind == "pairwise":

@@ -23,9 +23,10 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from alignkit.config.schema import GenerationConfig, RewardConfig, RLConfig, TrainerConfig, section, typed_sections
-from alignkit.config.validate import grad_accum_steps, world_size
+from alignkit.config.schema import GenerationConfig, RewardConfig, RLConfig, TrainerConfig, typed_sections
+from alignkit.config.validate import world_size
 from alignkit.data.batch import Batch, TokenizedGroup
+from alignkit.data.config import DataConfig
 from alignkit.engine.config import DeepSpeedConfig
 from alignkit.models.config import ModelConfig
 
@@ -36,10 +37,11 @@ console = Console(stderr=True)
 class Run:
     """What a trainer knows about its run: config, directory, process placement, logger.
 
-    ``trainer``, ``model``, ``deepspeed``, ``generation``, ``reward`` and ``rl`` are the config's
+    ``trainer``, ``model``, ``data``, ``deepspeed``, ``generation``, ``reward`` and ``rl`` are the config's
     sections as the schema's dataclasses, converted once at start (``schema.typed_sections``): the runners read
-    typed values from there instead of coercing ``cfg.<section>.<key>`` at every use. ``cfg`` stays
-    for what has no dataclass (the free-form ``loss`` node) and for the functions that take it whole."""
+    typed values from there, and pass these sections down, instead of coercing ``cfg.<section>.<key>`` at
+    every use (``data`` is the data *config*; a runner's prepared data is ``loop.Setup.data``). ``cfg``
+    stays for what has no dataclass (the free-form ``loss`` node, ``reward.options``, the logged config)."""
 
     cfg: DictConfig
     run_dir: Path
@@ -48,6 +50,7 @@ class Run:
     device: torch.device
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
@@ -65,6 +68,11 @@ class Run:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step on each process (``trainer.batch_size`` over micro-batch x world)."""
+        return self.trainer.batch_size // (self.trainer.micro_batch_size * self.world)
 
     def print(self, *args: Any) -> None:
         if self.is_main:
@@ -143,15 +151,15 @@ def micro_chunks(run: Run, groups: list[TokenizedGroup], step: int) -> list[list
     indices = step_groups(len(groups), step, t.batch_size, t.seed)
     chunks = [indices[i : i + t.micro_batch_size] for i in range(0, len(indices), t.micro_batch_size)]
     mine = chunks[run.rank :: run.world]
-    assert len(mine) == grad_accum_steps(run.cfg), "batch accounting mismatch"
+    assert len(mine) == run.grad_accum_steps, "batch accounting mismatch"
     return [[groups[i] for i in chunk] for chunk in mine]
 
 
-def collate_groups(groups: list[TokenizedGroup], cfg: DictConfig, pad_token_id: int) -> Batch:
+def collate_groups(groups: list[TokenizedGroup], data: DataConfig, pad_token_id: int) -> Batch:
+    """``groups`` as one ``Batch`` in ``data.layout`` (``run.data``), packed rows within ``data.max_tokens_per_row``."""
     from alignkit.data.collate import collate
 
-    return collate(groups, layout=cfg.data.layout, pad_token_id=pad_token_id,
-                   max_tokens_per_row=cfg.data.max_tokens_per_row)
+    return collate(groups, layout=data.layout, pad_token_id=pad_token_id, max_tokens_per_row=data.max_tokens_per_row)
 
 
 def rank_share(items: list, rank: int, world: int) -> list[tuple[Any, bool]]:
@@ -222,19 +230,19 @@ class MetricMeter:
         return {k: sums[k] / max(counts[k], 1) for k in sorted(sums)}
 
 
-def ds_train_config(cfg: DictConfig, run: Run) -> dict:
+def ds_train_config(run: Run) -> dict:
     """The DeepSpeed config of a trained engine: ``run.deepspeed`` for this run's batch accounting."""
     from alignkit.engine.config import build_train_ds_config
 
     return build_train_ds_config(
         run.deepspeed,
         micro_batch_size=run.trainer.micro_batch_size,
-        grad_accum_steps=grad_accum_steps(cfg),
+        grad_accum_steps=run.grad_accum_steps,
         world_size=run.world,
     )
 
 
-def train_engine(module: torch.nn.Module, cfg: DictConfig, run: Run, steps: int, lr: float | None = None) -> Any:
+def train_engine(module: torch.nn.Module, run: Run, steps: int, lr: float | None = None) -> Any:
     """``module`` as a DeepSpeed training engine (AdamW, the ``trainer`` schedule over ``steps`` steps);
     ``lr`` replaces ``trainer.lr`` (PPO's critic)."""
     from alignkit.engine.engine import init_train_engine
@@ -242,7 +250,7 @@ def train_engine(module: torch.nn.Module, cfg: DictConfig, run: Run, steps: int,
     t = run.trainer
     return init_train_engine(
         module,
-        ds_train_config(cfg, run),
+        ds_train_config(run),
         lr=t.lr if lr is None else lr,
         weight_decay=t.weight_decay,
         betas=(t.adam_beta1, t.adam_beta2),
@@ -253,12 +261,13 @@ def train_engine(module: torch.nn.Module, cfg: DictConfig, run: Run, steps: int,
     )
 
 
-def frozen_engine(module: torch.nn.Module, cfg: DictConfig) -> Any:
-    """``module`` as a frozen DeepSpeed engine (reference, reward model): ``cfg.deepspeed``'s inference config."""
+def frozen_engine(module: torch.nn.Module, deepspeed: DeepSpeedConfig) -> Any:
+    """``module`` as a frozen DeepSpeed engine (reference, reward model): ``deepspeed``'s (``run.deepspeed``)
+    inference config."""
     from alignkit.engine.config import build_frozen_ds_config
     from alignkit.engine.engine import init_frozen_engine
 
-    return init_frozen_engine(module, build_frozen_ds_config(section(cfg, "deepspeed", DeepSpeedConfig)))
+    return init_frozen_engine(module, build_frozen_ds_config(deepspeed))
 
 
 def reapply_optimizer_settings(engine: Any, t: TrainerConfig) -> None:
@@ -273,7 +282,7 @@ def reapply_optimizer_settings(engine: Any, t: TrainerConfig) -> None:
     scheduler = getattr(engine, "lr_scheduler", None)
     if optimizer is None or not getattr(optimizer, "param_groups", None):
         return
-    lr, betas = float(t.lr), (float(t.adam_beta1), float(t.adam_beta2))
+    lr, betas = t.lr, (t.adam_beta1, t.adam_beta2)
     factor, same_lr = 1.0, False
     if scheduler is not None and getattr(scheduler, "base_lrs", None):
         base = scheduler.base_lrs[0]
@@ -289,7 +298,7 @@ def reapply_optimizer_settings(engine: Any, t: TrainerConfig) -> None:
             group["betas"] = betas
         # engine._weight_decay_groups puts the decayed matrices first; biases and norms stay at 0
         if (len(groups) == 2 and i == 0) or (len(groups) == 1 and group.get("weight_decay", 0.0) != 0.0):
-            group["weight_decay"] = float(t.weight_decay)
+            group["weight_decay"] = t.weight_decay
 
 
 def save(run: Run, engine: Any, step: int, extra_engines: dict[str, Any] | None = None) -> None:
@@ -340,9 +349,10 @@ def backward_step(engine: Any, loss: torch.Tensor | None) -> None:
 
 
 def describe_batches(run: Run, *, groups: int, steps: int, kind: str = "groups") -> None:
+    """Print the batch accounting: groups per step, per micro-batch, accumulation, processes, epochs."""
     t = run.trainer
     run.print(
         f"[bold]batch accounting[/]: {t.batch_size} {kind}/step = {t.micro_batch_size} per micro-batch "
-        f"x {grad_accum_steps(run.cfg)} accumulation x {run.world} process(es); {groups} training {kind}, {steps} steps "
+        f"x {run.grad_accum_steps} accumulation x {run.world} process(es); {groups} training {kind}, {steps} steps "
         f"(~{steps * t.batch_size / max(groups, 1):.2f} epochs)"
     )

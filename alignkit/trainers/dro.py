@@ -44,20 +44,20 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from alignkit.models.value import ValueModel, load_value_model
 
     objective = objective_from_cfg(cfg.loss)
-    value_objective = value_side_objective(cfg)
+    value_objective = value_side_objective(cfg.loss)
     setup = loop.setup(cfg, run_dir, VIEW)
     run, data = setup.run, setup.data
-    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
+    policy, tokenizer = loop.policy_engine(run, setup.steps)
     value_model, _ = load_value_model(run.model, dtype=run.deepspeed.dtype)
-    value = common.train_engine(value_model, cfg, run, setup.steps, lr=run.rl.critic_lr)
+    value = common.train_engine(value_model, run, setup.steps, lr=run.rl.critic_lr)
     pad_id = tokenizer.pad_token_id
-    reference = build_reference(cfg, run, policy, objective, data, pad_id, setup.steps)
+    reference = build_reference(run, policy, objective, data, pad_id, setup.steps)
     evaluation = (lambda: evaluate(run, policy, value, reference, objective, data.eval, pad_id)) if data.eval else None
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation, extra_engines={"value": value})
 
     for step in training:
         for chunk in common.micro_chunks(run, data.train, step.number - 1):
-            batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
+            batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
             seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps)
             values = prompt_values(value, batch)
             loss, metrics = objective(replace(seq, values=values.detach()))  # d/d(policy)
@@ -72,11 +72,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return training.complete(tokenizer)
 
 
-def value_side_objective(cfg: DictConfig) -> Any:
+def value_side_objective(loss: Any) -> Any:
     """The objective's loss alone (``sum_i w_i * loss_i`` over the loss terms, as ``WeightedLoss``
     sums them), for the value update; the policy update calls the objective itself, which also
     gives the metrics."""
-    terms = loss_terms(cfg.loss)
+    terms = loss_terms(loss)
     return lambda seq: sum(weight * spec.fn(seq, **hparams)[0] for spec, weight, hparams in terms)
 
 
@@ -105,7 +105,7 @@ def evaluate(run: Run, policy: Any, value: Any, reference: Any, objective: Any, 
     value.eval()
     meter = common.MetricMeter()
     for chunk, counted in common.eval_chunks(run, groups):
-        batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
+        batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
         seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps)
         loss, metrics = objective(replace(seq, values=prompt_values(value, batch)))
         meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)

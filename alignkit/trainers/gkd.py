@@ -60,13 +60,13 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     setup = loop.setup(cfg, run_dir, "sft")
     run, data = setup.run, setup.data
-    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
-    teacher = teacher_reference(cfg, run, policy, tokenizer)
+    policy, tokenizer = loop.policy_engine(run, setup.steps)
+    teacher = teacher_reference(run, policy, tokenizer)
     divergence = jsd_of(objective)
     generator = engine_for_run(cfg, policy, tokenizer)
     teacher_sampler = mixture_engine(policy, teacher, tokenizer, coef=1.0) if run.rl.seq_kd else None
     pad_id = tokenizer.pad_token_id
-    evaluation = (lambda: evaluate(run, cfg, policy, teacher, divergence, data.eval, pad_id)) if data.eval else None
+    evaluation = (lambda: evaluate(run, policy, teacher, divergence, data.eval, pad_id)) if data.eval else None
     run.print(f"  gkd: on-policy with probability rl.lmbda={run.rl.lmbda}, else "
               + ("the teacher's samples (rl.seq_kd)" if run.rl.seq_kd else "the data's completions"))
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
@@ -85,7 +85,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             sizes, flat, chunks = [len(c) for c in chunks], sampled.groups, []
             for size in sizes:  # the same micro-batches, each prompt with its sampled completion
                 chunks, flat = chunks + [flat[:size]], flat[size:]
-        batches = [common.collate_groups(chunk, cfg, pad_id).to(run.device) for chunk in chunks]
+        batches = [common.collate_groups(chunk, run.data, pad_id).to(run.device) for chunk in chunks]
         shares = _token_shares(batches, run)  # the step optimises the token mean over the global batch
         for batch, share in zip(batches, shares):
             head = replace(teacher.head(batch), divergence=divergence)
@@ -124,11 +124,11 @@ def teacher_model_config(run: common.Run) -> Any:
     rl, model = run.rl, run.model
     teacher = replace(model, name_or_path=rl.teacher or model.name_or_path, lora=replace(model.lora, r=0))
     if rl.teacher_seed is not None:
-        teacher = replace(teacher, tiny=replace(teacher.tiny, seed=int(rl.teacher_seed)))
+        teacher = replace(teacher, tiny=replace(teacher.tiny, seed=rl.teacher_seed))
     return teacher
 
 
-def teacher_reference(cfg: DictConfig, run: common.Run, policy: Any, tokenizer: Any) -> ModuleReference:
+def teacher_reference(run: common.Run, policy: Any, tokenizer: Any) -> ModuleReference:
     """The teacher as a frozen DeepSpeed engine over a ``TargetLogProbs``, its vocabulary checked."""
     from alignkit.models.load import load_causal_lm
     from alignkit.models.logprobs import TargetLogProbs
@@ -139,7 +139,7 @@ def teacher_reference(cfg: DictConfig, run: common.Run, policy: Any, tokenizer: 
                           run.model.name_or_path)
     run.print(f"  teacher: {model_cfg.name_or_path}" + (f" (tiny seed {model_cfg.tiny.seed})"
                                                          if model_cfg.name_or_path == "tiny" else ""))
-    return ModuleReference(common.frozen_engine(TargetLogProbs(model, chunk_size=run.model.logprob_chunk_size), cfg))
+    return ModuleReference(common.frozen_engine(TargetLogProbs(model, chunk_size=run.model.logprob_chunk_size), run.deepspeed))
 
 
 def check_same_vocabulary(student: Any, student_tokenizer: Any, teacher: Any, teacher_tokenizer: Any,
@@ -157,13 +157,13 @@ def check_same_vocabulary(student: Any, student_tokenizer: Any, teacher: Any, te
 
 
 @torch.no_grad()
-def evaluate(run: common.Run, cfg: DictConfig, policy: Any, teacher: ModuleReference, divergence: Any,
+def evaluate(run: common.Run, policy: Any, teacher: ModuleReference, divergence: Any,
              groups: list[TokenizedGroup], pad_id: int) -> dict[str, float]:
     """``jsd``: the token-mean JSD on the held-out data's own completions (this rank's share, reduced)."""
     policy.eval()
     total, tokens = 0.0, 0.0
     for chunk, counted in common.eval_chunks(run, groups):
-        batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
+        batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
         head = replace(teacher.head(batch), divergence=divergence)
         jsd = forward_logps(policy, batch, reference=head)["kl"]
         if counted:

@@ -40,10 +40,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     num_samples, mu, micro = rl.num_generations, rl.ppo_epochs, run.trainer.micro_batch_size
     run.print(f"  x {num_samples} samples = {run.trainer.batch_size * num_samples} completions/step, "
               f"{mu} optimizer step(s) per generation batch")
-    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps * mu)
+    policy, tokenizer = loop.policy_engine(run, setup.steps * mu)
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     # the KL term's reference, as the registry says for these hyper-parameters (grpo: beta != 0)
-    reference = rollout.online_reference(cfg, run, policy, beta=1.0 if spec.reference_needed(hparams) else 0.0)
+    reference = rollout.online_reference(run, policy, beta=1.0 if spec.reference_needed(hparams) else 0.0)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
     pad_id = tokenizer.pad_token_id
@@ -60,10 +60,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                         **_advantage_hparams(rl))
         policy.train()
         chunks = _chunks(sampled.groups, advantages, micro, num_samples)
-        old = _old_logps(policy, chunks, cfg, pad_id, run) if mu > 1 else None
+        old = _old_logps(policy, chunks, pad_id, run) if mu > 1 else None
         for _ in range(mu):
             for i, (groups, adv) in enumerate(chunks):
-                batch = common.collate_groups(groups, cfg, pad_id).to(run.device)
+                batch = common.collate_groups(groups, run.data, pad_id).to(run.device)
                 out = forward_logps(policy, batch, with_entropy=True)
                 inputs = rollout.rollout_inputs(out["logps"], batch, adv.to(run.device),
                                                 None if old is None else old[i], reference)
@@ -79,11 +79,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def _old_logps(policy: Any, chunks: list[tuple[list[TokenizedGroup], torch.Tensor]], cfg: DictConfig, pad_id: int,
+def _old_logps(policy: Any, chunks: list[tuple[list[TokenizedGroup], torch.Tensor]], pad_id: int,
                run: Run) -> list[torch.Tensor]:
     out = []
     for groups, _ in chunks:
-        batch = common.collate_groups(groups, cfg, pad_id).to(run.device)
+        batch = common.collate_groups(groups, run.data, pad_id).to(run.device)
         out.append(rollout.slot_tokens(forward_logps(policy, batch)["logps"], batch))
     return out
 

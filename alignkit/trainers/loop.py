@@ -4,7 +4,7 @@ A runner's ``train`` reads top to bottom as its algorithm; everything around the
 once, so every runner handles non-finite losses, metrics, progress, evaluation and checkpoints alike::
 
     setup = loop.setup(cfg, run_dir, view="pairwise")   # start, tokenizer, data, step count (no model yet)
-    policy, tokenizer = loop.policy_engine(cfg, setup.run, setup.steps)
+    policy, tokenizer = loop.policy_engine(setup.run, setup.steps)
     training = loop.begin(setup.run, policy, setup.steps, evaluate=...)  # resume, logger, progress bar
     for step in training:                            # a Step: its number, clock, learning rate, tallies
         ... the runner's forward and loss inputs ...
@@ -66,14 +66,14 @@ def setup(cfg: DictConfig, run_dir: Path, view: str, *, kind: str = "groups") ->
 
     run = common.start(cfg, run_dir)
     tokenizer = load_tokenizer_for(run.model)  # gguf_file, trust_remote_code, revision
-    data = prepare_data(OmegaConf.to_object(cfg.data), view, tokenizer)
+    data = prepare_data(run.data, view, tokenizer)
     run.print(f"[bold]data[/]: {data.stats}")  # sources, the eval set and its size, what was cut
     steps = common.total_steps(run.trainer, len(data.train))
     common.describe_batches(run, groups=len(data.train), steps=steps, kind=kind)
     return Setup(run=run, tokenizer=tokenizer, data=data, steps=steps)
 
 
-def policy_engine(cfg: DictConfig, run: Run, steps: int) -> tuple[Any, Any]:
+def policy_engine(run: Run, steps: int) -> tuple[Any, Any]:
     """The trained causal LM (``run.model``, loaded in ``run.deepspeed.dtype``) as a ``TargetLogProbs``
     DeepSpeed engine over ``steps`` optimizer steps, and the tokenizer loaded with it."""
     from alignkit.models.load import load_causal_lm
@@ -81,7 +81,7 @@ def policy_engine(cfg: DictConfig, run: Run, steps: int) -> tuple[Any, Any]:
 
     model, tokenizer = load_causal_lm(run.model, dtype=run.deepspeed.dtype)
     module = TargetLogProbs(model, chunk_size=run.model.logprob_chunk_size)
-    return common.train_engine(module, cfg, run, steps), tokenizer
+    return common.train_engine(module, run, steps), tokenizer
 
 
 @dataclass

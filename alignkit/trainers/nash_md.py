@@ -29,26 +29,27 @@ from omegaconf import DictConfig
 from alignkit.config.validate import loss_terms
 from alignkit.data.batch import per_token_view
 from alignkit.errors import ConfigError
+from alignkit.models.logprobs import forward_logps
 from alignkit.trainers import common, loop, rollout
-from alignkit.trainers.reference import forward_logps
 
 PREFERENCES = ("sigmoid", "hard")
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Nash-MD: REINFORCE on P(policy sample beats a mixture sample), plus the KL term: ``{"exit_code": ...}``."""
     spec, _, hparams = loss_terms(cfg.loss)[0]
-    rl, half = cfg.rl, int(cfg.rl.num_generations) // 2
     from alignkit.rl.generation import engine_for_run
     from alignkit.rl.mixture import OTHER_SAMPLER_SEED, mixture_engine
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
-    run, data = setup.run, setup.data
+    run, data, rl = setup.run, setup.data, setup.run.rl
+    half = rl.num_generations // 2
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
-    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
+    policy, tokenizer = loop.policy_engine(run, setup.steps)
     generator = engine_for_run(cfg, policy, tokenizer)
-    needs_reference = spec.reference_needed(hparams) or float(rl.mixture_coef) > 0
-    reference = rollout.online_reference(cfg, run, policy, beta=1.0 if needs_reference else 0.0)
-    mixture = mixture_engine(policy, reference, tokenizer, float(rl.mixture_coef)) if needs_reference else generator
+    needs_reference = spec.reference_needed(hparams) or rl.mixture_coef > 0
+    reference = rollout.online_reference(run, policy, beta=1.0 if needs_reference else 0.0)
+    mixture = mixture_engine(policy, reference, tokenizer, rl.mixture_coef) if needs_reference else generator
     kl_reference = reference if spec.reference_needed(hparams) else rollout.NoReference()
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
@@ -57,13 +58,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for step in training:
         policy.eval()
         prompts, seed = rollout.prompt_schedule(run, data.train, step.number - 1), rollout.seed_for(run, step.number)
-        own = rollout.sample_groups(generator, tokenizer, prompts, reward_mix, cfg, num_samples=half, seed=seed)
-        mixed = rollout.sample_groups(mixture, tokenizer, prompts, reward_mix, cfg, num_samples=half,
+        own = rollout.sample_groups(generator, tokenizer, prompts, reward_mix, run.generation, num_samples=half,
+                                    seed=seed)
+        mixed = rollout.sample_groups(mixture, tokenizer, prompts, reward_mix, run.generation, num_samples=half,
                                       seed=seed + OTHER_SAMPLER_SEED)
-        probability = preference(own.rewards, mixed.rewards, str(rl.preference))  # [S], S = prompts * half
+        probability = preference(own.rewards, mixed.rewards, rl.preference)  # [S], S = prompts * half
         policy.train()
         for i in range(0, len(own.groups), micro):
-            batch = common.collate_groups(own.groups[i : i + micro], cfg, pad_id).to(run.device)
+            batch = common.collate_groups(own.groups[i : i + micro], run.data, pad_id).to(run.device)
             out = forward_logps(policy, batch, with_entropy=True)
             advantage = (probability[i * half : (i + micro) * half] - 0.5).to(run.device)
             loss, metrics = spec.fn(rollout.rollout_inputs(out["logps"], batch, advantage, None, kl_reference),

@@ -39,26 +39,27 @@ from alignkit.trainers.reference import ModuleReference
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    objective, rl = objective_from_cfg(cfg.loss), cfg.rl
-    if objective.view != "pairwise" or int(rl.num_generations) < 2:
-        raise ConfigError("online DPO needs a pairwise loss (e.g. loss=dpo) and rl.num_generations >= 2.")
-    if rl.update_reference_each_round and int(rl.rounds) > 1 and int(cfg.deepspeed.zero_stage) == 3:
-        raise ConfigError("rl.update_reference_each_round is not supported under ZeRO-3 yet; use zero2 or rounds=1.")
+    """Online DPO: best-vs-worst pairs of the policy's own samples, any paired loss: ``{"exit_code": ...}``."""
+    objective = objective_from_cfg(cfg.loss)
     from alignkit.rl.generation import engine_for_run
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
-    run, data = setup.run, setup.data
+    run, data, rl = setup.run, setup.data, setup.run.rl
+    if objective.view != "pairwise" or rl.num_generations < 2:  # before any model loads
+        raise ConfigError("online DPO needs a pairwise loss (e.g. loss=dpo) and rl.num_generations >= 2.")
+    if rl.update_reference_each_round and rl.rounds > 1 and run.deepspeed.zero_stage == 3:
+        raise ConfigError("rl.update_reference_each_round is not supported under ZeRO-3 yet; use zero2 or rounds=1.")
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
-    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
+    policy, tokenizer = loop.policy_engine(run, setup.steps)
     judge = judges.build_judge(cfg, tokenizer)  # judge.kind: a pairwise judge ranks the samples (OAIF); null: rewards
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
-    if objective.needs_reference and int(cfg.model.lora.r) > 0 and rl.update_reference_each_round:
+    if objective.needs_reference and run.model.lora.r > 0 and rl.update_reference_each_round:
         reference = AdapterSnapshotReference(policy)  # LoRA: the reference moves to a saved copy of the adapter
     else:
-        reference = rollout.online_reference(cfg, run, policy, beta=1.0 if objective.needs_reference else 0.0)
+        reference = rollout.online_reference(run, policy, beta=1.0 if objective.needs_reference else 0.0)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
-    round_length = max(1, setup.steps // max(1, int(rl.rounds)))
+    round_length = max(1, setup.steps // max(1, rl.rounds))
     micro, pad_id = run.trainer.micro_batch_size, tokenizer.pad_token_id
 
     for step in training:
@@ -67,7 +68,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             run.print(f"round {(step.number - 1) // round_length + 1}: reference <- current policy")
         policy.eval()
         sampled = rollout.sample_groups(generator, tokenizer, rollout.prompt_schedule(run, data.train, step.number - 1),
-                                        reward_mix, cfg, num_samples=int(rl.num_generations),
+                                        reward_mix, run.generation, num_samples=rl.num_generations,
                                         seed=rollout.seed_for(run, step.number))
         pairs = best_vs_worst(sampled, None if judge is None else judges.win_rates(judge, sampled, tokenizer))
         if not pairs:  # said, not silent: no update this step (metric pairs=0, no loss logged)
@@ -75,7 +76,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                       "no update from them")
         policy.train()
         for chunk in fill_chunks(pairs or best_vs_worst(sampled, keep_ties=True), len(sampled.groups), micro):
-            batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
+            batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
             loss, metrics = objective(sequence_logps(policy, reference, batch, objective, objective.needs_token_logps))
             # tied pairs: the same forward and collectives, scaled to no update and not reported
             update = (loss, {"loss": loss, **metrics}) if pairs else (loss * 0.0, None)

@@ -51,14 +51,14 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     from alignkit.models.load import load_reward_model
 
     model, tokenizer = load_reward_model(run.model, dtype=run.deepspeed.dtype)
-    engine = common.train_engine(RewardScorer(model), cfg, run, setup.steps)
+    engine = common.train_engine(RewardScorer(model), run, setup.steps)
     pad_id = tokenizer.pad_token_id
     evaluation = (lambda: evaluate(run, engine, objective, eval_pairs, pad_id)) if eval_pairs else None
     training = loop.begin(run, engine, setup.steps, evaluate=evaluation)
 
     for step in training:
         for chunk in common.micro_chunks(run, train_pairs, step.number - 1):
-            batch = common.collate_groups(chunk, cfg, pad_id).to(run.device)
+            batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
             loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
             if not step.update(engine, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
                 return training.stop_nonfinite(step)
@@ -87,7 +87,7 @@ def evaluate(run: Run, engine: Any, objective: Any, groups: list[TokenizedGroup]
     engine.eval()
     meter = common.MetricMeter()
     for chunk, counted in common.eval_chunks(run, groups):
-        batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
+        batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
         loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
         meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)
     engine.train()

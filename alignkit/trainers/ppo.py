@@ -41,11 +41,11 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run, data, rl = setup.run, setup.data, setup.run.rl
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
     num_samples, epochs, micro = rl.num_generations, rl.ppo_epochs, run.trainer.micro_batch_size
-    actor, tokenizer = loop.policy_engine(cfg, run, setup.steps * epochs)
+    actor, tokenizer = loop.policy_engine(run, setup.steps * epochs)
     critic_model, _ = load_value_model(run.model, dtype=run.deepspeed.dtype)
-    critic = common.train_engine(critic_model, cfg, run, setup.steps * epochs, lr=rl.critic_lr)
+    critic = common.train_engine(critic_model, run, setup.steps * epochs, lr=rl.critic_lr)
     generator = engine_for_run(cfg, actor, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
-    reference = rollout.online_reference(cfg, run, actor, beta=rl.kl_coef)
+    reference = rollout.online_reference(run, actor, beta=rl.kl_coef)
     evaluation = rollout.held_out_reward(run, actor, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, actor, setup.steps, evaluate=evaluation, extra_engines={"critic": critic})
     pad_id = tokenizer.pad_token_id
@@ -58,7 +58,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         experience, offset, kl_values = [], 0, []
         with torch.no_grad():
             for i in range(0, len(sampled.groups), micro):
-                batch = common.collate_groups(sampled.groups[i : i + micro], cfg, pad_id).to(run.device)
+                batch = common.collate_groups(sampled.groups[i : i + micro], run.data, pad_id).to(run.device)
                 old = rollout.slot_tokens(forward_logps(actor, batch)["logps"], batch)
                 mask = rollout.slot_tokens(torch.ones_like(batch.target_ids, dtype=torch.float32), batch).bool()
                 ref_flat = reference.logps(batch, with_tokens=True)[1]

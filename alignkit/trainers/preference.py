@@ -15,46 +15,43 @@ optimises the token mean over the whole global batch.
 
 from __future__ import annotations
 
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from alignkit.config.validate import objective_from_cfg
 from alignkit.config.schema import TrainerConfig
 from alignkit.data.batch import Batch, TokenizedGroup, per_token_view, sum_per_slot
 from alignkit.losses.registry import SequenceLogps
+from alignkit.models.config import ModelConfig
+from alignkit.models.logprobs import forward_logps
 from alignkit.trainers import common, loop
 from alignkit.trainers.common import Run
-from alignkit.trainers.reference import (
-    ModuleReference,
-    NoReference,
-    choose_strategy,
-    default_cache_dir,
-    forward_logps,
-    precompute,
-)
+from alignkit.trainers.reference import ModuleReference, NoReference, choose_strategy, default_cache_dir, precompute
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
+    """Train ``cfg``'s offline objective (SFT or a preference loss) on its data: ``{"exit_code": ...}``."""
     objective = objective_from_cfg(cfg.loss)
     setup = loop.setup(cfg, run_dir, objective.view)
     run, data, t = setup.run, setup.data, setup.run.trainer
-    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
+    policy, tokenizer = loop.policy_engine(run, setup.steps)
     pad_id = tokenizer.pad_token_id
-    reference = build_reference(cfg, run, policy, objective, data, pad_id, setup.steps)
+    reference = build_reference(run, policy, objective, data, pad_id, setup.steps)
     evaluation = (lambda: evaluate(run, policy, reference, objective, data.eval, pad_id)) if data.eval else None
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
 
     for step in training:
         chunks = common.micro_chunks(run, data.train, step.number - 1)
-        batches = [common.collate_groups(chunk, cfg, pad_id).to(run.device) for chunk in chunks]
+        batches = [common.collate_groups(chunk, run.data, pad_id).to(run.device) for chunk in chunks]
         shares = _token_shares(batches, run) if objective.view == "sft" else [1.0] * len(batches)
         step_kl = None
         if objective.needs_kl_pairs:  # KTO: one reference point for the whole step, over every rank
             order = [data.train[i] for i in common.step_groups(len(data.train), step.number - 1, t.batch_size, t.seed)]
-            step_kl = kl_estimate(policy, reference, [(c, True) for c in chunks], successors(order), cfg, pad_id, run)
+            step_kl = kl_estimate(policy, reference, [(c, True) for c in chunks], successors(order), pad_id, run)
         for batch, share in zip(batches, shares):
             seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps, step_kl=step_kl)
             loss, metrics = objective(seq)
@@ -65,13 +62,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return training.complete(tokenizer)
 
 
-def build_reference(cfg: DictConfig, run: Run, policy: Any, objective: Any, data: Any, pad_id: int,
-                    steps: int) -> Any:
+def build_reference(run: Run, policy: Any, objective: Any, data: Any, pad_id: int, steps: int) -> Any:
     """The reference strategy for this run of ``steps`` steps (see ``alignkit.trainers.reference``)."""
     from alignkit.models.load import disabled_adapter, load_causal_lm
     from alignkit.models.logprobs import TargetLogProbs
 
-    lora = int(cfg.model.lora.r) > 0
+    lora = run.model.lora.r > 0
     t = run.trainer
     strategy = choose_strategy(t.reference, objective.needs_reference, lora)
     why = ""
@@ -86,9 +82,9 @@ def build_reference(cfg: DictConfig, run: Run, policy: Any, objective: Any, data
         inner = common.hf_model(policy)
         return ModuleReference(policy, context=lambda: disabled_adapter(inner))
     if strategy == "separate":
-        model, _ = load_causal_lm(_frozen_model_cfg(cfg), dtype=cfg.deepspeed.dtype)
-        module = TargetLogProbs(model, chunk_size=int(cfg.model.logprob_chunk_size))
-        return ModuleReference(common.frozen_engine(module, cfg))
+        model, _ = load_causal_lm(_frozen_model_cfg(run.model), dtype=run.deepspeed.dtype)
+        module = TargetLogProbs(model, chunk_size=run.model.logprob_chunk_size)
+        return ModuleReference(common.frozen_engine(module, run.deepspeed))
     # precomputed: the starting policy, before the first step, over the groups the run will visit
     cache_dir = Path(t.reference_cache_dir or default_cache_dir())  # $ALIGNKIT_CACHE/ref_logps
     used = sorted({i for s in range(steps) for i in common.step_groups(len(data.train), s, t.batch_size, t.seed)})
@@ -96,9 +92,9 @@ def build_reference(cfg: DictConfig, run: Run, policy: Any, objective: Any, data
     table = precompute(
         policy,
         [data.train[i] for i in used] + data.eval[: t.max_eval_groups],
-        lambda groups: common.collate_groups(groups, cfg, pad_id),
-        model_cfg=OmegaConf.to_container(cfg.model, resolve=True),
-        layout=str(cfg.data.layout),
+        lambda groups: common.collate_groups(groups, run.data, pad_id),
+        model_cfg=asdict(run.model),  # the cache key's model identity
+        layout=run.data.layout,
         cache_dir=cache_dir,
         batch_groups=t.eval_batch_size,
         rank=run.rank,
@@ -126,11 +122,9 @@ def first_batches(t: TrainerConfig, data: Any, steps: int) -> list[list[Tokenize
     return chunks + [held_out[i : i + size] for i in range(0, len(held_out), size)]
 
 
-def _frozen_model_cfg(cfg: DictConfig) -> Any:
-    model_cfg = OmegaConf.to_object(cfg.model)
-    model_cfg.lora.r = 0
-    model_cfg.gradient_checkpointing = False
-    return model_cfg
+def _frozen_model_cfg(model: ModelConfig) -> ModelConfig:
+    """``model`` as the ``separate`` reference loads it: the base weights (no LoRA), no gradient checkpointing."""
+    return replace(model, lora=replace(model.lora, r=0), gradient_checkpointing=False)
 
 
 def sequence_logps(policy: Any, reference: Any, batch: Batch, objective: Any, need_tokens: bool,
@@ -194,28 +188,25 @@ def successors(order: list[TokenizedGroup]) -> dict[int, TokenizedGroup]:
     return {id(group): order[(i + 1) % len(order)] for i, group in enumerate(order)}
 
 
-def _mismatched(chunk: list[TokenizedGroup], successor: dict[int, TokenizedGroup], cfg: DictConfig, pad_id: int,
-                run: Run) -> Batch:
-    from dataclasses import replace
-
+def _mismatched(chunk: list[TokenizedGroup], successor: dict[int, TokenizedGroup], pad_id: int, run: Run) -> Batch:
     rotated = [
         replace(group, completion_ids=successor[id(group)].completion_ids,
                 completion_train_mask=successor[id(group)].completion_train_mask,
                 example_id=group.example_id + "/kl")
         for group in chunk
     ]
-    return common.collate_groups(rotated, cfg, pad_id).to(run.device)
+    return common.collate_groups(rotated, run.data, pad_id).to(run.device)
 
 
 @torch.no_grad()
 def kl_estimate(policy: Any, reference: Any, chunks: list[tuple[list[TokenizedGroup], bool]],
-                successor: dict[int, TokenizedGroup], cfg: DictConfig, pad_id: int, run: Run) -> float:
+                successor: dict[int, TokenizedGroup], pad_id: int, run: Run) -> float:
     """KTO's reference point ``max(0, mean(logp - ref_logp))`` over the mismatched pairs of every
     ``(chunk, counted)`` of every rank (no gradient, as in the paper and TRL). Every rank forwards the
     same number of chunks (ZeRO-3); uncounted padding chunks add nothing."""
     total, count = 0.0, 0
     for chunk, counted in chunks:
-        kl_batch = _mismatched(chunk, successor, cfg, pad_id, run)
+        kl_batch = _mismatched(chunk, successor, pad_id, run)
         logps = sum_per_slot(forward_logps(policy, kl_batch)["logps"].float(), kl_batch)[:, 0]
         ref, _ = reference.logps(kl_batch)
         if counted:
@@ -235,9 +226,9 @@ def evaluate(run: Run, policy: Any, reference: Any, objective: Any, groups: list
     step_kl = None
     if objective.needs_kl_pairs:  # one KL estimate over the whole held-out set
         order = groups[: run.trainer.max_eval_groups]
-        step_kl = kl_estimate(policy, reference, chunks, successors(order), run.cfg, pad_id, run)
+        step_kl = kl_estimate(policy, reference, chunks, successors(order), pad_id, run)
     for chunk, counted in chunks:
-        batch = common.collate_groups(chunk, run.cfg, pad_id).to(run.device)
+        batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
         seq = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps, step_kl=step_kl)
         loss, metrics = objective(seq)
         meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)

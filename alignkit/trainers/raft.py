@@ -64,7 +64,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run.print(f"  x {run.rl.num_generations} samples, the best kept per prompt"
               f"{'' if threshold is None else f' if its reward >= {threshold}'}; {len(starts)} round(s) "
               f"starting at steps {starts}")
-    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
+    policy, tokenizer = loop.policy_engine(run, setup.steps)
     generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
@@ -82,7 +82,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         pool = current.winners or current.fallback
         offset = (step.number - current.first) * per_rank
         groups = [pool[(offset + i) % len(pool)] for i in range(per_rank)]
-        batches = [common.collate_groups(groups[i : i + micro], cfg, pad_id).to(run.device)
+        batches = [common.collate_groups(groups[i : i + micro], run.data, pad_id).to(run.device)
                    for i in range(0, per_rank, micro)]
         shares = _token_shares(batches, run)  # the step optimises the token mean over the global batch
         for batch, share in zip(batches, shares):

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import torch
 
 from alignkit.data.batch import Batch, TokenizedGroup, sum_per_slot
-from alignkit.models.logprobs import ReferenceHead
+from alignkit.models.logprobs import ReferenceHead, forward_logps
 
 
 def choose_strategy(requested: str, needs_reference: bool, lora: bool) -> str:
@@ -53,19 +53,9 @@ def choose_strategy(requested: str, needs_reference: bool, lora: bool) -> str:
     return "lora" if lora else "precomputed"
 
 
-def forward_logps(engine_or_module: Any, batch: Batch, **flags: Any) -> dict[str, torch.Tensor]:
-    """One forward of a ``TargetLogProbs`` module (or the engine wrapping one) over ``batch``."""
-    return engine_or_module(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        target_index=batch.target_index,
-        target_ids=batch.target_ids,
-        **flags,
-    )
-
-
 class NoReference:
+    """Reference-free losses: no reference log-probs."""
+
     def logps(self, batch: Batch, with_tokens: bool = False) -> tuple[None, None]:
         return None, None
 

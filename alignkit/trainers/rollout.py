@@ -1,11 +1,13 @@
-"""Sampling and scoring shared by the online runners (GRPO, PPO, online DPO, RAFT).
+"""Sampling and scoring shared by the online runners (GRPO, PPO, online DPO, RAFT, XPO, Nash-MD).
 
 ``sample_groups`` takes this rank's prompts (prompt-only ``TokenizedGroup``s, K=0), samples G
 completions per prompt with the policy, scores them with the reward mix, and returns the
 groups filled with their completions (K=G) plus rewards. Groups never span ranks, so
 group-relative statistics are local. ``prompt_schedule`` is the online analogue of
 ``common.step_groups``: the prompts of step ``s`` are a pure function of the seed and ``s``.
-Left out: asynchronous generation and a vLLM engine (the seam is ``alignkit.rl.generation``).
+The functions take the run's typed sections (``run.generation``, ``run.deepspeed`` ...); only
+``build_reward_mix`` takes the whole config (the rule mix reads the free-form ``reward.options``).
+Left out: asynchronous generation (the engines, HF and vLLM, are ``alignkit.rl.generation.engine_for_run``'s).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
-from alignkit.config.schema import GenerationConfig, section
-from alignkit.models.config import ModelConfig
-
+from alignkit.config.schema import GenerationConfig, RewardConfig, typed_sections
 from alignkit.data.batch import Batch, TokenizedGroup, decode_prompt, per_token_view
+from alignkit.data.config import DataConfig
+from alignkit.engine.config import DeepSpeedConfig
+from alignkit.models.config import ModelConfig
 from alignkit.losses.registry import RolloutLogps
 from alignkit.trainers import common
 from alignkit.trainers.reference import ModuleReference, NoReference
@@ -42,6 +45,7 @@ def build_reward_mix(cfg: DictConfig, data: Any = None, tokenizer: Any = None) -
 
     With ``data`` (prepared prompts) every rule function is called once on the first record before
     the reward model (or anything else) loads, so a function that cannot serve fails here, named.
+    ``cfg`` is the whole config: the rule mix reads the free-form ``reward.options`` from it.
     """
     from alignkit.rewards.registry import RewardMix
 
@@ -55,24 +59,27 @@ def build_reward_mix(cfg: DictConfig, data: Any = None, tokenizer: Any = None) -
 
             mix.dry_run(decode_prompt(first[0], tokenizer), columns, raw_prompt=first[0].extra.get("prompt"),
                         completion_ids=tokenizer.encode(DRY_RUN_COMPLETION, add_special_tokens=False))
-    model = ModelReward(cfg) if cfg.reward.model else None
+    model = None
+    if cfg.reward.model:
+        typed = typed_sections(cfg)
+        model = ModelReward(typed["model"], typed["reward"], typed["deepspeed"], typed["data"])
     return CombinedReward(mix, model, cfg.reward.model_weight)  # a float: the config is typed (schema)
 
 
 class ModelReward:
-    """Scores (prompt ids, completion ids) with a reward model exported by ``recipe=rm_*``."""
+    """Scores (prompt ids, completion ids) with a reward model exported by ``recipe=rm_*``
+    (``reward.model``), loaded as ``model`` says but from that folder and without LoRA."""
 
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, model: ModelConfig, reward: RewardConfig, deepspeed: DeepSpeedConfig, data: DataConfig) -> None:
         from alignkit.engine.collectives import accelerator_device
         from alignkit.models.load import load_reward_model
         from alignkit.trainers.reward import RewardScorer
 
-        model_cfg = section(cfg, "model", ModelConfig)
-        model_cfg = replace(model_cfg, name_or_path=str(cfg.reward.model), lora=replace(model_cfg.lora, r=0))
-        model, tokenizer = load_reward_model(model_cfg, dtype=cfg.deepspeed.dtype)
+        model_cfg = replace(model, name_or_path=reward.model, lora=replace(model.lora, r=0))
+        scorer, tokenizer = load_reward_model(model_cfg, dtype=deepspeed.dtype)
         self.device = accelerator_device()  # the GPU of this rank when there is one
-        self.scorer = RewardScorer(model.eval().requires_grad_(False)).to(self.device)
-        self.pad_id, self.cfg = tokenizer.pad_token_id, cfg
+        self.scorer = RewardScorer(scorer.eval().requires_grad_(False)).to(self.device)
+        self.pad_id, self.data = tokenizer.pad_token_id, data
 
     @torch.no_grad()
     def __call__(self, groups: list[TokenizedGroup]) -> list[float]:
@@ -80,7 +87,7 @@ class ModelReward:
 
         scores = []
         for i in range(0, len(groups), 4):
-            batch = common.collate_groups(groups[i : i + 4], self.cfg, self.pad_id).to(self.device)
+            batch = common.collate_groups(groups[i : i + 4], self.data, self.pad_id).to(self.device)
             values = score_batch(self.scorer, batch)
             scores += values[batch.slot_mask].float().cpu().tolist()
         return scores
@@ -118,27 +125,22 @@ def sample_groups(
     tokenizer: Any,
     prompts: list[TokenizedGroup],
     reward_mix: CombinedReward,
-    generation: GenerationConfig | DictConfig,
+    generation: GenerationConfig,
     *,
     num_samples: int,
     seed: int,
     greedy: bool = False,
 ) -> SampledBatch:
     """``num_samples`` completions of each prompt sampled with ``generation`` (``run.generation``; greedy:
-    temperature 0), scored by ``reward_mix``: the groups filled with them (K = ``num_samples``) and rewards.
-
-    ``generation`` may still be the whole run config (online_dpo passes it): its ``generation`` section is read.
-    """
-    gen = section(generation, "generation", GenerationConfig) if isinstance(generation, DictConfig) \
-        else generation
+    temperature 0), scored by ``reward_mix``: the groups filled with them (K = ``num_samples``) and rewards."""
     tick = time.time()
     rollouts = generator.generate(
         [p.prompt_ids for p in prompts],
         num_samples=num_samples,
-        max_new_tokens=gen.max_new_tokens,
-        temperature=0.0 if greedy else gen.temperature,
-        top_p=gen.top_p,
-        top_k=gen.top_k,
+        max_new_tokens=generation.max_new_tokens,
+        temperature=0.0 if greedy else generation.temperature,
+        top_p=generation.top_p,
+        top_k=generation.top_k,
         seed=seed,
     )
     gen_seconds = time.time() - tick
@@ -230,7 +232,7 @@ def slot_tokens(flat: torch.Tensor, batch: Batch) -> torch.Tensor:
     return tokens.flatten(0, 1)[batch.slot_mask.flatten()]
 
 
-def online_reference(cfg: DictConfig, run: common.Run, policy: Any, beta: float) -> NoReference | ModuleReference:
+def online_reference(run: common.Run, policy: Any, beta: float) -> NoReference | ModuleReference:
     """The KL reference of the online runners: none at beta 0, the LoRA-disabled base, or a frozen copy."""
     if beta <= 0:
         return NoReference()
@@ -242,7 +244,7 @@ def online_reference(cfg: DictConfig, run: common.Run, policy: Any, beta: float)
         return ModuleReference(policy, context=lambda: disabled_adapter(inner))
     model_cfg = replace(run.model, lora=replace(run.model.lora, r=0))
     model, _ = load_causal_lm(model_cfg, dtype=run.deepspeed.dtype)
-    return ModuleReference(common.frozen_engine(TargetLogProbs(model), cfg))
+    return ModuleReference(common.frozen_engine(TargetLogProbs(model), run.deepspeed))
 
 
 def rollout_inputs(logps: torch.Tensor, batch: Batch, advantages: torch.Tensor, old: torch.Tensor | None,

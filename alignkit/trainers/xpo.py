@@ -33,16 +33,17 @@ from alignkit.trainers.preference import sequence_logps
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
-    objective, half = objective_from_cfg(cfg.loss), int(cfg.rl.num_generations) // 2
+    """XPO: policy-vs-reference sample pairs, a pairwise loss plus the exploration term: ``{"exit_code": ...}``."""
+    objective = objective_from_cfg(cfg.loss)
     from alignkit.rl.generation import engine_for_run
     from alignkit.rl.mixture import OTHER_SAMPLER_SEED, mixture_engine
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
-    run, data = setup.run, setup.data
+    run, data, half = setup.run, setup.data, setup.run.rl.num_generations // 2
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
-    policy, tokenizer = loop.policy_engine(cfg, run, setup.steps)
+    policy, tokenizer = loop.policy_engine(run, setup.steps)
     generator = engine_for_run(cfg, policy, tokenizer)
-    reference = rollout.online_reference(cfg, run, policy, beta=1.0)  # the LoRA-disabled base or a frozen copy
+    reference = rollout.online_reference(run, policy, beta=1.0)  # the LoRA-disabled base or a frozen copy
     reference_sampler = mixture_engine(policy, reference, tokenizer, coef=1.0)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
@@ -51,14 +52,15 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for step in training:
         policy.eval()
         prompts, seed = rollout.prompt_schedule(run, data.train, step.number - 1), rollout.seed_for(run, step.number)
-        own = rollout.sample_groups(generator, tokenizer, prompts, reward_mix, cfg, num_samples=half, seed=seed)
-        ref = rollout.sample_groups(reference_sampler, tokenizer, prompts, reward_mix, cfg, num_samples=half,
+        own = rollout.sample_groups(generator, tokenizer, prompts, reward_mix, run.generation, num_samples=half,
+                                    seed=seed)
+        ref = rollout.sample_groups(reference_sampler, tokenizer, prompts, reward_mix, run.generation, num_samples=half,
                                     seed=seed + OTHER_SAMPLER_SEED)
         pairs = policy_vs_reference(own, ref)  # per prompt, its `half` (pair, chosen is the policy's) in order
         policy.train()
         for i in range(0, len(pairs), micro * half):
             chunk = pairs[i : i + micro * half]
-            batch = common.collate_groups([group for group, _ in chunk], cfg, pad_id).to(run.device)
+            batch = common.collate_groups([group for group, _ in chunk], run.data, pad_id).to(run.device)
             inputs = sequence_logps(policy, reference, batch, objective, objective.needs_token_logps)
             inputs.from_reference = reference_slots(chunk).to(inputs.logps.device)
             loss, metrics = objective(inputs)

@@ -156,6 +156,7 @@ class _Generator:
 
 def test_grpo_config_composes_and_the_reward_sees_the_token_counts(monkeypatch):
     from alignkit.config.compose import compose
+    from alignkit.config.schema import GenerationConfig, section
     from alignkit.data.batch import TokenizedGroup
     from alignkit.trainers.rollout import build_reward_mix, sample_groups
 
@@ -176,8 +177,8 @@ def test_grpo_config_composes_and_the_reward_sees_the_token_counts(monkeypatch):
                TokenizedGroup([1, 3], [], [], extra={"answer": "9"})]
     planned = [3, 8, 9, 11, 12, 13, 30, 10]  # 13 and 30 are cut at 12 tokens
     generator = _Generator(planned)
-    sampled = sample_groups(generator, _Tokenizer(), prompts, reward, cfg,
-                            num_samples=4, seed=0)
+    sampled = sample_groups(generator, _Tokenizer(), prompts, reward, section(cfg, "generation", GenerationConfig),
+                            num_samples=4, seed=0)  # run.generation, as the trainers pass it
     assert generator.max_new_tokens == 12
     lengths = [min(n, 12) for n in planned]
     assert [n for n, _ in seen] == lengths

@@ -129,7 +129,7 @@ def test_online_dpo_lora_reference_moves_to_the_policy_each_round(tmp_path, monk
         after, _ = reference.logps(batch)
         with torch.no_grad():
             from alignkit.data.batch import sum_per_slot
-            from alignkit.trainers.reference import forward_logps
+            from alignkit.models.logprobs import forward_logps
 
             current = sum_per_slot(forward_logps(policy, batch)["logps"].float(), batch)
         checks.append((before, after, current))
