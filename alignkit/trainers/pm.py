@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -30,11 +29,10 @@ from omegaconf import DictConfig
 from alignkit.config.validate import objective_from_cfg
 from alignkit.data.batch import TokenizedGroup
 from alignkit.losses.pairwise import ties
-from alignkit.losses.registry import SequenceLogps
 from alignkit.models.pair_input import marker_ids, pair_group
 from alignkit.trainers import common, loop
-from alignkit.trainers.common import Run
 from alignkit.trainers.reward import RewardScorer, score_batch
+from alignkit.trainers.reward import score_inputs, evaluate  # the reward runner's held-out pass: same inputs and metrics
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -59,7 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for step in training:
         for chunk in common.micro_chunks(run, train_pairs, step.number - 1):
             batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
-            loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
+            loss, metrics = objective(score_inputs(score_batch(engine, batch), batch))
             if not step.update(engine, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
                 return training.stop_nonfinite(step)
         if (stopped := training.end_step(step)) is not None:
@@ -76,19 +74,3 @@ def as_pairs(groups: list[TokenizedGroup], markers: tuple[list[int], list[int]])
         tied += int(group.scores is not None and bool(ties(torch.tensor([group.scores]), 1)[0]))
         pairs.append(pair)
     return pairs, tied
-
-
-def _as_inputs(scores: torch.Tensor, batch: Any) -> SequenceLogps:
-    return SequenceLogps(logps=scores, lengths=batch.slot_lengths().float(), mask=batch.slot_mask, scores=batch.scores)
-
-
-@torch.no_grad()
-def evaluate(run: Run, engine: Any, objective: Any, groups: list[TokenizedGroup], pad_id: int) -> dict[str, float]:
-    engine.eval()
-    meter = common.MetricMeter()
-    for chunk, counted in common.eval_chunks(run, groups):
-        batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
-        loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
-        meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)
-    engine.train()
-    return meter.reduced(run)

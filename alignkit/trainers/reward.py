@@ -63,7 +63,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     for step in training:
         for chunk in common.micro_chunks(run, data.train, step.number - 1):
             batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
-            loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
+            loss, metrics = objective(score_inputs(score_batch(engine, batch), batch))
             if not step.update(engine, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
                 return training.stop_nonfinite(step)
         if (stopped := training.end_step(step)) is not None:
@@ -71,7 +71,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return training.complete(tokenizer)
 
 
-def _as_inputs(scores: torch.Tensor, batch: Batch) -> SequenceLogps:
+def score_inputs(scores: torch.Tensor, batch: Batch) -> SequenceLogps:
     return SequenceLogps(logps=scores, lengths=batch.slot_lengths().float(), mask=batch.slot_mask, scores=batch.scores)
 
 
@@ -81,7 +81,7 @@ def evaluate(run: Run, engine: Any, objective: Any, groups: list[TokenizedGroup]
     meter = common.MetricMeter()
     for chunk, counted in common.eval_chunks(run, groups):
         batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
-        loss, metrics = objective(_as_inputs(score_batch(engine, batch), batch))
+        loss, metrics = objective(score_inputs(score_batch(engine, batch), batch))
         meter.add({"loss": loss, **metrics}, weight=batch.num_groups if counted else 0)
     engine.train()
     return meter.reduced(run)
