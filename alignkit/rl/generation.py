@@ -112,13 +112,12 @@ def check_sampling_args(
         raise ConfigError("generation settings: " + "; ".join(problems) + ".")
 
 
-def engine_for_run(cfg: DictConfig, policy: Any, tokenizer: Any) -> GenerationEngine:
-    """The generation engine of an online runner, as ``cfg.generation`` (the schema's
-    ``GenerationConfig``, checked at compose time) names it, over the policy: a DeepSpeed engine
-    wrapping a ``TargetLogProbs``-style module (its ``.model`` is sampled from). The vLLM engine
-    is told by the DeepSpeed engine when an optimizer step happened. ``cfg`` is a composed or
-    frozen config, typed by the schema (its values need no coercion)."""
-    gen = cfg.generation
+def engine_for_run(gen: Any, policy: Any, tokenizer: Any, *, max_prompt_length: int, seed: int) -> GenerationEngine:
+    """The generation engine of an online runner, as ``gen`` (the run's typed ``GenerationConfig``,
+    checked at compose time) names it, over the policy: a DeepSpeed engine wrapping a
+    ``TargetLogProbs``-style module (its ``.model`` is sampled from). The vLLM engine is told by the
+    DeepSpeed engine when an optimizer step happened; it sizes its context as ``max_prompt_length``
+    + ``gen.max_new_tokens`` and seeds its sampler with ``seed``."""
     module = getattr(policy, "module", policy)
     model = getattr(module, "model", module)
     if gen.engine != "vllm":
@@ -134,11 +133,11 @@ def engine_for_run(cfg: DictConfig, policy: Any, tokenizer: Any) -> GenerationEn
         model,
         eos_token_id=HFGenerationEngine(model, tokenizer).eos_token_ids,
         pad_token_id=getattr(tokenizer, "pad_token_id", None),
-        max_model_len=cfg.data.max_prompt_length + gen.max_new_tokens,  # prompt + completion tokens
+        max_model_len=max_prompt_length + gen.max_new_tokens,  # prompt + completion tokens
         trainer_engine=policy,
         gpu_memory_utilization=gen.vllm_gpu_memory_utilization,
         cpu_kv_cache_gib=gen.vllm_cpu_kv_cache_gib,
-        seed=cfg.trainer.seed,
+        seed=seed,
     )
 
 

@@ -55,7 +55,6 @@ COIN_SEED = 7_919  # the on-policy coin's stream, apart from sampling seeds
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     objective = objective_from_cfg(cfg.loss)  # gkd (checked at compose time)
-    from alignkit.rl.generation import engine_for_run
     from alignkit.rl.mixture import OTHER_SAMPLER_SEED, mixture_engine
 
     setup = loop.setup(cfg, run_dir, "sft")
@@ -63,7 +62,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     policy, tokenizer = loop.policy_engine(run, setup.steps)
     teacher = teacher_reference(run, policy, tokenizer)
     divergence = jsd_of(objective)
-    generator = engine_for_run(cfg, policy, tokenizer)
+    generator = rollout.generation_engine(run, policy, tokenizer)
     teacher_sampler = mixture_engine(policy, teacher, tokenizer, coef=1.0) if run.rl.seq_kd else None
     pad_id = tokenizer.pad_token_id
     evaluation = (lambda: evaluate(run, policy, teacher, divergence, data.eval, pad_id)) if data.eval else None

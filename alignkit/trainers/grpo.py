@@ -32,7 +32,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Train ``cfg``'s rollout loss (``grpo`` and variants) with group-relative advantages: ``{"exit_code": ...}``."""
     spec, _, hparams = loss_terms(cfg.loss)[0]
     from alignkit.rl.advantages import compute_advantages, frac_zero_std_groups
-    from alignkit.rl.generation import engine_for_run
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data, rl = setup.run, setup.data, setup.run.rl
@@ -41,7 +40,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run.print(f"  x {num_samples} samples = {run.trainer.batch_size * num_samples} completions/step, "
               f"{mu} optimizer step(s) per generation batch")
     policy, tokenizer = loop.policy_engine(run, setup.steps * mu)
-    generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
+    generator = rollout.generation_engine(run, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     # the KL term's reference, as the registry says for these hyper-parameters (grpo: beta != 0)
     reference = rollout.online_reference(run, policy, beta=1.0 if spec.reference_needed(hparams) else 0.0)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)

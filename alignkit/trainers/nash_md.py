@@ -38,7 +38,6 @@ PREFERENCES = ("sigmoid", "hard")
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Nash-MD: REINFORCE on P(policy sample beats a mixture sample), plus the KL term: ``{"exit_code": ...}``."""
     spec, _, hparams = loss_terms(cfg.loss)[0]
-    from alignkit.rl.generation import engine_for_run
     from alignkit.rl.mixture import OTHER_SAMPLER_SEED, mixture_engine
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
@@ -46,7 +45,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     half = rl.num_generations // 2
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(run, setup.steps)
-    generator = engine_for_run(cfg, policy, tokenizer)
+    generator = rollout.generation_engine(run, policy, tokenizer)
     needs_reference = spec.reference_needed(hparams) or rl.mixture_coef > 0
     reference = rollout.online_reference(run, policy, beta=1.0 if needs_reference else 0.0)
     mixture = mixture_engine(policy, reference, tokenizer, rl.mixture_coef) if needs_reference else generator

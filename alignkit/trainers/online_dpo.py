@@ -41,7 +41,6 @@ from alignkit.trainers.reference import ModuleReference
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Online DPO: best-vs-worst pairs of the policy's own samples, any paired loss: ``{"exit_code": ...}``."""
     objective = objective_from_cfg(cfg.loss)
-    from alignkit.rl.generation import engine_for_run
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data, rl = setup.run, setup.data, setup.run.rl
@@ -52,7 +51,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(run, setup.steps)
     judge = judges.build_judge(cfg, tokenizer)  # judge.kind: a pairwise judge ranks the samples (OAIF); null: rewards
-    generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
+    generator = rollout.generation_engine(run, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     if objective.needs_reference and run.model.lora.r > 0 and rl.update_reference_each_round:
         reference = AdapterSnapshotReference(policy)  # LoRA: the reference moves to a saved copy of the adapter
     else:

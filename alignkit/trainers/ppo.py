@@ -34,7 +34,6 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     value_loss = resolve_loss("ppo_value")
     from alignkit.models.value import ValueModel, load_value_model
     from alignkit.rl.advantages import compute_gae, whiten_batch
-    from alignkit.rl.generation import engine_for_run
     from alignkit.rl.kl import kl_per_token, shape_token_rewards
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
@@ -44,7 +43,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     actor, tokenizer = loop.policy_engine(run, setup.steps * epochs)
     critic_model, _ = load_value_model(run.model, dtype=run.deepspeed.dtype)
     critic = common.train_engine(critic_model, run, setup.steps * epochs, lr=rl.critic_lr)
-    generator = engine_for_run(cfg, actor, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
+    generator = rollout.generation_engine(run, actor, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     reference = rollout.online_reference(run, actor, beta=rl.kl_coef)
     evaluation = rollout.held_out_reward(run, actor, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, actor, setup.steps, evaluate=evaluation, extra_engines={"critic": critic})

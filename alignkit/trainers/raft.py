@@ -54,7 +54,6 @@ class Round:
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """Rounds of best-of-K sampling by reward, then SFT on the winners: ``{"exit_code": ...}``."""
     objective = objective_from_cfg(cfg.loss)  # sft (checked at compose time)
-    from alignkit.rl.generation import engine_for_run
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data = setup.run, setup.data
@@ -65,7 +64,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
               f"{'' if threshold is None else f' if its reward >= {threshold}'}; {len(starts)} round(s) "
               f"starting at steps {starts}")
     policy, tokenizer = loop.policy_engine(run, setup.steps)
-    generator = engine_for_run(cfg, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
+    generator = rollout.generation_engine(run, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)
     training = loop.begin(run, policy, setup.steps, evaluate=evaluation)
     per_rank, micro = run.trainer.batch_size // run.world, run.trainer.micro_batch_size  # this rank's winners/step

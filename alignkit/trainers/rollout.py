@@ -113,6 +113,15 @@ class CombinedReward:
         return total, parts
 
 
+def generation_engine(run: common.Run, policy: Any, tokenizer: Any) -> Any:
+    """The run's generation engine over ``policy`` (``generation.engine``: hf | vllm, weights pushed after
+    each optimizer step; ``generation.decode_dtype``), from its typed sections."""
+    from alignkit.rl.generation import engine_for_run
+
+    return engine_for_run(run.generation, policy, tokenizer, max_prompt_length=run.data.max_prompt_length,
+                          seed=run.trainer.seed)
+
+
 def prompt_schedule(run: common.Run, prompts: list[TokenizedGroup], step: int) -> list[TokenizedGroup]:
     """This rank's prompts for optimizer step ``step`` (0-based)."""
     indices = common.step_groups(len(prompts), step, run.trainer.batch_size, run.trainer.seed)

@@ -35,14 +35,13 @@ from alignkit.trainers.preference import sequence_logps
 def train(cfg: DictConfig, run_dir: Path) -> dict:
     """XPO: policy-vs-reference sample pairs, a pairwise loss plus the exploration term: ``{"exit_code": ...}``."""
     objective = objective_from_cfg(cfg.loss)
-    from alignkit.rl.generation import engine_for_run
     from alignkit.rl.mixture import OTHER_SAMPLER_SEED, mixture_engine
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data, half = setup.run, setup.data, setup.run.rl.num_generations // 2
     reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(run, setup.steps)
-    generator = engine_for_run(cfg, policy, tokenizer)
+    generator = rollout.generation_engine(run, policy, tokenizer)
     reference = rollout.online_reference(run, policy, beta=1.0)  # the LoRA-disabled base or a frozen copy
     reference_sampler = mixture_engine(policy, reference, tokenizer, coef=1.0)
     evaluation = rollout.held_out_reward(run, policy, generator, tokenizer, data.eval, reward_mix)

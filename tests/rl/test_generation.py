@@ -158,4 +158,4 @@ def test_settings_are_validated(model):
     with pytest.raises(ConfigError, match="Valid choices: hf, vllm"):
         check_engine(OmegaConf.create({"generation": {"engine": "sglang"}, "launcher": {"nnodes": 1}}))
     cfg = OmegaConf.structured(AlignkitConfig)  # the one GenerationConfig: the schema's
-    assert isinstance(engine_for_run(cfg, model, None), HFGenerationEngine)
+    assert isinstance(engine_for_run(cfg.generation, model, None, max_prompt_length=8, seed=0), HFGenerationEngine)

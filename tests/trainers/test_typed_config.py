@@ -26,8 +26,8 @@ FOLDERS = [ROOT / "trainers", ROOT / "rl"]
 # int(cfg.x), float(rl.x), str(t.x) ...: a coercion of a config node the schema already typed
 COERCION = re.compile(r"\b(int|float|str|bool)\((run\.)?(cfg|rl|t|gen|self\.cfg)\.[a-z_]")
 # the functions that take the whole config: the runners' entry points and start-up, the reward mix (its
-# free-form reward.options) and the generation engine's choice
-TAKES_WHOLE_CONFIG = {"train", "setup", "start", "build_reward_mix", "engine_for_run", "check_engine"}
+# free-form reward.options) and the compose-time engine check
+TAKES_WHOLE_CONFIG = {"train", "setup", "start", "build_reward_mix", "check_engine"}
 
 
 def _sources() -> list[Path]:
