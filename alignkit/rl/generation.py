@@ -121,11 +121,17 @@ def engine_for_run(gen: Any, policy: Any, tokenizer: Any, *, max_prompt_length: 
     module = getattr(policy, "module", policy)
     model = getattr(module, "model", module)
     if gen.engine != "vllm":
-        engine = HFGenerationEngine(model, tokenizer, decode_dtype=decode_dtype_for(gen.decode_dtype, policy))
+        dtype, note = decode_dtype_for(gen.decode_dtype, policy), ""
+        if dtype is not None and gen.decode_dtype == "auto":  # auto falls back (and says so); an explicit bf16 fails
+            from alignkit.rl.lean_decode import lean_decoder_for
+
+            able, why = lean_decoder_for(_unwrap_deepspeed(model))
+            dtype, note = (dtype, "") if able else (None, f" (decode_dtype=auto: no bf16 lean decoder for {why})")
+        engine = HFGenerationEngine(model, tokenizer, decode_dtype=dtype)
         if int(os.environ.get("RANK", "0")) == 0:
             from alignkit.trainers.common import console
 
-            console.print(f"  generation: {engine.decoder}", highlight=False)
+            console.print(f"  generation: {engine.decoder}{note}", highlight=False)
         return engine
     from alignkit.rl.vllm_engine import VLLMGenerationEngine
 

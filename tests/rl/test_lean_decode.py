@@ -15,7 +15,7 @@ from tiny_llama import tiny_llama
 
 from alignkit.config.schema import AlignkitConfig
 from alignkit.errors import ConfigError
-from alignkit.rl.generation import HFGenerationEngine, check_engine, decode_dtype_for
+from alignkit.rl.generation import HFGenerationEngine, check_engine, decode_dtype_for, engine_for_run
 from alignkit.rl.lean_decode import LeanDecoder, lean_decoder_for
 
 torch.set_num_threads(1)
@@ -192,3 +192,33 @@ def test_compose_time_checks():
     cfg.generation.decode_dtype = "fp16"
     with pytest.raises(ConfigError, match="decode_dtype='fp16' is not valid"):
         check_engine(cfg)
+
+
+def test_auto_falls_back_for_a_model_the_decoder_cannot_run_and_bf16_fails(capsys):
+    """Under bf16 autocast ``auto`` asks bf16 decoding; for a LoRA policy it decodes with transformers
+    instead and prints why; an explicit ``bf16`` fails with the reason."""
+    peft = pytest.importorskip("peft")
+    lora = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).base_model.model
+
+    class AutocastEngine(torch.nn.Module):  # what engine_for_run sees of a bf16_autocast DeepSpeed engine
+        def __init__(self, model):  # .module is the TargetLogProbs-style wrapper, .module.model the LM
+            super().__init__()
+            self.module = torch.nn.Module()
+            self.module.model = model
+
+        def torch_autocast_enabled(self):
+            return True
+
+        def torch_autocast_dtype(self):
+            return torch.bfloat16
+
+    gen = OmegaConf.structured(AlignkitConfig).generation
+    engine = engine_for_run(gen, AutocastEngine(lora), None, max_prompt_length=8, seed=0)
+    assert engine.decode_dtype is None and engine.decoder.startswith("transformers forward")
+    printed = " ".join(capsys.readouterr().err.split())
+    assert "decode_dtype=auto: no bf16 lean decoder for layer 0 q_proj is not a plain Linear" in printed
+    plain = engine_for_run(gen, AutocastEngine(tiny_llama().eval()), None, max_prompt_length=8, seed=0)
+    assert plain.decode_dtype is torch.bfloat16
+    gen.decode_dtype = "bf16"
+    with pytest.raises(ConfigError, match="q_proj"):
+        engine_for_run(gen, AutocastEngine(lora), None, max_prompt_length=8, seed=0)
