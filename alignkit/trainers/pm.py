@@ -30,9 +30,8 @@ from alignkit.config.validate import objective_from_cfg
 from alignkit.data.batch import TokenizedGroup
 from alignkit.losses.pairwise import ties
 from alignkit.models.pair_input import marker_ids, pair_group
-from alignkit.trainers import common, loop
-from alignkit.trainers.reward import RewardScorer, score_batch
-from alignkit.trainers.reward import score_inputs, evaluate  # the reward runner's held-out pass: same inputs and metrics
+from alignkit.trainers import loop
+from alignkit.trainers.reward import train_scorer
 
 
 def train(cfg: DictConfig, run_dir: Path) -> dict:
@@ -46,23 +45,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     if train_ties or eval_ties:
         run.print(f"pm: {train_ties} training and {eval_ties} held-out pairs have equal chosen/rejected scores: "
                   "trained towards P = 0.5 in both orders (left out of rewards/accuracy)")
-    from alignkit.models.load import load_reward_model
-
-    model, tokenizer = load_reward_model(run.model, dtype=run.deepspeed.dtype)
-    engine = common.train_engine(RewardScorer(model), run, setup.steps)
-    pad_id = tokenizer.pad_token_id
-    evaluation = (lambda: evaluate(run, engine, objective, eval_pairs, pad_id)) if eval_pairs else None
-    training = loop.begin(run, engine, setup.steps, evaluate=evaluation)
-
-    for step in training:
-        for chunk in common.micro_chunks(run, train_pairs, step.number - 1):
-            batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
-            loss, metrics = objective(score_inputs(score_batch(engine, batch), batch))
-            if not step.update(engine, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
-                return training.stop_nonfinite(step)
-        if (stopped := training.end_step(step)) is not None:
-            return stopped
-    return training.complete(tokenizer)
+    return train_scorer(run, setup.steps, objective, train_pairs, eval_pairs)  # the reward model's loop
 
 
 def as_pairs(groups: list[TokenizedGroup], markers: tuple[list[int], list[int]]) -> tuple[list[TokenizedGroup], int]:

@@ -52,16 +52,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     objective = objective_from_cfg(cfg.loss)
     setup = loop.setup(cfg, run_dir, "pairwise", kind="pairs")
     run, data = setup.run, setup.data
+    return train_scorer(run, setup.steps, objective, data.train, data.eval)
+
+
+def train_scorer(run: Run, steps: int, objective: Any, train: list[TokenizedGroup],
+                 held_out: list[TokenizedGroup]) -> dict:
+    """The scorer's loop (a scalar head on the last token, trained by ``objective`` on the groups'
+    scores): the reward model's, and the pairwise preference model's on its both-order pairs."""
     from alignkit.models.load import load_reward_model
 
     model, tokenizer = load_reward_model(run.model, dtype=run.deepspeed.dtype)
-    engine = common.train_engine(RewardScorer(model), run, setup.steps)
+    engine = common.train_engine(RewardScorer(model), run, steps)
     pad_id = tokenizer.pad_token_id
-    evaluation = (lambda: evaluate(run, engine, objective, data.eval, pad_id)) if data.eval else None
-    training = loop.begin(run, engine, setup.steps, evaluate=evaluation)
+    evaluation = (lambda: evaluate(run, engine, objective, held_out, pad_id)) if held_out else None
+    training = loop.begin(run, engine, steps, evaluate=evaluation)
 
     for step in training:
-        for chunk in common.micro_chunks(run, data.train, step.number - 1):
+        for chunk in common.micro_chunks(run, train, step.number - 1):
             batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
             loss, metrics = objective(score_inputs(score_batch(engine, batch), batch))
             if not step.update(engine, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
