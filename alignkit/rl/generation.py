@@ -121,17 +121,13 @@ def engine_for_run(gen: Any, policy: Any, tokenizer: Any, *, max_prompt_length: 
     module = getattr(policy, "module", policy)
     model = getattr(module, "model", module)
     if gen.engine != "vllm":
-        dtype, note = decode_dtype_for(gen.decode_dtype, policy), ""
-        if dtype is not None and gen.decode_dtype == "auto":  # auto falls back (and says so); an explicit bf16 fails
-            from alignkit.rl.lean_decode import lean_decoder_for
-
-            able, why = lean_decoder_for(_unwrap_deepspeed(model))
-            dtype, note = (dtype, "") if able else (None, f" (decode_dtype=auto: no bf16 lean decoder for {why})")
-        engine = HFGenerationEngine(model, tokenizer, decode_dtype=dtype)
+        # auto falls back to transformers' forward (and says so); an explicit bf16 fails
+        engine = HFGenerationEngine(model, tokenizer, decode_dtype=decode_dtype_for(gen.decode_dtype, policy),
+                                    strict_decode_dtype=gen.decode_dtype != "auto")
         if int(os.environ.get("RANK", "0")) == 0:
             from alignkit.trainers.common import console
 
-            console.print(f"  generation: {engine.decoder}{note}", highlight=False)
+            console.print(f"  generation: {engine.decoder}", highlight=False)
         return engine
     from alignkit.rl.vllm_engine import VLLMGenerationEngine
 
@@ -288,24 +284,28 @@ class HFGenerationEngine:
         pad_token_id: int | None = None,
         share_prompt_prefill: bool = True,
         decode_dtype: torch.dtype | None = None,
+        strict_decode_dtype: bool = True,
     ) -> None:
         self.model = model
         self.share_prompt_prefill = share_prompt_prefill
         inner = _unwrap_deepspeed(model)
         weights = next(inner.parameters()).dtype
         self.decode_dtype = decode_dtype if decode_dtype not in (None, weights) else None
+        self.fallback = ""
         if self.decode_dtype is not None:
             from alignkit.rl.lean_decode import lean_decoder_for
 
             able, why = lean_decoder_for(inner)
-            if not able:
+            if not able and not strict_decode_dtype:  # auto: transformers' forward, the reason printed with it
+                self.decode_dtype, self.fallback = None, f" (decode_dtype=auto: no bf16 lean decoder for {why})"
+            elif not able:
                 raise ConfigError(f"generation.decode_dtype={_dtype_name(decode_dtype)} decodes with alignkit's lean "
                                   f"decoder, which cannot run this model: {why}. Use generation.decode_dtype=auto "
                                   f"(the weights' precision, {_dtype_name(weights)}).")
         #: which forward decodes, in which precision (printed by the online runners)
         self.decoder = (f"lean static-cache decoder, {_dtype_name(self.decode_dtype)} matmuls on "
                         f"{_dtype_name(weights)} weights" if self.decode_dtype is not None
-                        else f"transformers forward, {_dtype_name(weights)}")
+                        else f"transformers forward, {_dtype_name(weights)}{self.fallback}")
         sources = [tokenizer, getattr(inner, "generation_config", None), getattr(inner, "config", None)]
         if eos_token_id is None:
             eos_token_id = next(

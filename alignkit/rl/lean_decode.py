@@ -103,6 +103,11 @@ class _Proj:
         return F.linear(x.to(self.dtype), self.weight).to(x.dtype)
 
 
+def _eps(norm: nn.Module) -> float:
+    """An RMSNorm's epsilon: ``variance_epsilon`` (Llama, Mistral, Qwen2) or ``eps``."""
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+
 @dataclass
 class _Layer:
     norm_in: torch.Tensor
@@ -136,12 +141,10 @@ class LeanDecoder:
         first = inner.layers[0].self_attn
         self.head_dim = getattr(first, "head_dim", None) or config.hidden_size // self.heads
         self.scaling = getattr(first, "scaling", self.head_dim**-0.5)
-        self.eps = [(layer.input_layernorm.variance_epsilon if hasattr(layer.input_layernorm, "variance_epsilon")
-                     else layer.input_layernorm.eps) for layer in inner.layers]
-        self.eps_post = [(n.variance_epsilon if hasattr(n, "variance_epsilon") else n.eps)
-                         for n in (layer.post_attention_layernorm for layer in inner.layers)]
+        self.eps = [_eps(layer.input_layernorm) for layer in inner.layers]
+        self.eps_post = [_eps(layer.post_attention_layernorm) for layer in inner.layers]
         self.norm_final = inner.norm.weight.detach()
-        self.eps_final = getattr(inner.norm, "variance_epsilon", getattr(inner.norm, "eps", 1e-6))
+        self.eps_final = _eps(inner.norm)
         self.model = model
         self.compute_dtype = compute_dtype
         self.layers: list[_Layer] = []
