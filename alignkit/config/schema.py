@@ -187,7 +187,7 @@ class AlignkitConfig:
 
 SECTIONS: dict[str, type] = {"trainer": TrainerConfig, "model": ModelConfig, "data": DataConfig,
                              "deepspeed": DeepSpeedConfig, "generation": GenerationConfig, "reward": RewardConfig,
-                             "rl": RLConfig}
+                             "rl": RLConfig, "judge": JudgeConfig, "logger": LoggerConfig}
 
 
 def typed_sections(cfg: DictConfig) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from typing import Any, Protocol, Sequence
 import torch
 
 from alignkit.errors import ConfigError
+from alignkit.models.config import ModelConfig
 
 JUDGE_KINDS = ("rule", "reward_model", "pairwise", "llm")
 TEMPLATE_FIELDS = ("prompt", "a", "b")
@@ -125,37 +126,32 @@ def check_template(template: str) -> None:
                           f"{', '.join('{' + f + '}' for f in sorted(fields)) or 'none'}.")
 
 
-def build_judge(cfg: Any, tokenizer: Any = None) -> Judge | None:
-    """The run's judge (``cfg.judge``), or None when ``judge.kind`` is null. Model judges load here."""
-    j = cfg.judge
+def build_judge(run: Any, tokenizer: Any = None) -> Judge | None:
+    """The run's judge (``run.judge``, a ``trainers.common.Run``), or None when ``judge.kind`` is null.
+
+    Model judges load here, with the run's data section (``run.data``: how a (prompt, a, b) is tokenized) and
+    precision (``run.deepspeed.dtype``); the rule judge's reward functions read the free-form
+    ``reward.options`` from ``run.cfg`` (no dataclass holds them)."""
+    j = run.judge
     if j.kind is None:
         return None
     if j.kind == "rule":
         from alignkit.rewards.registry import RewardMix
 
-        mix = RewardMix.from_config(cfg, names=[str(n) for n in j.fns]) if j.fns else RewardMix.from_config(cfg)
+        mix = RewardMix.from_config(run.cfg, names=list(j.fns)) if j.fns else RewardMix.from_config(run.cfg)
         return RuleJudge(mix)
-    from alignkit.data.config import DataConfig
-
-    d = cfg.data
-    data_cfg = DataConfig(max_length=int(d.max_length), max_prompt_length=int(d.max_prompt_length),
-                          chat_template=str(d.chat_template), input_template=d.input_template,
-                          prompt_truncation=str(d.prompt_truncation))
-    dtype, batch = cfg.deepspeed.dtype, j.batch_size  # a composed config is typed by the schema
+    dtype, batch = run.deepspeed.dtype, j.batch_size
     if j.kind == "reward_model":
-        return RewardModelJudge(_model_cfg(cfg, j.path), data_cfg, dtype=dtype, batch_size=batch)
+        return RewardModelJudge(_model_cfg(run.model, j.path), run.data, dtype=dtype, batch_size=batch)
     if j.kind == "pairwise":
-        return PairwiseJudge(_model_cfg(cfg, j.path), data_cfg, dtype=dtype, batch_size=batch)
-    return LLMJudge(_model_cfg(cfg, j.path), str(j.prompt_template), dtype=dtype, batch_size=batch)
+        return PairwiseJudge(_model_cfg(run.model, j.path), run.data, dtype=dtype, batch_size=batch)
+    return LLMJudge(_model_cfg(run.model, j.path), j.prompt_template, dtype=dtype, batch_size=batch)
 
 
-def _model_cfg(cfg: Any, path: str | None) -> Any:
-    from alignkit.config.schema import section
-    from alignkit.models.config import ModelConfig
-
-    model_cfg = section(cfg, "model", ModelConfig)
-    model_cfg = replace(model_cfg, lora=replace(model_cfg.lora, r=0))
-    return replace(model_cfg, name_or_path=str(path)) if path else model_cfg
+def _model_cfg(model: ModelConfig, path: str | None) -> ModelConfig:
+    """The judge's model section: the run's (tokenizer options, dtype knobs) without LoRA, at ``path``."""
+    model = replace(model, lora=replace(model.lora, r=0))
+    return replace(model, name_or_path=path) if path else model
 
 
 class RuleJudge:

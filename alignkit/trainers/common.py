@@ -23,11 +23,12 @@ import torch
 from omegaconf import DictConfig
 from rich.console import Console
 
-from alignkit.config.schema import GenerationConfig, RewardConfig, RLConfig, TrainerConfig, typed_sections
+from alignkit.config.schema import GenerationConfig, JudgeConfig, RewardConfig, RLConfig, TrainerConfig, typed_sections
 from alignkit.config.validate import world_size
 from alignkit.data.batch import Batch, TokenizedGroup
 from alignkit.data.config import DataConfig
 from alignkit.engine.config import DeepSpeedConfig
+from alignkit.engine.metrics import LoggerConfig
 from alignkit.models.config import ModelConfig
 
 console = Console(stderr=True)
@@ -37,7 +38,8 @@ console = Console(stderr=True)
 class Run:
     """What a trainer knows about its run: config, directory, process placement, logger.
 
-    ``trainer``, ``model``, ``data``, ``deepspeed``, ``generation``, ``reward`` and ``rl`` are the config's
+    ``trainer``, ``model``, ``data``, ``deepspeed``, ``generation``, ``reward``, ``rl``, ``judge`` and ``logger``
+    (the logging *settings*; the open metrics logger is ``metrics``) are the config's
     sections as the schema's dataclasses, converted once at start (``schema.typed_sections``): the runners read
     typed values from there, and pass these sections down, instead of coercing ``cfg.<section>.<key>`` at
     every use (``data`` is the data *config*; a runner's prepared data is ``loop.Setup.data``). ``cfg``
@@ -55,7 +57,10 @@ class Run:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     rl: RLConfig = field(default_factory=RLConfig)
-    logger: Any = None
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    resume: str | None = None  # the config's top-level resume: auto | PATH | null
+    metrics: Any = None  # the run's MetricsLogger, opened by loop.begin
     progress: Any = None
     stop: Any = None
     started: float = field(default_factory=time.time)
@@ -85,7 +90,7 @@ class Run:
         return any_rank(bool(self.stop and self.stop.requested))
 
     def log(self, step: int, metrics: dict[str, float], split: str = "train") -> None:
-        self.logger.log(metrics, step=step, split=split)
+        self.metrics.log(metrics, step=step, split=split)
         if split == "train" and self.progress is not None:
             self.progress.update(step, loss=metrics.get("loss"), tokens_per_s=metrics.get("tokens_per_s"))
 
@@ -93,8 +98,8 @@ class Run:
         if self.progress is not None:
             self.progress.__exit__(None, None, None)
             self.progress = None
-        if self.logger is not None:
-            self.logger.close()
+        if self.metrics is not None:
+            self.metrics.close()
         if self.stop is not None:
             self.stop.uninstall()
 
@@ -114,8 +119,15 @@ def start(cfg: DictConfig, run_dir: Path) -> Run:
     typed = typed_sections(cfg)
     seed_everything(typed["trainer"].seed + rank)
     torch.manual_seed(typed["trainer"].seed)  # identical model init on every rank
-    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, **typed,
+    return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, **typed, resume=cfg.resume,
                stop=StopRequest(at_once=True).install())
+
+
+def typed_run(cfg: DictConfig, run_dir: Path = Path(".")) -> Run:
+    """A one-process CPU ``Run`` holding ``cfg``'s typed sections, as ``start`` builds it but with no distributed
+    set-up, seeding or signal handling: for tools and tests that call the runners' helpers outside a run."""
+    return Run(cfg=cfg, run_dir=Path(run_dir), rank=0, world=1, device=torch.device("cpu"), **typed_sections(cfg),
+               resume=cfg.resume)
 
 
 def seed_everything(seed: int) -> None:

@@ -35,7 +35,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data, rl = setup.run, setup.data, setup.run.rl
-    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    reward_mix = rollout.build_reward_mix(run, data, setup.tokenizer)  # dry-calls the reward functions
     num_samples, mu, micro = rl.num_generations, rl.ppo_epochs, run.trainer.micro_batch_size
     run.print(f"  x {num_samples} samples = {run.trainer.batch_size * num_samples} completions/step, "
               f"{mu} optimizer step(s) per generation batch")

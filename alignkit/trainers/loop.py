@@ -195,7 +195,7 @@ def begin(run: Run, engine: Any, steps: int, *, evaluate: Evaluate | None = None
     from alignkit.engine.metrics import MetricsLogger
     from alignkit.engine.progress import TrainProgress
 
-    cfg, t = run.cfg, run.trainer
+    t, log = run.trainer, run.logger
     if run.device.type == "cpu" and t.cpu_release_freed_memory:
         # from here on: loading and a reference pre-pass stay below the training peak
         released = release_freed_memory()
@@ -203,16 +203,16 @@ def begin(run: Run, engine: Any, steps: int, *, evaluate: Evaluate | None = None
             instead = ("glibc unmaps freed tensors instead (slower steps)" if released.mechanism == "mmap_threshold"
                        else "freed tensors stay in the C library's heap (higher peak RSS)")
             run.print(f"[yellow]CPU block cache unavailable; {instead}:[/] {released.reason}")
-    path, state = resume_checkpoint(engine, run.run_dir, cfg.resume, extra_engines=extra_engines,
+    path, state = resume_checkpoint(engine, run.run_dir, run.resume, extra_engines=extra_engines,
                                     say=lambda text: run.print(f"[yellow]{escape(text)}[/]"))
     done = int(state.get("step", 0))
     if path is not None:
         run.print(f"[green]resumed[/] from {path} at step {done}")
         common.reapply_optimizer_settings(engine, t)  # a resume_allow'ed lr/decay/betas is really used
-    run.logger = MetricsLogger(run.run_dir, backends=tuple(cfg.logger.backends), rank=run.rank,
-                               wandb_project=cfg.logger.wandb_project, wandb_mode=cfg.logger.wandb_mode,
-                               run_name=run.run_dir.name, config=OmegaConf.to_container(cfg, resolve=True),
-                               truncate_after=done)
+    run.metrics = MetricsLogger(run.run_dir, backends=tuple(log.backends), rank=run.rank,
+                                wandb_project=log.wandb_project, wandb_mode=log.wandb_mode,
+                                run_name=run.run_dir.name, config=OmegaConf.to_container(run.cfg, resolve=True),
+                                truncate_after=done)
     if done == 0 and evaluate is not None and t.eval_every > 0:
         run.log(0, evaluate(), split="eval")
     run.progress = TrainProgress(steps, rank=run.rank, start_step=done).__enter__()

@@ -43,7 +43,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data, rl = setup.run, setup.data, setup.run.rl
     half = rl.num_generations // 2
-    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    reward_mix = rollout.build_reward_mix(run, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(run, setup.steps)
     generator = rollout.generation_engine(run, policy, tokenizer)
     needs_reference = spec.reference_needed(hparams) or rl.mixture_coef > 0

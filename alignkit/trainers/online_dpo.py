@@ -48,9 +48,9 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         raise ConfigError("online DPO needs a pairwise loss (e.g. loss=dpo) and rl.num_generations >= 2.")
     if rl.update_reference_each_round and rl.rounds > 1 and run.deepspeed.zero_stage == 3:
         raise ConfigError("rl.update_reference_each_round is not supported under ZeRO-3 yet; use zero2 or rounds=1.")
-    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    reward_mix = rollout.build_reward_mix(run, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(run, setup.steps)
-    judge = judges.build_judge(cfg, tokenizer)  # judge.kind: a pairwise judge ranks the samples (OAIF); null: rewards
+    judge = judges.build_judge(run, tokenizer)  # judge.kind: a pairwise judge ranks the samples (OAIF); null: rewards
     generator = rollout.generation_engine(run, policy, tokenizer)  # generation.engine: hf | vllm (weights pushed after each step)
     if objective.needs_reference and run.model.lora.r > 0 and rl.update_reference_each_round:
         reference = AdapterSnapshotReference(policy)  # LoRA: the reference moves to a saved copy of the adapter

@@ -38,7 +38,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data, rl = setup.run, setup.data, setup.run.rl
-    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    reward_mix = rollout.build_reward_mix(run, data, setup.tokenizer)  # dry-calls the reward functions
     num_samples, epochs, micro = rl.num_generations, rl.ppo_epochs, run.trainer.micro_batch_size
     actor, tokenizer = loop.policy_engine(run, setup.steps * epochs)
     critic_model, _ = load_value_model(run.model, dtype=run.deepspeed.dtype)

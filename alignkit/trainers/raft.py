@@ -57,7 +57,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data = setup.run, setup.data
-    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    reward_mix = rollout.build_reward_mix(run, data, setup.tokenizer)  # dry-calls the reward functions
     starts = round_starts(setup.steps, run.rl.rounds)
     threshold = run.rl.raft_min_reward
     run.print(f"  x {run.rl.num_generations} samples, the best kept per prompt"

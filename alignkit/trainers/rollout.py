@@ -5,8 +5,8 @@ completions per prompt with the policy, scores them with the reward mix, and ret
 groups filled with their completions (K=G) plus rewards. Groups never span ranks, so
 group-relative statistics are local. ``prompt_schedule`` is the online analogue of
 ``common.step_groups``: the prompts of step ``s`` are a pure function of the seed and ``s``.
-The functions take the run's typed sections (``run.generation``, ``run.deepspeed`` ...); only
-``build_reward_mix`` takes the whole config (the rule mix reads the free-form ``reward.options``).
+The functions take the run's typed sections (``run.generation``, ``run.deepspeed`` ...); ``build_reward_mix``
+takes the Run (its rule mix also reads the free-form ``reward.options`` from ``run.cfg``).
 Left out: asynchronous generation (the engines, HF and vLLM, are ``alignkit.rl.generation.engine_for_run``'s).
 """
 
@@ -18,9 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
-from alignkit.config.schema import GenerationConfig, RewardConfig, typed_sections
+from alignkit.config.schema import GenerationConfig, RewardConfig
 from alignkit.data.batch import Batch, TokenizedGroup, decode_prompt, per_token_view
 from alignkit.data.config import DataConfig
 from alignkit.engine.config import DeepSpeedConfig
@@ -40,18 +39,18 @@ class SampledBatch:
     gen_tokens: int
 
 
-def build_reward_mix(cfg: DictConfig, data: Any = None, tokenizer: Any = None) -> CombinedReward:
-    """Rule rewards by name (``reward.fns``) plus, with ``reward.model``, a trained reward model.
+def build_reward_mix(run: common.Run, data: Any = None, tokenizer: Any = None) -> CombinedReward:
+    """Rule rewards by name (``run.reward.fns``) plus, with ``reward.model``, a trained reward model.
 
     With ``data`` (prepared prompts) every rule function is called once on the first record before
     the reward model (or anything else) loads, so a function that cannot serve fails here, named.
-    ``cfg`` is the whole config: the rule mix reads the free-form ``reward.options`` from it.
+    The rule mix reads ``reward.options`` (free-form: no dataclass) from ``run.cfg``.
     """
     from alignkit.rewards.registry import RewardMix
 
-    mix = None
-    if cfg.reward.fns:
-        mix = RewardMix.from_config(cfg)  # fns, weights, reward.options, generation.max_new_tokens
+    reward, mix = run.reward, None
+    if reward.fns:
+        mix = RewardMix.from_config(run.cfg)  # fns, weights, reward.options, generation.max_new_tokens
         first = (list(data.train[:1]) or list(data.eval[:1])) if data is not None else []
         if first and tokenizer is not None:
             columns = {k: v for k, v in first[0].extra.items() if k != "prompt"}
@@ -59,11 +58,8 @@ def build_reward_mix(cfg: DictConfig, data: Any = None, tokenizer: Any = None) -
 
             mix.dry_run(decode_prompt(first[0], tokenizer), columns, raw_prompt=first[0].extra.get("prompt"),
                         completion_ids=tokenizer.encode(DRY_RUN_COMPLETION, add_special_tokens=False))
-    model = None
-    if cfg.reward.model:
-        typed = typed_sections(cfg)
-        model = ModelReward(typed["model"], typed["reward"], typed["deepspeed"], typed["data"])
-    return CombinedReward(mix, model, cfg.reward.model_weight)  # a float: the config is typed (schema)
+    model = ModelReward(run.model, reward, run.deepspeed, run.data) if reward.model else None
+    return CombinedReward(mix, model, reward.model_weight)
 
 
 class ModelReward:

@@ -39,7 +39,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
 
     setup = loop.setup(cfg, run_dir, "prompt", kind="prompts")
     run, data, half = setup.run, setup.data, setup.run.rl.num_generations // 2
-    reward_mix = rollout.build_reward_mix(cfg, data, setup.tokenizer)  # dry-calls the reward functions
+    reward_mix = rollout.build_reward_mix(run, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(run, setup.steps)
     generator = rollout.generation_engine(run, policy, tokenizer)
     reference = rollout.online_reference(run, policy, beta=1.0)  # the LoRA-disabled base or a frozen copy

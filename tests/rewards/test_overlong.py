@@ -158,6 +158,7 @@ def test_grpo_config_composes_and_the_reward_sees_the_token_counts(monkeypatch):
     from alignkit.config.compose import compose
     from alignkit.config.schema import GenerationConfig, section
     from alignkit.data.batch import TokenizedGroup
+    from alignkit.trainers.common import typed_run
     from alignkit.trainers.rollout import build_reward_mix, sample_groups
 
     cfg = compose(["recipe=grpo_tiny", "reward.fns=[accuracy,overlong]", "reward.weights=[1.0,0.5]",
@@ -165,7 +166,7 @@ def test_grpo_config_composes_and_the_reward_sees_the_token_counts(monkeypatch):
                    "generation.max_new_tokens=12", "rl.num_generations=4"])
     assert list(cfg.reward.fns) == ["accuracy", "overlong"]
     assert dict(cfg.reward.options.overlong) == {"cache": 4, "penalty_factor": 2.0}
-    reward = build_reward_mix(cfg)  # what the GRPO / PPO / online DPO trainers build
+    reward = build_reward_mix(typed_run(cfg))  # what the GRPO / PPO / online DPO trainers build
     mix = reward.mix
     fn = mix.functions[1]
     assert (fn.name, fn.options, fn.max_new_tokens) == ("overlong", {"cache": 4, "penalty_factor": 2.0}, 12)
@@ -193,8 +194,9 @@ def test_grpo_config_composes_and_the_reward_sees_the_token_counts(monkeypatch):
 def test_grpo_config_with_cache_zero_fails_before_any_model_loads():
     from alignkit.config.compose import compose
 
+    from alignkit.trainers.common import typed_run
     from alignkit.trainers.rollout import build_reward_mix
 
     cfg = compose(["recipe=grpo_tiny", "reward.fns=[accuracy,overlong]", "++reward.options.overlong.cache=0"])
     with pytest.raises(ConfigError, match=r"reward\.options\.overlong\.cache=0: the punishment interval"):
-        build_reward_mix(cfg)
+        build_reward_mix(typed_run(cfg))

@@ -37,6 +37,13 @@ def _judge_cfg(*overrides: str):
     return compose(["recipe=online_dpo_tiny", *overrides])
 
 
+def _run(cfg):
+    """``cfg``'s typed sections on a one-process Run (what build_judge and build_reward_mix take)."""
+    from alignkit.trainers.common import typed_run
+
+    return typed_run(cfg)
+
+
 def _compare(judge, pairs, **columns):
     prompts = ["prompt text"] * len(pairs)
     return judge.compare(prompts, [a for a, _ in pairs], [b for _, b in pairs],
@@ -44,7 +51,7 @@ def _compare(judge, pairs, **columns):
 
 
 def test_rule_judge_compares_the_rewards_and_ties_at_one_half():
-    judge = judges.build_judge(_judge_cfg("judge.kind=rule", "judge.fns=[accuracy]"))
+    judge = judges.build_judge(_run(_judge_cfg("judge.kind=rule", "judge.fns=[accuracy]")))
     p = _compare(judge, [(RIGHT, WRONG), (WRONG, RIGHT), (RIGHT, OTHER), (WRONG, "Answer: 12")])
     assert p.tolist() == [1.0, 0.0, 0.5, 0.5]  # accuracy: RIGHT and OTHER both right, both wrong ones 0
 
@@ -67,10 +74,10 @@ def test_rule_judge_win_rates_pick_the_same_pairs_as_the_rewards():
     groups = [replace(g, completion_train_mask=[[True] * len(ids) for ids in g.completion_ids]) for g in groups]
     decoded = [tokenizer.decode(ids, skip_special_tokens=True) for g in groups for ids in g.completion_ids]
     columns = {"prompt": [PROMPT] * 12, "answer": ["58"] * 12}
-    rewards, _ = build_reward_mix(cfg)(groups, ["p"] * 12, decoded, columns)
+    rewards, _ = build_reward_mix(_run(cfg))(groups, ["p"] * 12, decoded, columns)
     sampled = SampledBatch(groups=groups, rewards=torch.tensor(rewards), reward_parts={},
                            finished=torch.ones(12, dtype=torch.bool), gen_seconds=0.0, gen_tokens=0)
-    ranking = judges.win_rates(judges.build_judge(cfg), sampled, tokenizer)
+    ranking = judges.win_rates(judges.build_judge(_run(cfg)), sampled, tokenizer)
     default, judged = best_vs_worst(sampled), best_vs_worst(sampled, ranking)
     assert [p.completion_ids for p in judged] == [p.completion_ids for p in default]
     assert len(default) == 2  # the second prompt's samples all score 0 (a tie): no pair either way
@@ -79,7 +86,7 @@ def test_rule_judge_win_rates_pick_the_same_pairs_as_the_rewards():
 
 
 def test_reward_model_judge_is_the_sigmoid_of_the_score_difference(checkpoints):
-    judge = judges.build_judge(_judge_cfg("judge.kind=reward_model", f"judge.path={checkpoints['rm']}"))
+    judge = judges.build_judge(_run(_judge_cfg("judge.kind=reward_model", f"judge.path={checkpoints['rm']}")))
     pairs = [(RIGHT, WRONG), (WRONG, RIGHT), (OTHER, OTHER)]
     p = _compare(judge, pairs)
     groups = judge.groups(["x"] * 3, [a for a, _ in pairs], [b for _, b in pairs], {"prompt": [PROMPT] * 3})
@@ -100,7 +107,7 @@ def test_pairwise_judge_averages_both_orders_of_the_trained_pm(checkpoints):
 
     exported = AutoModelForSequenceClassification.from_pretrained(checkpoints["pm"])  # loads with transformers
     assert exported.config.num_labels == 1
-    judge = judges.build_judge(_judge_cfg("judge.kind=pairwise", f"judge.path={checkpoints['pm']}"))
+    judge = judges.build_judge(_run(_judge_cfg("judge.kind=pairwise", f"judge.path={checkpoints['pm']}")))
     pairs = [(RIGHT, WRONG), (WRONG, RIGHT), (OTHER, OTHER)]
     p = _compare(judge, pairs)
     first, second = marker_ids(judge.tokenizer)
@@ -117,7 +124,7 @@ def test_pairwise_judge_averages_both_orders_of_the_trained_pm(checkpoints):
 
 
 def test_llm_judge_reads_a_vs_b_in_both_orders_and_averages():
-    judge = judges.build_judge(_judge_cfg("judge.kind=llm"))  # the run's (tiny) model, frozen
+    judge = judges.build_judge(_run(_judge_cfg("judge.kind=llm")))  # the run's (tiny) model, frozen
     pairs = [(RIGHT, WRONG), (WRONG, RIGHT), (OTHER, OTHER), ("Answer: 58", OTHER + " Or maybe not.")]
     p = _compare(judge, pairs)
     question = PROMPT[0]["content"]

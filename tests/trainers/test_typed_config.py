@@ -23,11 +23,14 @@ from alignkit.trainers.common import Run
 
 ROOT = Path(alignkit.__file__).parent
 FOLDERS = [ROOT / "trainers", ROOT / "rl"]
-# int(cfg.x), float(rl.x), str(t.x) ...: a coercion of a config node the schema already typed
-COERCION = re.compile(r"\b(int|float|str|bool)\((run\.)?(cfg|rl|t|gen|self\.cfg)\.[a-z_]")
-# the functions that take the whole config: the runners' entry points and start-up, the reward mix (its
-# free-form reward.options) and the compose-time engine check
-TAKES_WHOLE_CONFIG = {"train", "setup", "start", "build_reward_mix", "check_engine"}
+# int(cfg.x), float(rl.x), str(t.x), int(run.cfg.x) ...: a coercion of a config node the schema already typed
+COERCION = re.compile(r"\b(int|float|str|bool)\((run\.)?(cfg|rl|t|gen|self\.cfg)\.[a-z_]|\b(int|float|str|bool)\([\w.]*\bcfg\.")
+# the functions that take the whole config: the runners' entry points and start-up, the one-process Run of
+# tools and tests, and the compose-time checks
+TAKES_WHOLE_CONFIG = {"train", "setup", "start", "typed_run", "check_engine"}
+# the compose-time checks read the composed config (no Run exists yet); everything else reads run.<section>
+READS_CONFIG_SECTIONS = {"check_engine", "check_judge", "start", "typed_run"}
+CONFIG_KEYS = set(SECTIONS) | {"resume", "launcher"}
 
 
 def _sources() -> list[Path]:
@@ -41,6 +44,57 @@ def test_no_coercion_or_to_object_of_config_nodes_in_trainers_and_rl():
             if COERCION.search(line) or "OmegaConf.to_object(" in line:
                 found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not found, "read the typed sections on the Run (run.rl, run.model ...) instead:\n" + "\n".join(found)
+
+
+def _is_config(node: ast.AST) -> bool:
+    """``cfg``, ``run.cfg``, ``self.cfg`` ..."""
+    return (isinstance(node, ast.Name) and node.id == "cfg") or (isinstance(node, ast.Attribute) and node.attr == "cfg")
+
+
+def _config_section_reads(tree: ast.AST) -> list[tuple[str, int, str]]:
+    """(function, line, source) of each ``cfg.<section>``, ``cfg["<section>"]`` or ``cfg.get("<section>")``
+    for a section the Run holds typed, outside the functions allowed to read the composed config."""
+    found = []
+    for function in ast.walk(tree):
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or function.name in READS_CONFIG_SECTIONS:
+            continue
+        for node in ast.walk(function):
+            key = None
+            if isinstance(node, ast.Attribute) and _is_config(node.value):
+                key = node.attr
+            elif isinstance(node, ast.Subscript) and _is_config(node.value) and isinstance(node.slice, ast.Constant):
+                key = node.slice.value
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get"
+                  and _is_config(node.func.value) and node.args and isinstance(node.args[0], ast.Constant)):
+                key = node.args[0].value
+            if key in CONFIG_KEYS:
+                found.append((function.name, node.lineno, ast.unparse(node)))
+    return found
+
+
+def test_no_config_section_is_read_from_the_config_past_start():
+    """``d = cfg.data; int(d.max_length)`` slipped past the coercion pattern once (judges.build_judge): any read
+    of a typed section from the config, aliased or not, is caught here."""
+    found = [f"{path.relative_to(ROOT)}:{line}: {name}: {text}"
+             for path in _sources() for name, line, text in _config_section_reads(ast.parse(path.read_text()))]
+    assert not found, "read run.<section> (typed, converted once by common.start) instead:\n" + "\n".join(found)
+
+
+@pytest.mark.parametrize("source", [
+    "def build(cfg):\n    d = cfg.data\n    return d.max_length\n",
+    "def build(run):\n    return run.cfg.judge.kind\n",
+    "def build(self):\n    return self.cfg['generation']\n",
+    "def build(run):\n    return run.cfg.get('reward')\n",
+    "def begin(run):\n    return run.cfg.resume\n",
+])
+def test_the_section_read_check_catches_planted_reads(source):
+    assert _config_section_reads(ast.parse(source))
+
+
+def test_the_coercion_pattern_catches_planted_coercions():
+    for line in ["int(cfg.data.max_length)", "float(run.cfg.trainer.lr)", "str(self.cfg.model.name)", "int(rl.rounds)"]:
+        assert COERCION.search(line), line
+    assert not COERCION.search("int(state.get('step', 0))")
 
 
 def test_only_the_entry_points_take_the_whole_config():
