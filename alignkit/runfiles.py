@@ -53,24 +53,12 @@ def exists(path: Path) -> bool:
 
 
 def write_text(path: Path, text: str | bytes) -> None:
-    """Write ``text`` (or bytes) to ``path`` atomically (temp file + rename), never through a symlink."""
-    path = Path(path)
-    refuse_symlink(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    except FileExistsError:  # a leftover of a crashed write of this pid, or planted: replace it, not follow it
-        tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    """Write ``text`` (or bytes) to ``path`` atomically (``models.fsutil.atomic_write``); a link at ``path``
+    is refused (a run directory's files are its own)."""
+    from alignkit.models.fsutil import atomic_write
+
+    refuse_symlink(Path(path))
+    atomic_write(path, text)
 
 
 def append_line(path: Path, line: str) -> None:

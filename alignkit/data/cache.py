@@ -23,7 +23,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from alignkit.data.batch import TokenizedGroup
+from alignkit.models.fsutil import atomic_write
 
 FORMAT = "alignkit-data-cache/2"
 SUFFIX = ".safetensors"
@@ -133,17 +133,7 @@ def write_cache(path: Path, key: str, train: list[TokenizedGroup], evaluation: l
     }
     header = {"format": FORMAT, "key": key, "sha256": _digest(**tensors)}
     payload = save(tensors, metadata=header)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, payload)
 
 
 def read_cache(path: Path, key: str):

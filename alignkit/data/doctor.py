@@ -15,8 +15,6 @@ Deliberately left out: terminal formatting (``cli.py``) and model loading (the c
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,20 +168,10 @@ def inspect_path(path: str, tokenizer: Any, *, n: int = 3, max_length: int = 102
 
 
 def write_jsonl_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
-    """Write rows to a temporary file next to ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    mask = os.umask(0o022)
-    os.umask(mask)
-    os.chmod(temp, 0o666 & ~mask)  # mkstemp makes it 0600; the converted file follows the umask like any other
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for row in rows:
-                out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write rows to a temporary file next to ``path``, then rename it into place (``fsutil.atomic_write``)."""
+    from alignkit.models.fsutil import atomic_write
+
+    atomic_write(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def convert_records(records: list[Record], to: str, *, strategy: str = "all_pairs", min_gap: float = 0.0,

@@ -177,10 +177,9 @@ def cached_probe(cpu: CpuInfo, cache_dir: Optional[Path] = None, measure=None) -
     result = ProbeResult(shapes=result.shapes, fp32_gflops=result.fp32_gflops, bf16_gflops=result.bf16_gflops,
                          threads=threads, torch_version=version, cpu_model=cpu.model)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"format": PROBE_FORMAT, **asdict(result)}, indent=1))
-        os.replace(tmp, path)
+        from alignkit.models.fsutil import atomic_write
+
+        atomic_write(path, json.dumps({"format": PROBE_FORMAT, **asdict(result)}, indent=1))
     except OSError:
         pass  # a read-only cache: the probe is repeated next time, the choice is the same
     return result, path, False

@@ -1,4 +1,9 @@
-"""Filesystem helpers for model folders: write a directory atomically, serialise processes with a lock.
+"""Filesystem helpers: write a file or a directory atomically, serialise processes with a lock.
+
+``atomic_write`` is the one way a file is written in place: a new temporary sibling (random name, created
+exclusively, so a link planted next to the target is never written through), flushed and fsync'ed, then
+renamed over the target (a link *at* the target is replaced, not followed); the file's mode follows the
+umask like any other; on failure the temporary file is removed and the target is untouched.
 
 ``atomic_directory`` yields a temporary sibling folder; when the block succeeds the folder takes the
 final name in one ``rename`` (an existing folder is moved aside first and removed after), and when
@@ -18,6 +23,25 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Write ``data`` (text is UTF-8) to ``path`` atomically; see the module docstring."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")  # O_EXCL, 0600
+    try:
+        mask = os.umask(0o022)
+        os.umask(mask)
+        os.fchmod(handle, 0o666 & ~mask)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data.encode("utf-8") if isinstance(data, str) else data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

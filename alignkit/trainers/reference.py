@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 
 from alignkit.data.batch import Batch, TokenizedGroup, sum_per_slot
+from alignkit.models.fsutil import atomic_write
 from alignkit.models.logprobs import ReferenceHead, forward_logps
 
 
@@ -163,20 +164,7 @@ def write_table(path: Path, key: str, identity: dict, table: dict[str, list[list
     tensors = {"values": torch.tensor(flat, dtype=torch.float32),
                "meta": torch.frombuffer(bytearray(meta.encode()), dtype=torch.uint8).clone()}
     payload = save(tensors, metadata={"format": CACHE_FORMAT, "key": key, "sha256": _digest(**tensors)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():  # planted in a shared cache folder, or a crashed write: never followed
-        tmp.unlink()
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-        with os.fdopen(fd, "wb") as out:
-            out.write(payload)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, payload)  # a random temp name, created exclusively: a planted link is never followed
 
 
 def read_table(path: Path, key: str, groups: list[TokenizedGroup]) -> dict[str, list[list[float]]]:

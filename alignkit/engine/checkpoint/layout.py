@@ -104,7 +104,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def write_text_atomic(path: Path, text: str) -> None:
     from alignkit import runfiles
 
-    runfiles.write_text(path, text)  # temp file opened O_EXCL|O_NOFOLLOW: a planted link is never followed
+    runfiles.write_text(path, text)  # temp file opened O_EXCL|O_NOFOLLOW: a planted link is never written through
 
 
 def has_frozen_parameters(engine: Any) -> bool:
