@@ -160,7 +160,8 @@ class RuleJudge:
     def __init__(self, scorer: Any) -> None:
         self.scorer = scorer
 
-    def compare(self, prompts, completions_a, completions_b, **columns) -> torch.Tensor:
+    def compare(self, prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str],
+                **columns: list) -> torch.Tensor:
         ra = torch.as_tensor(list(self.scorer(list(prompts), list(completions_a), **columns)[0]), dtype=torch.float32)
         rb = torch.as_tensor(list(self.scorer(list(prompts), list(completions_b), **columns)[0]), dtype=torch.float32)
         return (ra > rb).float() + 0.5 * (ra == rb).float()
@@ -213,7 +214,8 @@ class _ModelJudge:
 class RewardModelJudge(_ModelJudge):
     """``sigmoid(r_a - r_b)`` of a reward model."""
 
-    def compare(self, prompts, completions_a, completions_b, **columns) -> torch.Tensor:
+    def compare(self, prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str],
+                **columns: list) -> torch.Tensor:
         scores = self.scores(self.groups(prompts, completions_a, completions_b, columns))
         return torch.sigmoid(scores[:, 0] - scores[:, 1])
 
@@ -221,7 +223,8 @@ class RewardModelJudge(_ModelJudge):
 class PairwiseJudge(_ModelJudge):
     """A pairwise preference model (``recipe=pm_*``), both orders averaged."""
 
-    def compare(self, prompts, completions_a, completions_b, **columns) -> torch.Tensor:
+    def compare(self, prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str],
+                **columns: list) -> torch.Tensor:
         from alignkit.models.pair_input import marker_ids, pair_group
 
         markers = marker_ids(self.tokenizer)
@@ -260,7 +263,7 @@ class LLMJudge:
             return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
         return list(self.tokenizer(question)["input_ids"])
 
-    def first_wins(self, prompts, firsts, seconds) -> torch.Tensor:
+    def first_wins(self, prompts: Sequence[str], firsts: Sequence[str], seconds: Sequence[str]) -> torch.Tensor:
         """``q = p(A) / (p(A) + p(B))`` for each question listing ``firsts`` as A."""
         questions = [self.prompt_ids(self.template.format(prompt=p, a=a, b=b))
                      for p, a, b in zip(prompts, firsts, seconds)]
@@ -271,7 +274,8 @@ class LLMJudge:
             out.append(pair[:, 0].exp())
         return torch.cat(out) if out else torch.zeros(0)
 
-    def compare(self, prompts, completions_a, completions_b, **columns) -> torch.Tensor:
+    def compare(self, prompts: Sequence[str], completions_a: Sequence[str], completions_b: Sequence[str],
+                **columns: list) -> torch.Tensor:
         texts = [_prompt_text(p, raw) for p, raw in zip(prompts, columns.get("prompt") or [None] * len(prompts))]
         ab = self.first_wins(texts, completions_a, completions_b)
         ba = self.first_wins(texts, completions_b, completions_a)

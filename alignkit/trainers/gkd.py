@@ -35,6 +35,7 @@ import random
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,7 +102,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     return training.complete(tokenizer)
 
 
-def jsd_of(objective: Any):
+def jsd_of(objective: Any) -> Callable[..., Any]:
     """``generalized_jsd`` with the run's ``loss.beta`` / ``loss.temperature`` (the gkd signature's defaults)."""
     part = objective.parts[0]
     hp = {k: v for k, v in inspect.signature(part.spec.fn).parameters.items() if v.kind is v.KEYWORD_ONLY}

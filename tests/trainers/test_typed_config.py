@@ -108,6 +108,33 @@ def test_only_the_entry_points_take_the_whole_config():
     assert not found, "pass the typed sections (run.data, run.deepspeed ...), not the config:\n" + "\n".join(found)
 
 
+def _unannotated(tree: ast.AST) -> list[str]:
+    """Public functions and public classes' methods (module level) missing an argument or return annotation."""
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef):
+            functions = [node]
+        elif isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            functions = [n for n in node.body if isinstance(n, ast.FunctionDef)]
+        else:
+            continue
+        for f in functions:
+            if f.name.startswith("_") and f.name != "__init__":
+                continue
+            args = [a for a in f.args.posonlyargs + f.args.args + f.args.kwonlyargs if a.arg not in ("self", "cls")]
+            missing = [a.arg for a in args if a.annotation is None]
+            if missing or (f.returns is None and f.name != "__init__"):
+                found.append(f"{f.lineno}: {f.name} ({', '.join(missing) or 'return'})")
+    return found
+
+
+def test_public_functions_in_trainers_and_rl_are_annotated():
+    found = [f"{path.relative_to(ROOT)}:{hit}" for path in _sources() for hit in _unannotated(ast.parse(path.read_text()))]
+    assert not found, "annotate the public functions of trainers/ and rl/ (issue 21, goal 2):\n" + "\n".join(found)
+    assert _unannotated(ast.parse("def f(a: int):\n    pass\nclass C:\n    def m(self, x) -> None:\n        pass\n")) == [
+        "1: f (return)", "4: m (x)"]
+
+
 def test_one_forward_logps():
     from alignkit.models import logprobs
     from alignkit.trainers import nash_md, preference, reference
