@@ -26,8 +26,11 @@ accelerator, in ``deepspeed.dtype``, outside DeepSpeed (frozen, no ZeRO sharding
 ``win_rates(judge, sampled, tokenizer)`` turns a judge into a ranking of each prompt's K samples: all
 K(K-1)/2 pairs are compared and each sample's score is its mean P of beating the others (for a rule
 judge this orders samples exactly as their rewards do). Online DPO (``judge.kind`` set) picks the
-best and the worst by it (OAIF, Guo et al. 2024). Left out: vLLM for the llm judge (it reads logits
-from the HF engine), API judges, and the other online runners (xpo, nash_md rank by rewards still).
+best and the worst by it (OAIF, Guo et al. 2024). ``pair_preference(judge, own, other, tokenizer)``
+compares the j-th sample of ``own`` with the j-th of ``other`` for each prompt: XPO's policy-vs-reference
+pairs (the policy's is chosen where P >= 0.5, TRL's ``model_scores >= ref_scores``) and Nash-MD's
+policy-vs-mixture preference (P itself, as TRL's ``judge(..., return_scores=True)``).
+Left out: vLLM for the llm judge (it reads logits from the HF engine), API judges.
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ from alignkit.errors import ConfigError
 from alignkit.models.config import ModelConfig
 
 JUDGE_KINDS = ("rule", "reward_model", "pairwise", "llm")
+JUDGE_RUNNERS = ("online_dpo", "xpo", "nash_md")  # the runners that read judge.kind
+RL_DEFAULT_PREFERENCE = "sigmoid"  # RLConfig.preference's default (a test keeps them equal)
 TEMPLATE_FIELDS = ("prompt", "a", "b")
 ANSWERS = ("A", "B")
 
@@ -63,9 +68,12 @@ def check_judge(cfg: Any, runner: str) -> None:
     if j.kind not in JUDGE_KINDS:
         raise ConfigError(f"judge.kind={j.kind!r} is not valid. Valid choices: {', '.join(JUDGE_KINDS)} "
                           "(or null: rank by the rewards).")
-    if runner != "online_dpo":
-        raise ConfigError(f"judge.kind={j.kind} is read by runner=online_dpo only; this run's runner is {runner}. "
-                          "Remove judge.kind.")
+    if runner not in JUDGE_RUNNERS:
+        raise ConfigError(f"judge.kind={j.kind} is read by runner={' / '.join(JUDGE_RUNNERS)} only; this run's "
+                          f"runner is {runner}. Remove judge.kind.")
+    if runner == "nash_md" and cfg.rl.preference != RL_DEFAULT_PREFERENCE:
+        raise ConfigError(f"rl.preference={cfg.rl.preference} is not read with judge.kind={j.kind}: Nash-MD's "
+                          "preference is then the judge's P(policy sample beats mixture sample). Remove one of them.")
     if j.kind in ("reward_model", "pairwise"):
         trained = "rm_*" if j.kind == "reward_model" else "pm_*"
         if not j.path:
@@ -293,6 +301,34 @@ def _prompt_text(prompt: str, raw: Any) -> str:
     return prompt
 
 
+def pair_preference(judge: Judge, own: Any, other: Any, tokenizer: Any) -> torch.Tensor:
+    """``[S]`` (group-major, as ``own.rewards``): P(the j-th sample of ``own`` beats the j-th of ``other``) for
+    each prompt; ``own`` and ``other`` are ``SampledBatch``es of the same prompts with the same group size."""
+    from alignkit.data.batch import decode_prompt
+
+    if len(own.groups) != len(other.groups) or any(a.group_size != b.group_size
+                                                   for a, b in zip(own.groups, other.groups)):
+        raise ValueError("pair_preference needs two samplings of the same prompts with the same group size")
+    decode = lambda batch: [tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+                            for g in batch.groups for ids in g.completion_ids]
+    a_texts, b_texts = decode(own), decode(other)
+    prompts = [decode_prompt(g, tokenizer) for g in own.groups for _ in range(g.group_size)]
+    keys = sorted({k for g in own.groups for k in g.extra})
+    columns = {k: [g.extra.get(k) for g in own.groups for _ in range(g.group_size)] for k in keys}
+    if not prompts:
+        return torch.zeros(0)
+    return _checked(judge.compare(prompts, a_texts, b_texts, **columns), len(prompts))
+
+
+def _checked(probability: torch.Tensor, n: int) -> torch.Tensor:
+    """The judge's answer as ``[n]`` float32 on the CPU, else a ValueError naming what came back."""
+    probability = torch.as_tensor(probability).float().cpu()
+    if probability.shape != (n,) or not bool(torch.isfinite(probability).all()):
+        raise ValueError(f"judge returned {tuple(probability.shape)} values (finite: "
+                         f"{bool(torch.isfinite(probability).all())}) for {n} comparisons")
+    return probability
+
+
 def win_rates(judge: Judge, sampled: Any, tokenizer: Any) -> torch.Tensor:
     """``[S]`` (group-major, as ``sampled.rewards``): each sample's mean P of beating its group's others."""
     from alignkit.data.batch import decode_prompt
@@ -315,10 +351,7 @@ def win_rates(judge: Judge, sampled: Any, tokenizer: Any) -> torch.Tensor:
     wins = torch.zeros(offset)
     counts = torch.zeros(offset)
     if index:
-        probability = judge.compare(prompts, a_texts, b_texts, **columns).float().cpu()
-        if probability.shape != (len(index),) or not bool(torch.isfinite(probability).all()):
-            raise ValueError(f"judge returned {tuple(probability.shape)} values (finite: "
-                             f"{bool(torch.isfinite(probability).all())}) for {len(index)} comparisons")
+        probability = _checked(judge.compare(prompts, a_texts, b_texts, **columns), len(index))
         for (i, j), p in zip(index, probability.tolist()):
             wins[i] += p
             wins[j] += 1.0 - p

@@ -8,7 +8,8 @@ generation engine) and as many from the mixture ``pi^(1-m) * ref^m`` with ``m = 
 pair of each prompt the preference ``P`` that the policy's sample wins (``rl.preference``:
 ``sigmoid`` = ``sigmoid(r_policy - r_mixture)``, TRL's, which reads the rewards as Bradley-Terry
 logits; ``hard`` = 1 for a higher reward, 0.5 for a tie, 0 for a lower one, the judge's verdict,
-free of the reward's scale) -> micro-batches of the policy samples of ``trainer.micro_batch_size``
+free of the reward's scale; with ``judge.kind`` set, the judge's P (``alignkit/rl/judges.py``), as TRL's
+``judge(..., return_scores=True)``, and ``rl.preference`` is refused) -> micro-batches of the policy samples of ``trainer.micro_batch_size``
 prompts with advantage ``P - 0.5`` -> the loss -> one optimizer step. Only the policy's samples are
 trained on; the mixture's are scored only.
 
@@ -30,6 +31,7 @@ from alignkit.config.validate import loss_terms
 from alignkit.data.batch import per_token_view
 from alignkit.errors import ConfigError
 from alignkit.models.logprobs import forward_logps
+from alignkit.rl import judges
 from alignkit.trainers import common, loop, rollout
 
 PREFERENCES = ("sigmoid", "hard")
@@ -45,6 +47,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     half = rl.num_generations // 2
     reward_mix = rollout.build_reward_mix(run, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(run, setup.steps)
+    judge = judges.build_judge(run, tokenizer)  # judge.kind: the judge's P(policy beats mixture); null: rewards
     generator = rollout.generation_engine(run, policy, tokenizer)
     needs_reference = spec.reference_needed(hparams) or rl.mixture_coef > 0
     reference = rollout.online_reference(run, policy, beta=1.0 if needs_reference else 0.0)
@@ -61,7 +64,10 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                     seed=seed)
         mixed = rollout.sample_groups(mixture, tokenizer, prompts, reward_mix, run.generation, num_samples=half,
                                       seed=seed + OTHER_SAMPLER_SEED)
-        probability = preference(own.rewards, mixed.rewards, rl.preference)  # [S], S = prompts * half
+        if judge is not None:
+            probability = judges.pair_preference(judge, own, mixed, tokenizer)  # [S], S = prompts * half
+        else:
+            probability = preference(own.rewards, mixed.rewards, rl.preference)
         policy.train()
         for i in range(0, len(own.groups), micro):
             batch = common.collate_groups(own.groups[i : i + micro], run.data, pad_id).to(run.device)

@@ -14,8 +14,7 @@ reference is fixed (the LoRA-disabled base, or a frozen copy): no rounds (refuse
 with ``rl.rounds > 1``). The reference's samples go through the HF engine, so
 ``generation.engine=vllm`` is refused at compose time. Metrics: the policy samples' ``reward/*``,
 ``reward/reference`` (the reference samples' mean), ``chosen_from_policy`` and ``ties`` (shares of
-pairs), ``gen_seconds`` of both samplings. Left out: TRL's pairwise-judge path (alignkit rewards
-are scalar per completion) and its EOS penalty.
+pairs), ``gen_seconds`` of both samplings. Left out: TRL's EOS penalty.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from omegaconf import DictConfig
 
 from alignkit.config.validate import objective_from_cfg
 from alignkit.data.batch import TokenizedGroup
+from alignkit.rl import judges
 from alignkit.trainers import common, loop, rollout
 from alignkit.trainers.preference import sequence_logps
 
@@ -41,6 +41,7 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
     run, data, half = setup.run, setup.data, setup.run.rl.num_generations // 2
     reward_mix = rollout.build_reward_mix(run, data, setup.tokenizer)  # dry-calls the reward functions
     policy, tokenizer = loop.policy_engine(run, setup.steps)
+    judge = judges.build_judge(run, tokenizer)  # judge.kind: the judge picks chosen in each pair; null: rewards
     generator = rollout.generation_engine(run, policy, tokenizer)
     reference = rollout.online_reference(run, policy, beta=1.0)  # the LoRA-disabled base or a frozen copy
     reference_sampler = mixture_engine(policy, reference, tokenizer, coef=1.0)
@@ -55,7 +56,8 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
                                     seed=seed)
         ref = rollout.sample_groups(reference_sampler, tokenizer, prompts, reward_mix, run.generation, num_samples=half,
                                     seed=seed + OTHER_SAMPLER_SEED)
-        pairs = policy_vs_reference(own, ref)  # per prompt, its `half` (pair, chosen is the policy's) in order
+        wins = judges.pair_preference(judge, own, ref, tokenizer) if judge is not None else None
+        pairs = policy_vs_reference(own, ref, wins)  # per prompt, its `half` (pair, chosen is the policy's) in order
         policy.train()
         for i in range(0, len(pairs), micro * half):
             chunk = pairs[i : i + micro * half]
@@ -65,21 +67,23 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             loss, metrics = objective(inputs)
             if not step.update(policy, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
                 return training.stop_nonfinite(step)
-        metrics = {**rollout.reward_metrics(own), **pair_metrics(own, ref, pairs),
+        metrics = {**rollout.reward_metrics(own), **pair_metrics(own, ref, pairs, wins),
                    "gen_seconds": own.gen_seconds + ref.gen_seconds}
         if (stopped := training.end_step(step, metrics)) is not None:
             return stopped
     return training.complete(tokenizer)
 
 
-def policy_vs_reference(own: rollout.SampledBatch, ref: rollout.SampledBatch) -> list[tuple[TokenizedGroup, bool]]:
+def policy_vs_reference(own: rollout.SampledBatch, ref: rollout.SampledBatch,
+                        wins: torch.Tensor | None = None) -> list[tuple[TokenizedGroup, bool]]:
     """``(chosen, rejected)`` groups pairing the j-th policy sample of each prompt with its j-th reference
-    sample, and whether the policy's is the chosen one (a higher reward, or a tie)."""
+    sample, and whether the policy's is the chosen one: a higher reward or a tie, or with ``wins`` (a judge's
+    ``[S]`` P(policy's beats reference's)) P >= 0.5."""
     pairs, offset = [], 0
     for mine, theirs in zip(own.groups, ref.groups):
         for j in range(mine.group_size):
             r_own, r_ref = float(own.rewards[offset + j]), float(ref.rewards[offset + j])
-            own_chosen = r_own >= r_ref
+            own_chosen = r_own >= r_ref if wins is None else float(wins[offset + j]) >= 0.5
             slots = [(mine, r_own), (theirs, r_ref)] if own_chosen else [(theirs, r_ref), (mine, r_own)]
             pairs.append((replace(
                 mine,
@@ -98,10 +102,15 @@ def reference_slots(pairs: list[tuple[TokenizedGroup, bool]]) -> torch.Tensor:
 
 
 def pair_metrics(own: rollout.SampledBatch, ref: rollout.SampledBatch,
-                 pairs: list[tuple[TokenizedGroup, bool]]) -> dict[str, float]:
-    """The reference samples' mean reward, and the shares of pairs the policy won and that tied."""
-    return {
+                 pairs: list[tuple[TokenizedGroup, bool]], wins: torch.Tensor | None = None) -> dict[str, float]:
+    """The reference samples' mean reward, and the shares of pairs the policy won and that tied (equal rewards,
+    or with a judge P = 0.5); with a judge also its mean P (``judge/policy_wins``)."""
+    ties = (own.rewards == ref.rewards) if wins is None else (wins == 0.5)
+    metrics = {
         "reward/reference": float(ref.rewards.mean()),
         "chosen_from_policy": sum(own_chosen for _, own_chosen in pairs) / max(len(pairs), 1),
-        "ties": float((own.rewards == ref.rewards).float().mean()),
+        "ties": float(ties.float().mean()),
     }
+    if wins is not None:
+        metrics["judge/policy_wins"] = float(wins.mean())
+    return metrics

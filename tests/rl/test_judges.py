@@ -172,7 +172,7 @@ def test_a_judge_path_of_the_wrong_model_class_is_refused(checkpoints):
 def test_a_judge_on_another_runner_is_refused():
     from alignkit.config.validate import validate
 
-    with pytest.raises(ConfigError, match="read by runner=online_dpo only; this run's runner is grpo"):
+    with pytest.raises(ConfigError, match="read by runner=online_dpo / xpo / nash_md only; this run's runner is grpo"):
         validate(compose(["recipe=grpo_tiny", "judge.kind=llm"]))
 
 
@@ -183,4 +183,16 @@ def test_online_dpo_with_a_pairwise_judge_trains(tmp_path, checkpoints):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["split"] == "train"]
     assert len(train) == 2 and all(r["pairs"] > 0 and "loss" in r and "reward/mean" in r for r in train), train
+    assert (run / "final").is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, key", [("xpo_tiny", "judge/policy_wins"), ("nash_md_tiny", "preference")])
+def test_xpo_and_nash_md_with_a_pairwise_judge_train(tmp_path, checkpoints, recipe, key):
+    run = _train(tmp_path, recipe, f"recipe={recipe}", "judge.kind=pairwise", f"judge.path={checkpoints['pm']}",
+                 "trainer.max_steps=2", "generation.max_new_tokens=8", "trainer.eval_every=0")
+    train = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    # a trained pm gives soft probabilities: not the 1 / 0.5 / 0 of ranking by rewards
+    assert len(train) == 2 and all(0.0 < r[key] < 1.0 and r[key] not in (0.25, 0.5, 0.75) for r in train), train
     assert (run / "final").is_dir()

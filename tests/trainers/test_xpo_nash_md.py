@@ -78,6 +78,95 @@ def test_policy_vs_reference_pairs_the_j_th_samples_and_ties_go_to_the_policy():
     assert metrics["reward/reference"] == pytest.approx(0.35)
 
 
+def test_a_judge_decides_xpo_pairs_instead_of_the_rewards():
+    own = _sampled([[0.5, 0.1], [0.3, 0.3]], base=100)
+    ref = _sampled([[0.2, 0.9], [0.3, 0.0]], base=200)
+    wins = torch.tensor([0.2, 0.5, 0.9, 0.0])  # against the rewards on pairs 0 and 3; a judge's tie on pair 1
+    pairs = xpo.policy_vs_reference(own, ref, wins)
+    assert [own_chosen for _, own_chosen in pairs] == [False, True, True, False]
+    assert [g.completion_ids for g, _ in pairs] == [[[200, 7], [100, 7]], [[101, 7], [201, 7]],
+                                                   [[110, 7], [210, 7]], [[211, 7], [111, 7]]]
+    metrics = xpo.pair_metrics(own, ref, pairs, wins)
+    assert metrics["chosen_from_policy"] == 0.5 and metrics["ties"] == 0.25
+    assert metrics["judge/policy_wins"] == pytest.approx(0.4)
+
+
+class _Decode:
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_pair_preference_compares_the_j_th_samples_of_each_prompt_with_their_columns():
+    from alignkit.rl import judges
+
+    own, other = _sampled([[1, 2], [3, 4]], base=100), _sampled([[0, 0], [0, 0]], base=200)
+    for i, g in enumerate(own.groups):
+        g.extra["answer"] = str(i)
+    seen = {}
+
+    class Judge:
+        def compare(self, prompts, a, b, **columns):
+            seen.update(prompts=prompts, a=a, b=b, **columns)
+            return torch.tensor([0.0, 0.25, 0.5, 1.0])
+
+    p = judges.pair_preference(Judge(), own, other, _Decode())
+    assert p.tolist() == [0.0, 0.25, 0.5, 1.0]
+    assert seen["a"] == ["100 7", "101 7", "110 7", "111 7"] and seen["b"] == ["200 7", "201 7", "210 7", "211 7"]
+    assert seen["answer"] == ["0", "0", "1", "1"] and len(seen["prompts"]) == 4
+
+    class Short:
+        def compare(self, prompts, a, b, **columns):
+            return torch.tensor([0.5])
+
+    with pytest.raises(ValueError, match=r"judge returned \(1,\) values .* for 4 comparisons"):
+        judges.pair_preference(Short(), own, other, _Decode())
+    with pytest.raises(ValueError, match="same prompts"):
+        judges.pair_preference(Judge(), own, _sampled([[0, 0]], base=200), _Decode())
+
+
+def test_judge_settings_on_xpo_and_nash_md_compose_and_conflicts_fail():
+    from alignkit.config.schema import RLConfig
+    from alignkit.rl import judges
+
+    assert RLConfig().preference == judges.RL_DEFAULT_PREFERENCE
+    for recipe in ("xpo_tiny", "nash_md_tiny", "xpo_smollm2", "nash_md_smollm2"):
+        validate(compose([f"recipe={recipe}", "judge.kind=rule", "judge.fns=[reply_length]"]))
+    with pytest.raises(ConfigError, match="rl.preference=hard is not read with judge.kind=rule"):
+        validate(compose(["recipe=nash_md_tiny", "judge.kind=rule", "rl.preference=hard"]))
+
+
+@pytest.mark.parametrize("recipe, verdict", [("xpo_tiny", 0.0), ("nash_md_tiny", 1.0)])
+def test_xpo_and_nash_md_train_on_the_judges_verdict(tmp_path, monkeypatch, recipe, verdict):
+    """A judge that always says the reference's (xpo) / the policy's (nash_md) sample wins, whatever the
+    rewards: every pair's chosen is the reference's, every preference is 1. A runner that kept ranking by the
+    rewards fails."""
+    from alignkit.rl import judges
+
+    class Constant:
+        def compare(self, prompts, a, b, **columns):
+            return torch.full((len(prompts),), verdict)
+
+    built = []
+    monkeypatch.setattr(judges, "build_judge", lambda run, tokenizer=None: built.append(run.judge.kind) or Constant())
+    assert train_from_overrides([f"recipe={recipe}", "trainer.max_steps=2", *FAST, "judge.kind=rule",
+                                 f"output_dir={tmp_path}", "run_name=run"]) == 0
+    rows = _metrics(tmp_path / "run")
+    assert built == ["rule"] and len(rows) == 2
+    if recipe == "xpo_tiny":
+        assert all(r["chosen_from_policy"] == 0.0 and r["judge/policy_wins"] == 0.0 for r in rows), rows
+    else:
+        assert all(r["preference"] == 1.0 for r in rows), rows
+
+
+@pytest.mark.parametrize("recipe", ["xpo_tiny", "nash_md_tiny"])
+def test_a_rule_judge_runs_in_xpo_and_nash_md(tmp_path, recipe):
+    assert train_from_overrides([f"recipe={recipe}", "trainer.max_steps=1", *FAST, "judge.kind=rule",
+                                 "judge.fns=[reply_length]", f"output_dir={tmp_path}", "run_name=run"]) == 0
+    (row,) = _metrics(tmp_path / "run")
+    key = "judge/policy_wins" if recipe == "xpo_tiny" else "preference"
+    assert 0.0 <= row[key] <= 1.0  # the mean of per-pair verdicts 1 / 0.5 / 0
+
+
 @pytest.mark.parametrize("recipe", ["xpo_tiny", "nash_md_tiny"])
 def test_tiny_presets_train_log_and_export(tmp_path, recipe):
     assert train_from_overrides([f"recipe={recipe}", "trainer.max_steps=2", "generation.max_new_tokens=8",
@@ -105,7 +194,7 @@ def test_xpo_raises_the_chosen_samples_over_the_rejected(tmp_path, monkeypatch):
     whichever sampler) rises more than its rejected sample's. A runner that swapped the slots fails."""
     recorded = []
     pair_up = xpo.policy_vs_reference
-    monkeypatch.setattr(xpo, "policy_vs_reference", lambda own, ref: recorded.append(pair_up(own, ref)) or recorded[-1])
+    monkeypatch.setattr(xpo, "policy_vs_reference", lambda *a: recorded.append(pair_up(*a)) or recorded[-1])
     assert train_from_overrides(["recipe=xpo_tiny", "trainer.max_steps=3", *FAST, "loss.beta=0.5",
                                  f"output_dir={tmp_path}", "run_name=run"]) == 0
     decided = [g for step in recorded for g, _ in step if g.scores[0] > g.scores[1]]  # ties left out
