@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Best-of-K by a judge: does the judge pick right answers? Held-out answer accuracy with 95% intervals.
+
+    python scripts/judge_eval.py --policy MODEL --judge-kind pairwise --judge-path RUN/final [--k 4] [--n 200]
+        [--out DIR] [--samples DIR/samples.jsonl]
+
+For the first ``n`` held-out demo prompts (``data/demo/prompts_eval.jsonl``) the policy samples ``k`` replies
+each (temperature ``--temperature``, the library's generation engine, seed 0); the judge
+(``alignkit.rl.judges``: ``pairwise`` = a ``recipe=pm_*`` folder, ``reward_model`` = ``rm_*``, ``llm`` = a causal
+LM asked A or B, ``rule`` = the demo's reward functions) compares every pair of a prompt's replies and the
+reply with the highest mean win probability is picked (``judges.win_rates``, as online DPO ranks; ties go to
+the earlier sample). Every reply is scored with the same parser as ``answer_eval.py``
+(``alignkit.rewards.judge.accuracy_score``). Written to ``--out``/judge_summary_<kind>.json and printed:
+
+* the picked replies' answer accuracy (Wilson 95% interval), against the *first* sample's (a pick without a
+  judge, the same replies) with Newcombe's paired interval for the difference;
+* the mean accuracy over all samples (a random pick's expectation) and the oracle (any sample right), the
+  ceiling a judge can reach on these samples; the share of prompts where the judge had a right answer to pick
+  and picked one.
+
+``--samples`` reuses an earlier run's samples.jsonl (the same prompts, k and policy), so several judges are
+compared on the same replies. Left out: anything not on the demo task; a judge's own calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from answer_eval import EVAL_MAX_NEW_TOKENS, paired_difference, wilson  # noqa: E402
+
+
+def sample(policy: str, n: int, k: int, temperature: float) -> list[dict]:
+    """``k`` sampled replies of ``policy`` to each of the first ``n`` held-out prompts."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from alignkit.config.compose import compose
+    from alignkit.data.batch import decode_prompt
+    from alignkit.data.config import SourceConfig
+    from alignkit.data.pipeline import prepare_data
+    from alignkit.models.load import load_causal_lm
+    from alignkit.rl.generation import HFGenerationEngine
+
+    cfg = compose(["recipe=dpo_smollm2"])
+    model_cfg = OmegaConf.to_object(cfg.model)
+    model_cfg.name_or_path, model_cfg.lora.r = policy, 0
+    model, tokenizer = load_causal_lm(model_cfg)
+    model.eval()
+    data_cfg = OmegaConf.to_object(cfg.data)
+    data_cfg.train = [SourceConfig(path=str(ROOT / "data" / "demo" / "prompts_eval.jsonl"))]
+    data_cfg.eval, data_cfg.eval_fraction, data_cfg.max_records = [], 0.0, n
+    prompts = prepare_data(data_cfg, "prompt", tokenizer).train
+    engine, rows = HFGenerationEngine(model, tokenizer), []
+    with torch.no_grad():
+        for i in range(0, len(prompts), 8):
+            chunk = prompts[i : i + 8]
+            rollouts = engine.generate([p.prompt_ids for p in chunk], num_samples=k, max_new_tokens=EVAL_MAX_NEW_TOKENS,
+                                       temperature=temperature, seed=i)
+            for j, p in enumerate(chunk):
+                mine = [r for r in rollouts if r.prompt_index == j]
+                rows.append({"prompt": decode_prompt(p, tokenizer), "answer": p.extra.get("answer"),
+                             "extra": {key: v for key, v in p.extra.items() if isinstance(v, (str, int, float, list))},
+                             "replies": [tokenizer.decode(r.completion_ids, skip_special_tokens=True) for r in mine]})
+    return rows
+
+
+def pick(rows: list[dict], kind: str, path: str | None) -> list[list[float]]:
+    """Each prompt's replies' mean win probability under the judge (all pairs, as ``judges.win_rates``)."""
+    from alignkit.config.compose import compose
+    from alignkit.rl import judges
+    from alignkit.trainers.common import typed_run
+
+    overrides = ["recipe=online_dpo_smollm2", f"judge.kind={kind}"] + ([f"judge.path={path}"] if path else [])
+    judge = judges.build_judge(typed_run(compose(overrides)))
+    prompts, a, b, index, columns = [], [], [], [], {}
+    for r, row in enumerate(rows):
+        for i in range(len(row["replies"])):
+            for j in range(i + 1, len(row["replies"])):
+                prompts.append(row["prompt"])
+                a.append(row["replies"][i])
+                b.append(row["replies"][j])
+                index.append((r, i, j))
+                for key, value in row["extra"].items():
+                    columns.setdefault(key, []).append(value)
+    wins = [[0.0] * len(row["replies"]) for row in rows]
+    for start in range(0, len(index), 64):
+        part = slice(start, start + 64)
+        probability = judge.compare(prompts[part], a[part], b[part], **{k: v[part] for k, v in columns.items()})
+        for (r, i, j), q in zip(index[part], probability.tolist()):
+            wins[r][i] += q
+            wins[r][j] += 1.0 - q
+    return [[w / max(len(ws) - 1, 1) for w in ws] for ws in wins]
+
+
+def summarise(rows: list[dict], rates: list[list[float]]) -> dict:
+    from alignkit.rewards.judge import accuracy_score
+
+    right = [[bool(accuracy_score(reply, r["answer"])) for reply in r["replies"]] for r in rows]
+    picked = [max(range(len(rs)), key=lambda j: (rs[j], -j)) for rs in rates]
+    chosen = [ok[j] for ok, j in zip(right, picked)]
+    first = [ok[0] for ok in right]
+    n = len(rows)
+
+    def rate(values: list[bool]) -> dict:
+        k = sum(values)
+        low, high = wilson(k, n)
+        return {"accuracy": k / n, "low": low, "high": high}
+
+    could = [i for i, ok in enumerate(right) if any(ok) and not all(ok)]
+    return {"n": n, "k": len(rows[0]["replies"]) if rows else 0, "picked": rate(chosen), "first_sample": rate(first),
+            "paired_picked_vs_first": paired_difference(chosen, first),
+            "mean_sample_accuracy": sum(sum(ok) / len(ok) for ok in right) / n, "oracle": rate([any(ok) for ok in right]),
+            "mixed_prompts": len(could), "right_picked_on_mixed": sum(chosen[i] for i in could) / max(len(could), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", help="the model whose samples are judged (e.g. the SmolLM2 folder)")
+    parser.add_argument("--judge-kind", required=True, choices=["rule", "reward_model", "pairwise", "llm"])
+    parser.add_argument("--judge-path", default=None)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.9)
+    parser.add_argument("--samples", type=Path, default=None, help="reuse this samples.jsonl instead of sampling")
+    parser.add_argument("--out", type=Path, default=Path("judge-eval"))
+    args = parser.parse_args()
+    if args.samples:
+        rows = [json.loads(line) for line in args.samples.read_text().splitlines()]
+    elif args.policy:
+        rows = sample(args.policy, args.n, args.k, args.temperature)
+    else:
+        parser.error("give --policy MODEL (to sample) or --samples FILE")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.samples:
+        (args.out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rates = pick(rows, args.judge_kind, args.judge_path)
+    summary = {"judge": {"kind": args.judge_kind, "path": args.judge_path}, **summarise(rows, rates)}
+    (args.out / f"judge_summary_{args.judge_kind}.json").write_text(json.dumps(summary, indent=1))
+    p, f, d = summary["picked"], summary["first_sample"], summary["paired_picked_vs_first"]
+    print(f"judge {args.judge_kind} {args.judge_path or ''}: best of {summary['k']} on N={summary['n']} held-out prompts: "
+          f"picked {p['accuracy']:.3f} [{p['low']:.3f}, {p['high']:.3f}] vs first sample {f['accuracy']:.3f} "
+          f"[{f['low']:.3f}, {f['high']:.3f}]: {d['difference'] * 100:+.1f} points "
+          f"[{d['difference_low'] * 100:+.1f}, {d['difference_high'] * 100:+.1f}]; mean sample "
+          f"{summary['mean_sample_accuracy']:.3f}, oracle {summary['oracle']['accuracy']:.3f}; "
+          f"on the {summary['mixed_prompts']} prompts with right and wrong replies the judge picked a right one "
+          f"{summary['right_picked_on_mixed']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
