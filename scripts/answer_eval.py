@@ -130,9 +130,9 @@ def headline(summary: dict, what: str, where: str) -> list[str]:
     ]
 
 
-def generate(model_path: str, n: int) -> list[dict]:
-    """Greedy replies (up to 48 new tokens) of one model to the first ``n`` held-out prompts, with the library's engine."""
-    import torch
+def held_out_engine(model_path: str, n: int) -> tuple:
+    """``(engine, tokenizer, prompts)``: the library's HF generation engine on ``model_path`` (no LoRA) and the
+    first ``n`` held-out demo prompts, prepared as the SmolLM2 presets prepare their data."""
     from omegaconf import OmegaConf
 
     from alignkit.config.compose import compose
@@ -150,7 +150,15 @@ def generate(model_path: str, n: int) -> list[dict]:
     data_cfg.train = [SourceConfig(path=str(ROOT / "data" / "demo" / "prompts_eval.jsonl"))]
     data_cfg.eval, data_cfg.eval_fraction, data_cfg.max_records = [], 0.0, n
     prompts = prepare_data(data_cfg, "prompt", tokenizer).train
-    engine, texts = HFGenerationEngine(model, tokenizer), []
+    return HFGenerationEngine(model, tokenizer), tokenizer, prompts
+
+
+def generate(model_path: str, n: int) -> list[dict]:
+    """Greedy replies (up to 48 new tokens) of one model to the first ``n`` held-out prompts, with the library's engine."""
+    import torch
+
+    engine, tokenizer, prompts = held_out_engine(model_path, n)
+    texts = []
     with torch.no_grad():
         for i in range(0, len(prompts), 16):
             chunk = prompts[i : i + 16]

@@ -32,31 +32,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from answer_eval import EVAL_MAX_NEW_TOKENS, paired_difference, wilson  # noqa: E402
+from answer_eval import EVAL_MAX_NEW_TOKENS, held_out_engine, paired_difference, wilson  # noqa: E402
 
 
 def sample(policy: str, n: int, k: int, temperature: float) -> list[dict]:
     """``k`` sampled replies of ``policy`` to each of the first ``n`` held-out prompts."""
     import torch
-    from omegaconf import OmegaConf
 
-    from alignkit.config.compose import compose
     from alignkit.data.batch import decode_prompt
-    from alignkit.data.config import SourceConfig
-    from alignkit.data.pipeline import prepare_data
-    from alignkit.models.load import load_causal_lm
-    from alignkit.rl.generation import HFGenerationEngine
 
-    cfg = compose(["recipe=dpo_smollm2"])
-    model_cfg = OmegaConf.to_object(cfg.model)
-    model_cfg.name_or_path, model_cfg.lora.r = policy, 0
-    model, tokenizer = load_causal_lm(model_cfg)
-    model.eval()
-    data_cfg = OmegaConf.to_object(cfg.data)
-    data_cfg.train = [SourceConfig(path=str(ROOT / "data" / "demo" / "prompts_eval.jsonl"))]
-    data_cfg.eval, data_cfg.eval_fraction, data_cfg.max_records = [], 0.0, n
-    prompts = prepare_data(data_cfg, "prompt", tokenizer).train
-    engine, rows = HFGenerationEngine(model, tokenizer), []
+    engine, tokenizer, prompts = held_out_engine(policy, n)
+    rows = []
     with torch.no_grad():
         for i in range(0, len(prompts), 8):
             chunk = prompts[i : i + 8]
