@@ -26,8 +26,9 @@ accelerator, in ``deepspeed.dtype``, outside DeepSpeed (frozen, no ZeRO sharding
 ``win_rates(judge, sampled, tokenizer)`` turns a judge into a ranking of each prompt's K samples: all
 K(K-1)/2 pairs are compared and each sample's score is its mean P of beating the others (for a rule
 judge this orders samples exactly as their rewards do). Online DPO (``judge.kind`` set) picks the
-best and the worst by it (OAIF, Guo et al. 2024). Left out: vLLM for the llm judge (it reads logits
-from the HF engine), API judges, and the other online runners (xpo, nash_md rank by rewards still).
+best and the worst by it (OAIF, Guo et al. 2024); SPPO (``runner=sppo``) trains on these win rates as its
+estimates of P(y > pi_t). Left out: vLLM for the llm judge (it reads logits from the HF engine), API judges,
+and the other online runners (xpo, nash_md rank by rewards still).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ import torch
 from alignkit.errors import ConfigError
 
 JUDGE_KINDS = ("rule", "reward_model", "pairwise", "llm")
+JUDGE_RUNNERS = ("online_dpo", "sppo")  # the runners that read judge.kind
 TEMPLATE_FIELDS = ("prompt", "a", "b")
 ANSWERS = ("A", "B")
 
@@ -62,9 +64,9 @@ def check_judge(cfg: Any, runner: str) -> None:
     if j.kind not in JUDGE_KINDS:
         raise ConfigError(f"judge.kind={j.kind!r} is not valid. Valid choices: {', '.join(JUDGE_KINDS)} "
                           "(or null: rank by the rewards).")
-    if runner != "online_dpo":
-        raise ConfigError(f"judge.kind={j.kind} is read by runner=online_dpo only; this run's runner is {runner}. "
-                          "Remove judge.kind.")
+    if runner not in JUDGE_RUNNERS:
+        raise ConfigError(f"judge.kind={j.kind} is read by runner={' and runner='.join(JUDGE_RUNNERS)} only; this run's "
+                          f"runner is {runner}. Remove judge.kind.")
     if j.kind in ("reward_model", "pairwise"):
         trained = "rm_*" if j.kind == "reward_model" else "pm_*"
         if not j.path:
