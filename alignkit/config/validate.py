@@ -322,6 +322,10 @@ def _check_sppo(cfg: DictConfig, runner: str, terms: list) -> None:
     if names != ["sppo"]:
         raise ConfigError(f"runner=sppo trains loss=sppo alone; loss.name={cfg.loss.name}. Use loss=sppo "
                           "(recipe=sppo_tiny).")
+    from alignkit.losses.common import validate_knobs
+
+    spec, _, hp = terms[0]
+    validate_knobs("sppo", {**spec.hparams(), **hp})  # beta > 0 (eta = 1 / beta); rollout losses are not checked above
     _choice(str(cfg.rl.sppo_samples), SAMPLE_CHOICES, "rl.sppo_samples")
     if not cfg.rl.update_reference_each_round:
         raise ConfigError("rl.update_reference_each_round=false: SPPO's reference is the last iterate pi_t by "

@@ -116,10 +116,12 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
             chunk = samples.groups[i : i + micro]
             size = sum(g.group_size for g in chunk)
             batch = common.collate_groups(chunk, run.data, pad_id).to(run.device)
+            # the reference first: a LoRA reference swaps the adapter in place, which the policy's graph must not see
+            pi_t = Computed(reference.logps(batch, with_tokens=True))
             out = forward_logps(policy, batch)
             centred = (samples.targets[offset : offset + size] - 0.5).to(run.device)  # P(y > pi_t) - 1/2
             offset += size
-            loss, metrics = spec.fn(rollout.rollout_inputs(out["logps"], batch, centred, None, reference), **hparams)
+            loss, metrics = spec.fn(rollout.rollout_inputs(out["logps"], batch, centred, None, pi_t), **hparams)
             if not step.update(policy, loss, {"loss": loss, **metrics}, tokens=batch.num_real_tokens()):
                 return training.stop_nonfinite(step)
         metrics = {**rollout.reward_metrics(samples.sampled), **win_rate_metrics(samples),
@@ -127,6 +129,16 @@ def train(cfg: DictConfig, run_dir: Path) -> dict:
         if (stopped := training.end_step(step, metrics)) is not None:
             return stopped
     return training.complete(tokenizer)
+
+
+class Computed:
+    """A reference whose log-probs of one batch are already computed (``ModuleReference.logps``'s result)."""
+
+    def __init__(self, result: tuple[Any, Any]) -> None:
+        self.result = result
+
+    def logps(self, batch: Any, with_tokens: bool = False) -> tuple[Any, Any]:
+        return self.result
 
 
 def reward_win_rates(sampled: rollout.SampledBatch) -> torch.Tensor:
