@@ -56,11 +56,12 @@ def test_only_the_entry_points_take_the_whole_config():
 
 def test_one_forward_logps():
     from alignkit.models import logprobs
-    from alignkit.trainers import nash_md, preference, reference
+    from alignkit.trainers import nash_md, preference, reference, sppo
 
     assert reference.forward_logps is logprobs.forward_logps
     assert preference.forward_logps is logprobs.forward_logps
     assert nash_md.forward_logps is logprobs.forward_logps
+    assert sppo.forward_logps is logprobs.forward_logps
 
 
 @pytest.mark.parametrize("overrides", [
