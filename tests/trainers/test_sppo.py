@@ -168,3 +168,36 @@ def test_sppo_presets_compose():
         validate(compose([f"recipe={recipe}"]))
     cfg = compose(["recipe=sppo_smollm2"])
     assert cfg.judge.kind == "rule" and cfg.runner == "sppo" and cfg.rl.sppo_samples == "best_worst"
+
+
+def test_stop_and_resume_at_a_round_boundary_is_exact_and_mid_round_starts_a_fresh_iteration(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """Stopped after step 2 (the end of round 1, as by SIGTERM) and resumed: the same losses as an
+    uninterrupted run. Stopped after step 1 (mid-round) and resumed: step 2 re-enters its round with the
+    reference moved to the resumed policy (kl 0) and resamples it, as the module docstring says."""
+    from alignkit.engine import faults
+    from alignkit.trainers.common import Run
+
+    common = ["recipe=sppo_tiny", "generation.max_new_tokens=6", "trainer.eval_every=0", f"output_dir={tmp_path}"]
+    assert train_from_overrides([*common, "run_name=full"]) == 0
+    real = Run.stop_requested
+    for name, after in (("cut", 2), ("mid", 1)):
+        calls = []
+
+        def stop_after(self, calls=calls, after=after):
+            calls.append(1)
+            return len(calls) == after or real(self)
+
+        monkeypatch.setattr(Run, "stop_requested", stop_after)
+        monkeypatch.setattr(faults, "_LAST_SIGNAL", [])  # no real signal in this process: the stop reads as SIGTERM
+        assert train_from_overrides([*common, f"run_name={name}"]) == 143
+        assert [r["step"] for r in _metrics(tmp_path / name)] == list(range(1, after + 1))
+        monkeypatch.setattr(Run, "stop_requested", real)
+        capsys.readouterr()
+        assert train_from_overrides([*common, f"run_name={name}", "resume=auto"]) == 0
+        if name == "mid":
+            assert "round at steps 2-2" in " ".join(capsys.readouterr().err.split())
+    losses = lambda name: [r["loss"] for r in _metrics(tmp_path / name)]  # noqa: E731
+    assert losses("cut") == pytest.approx(losses("full"), rel=1e-5)
+    mid = _metrics(tmp_path / "mid")
+    assert [r["step"] for r in mid] == [1, 2, 3, 4] and mid[1]["kl"] == 0.0 and mid[2]["kl"] == 0.0, mid
