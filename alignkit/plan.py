@@ -140,8 +140,10 @@ def tokens_per_micro_batch(cfg: DictConfig, runner: str) -> int:
     """Upper bound of the tokens one micro-batch forwards (rows at their length limits)."""
     t, d = cfg.trainer, cfg.data  # typed by the schema: no coercion needed
     if is_online(runner):
-        # raft trains on one winner per prompt, nash_md on the policy's half of the samples
-        samples = {"online_dpo": 2, "raft": 1, "nash_md": cfg.rl.num_generations // 2}.get(runner, cfg.rl.num_generations)
+        # raft trains on one winner per prompt, nash_md on the policy's half of the samples, sppo on 2 or all
+        samples = {"online_dpo": 2, "raft": 1, "nash_md": cfg.rl.num_generations // 2,
+                   "sppo": 2 if cfg.rl.sppo_samples == "best_worst" else cfg.rl.num_generations}.get(
+                       runner, cfg.rl.num_generations)
         per_group = samples * (d.max_prompt_length + cfg.generation.max_new_tokens)
     elif runner == "pm":  # both orders of each pair, each sequence holding the prompt and two responses
         response = d.max_length - d.max_prompt_length

@@ -131,7 +131,7 @@ class RLConfig:
     whiten_advantages: bool = True
     dynamic_sampling: bool = False  # drop zero-variance groups and refill
     max_refill_rounds: int = 2
-    rounds: int = 1  # online DPO, raft: iterative rounds
+    rounds: int = 1  # online DPO, raft, sppo: iterative rounds
     update_reference_each_round: bool = True
     # raft: a prompt's best sample is trained on only if its reward is >= this (None: always the best)
     raft_min_reward: Optional[float] = None
@@ -146,6 +146,9 @@ class RLConfig:
     teacher_seed: Optional[int] = None
     lmbda: float = 0.5  # gkd: probability that a step trains on the student's own samples (TRL's GKDConfig.lmbda)
     seq_kd: bool = False  # gkd: off-policy steps train on the teacher's samples, not the data's (TRL's seq_kd)
+    # sppo: the samples of each prompt its loss trains on: best_worst (the highest and the lowest win rate, as the
+    # reference code uclaml/SPPO and the paper's experiments) | all (every sample: Algorithm 1's expectation over pi_t)
+    sppo_samples: str = "best_worst"
 
 
 @dataclass

@@ -149,6 +149,7 @@ def validate(cfg: DictConfig) -> None:
                           "trains on the scores themselves as rewards (a label-only row is reward 1.0 / 0.0). "
                           "Remove data.label_threshold.")
     _check_gkd(cfg, runner, terms)
+    _check_sppo(cfg, runner, terms)
     needs_ref = any(spec.reference_needed(hp) for spec, _, hp in terms)
     ref = cfg.trainer.reference
     if ref == "lora" and int(cfg.model.lora.r) <= 0:
@@ -254,7 +255,7 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
     _choice(cfg.rl.scale_rewards, GRPO_SCALES, "rl.scale_rewards")
     validate_kl_estimator(cfg.rl.kl_estimator)
     check_engine(cfg)  # generation.engine (vllm: installed, fits this environment), before any model loads
-    minimum = 2 if runner in ("grpo", "online_dpo") else 1
+    minimum = 2 if runner in ("grpo", "online_dpo", "sppo") else 1
     if cfg.rl.num_generations < minimum:
         raise ConfigError(f"rl.num_generations={cfg.rl.num_generations}: {runner} needs at least {minimum} samples "
                           "per prompt.")
@@ -301,6 +302,37 @@ def _check_second_sampler(cfg: DictConfig, runner: str, terms: list) -> None:
     if not (math.isfinite(float(rl.mixture_coef)) and 0.0 <= float(rl.mixture_coef) <= 1.0):
         raise ConfigError(f"rl.mixture_coef={rl.mixture_coef} must lie in [0, 1] (0 = the policy, 1 = the reference).")
     _choice(str(rl.preference), PREFERENCES, "rl.preference")
+
+
+def _check_sppo(cfg: DictConfig, runner: str, terms: list) -> None:
+    """SPPO: loss=sppo alone under runner=sppo (and the reverse), ``rl.sppo_samples`` a choice read there only,
+    a reference that moves to the last iterate (no ZeRO-3, no fixed reference)."""
+    from alignkit.config.schema import RLConfig
+    from alignkit.trainers.sppo import SAMPLE_CHOICES
+
+    names = [spec.name for spec, _, _ in terms]
+    if "sppo" in names and runner != "sppo":
+        raise ConfigError(f"loss sppo is trained by runner=sppo only (it needs that runner's self-play samples and "
+                          f"win rates); this run's runner is {runner}. Use runner=auto (recipe=sppo_tiny).")
+    if runner != "sppo":
+        if cfg.rl.sppo_samples != RLConfig().sppo_samples:
+            raise ConfigError(f"rl.sppo_samples={cfg.rl.sppo_samples} is read by runner=sppo only; this run's "
+                              f"runner is {runner}. Remove it.")
+        return
+    if names != ["sppo"]:
+        raise ConfigError(f"runner=sppo trains loss=sppo alone; loss.name={cfg.loss.name}. Use loss=sppo "
+                          "(recipe=sppo_tiny).")
+    from alignkit.losses.common import validate_knobs
+
+    spec, _, hp = terms[0]
+    validate_knobs("sppo", {**spec.hparams(), **hp})  # beta > 0 (eta = 1 / beta); rollout losses are not checked above
+    _choice(str(cfg.rl.sppo_samples), SAMPLE_CHOICES, "rl.sppo_samples")
+    if not cfg.rl.update_reference_each_round:
+        raise ConfigError("rl.update_reference_each_round=false: SPPO's reference is the last iterate pi_t by "
+                          "definition, moved to the policy at every round start. Remove the setting.")
+    if int(cfg.deepspeed.zero_stage) == 3:
+        raise ConfigError("runner=sppo moves its reference to the current policy at each round start, which is not "
+                          "supported under deepspeed.zero_stage=3 yet. Use zero_stage 0, 1 or 2.")
 
 
 GKD_KNOBS = ("teacher", "teacher_seed", "lmbda", "seq_kd")  # rl.* read by runner=gkd only

@@ -185,7 +185,7 @@ def check_generation(cfg: DictConfig, runner: str) -> None:
         _finite(f"generation.{key}", g[key])
     check_sampling_args(int(cfg.rl.num_generations), int(g.max_new_tokens), float(g.temperature),
                         float(g.top_p), int(g.top_k))
-    if runner in ("grpo", "online_dpo", "xpo", "nash_md") and float(g.temperature) == 0:
+    if runner in ("grpo", "online_dpo", "xpo", "nash_md", "sppo") and float(g.temperature) == 0:
         raise ConfigError(f"generation.temperature=0 samples greedily: the rl.num_generations={cfg.rl.num_generations} "
                           f"completions of a prompt would be identical and {runner} would learn nothing from them. "
                           "Use a temperature > 0 (e.g. 1.0).")

@@ -2,7 +2,7 @@
 
 ``RUNNERS`` maps a runner name (the ``runner`` config key) to its trainer module (whose
 ``train(cfg, run_dir)`` runs it) and whether it samples its own completions (``online``: PPO,
-GRPO, online DPO, RAFT, XPO, Nash-MD; they need rewards and generation settings, and build their
+GRPO, online DPO, RAFT, XPO, Nash-MD, SPPO; they need rewards and generation settings, and build their
 own KL reference).
 Everything that names runners reads this table: the registry (``register_loss(runner=...)``
 refuses an unknown one), ``config.validate`` (the ``runner`` choices, ``runner_for``, the online
@@ -42,6 +42,7 @@ RUNNERS: dict[str, Runner] = {
     "raft": Runner("alignkit.trainers.raft", online=True),  # best-of-K sampling, SFT on the winners
     "xpo": Runner("alignkit.trainers.xpo", online=True),  # policy vs reference samples, DPO + exploration
     "nash_md": Runner("alignkit.trainers.nash_md", online=True),  # policy vs geometric-mixture samples
+    "sppo": Runner("alignkit.trainers.sppo", online=True),  # self-play: K samples, win rates, reference = last iterate
     "dro": Runner("alignkit.trainers.dro"),  # offline scalar rewards: policy + a value network (DRO-V)
     "gkd": Runner("alignkit.trainers.gkd"),  # distillation from a frozen teacher; samples, but needs no reward
 }

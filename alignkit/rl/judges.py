@@ -29,7 +29,8 @@ judge this orders samples exactly as their rewards do). Online DPO (``judge.kind
 best and the worst by it (OAIF, Guo et al. 2024). ``pair_preference(judge, own, other, tokenizer)``
 compares the j-th sample of ``own`` with the j-th of ``other`` for each prompt: XPO's policy-vs-reference
 pairs (the policy's is chosen where P >= 0.5, TRL's ``model_scores >= ref_scores``) and Nash-MD's
-policy-vs-mixture preference (P itself, as TRL's ``judge(..., return_scores=True)``).
+policy-vs-mixture preference (P itself, as TRL's ``judge(..., return_scores=True)``). SPPO (``runner=sppo``)
+trains on the win rates as its estimates of P(y > pi_t).
 Left out: vLLM for the llm judge (it reads logits from the HF engine), API judges.
 """
 
@@ -45,7 +46,7 @@ from alignkit.errors import ConfigError
 from alignkit.models.config import ModelConfig
 
 JUDGE_KINDS = ("rule", "reward_model", "pairwise", "llm")
-JUDGE_RUNNERS = ("online_dpo", "xpo", "nash_md")  # the runners that read judge.kind
+JUDGE_RUNNERS = ("online_dpo", "xpo", "nash_md", "sppo")  # the runners that read judge.kind
 RL_DEFAULT_PREFERENCE = "sigmoid"  # RLConfig.preference's default (a test keeps them equal)
 TEMPLATE_FIELDS = ("prompt", "a", "b")
 ANSWERS = ("A", "B")

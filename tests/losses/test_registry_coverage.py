@@ -45,6 +45,7 @@ VALUE_TESTS: dict[str, str] = {
     "bco": "test_new_losses::test_bco_value",
     "xpo": "test_online_losses::test_xpo_value",
     "nash_md": "test_online_losses::test_nash_md_value",
+    "sppo": "test_sppo_loss::test_sppo_value",
     "tdpo": "test_tdpo::test_tdpo_value",
     "pairwise_bce": "test_pairwise_loss::test_pairwise_bce_value",
     "dro": "test_dro::test_dro_value",

@@ -53,9 +53,10 @@ def test_runner_of_the_registry_declarations():
     assert offline_runners() == ("sft", "preference", "reward", "pm", "dro", "gkd")
     assert runner_of([resolve_loss("gkd")]) == "gkd"
     assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo", "raft", "xpo",
-                                                                            "nash_md"}
+                                                                            "nash_md", "sppo"}
     assert runner_of([resolve_loss("xpo")]) == runner_of([resolve_loss("xpo"), resolve_loss("sft")]) == "xpo"
     assert runner_of([resolve_loss("nash_md")]) == "nash_md"
+    assert runner_of([resolve_loss("sppo")]) == "sppo"
 
 
 def test_runner_for_and_the_runner_choices_read_the_table():

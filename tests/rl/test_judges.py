@@ -172,7 +172,7 @@ def test_a_judge_path_of_the_wrong_model_class_is_refused(checkpoints):
 def test_a_judge_on_another_runner_is_refused():
     from alignkit.config.validate import validate
 
-    with pytest.raises(ConfigError, match="read by runner=online_dpo / xpo / nash_md only; this run's runner is grpo"):
+    with pytest.raises(ConfigError, match="read by runner=online_dpo / xpo / nash_md / sppo only; this run's runner is grpo"):
         validate(compose(["recipe=grpo_tiny", "judge.kind=llm"]))
 
 

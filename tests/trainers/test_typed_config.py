@@ -137,11 +137,12 @@ def test_public_functions_in_trainers_and_rl_are_annotated():
 
 def test_one_forward_logps():
     from alignkit.models import logprobs
-    from alignkit.trainers import nash_md, preference, reference
+    from alignkit.trainers import nash_md, preference, reference, sppo
 
     assert reference.forward_logps is logprobs.forward_logps
     assert preference.forward_logps is logprobs.forward_logps
     assert nash_md.forward_logps is logprobs.forward_logps
+    assert sppo.forward_logps is logprobs.forward_logps
 
 
 @pytest.mark.parametrize("overrides", [
