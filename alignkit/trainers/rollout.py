@@ -59,11 +59,17 @@ def build_reward_mix(cfg: DictConfig, data: Any = None, tokenizer: Any = None) -
 
             mix.dry_run(decode_prompt(first[0], tokenizer), columns, raw_prompt=first[0].extra.get("prompt"),
                         completion_ids=tokenizer.encode(DRY_RUN_COMPLETION, add_special_tokens=False))
-    model = None
+    model = prm = None
+    typed = typed_sections(cfg) if cfg.reward.model or cfg.reward.prm else {}
     if cfg.reward.model:
-        typed = typed_sections(cfg)
         model = ModelReward(typed["model"], typed["reward"], typed["deepspeed"], typed["data"])
-    return CombinedReward(mix, model, cfg.reward.model_weight)  # a float: the config is typed (schema)
+    if cfg.reward.prm:  # a process reward model: steps scored, aggregated (alignkit/rewards/process.py)
+        from alignkit.rewards.process import load_process_reward
+
+        reward = typed["reward"]
+        prm = load_process_reward(reward.prm, typed["model"], typed["data"], typed["deepspeed"],
+                                  separator=reward.prm_separator, how=reward.prm_aggregate)
+    return CombinedReward(mix, model, cfg.reward.model_weight, prm, cfg.reward.prm_weight)  # floats: typed config
 
 
 class ModelReward:
@@ -94,10 +100,13 @@ class ModelReward:
 
 
 class CombinedReward:
-    """``total = rule mix + model_weight * reward model``; parts reported per source."""
+    """``total = rule mix + model_weight * reward model + prm_weight * process reward model``; parts reported
+    per source (``reward/model``, ``reward/prm``)."""
 
-    def __init__(self, mix: Any, model: ModelReward | None, model_weight: float) -> None:
+    def __init__(self, mix: Any, model: ModelReward | None, model_weight: float, prm: Any = None,
+                 prm_weight: float = 1.0) -> None:
         self.mix, self.model, self.model_weight = mix, model, model_weight
+        self.prm, self.prm_weight = prm, prm_weight
 
     def __call__(self, groups: list[TokenizedGroup], prompt_texts: list[str], texts: list[str],
                  columns: dict[str, list]) -> tuple[list[float], dict[str, list[float]]]:
@@ -110,6 +119,12 @@ class CombinedReward:
             scores = self.model(groups)
             parts["model"] = scores
             total = [t + self.model_weight * s for t, s in zip(total, scores)]
+        if self.prm is not None:  # the prompt as the data has it (a prompt record keeps it), one per completion
+            raw = [g.extra.get("prompt", text) for g, text in zip(
+                (g for g in groups for _ in g.completion_ids), prompt_texts)]
+            scores = self.prm(raw, texts)
+            parts["prm"] = scores
+            total = [t + self.prm_weight * s for t, s in zip(total, scores)]
         return total, parts
 
 
