@@ -360,7 +360,8 @@ def _parse_stepwise(row: dict[str, Any], location: str, notes: list[str]) -> Rec
     if not isinstance(labels, list):
         raise fail(location, "labels", f"a list of {len(steps)} booleans (one per step)", describe(labels))
     if len(labels) != len(steps):
-        raise fail(location, "labels", f"{len(steps)} labels (one per step in completions)", f"{len(labels)}")
+        raise fail(location, "labels", f"{len(steps)} label{'s' * (len(steps) != 1)} (one per step in completions)",
+                   f"{len(labels)}")
     values = [_label(v, location, f"labels[{i}]") for i, v in enumerate(labels)]
     return Record("stepwise", prompt, list(steps), labels=values, extra=_rest(row, ("prompt", "completions", "labels")),
                   location=location)

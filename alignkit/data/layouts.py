@@ -233,8 +233,9 @@ def _math_shepherd(row: dict[str, Any], location: str, notes: list[str]) -> dict
         if marked[at : at + len(piece)] != piece:
             diff = next((i for i, (a, b) in enumerate(zip(marked[at:], piece)) if a != b), min(len(piece),
                                                                                               len(marked) - at))
-            raise fail(location, "label", "the input text with each 'ки' replaced by '+' or '-'",
-                       f"a different text at character {at + diff}: {describe(marked[at + diff: at + diff + 20])}")
+            found = (f"the label ending at character {at + diff}" if at + diff >= len(marked) else
+                     f"a different text at character {at + diff}: {describe(marked[at + diff: at + diff + 20])}")
+            raise fail(location, "label", "the input text with each 'ки' replaced by '+' or '-'", found)
         at += len(piece)
         if index == len(pieces) - 1:
             break

@@ -58,7 +58,9 @@ def first_errors(wrong: torch.Tensor, solution: torch.Tensor) -> torch.Tensor:
 def prm(inputs: StepLogits):
     """Cross-entropy of a process reward model's 2-class head at each labelled step (TRL's PRMTrainer loss)."""
     logits, labels = inputs.logits, inputs.labels
-    loss = F.cross_entropy(logits.float(), labels, reduction="mean") if labels.numel() else logits.sum() * 0.0
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the softmax in fp32; fp32/fp64 logits as they are
+        logits = logits.float()
+    loss = F.cross_entropy(logits, labels, reduction="mean") if labels.numel() else logits.sum() * 0.0
     with torch.no_grad():
         predicted = logits.argmax(-1)
         right = (predicted == labels).float()
@@ -71,7 +73,7 @@ def prm(inputs: StepLogits):
             "rewards/accuracy": step_accuracy,
             "prm/first_error_accuracy": (true_first == predicted_first).float().mean() if present.numel()
             else right.sum(),
-            "prm/prob_correct": torch.softmax(logits.float(), -1)[:, 1].mean() if labels.numel() else right.sum(),
+            "prm/prob_correct": torch.softmax(logits, -1)[:, 1].mean() if labels.numel() else right.sum(),
             "prm/positive_rate": labels.float().mean() if labels.numel() else right.sum(),
         }
     return loss, metrics
