@@ -1,4 +1,4 @@
-"""Write the demo task's datasets to data/demo/: SFT, paired, unpaired, scalar, listwise and prompt-only.
+"""Write the demo task's datasets to data/demo/: SFT, paired, unpaired, scalar, listwise, stepwise and prompt-only.
 
 The task (data/demo/README.md): *look a number up among similar facts*. Each prompt states 3 or 4
 facts of one kind (``The red key opens door 20. The blue key opens door 47. ...``, people's ages,
@@ -19,7 +19,11 @@ Files: paired (chosen is always a correct reply, rejected always a wrong one, so
 which number is right, not which format), unpaired (``label`` = the reply is correct), scalar (one
 reply, correct or wrong with equal odds as in unpaired, and its judge ``score`` as a scalar reward:
 DRO's data), listwise (4
-distinct candidates with their judge ``scores``), sft (the ideal reply), prompts (``prompt`` plus
+distinct candidates with their judge ``scores``), stepwise (a reply as two steps, the quoted fact and the
+``Answer: N`` tag, each labelled: the fact is right when it is the asked entity's fact with its number, the
+answer when it is the right number; kinds ideal [T, T], right fact then a slip [T, F], the asked entity
+with a wrong number [F, F], another fact [F, F]: a process reward model's data, ``runner=prm``), sft (the
+ideal reply), prompts (``prompt`` plus
 the reference ``answer``, the fact ``task`` kind, ``facts`` and the asked ``position``).
 
 Prompts are chat messages, responses ``[{"role": "assistant", "content": ...}]`` (TRL's
@@ -194,8 +198,25 @@ def listwise_row(p: Problem, rng: random.Random) -> dict:
             "answer": str(p.answer)}
 
 
+STEP_KINDS = {"ideal": 0.4, "slip": 0.2, "wrong_number": 0.2, "wrong_fact": 0.2}
+
+
+def stepwise_row(p: Problem, rng: random.Random) -> dict:
+    """TRL's stepwise columns: the reply's steps (quoted fact, answer tag) and whether each is right."""
+    kind = _pick(rng, STEP_KINDS)
+    entity, number = p.entity, p.answer
+    if kind == "wrong_number":
+        number = _distractor(p, rng)[1]
+    elif kind == "wrong_fact":
+        entity, number = _distractor(p, rng)
+    answer = _distractor(p, rng)[1] if kind == "slip" else number
+    steps = [p.fact(entity, number), f"Answer: {answer}"]
+    labels = [entity == p.entity and number == p.answer, answer == p.answer]
+    return {"prompt": p.prompt, "completions": steps, "labels": labels, "answer": str(p.answer)}
+
+
 ROWS = {"sft": sft_row, "paired": paired_row, "unpaired": unpaired_row, "scalar": scalar_row, "listwise": listwise_row,
-        "prompts": prompt_row}
+        "prompts": prompt_row, "stepwise": stepwise_row}
 
 
 def build(seed: int = 0, n_train: int = 1000, n_eval: int = 300) -> dict[str, list[dict]]:

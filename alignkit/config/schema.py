@@ -110,6 +110,12 @@ class RewardConfig:
     weights: list[float] = field(default_factory=list)  # empty = all 1.0
     model: Optional[str] = None  # folder of a trained reward model (recipe=rm_* exports one), added to the rule rewards
     model_weight: float = 1.0
+    # a trained process reward model (recipe=prm_* exports one; alignkit/rewards/process.py), added to the rewards:
+    # each completion split into steps at its separator, each step's P(correct), aggregated over the steps
+    prm: Optional[str] = None
+    prm_weight: float = 1.0
+    prm_aggregate: str = "min"  # min (PRM-min) | prod (product of the steps' P(correct)) | last (the last step's)
+    prm_separator: Optional[str] = None  # None = the separator the PRM was trained with (its alignkit_prm.json)
     # per-function keyword options, reward.options.<name>.<knob> (e.g. ++reward.options.overlong.cache=64);
     # each knob must be a keyword parameter of that function (checked when the reward mix is built)
     options: dict[str, Any] = field(default_factory=dict)

@@ -8,6 +8,7 @@ divides into micro-batches across processes, the reference strategy fits the los
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,7 @@ def validate(cfg: DictConfig) -> None:
     if is_online(runner):
         _check_online(cfg, runner)
     _check_pm(cfg, runner, terms)
+    _check_prm(cfg, runner, terms)
     from alignkit.rl.judges import check_judge
 
     check_judge(cfg, runner)
@@ -175,6 +177,37 @@ def _check_pm(cfg: DictConfig, runner: str, terms: list) -> None:
     if runner != "pm" and "pairwise_bce" in names:
         raise ConfigError(f"loss pairwise_bce scores (prompt, a, b) sequences, which only runner=pm builds; this run's "
                           f"runner is {runner}. Use runner=auto (recipe=pm_tiny).")
+
+
+def _check_prm(cfg: DictConfig, runner: str, terms: list) -> None:
+    """The process reward model: runner=prm trains loss=prm alone; reward.prm (a trained PRM as a reward) needs
+    an online runner, a model folder and a known aggregate."""
+    names = [spec.name for spec, _, _ in terms]
+    if runner == "prm" and names != ["prm"]:
+        raise ConfigError(f"runner=prm trains a process reward model with loss=prm alone; loss.name={cfg.loss.name}. "
+                          "Use loss=prm (recipe=prm_tiny).")
+    if runner != "prm" and "prm" in names:
+        raise ConfigError(f"loss prm reads a process reward model's step logits, which only runner=prm computes; this "
+                          f"run's runner is {runner}. Use runner=auto (recipe=prm_tiny).")
+    if cfg.data.train_on_last_step_only and runner != "prm":
+        raise ConfigError(f"data.train_on_last_step_only=true is read by runner=prm only; this run's runner is "
+                          f"{runner}. Remove it.")
+    reward = cfg.reward
+    from alignkit.rewards.process import AGGREGATES
+
+    _choice(reward.prm_aggregate, AGGREGATES, "reward.prm_aggregate")
+    if reward.prm is None:
+        return
+    if not is_online(runner):
+        raise ConfigError(f"reward.prm={reward.prm!r} scores sampled completions, which only the online runners "
+                          f"have; this run's runner is {runner}. Remove it, or use e.g. recipe=grpo_tiny.")
+    if not (Path(reward.prm) / "config.json").is_file():
+        raise ConfigError(f"reward.prm={reward.prm!r} is not a model folder (no config.json); give the final/ folder "
+                          "of a process-reward-model run (recipe=prm_*).")
+    labels = json.loads((Path(reward.prm) / "config.json").read_text()).get("id2label") or {}
+    if len(labels) != 2:
+        raise ConfigError(f"reward.prm={reward.prm!r} has {len(labels) or 'no'} labels in its config.json; a process "
+                          "reward model has 2 (incorrect, correct): give the final/ folder of a recipe=prm_* run.")
 
 
 def _check_token_kl(cfg: DictConfig, terms: list, runner: str) -> None:
@@ -235,8 +268,9 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
     from alignkit.rl.generation import check_engine
     from alignkit.rl.kl import validate_kl_estimator
 
-    if not cfg.reward.fns and not cfg.reward.model:
-        raise ConfigError("no reward source: set reward.fns (e.g. [judge]) and/or reward.model (a reward-model folder).")
+    if not cfg.reward.fns and not cfg.reward.model and not cfg.reward.prm:
+        raise ConfigError("no reward source: set reward.fns (e.g. [judge]), reward.model (a reward-model folder) "
+                          "and/or reward.prm (a process-reward-model folder).")
     if cfg.reward.model and not (Path(cfg.reward.model) / "config.json").is_file():
         raise ConfigError(f"reward.model={cfg.reward.model!r} is not a model folder (no config.json); give the final/ "
                           "folder of a reward-model run (recipe=rm_*).")

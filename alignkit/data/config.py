@@ -14,8 +14,9 @@ from typing import Optional
 
 from alignkit.errors import ConfigError
 
-FORMATS = ("auto", "sft", "paired", "unpaired", "listwise", "prompt")
-COLUMN_PRESETS = ("trl", "openrlhf", "llamafactory", "nemo", "hh_rlhf", "ultrafeedback", "nectar", "orca")  # layouts.py
+FORMATS = ("auto", "sft", "paired", "unpaired", "listwise", "prompt", "stepwise")
+COLUMN_PRESETS = ("trl", "openrlhf", "llamafactory", "nemo", "hh_rlhf", "ultrafeedback", "nectar", "orca",
+                  "math_shepherd")  # layouts.py
 CHAT_TEMPLATES = ("auto", "always", "never")
 PROMPT_TRUNCATIONS = ("keep_end", "keep_start")
 RESPONSE_TRUNCATIONS = ("truncate", "drop")
@@ -85,6 +86,11 @@ class DataConfig:
     layout: str = "padded"
     max_tokens_per_row: Optional[int] = None  # packing budget of packed / prefix_shared rows; None = longest unit
     train_on: str = "all_assistant"  # multi-turn SFT: which assistant turns are trained
+    # stepwise data (runner=prm, data/stepwise.py): the text after each step, whose last token carries the step's
+    # label (TRL's PRMConfig.step_separator); and TRL's train_on_last_step_only (training loss on the last step of
+    # each completion only; held-out metrics still read every step)
+    step_separator: str = "\n"
+    train_on_last_step_only: bool = False
     max_records: Optional[int] = None  # cap per source after mixing (quick runs)
     cache_dir: Optional[str] = None  # None = no on-disk cache of tokenized data
     seed: int = 0

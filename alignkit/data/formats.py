@@ -2,7 +2,7 @@
 
 A row first goes through its column layout (``layouts.py``: TRL, OpenRLHF, LLaMA-Factory, NeMo and
 the published datasets hh-rlhf, UltraFeedback, Nectar, orca pairs), then through the parser of its
-format: ``sft``, ``paired``, ``unpaired``, ``listwise``, ``prompt`` (see ``record.py``); ``auto``
+format: ``sft``, ``paired``, ``unpaired``, ``listwise``, ``prompt``, ``stepwise`` (see ``record.py``); ``auto``
 detects it from the first row of a source. Optional scores: paired ``chosen_score``/``rejected_score``
 (or ``score_chosen``/``score_rejected``) or ``margin`` (becomes scores [margin, 0]); unpaired
 ``score`` instead of ``label``. Columns not used go to ``Record.extra`` (reward functions see them).
@@ -22,6 +22,9 @@ data summary counts it, see ``summary.py``):
 * A lone ``chosen_score`` (no ``rejected_score``): kept as a column, not as pair scores.
 * Listwise lists with a missing score (``null``, ``NaN``, ``"N/A"``, ``""``, or an item without the
   field) or an empty response: that response is dropped and counted; fewer than 2 left is an error.
+* Stepwise rows (TRL's stepwise supervision: ``prompt``, ``completions`` = the steps, ``labels`` = a
+  boolean per step): a label list longer or shorter than the steps, an empty step or a label that is
+  no boolean is an error; the steps stay strings (a ``system`` column goes into the prompt only).
 * Prompt-only detection that would leave a list of candidate responses unread (Nectar's
   ``answers``) fails, naming the options, instead of silently dropping them.
 
@@ -41,12 +44,14 @@ from alignkit.data.sources import RawRow, describe
 
 ROLES = ("system", "user", "assistant", "tool")
 CANONICAL = ("prompt", "chosen", "rejected", "completion", "label", "score", "messages", "responses",
-             "scores", "ranks", "margin", "chosen_score", "rejected_score")
+             "scores", "ranks", "margin", "chosen_score", "rejected_score", "completions", "labels")
 MISSING_SCORES = ("", "n/a", "na", "none", "null")
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
     """The format a canonical row looks like, or None."""
+    if "completions" in row and "labels" in row:
+        return "stepwise"
     if "chosen" in row or "rejected" in row:
         return "paired"
     if "responses" in row or "ranks" in row or "scores" in row:
@@ -115,12 +120,12 @@ def _is_missing(value: Any) -> bool:
         isinstance(value, str) and value.strip().lower() in MISSING_SCORES)
 
 
-def _label(value: Any, location: str) -> float:
+def _label(value: Any, location: str, field: str = "label") -> float:
     if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):
         return 1.0 if value.strip().lower() in ("true", "1") else 0.0
     if isinstance(value, bool) or (isinstance(value, (int, float)) and value in (0, 1)):
         return float(value)
-    raise fail(location, "label", "a boolean (true/false or 1/0)", describe(value))
+    raise fail(location, field, "a boolean (true/false or 1/0)", describe(value))
 
 
 def _align(prompt: Text, completions: list[Text]) -> tuple[Text, list[Text]]:
@@ -339,8 +344,31 @@ def _parse_prompt(row: dict[str, Any], location: str, notes: list[str]) -> Recor
     return Record("prompt", prompt, [], extra=_rest(row, ("prompt",)), location=location)
 
 
+def _parse_stepwise(row: dict[str, Any], location: str, notes: list[str]) -> Record:
+    """TRL's stepwise supervision row: ``prompt``, ``completions`` (the steps, strings), ``labels`` (one per step)."""
+    prompt = _text(row, "prompt", location)
+    steps = row.get("completions")
+    if not isinstance(steps, list) or not steps:
+        raise fail(location, "completions", "a non-empty list of steps (strings)", describe(steps))
+    for index, step in enumerate(steps):
+        if not isinstance(step, str):
+            raise fail(location, f"completions[{index}]", "a step as a string", describe(step))
+        if not step.strip():
+            raise fail(location, f"completions[{index}]", "a non-empty step (its label would sit on the bare "
+                       "separator)", "an empty string")
+    labels = row.get("labels")
+    if not isinstance(labels, list):
+        raise fail(location, "labels", f"a list of {len(steps)} booleans (one per step)", describe(labels))
+    if len(labels) != len(steps):
+        raise fail(location, "labels", f"{len(steps)} label{'s' * (len(steps) != 1)} (one per step in completions)",
+                   f"{len(labels)}")
+    values = [_label(v, location, f"labels[{i}]") for i, v in enumerate(labels)]
+    return Record("stepwise", prompt, list(steps), labels=values, extra=_rest(row, ("prompt", "completions", "labels")),
+                  location=location)
+
+
 PARSERS = {"sft": _parse_sft, "paired": _parse_paired, "unpaired": _parse_unpaired,
-           "listwise": _parse_listwise, "prompt": _parse_prompt}
+           "listwise": _parse_listwise, "prompt": _parse_prompt, "stepwise": _parse_stepwise}
 
 
 def _apply_system(record: Record, system: Any, notes: list[str]) -> None:
@@ -349,6 +377,14 @@ def _apply_system(record: Record, system: Any, notes: list[str]) -> None:
         return
     if not isinstance(system, str):
         raise fail(record.location, "system", "a string system prompt", describe(system))
+    if record.format == "stepwise":  # the steps stay strings: only the prompt becomes messages
+        prompt = record.prompt if isinstance(record.prompt, list) else [{"role": "user", "content": record.prompt}]
+        if prompt[0]["role"] == "system":
+            notes.append("system column not used: the conversation has its own system message")
+            record.extra["system"] = system
+        else:
+            record.prompt = [{"role": "system", "content": system}] + prompt
+        return
     prompt, completions = _align(record.prompt, record.completions)
     if not isinstance(prompt, list):  # _align keeps strings only when nothing is a list
         prompt = [{"role": "user", "content": prompt}]
@@ -397,6 +433,8 @@ def to_row(record: Record) -> dict[str, Any]:
             row.update(chosen_score=record.scores[0], rejected_score=record.scores[1])
     elif record.format == "listwise":
         row.update(responses=record.completions, scores=record.scores)
+    elif record.format == "stepwise":
+        row.update(completions=list(record.completions), labels=[bool(v) for v in record.labels or []])
     elif record.format in ("sft", "unpaired"):
         row["completion"] = record.completions[0]
         if record.labels is not None:

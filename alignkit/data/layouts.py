@@ -23,6 +23,9 @@ layout              reads
                     ``answers[].rank`` (1 = best; listwise).
 ``orca``            argilla/distilabel-intel-orca-dpo-pairs: ``system`` + ``input`` prompt, ``chosen``/
                     ``rejected`` scored [max(rating), min(rating)] (``chosen_score`` is the max).
+``math_shepherd``   peiyi9979/Math-Shepherd: ``input`` = problem + steps, each step ending in the tag ``ки``;
+                    ``label`` = the same text with each ``ки`` replaced by ``+`` (correct) or ``-``; read as
+                    stepwise (TRL's ``examples/datasets/math_shepherd.py`` rule, see ``_math_shepherd``).
 ==================  =========================================================================================
 
 In every layout but ``llamafactory`` (which has its own rule), a non-empty ``system`` column becomes
@@ -52,6 +55,7 @@ LAYOUT_MAPS: dict[str, dict[str, str]] = {  # layout -> its column map (canonica
                       "scores": "completions[].overall_score"},
     "nectar": {"responses": "answers[].answer", "ranks": "answers[].rank"},
     "orca": {"prompt": "input"},
+    "math_shepherd": {},
 }
 RENAMES = {  # layout -> {column in the file: canonical name}, applied when the canonical name is free
     "openrlhf": {"input": "prompt", "output": "completion"},
@@ -72,6 +76,7 @@ SIGNATURES = (  # (columns that identify a published layout, the option that rea
     ({"conversations"}, "data.columns=llamafactory (ShareGPT)"),
     ({"instruction", "output"}, "data.columns=llamafactory (Alpaca)"),
     ({"input", "output"}, "data.columns=openrlhf"),
+    ({"input", "label"}, "data.columns=math_shepherd (peiyi9979/Math-Shepherd: steps tagged with ки)"),
 )
 
 
@@ -202,8 +207,66 @@ def _openrlhf(row: dict[str, Any], location: str, notes: list[str]) -> dict[str,
     return row
 
 
+STEP_TAG = "ки"  # Math-Shepherd's step tag (Cyrillic), one per step in ``input``
+FIRST_STEP = ("Step 1:", "step 1:")
+
+
+def _math_shepherd(row: dict[str, Any], location: str, notes: list[str]) -> dict[str, Any]:
+    """Math-Shepherd -> stepwise, as TRL's conversion script does it (the one that made trl-lib/math_shepherd):
+    the text before the first tag holds the problem and step 1, split at ``Step 1:`` (or ``step 1:``, else
+    after the last ``?``); each later tag ends one step; steps and prompt are stripped. Checked, where TRL
+    asserts: ``label`` must be ``input`` with each tag replaced by ``+``/``-`` (the first difference is
+    located). Differs from TRL: the dozen rows TRL special-cases by their prompt's first words (a tag inside
+    the problem) are not special-cased, and text after the last tag (TRL drops it) is noted on the record."""
+    if "completions" in row:
+        return row
+    text, marked = row.get("input"), row.get("label")
+    if not isinstance(text, str):
+        raise fail(location, "input", "the problem and its steps, each ending in 'ки' (a string)", describe(text))
+    if not isinstance(marked, str):
+        raise fail(location, "label", "the input text with each 'ки' replaced by '+' or '-'", describe(marked))
+    pieces = text.split(STEP_TAG)
+    if len(pieces) < 2:
+        raise fail(location, "input", "steps ending in the tag 'ки'", "no tag")
+    labels, at = [], 0
+    for index, piece in enumerate(pieces):
+        if marked[at : at + len(piece)] != piece:
+            diff = next((i for i, (a, b) in enumerate(zip(marked[at:], piece)) if a != b), min(len(piece),
+                                                                                              len(marked) - at))
+            found = (f"the label ending at character {at + diff}" if at + diff >= len(marked) else
+                     f"a different text at character {at + diff}: {describe(marked[at + diff: at + diff + 20])}")
+            raise fail(location, "label", "the input text with each 'ки' replaced by '+' or '-'", found)
+        at += len(piece)
+        if index == len(pieces) - 1:
+            break
+        tag = marked[at : at + 1]
+        if tag not in ("+", "-"):
+            raise fail(location, "label", f"'+' or '-' where input has tag {index + 1} (character {at})", describe(tag))
+        labels.append(tag == "+")
+        at += 1
+    if at != len(marked):
+        raise fail(location, "label", "the input text with each 'ки' replaced by '+' or '-'",
+                   f"{len(marked) - at} extra characters at the end")
+    head, steps, tail = pieces[0], [p.strip() for p in pieces[1:-1]], pieces[-1]
+    split = next((head.index(m) for m in FIRST_STEP if m in head), None)
+    if split is not None:
+        prompt, first = head[:split], head[split:]
+    elif "?" in head:
+        cut = head.rindex("?") + 1
+        prompt, first = head[:cut], head[cut:]
+    else:
+        raise fail(location, "input", "the problem then 'Step 1:' (or a '?' ending the problem) before the first "
+                   "tag", describe(head[:60]))
+    if tail.strip():
+        notes.append("text after the last ки tag (no label) dropped")
+    row.pop("input"), row.pop("label")
+    row.update(prompt=prompt.strip(), completions=[first.strip(), *steps], labels=labels)
+    return row
+
+
 STEPS: dict[str, Callable[[dict[str, Any], str, list[str]], dict[str, Any]]] = {
     "nemo": _nemo, "hh_rlhf": _hh_rlhf, "nectar": _nectar, "orca": _orca, "openrlhf": _openrlhf,
+    "math_shepherd": _math_shepherd,
 }
 
 

@@ -72,6 +72,9 @@ class DataStats:
         tok = self.tokenize
         parts.append(f"truncated {100 * tok.truncation_rate:.1f}% of groups (prompts cut {tok.prompts_truncated}, "
                      f"completions cut {tok.completions_truncated})")
+        if getattr(tok, "steps_with_separator", 0):
+            parts.append(f"{tok.steps_with_separator} steps contain data.step_separator (each trained as one step "
+                         "with one label; the prm reward would split such a text into several steps)")
         if tok.dropped:
             parts.append("dropped " + ", ".join(f"{n} {why}" for why, n in sorted(tok.dropped.items())))
         if self.skipped:

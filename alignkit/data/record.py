@@ -7,10 +7,13 @@ A ``Record`` is one prompt with K candidate completions:
 * ``paired``: K=2, completion 0 chosen, completion 1 rejected, optional ``scores`` [s_c, s_r];
 * ``unpaired``: K=1 with ``labels`` [1.0 desirable / 0.0 undesirable] (and the raw score if any);
 * ``listwise``: K>=2 with ``scores`` (higher = better; ranks were turned into scores already);
-* ``prompt``: K=0, for online RL; ``extra`` carries columns reward functions need.
+* ``prompt``: K=0, for online RL; ``extra`` carries columns reward functions need;
+* ``stepwise``: one solution as K steps (each completion is one step, a plain string, in order) with
+  ``labels`` [1.0 correct / 0.0 incorrect] per step (a process reward model's data, ``data/stepwise.py``).
 
 Prompt and completions are either all plain strings or all chat messages (``[{"role", "content"}]``,
-a completion being the list of messages after the prompt); the parser normalizes mixed rows.
+a completion being the list of messages after the prompt); the parser normalizes mixed rows (the
+steps of a ``stepwise`` record stay strings whatever its prompt is).
 ``notes`` say what parsing did to the row (a repeated prompt cut out, a field dropped ...); they are
 not content (not part of ``example_id``) and are counted by ``summary.py``.
 
@@ -27,7 +30,7 @@ from typing import Any, Union
 Message = dict[str, Any]
 Text = Union[str, list[Message]]  # a plain string or a list of chat messages
 
-RECORD_FORMATS = ("sft", "paired", "unpaired", "listwise", "prompt")
+RECORD_FORMATS = ("sft", "paired", "unpaired", "listwise", "prompt", "stepwise")
 
 
 @dataclass

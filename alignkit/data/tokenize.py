@@ -22,7 +22,8 @@ gets EOS appended; all completion tokens are trained.
 Truncation: a prompt longer than ``max_prompt_length`` keeps its end or its start (a leading BOS
 is kept when the tokenizer adds one by itself); a completion longer than what ``max_length``
 leaves is truncated or the group dropped. Every case is counted in ``TokenizeStats``.
-Deliberately left out: batching (``collate.py``) and caching (``pipeline.py``).
+Stepwise records (a process reward model's steps and labels) have their own layout, TRL's
+(``stepwise.py``). Deliberately left out: batching (``collate.py``) and caching (``pipeline.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class TokenizeStats:
     prompts_truncated: int = 0
     completions_truncated: int = 0
     completions_seen: int = 0
+    steps_with_separator: int = 0  # stepwise data: steps holding data.step_separator (trained as one step)
 
     @property
     def truncation_rate(self) -> float:
@@ -61,6 +63,7 @@ class TokenizeStats:
         self.prompts_truncated += other.prompts_truncated
         self.completions_truncated += other.completions_truncated
         self.completions_seen += other.completions_seen
+        self.steps_with_separator += other.steps_with_separator
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
@@ -204,6 +207,10 @@ def tokenize_group(
     and completions seen before, e.g. when listwise data was expanded into many pairs.
     """
     stats = stats if stats is not None else TokenizeStats()
+    if record.format == "stepwise":  # one completion labelled at each step's end (data/stepwise.py)
+        from alignkit.data.stepwise import tokenize_stepwise
+
+        return tokenize_stepwise(record, tokenizer, cfg, stats)
     stats.groups_in += 1
     read = record  # as the data has it: its id and prompt do not depend on the template
     record = as_rendered(record, tokenizer, cfg)

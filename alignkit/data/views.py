@@ -1,7 +1,7 @@
 """Turning records of any format into what a loss view consumes.
 
 ``to_view(records, view, cfg)`` with view in ``sft``, ``pairwise``, ``unpaired``, ``listwise``,
-``scalar``, ``prompt`` (``rollout`` is an alias of ``prompt``: online runners sample the completions):
+``scalar``, ``stepwise``, ``prompt`` (``rollout`` is an alias of ``prompt``: online runners sample the completions):
 
 ============  ==========================================================================
 view          accepted formats and what happens
@@ -18,6 +18,8 @@ scalar        K=1 with a scalar reward in ``scores`` (DRO): unpaired with a ``sc
               0.0 (undesirable); paired -> chosen 1.0 / rejected 0.0 (the pair's verdict, even
               when the pair has scores, as the unpaired view); listwise -> one record per response
               with its score
+stepwise      stepwise as-is (a process reward model's step labels, ``runner=prm``); no other format
+              has step labels, and stepwise data feeds no other view
 prompt        every format -> its prompt (K=0), extra columns kept
 ============  ==========================================================================
 
@@ -41,13 +43,14 @@ from alignkit.data.convert import (
 from alignkit.data.record import Record
 from alignkit.errors import ConfigError, DataError
 
-DATA_VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar", "prompt", "rollout")
+DATA_VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar", "stepwise", "prompt", "rollout")
 ACCEPTS = {
     "sft": ("sft", "paired", "listwise", "unpaired"),
     "pairwise": ("paired", "listwise", "unpaired"),
     "unpaired": ("unpaired", "paired", "listwise"),
     "listwise": ("listwise", "paired", "unpaired"),
     "scalar": ("unpaired", "paired", "listwise"),
+    "stepwise": ("stepwise",),
     "prompt": ("prompt", "sft", "paired", "unpaired", "listwise"),
 }
 
@@ -167,5 +170,7 @@ def to_view(records: list[Record], view: str, cfg: DataConfig) -> tuple[list[Rec
         return _to_listwise(records)
     if view == "scalar":
         return _to_scalar(records)
+    if view == "stepwise":
+        return list(records), ConvertStats("-> stepwise", records_in=len(records), records_out=len(records))
     out = [replace(r, format="prompt", completions=[], scores=None, labels=None) for r in records]
     return out, ConvertStats("-> prompt", records_in=len(records), records_out=len(out))

@@ -17,4 +17,4 @@ from alignkit.losses.registry import (  # noqa: F401
     resolve_loss,
 )
 from alignkit.losses import sft, dpo, reference_free, unpaired, listwise, rollout, reward  # noqa: F401,E402
-from alignkit.losses import margin, cpl, bco, online, tdpo, dro, distill, pairwise, sppo  # noqa: F401,E402
+from alignkit.losses import margin, cpl, bco, online, tdpo, dro, distill, pairwise, sppo, process  # noqa: F401,E402

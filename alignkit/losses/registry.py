@@ -10,10 +10,11 @@ A loss is ``fn(inputs, **hyper_parameters) -> (loss, metrics)`` where ``inputs``
 * ``view``: which data the loss consumes: ``"sft"``, ``"pairwise"`` (K=2, slot 0 chosen, slot 1
   rejected), ``"unpaired"`` (K=1 with a label), ``"listwise"`` (K>=2 with scores), ``"scalar"`` (K=1
   with a scalar reward in ``scores`` and the value of its prompt in ``values``: DRO), ``"rollout"`` or
-  ``"distill"`` (student and teacher logits at completion tokens, ``losses.distill.DistillLogits``: GKD);
+  ``"distill"`` (student and teacher logits at completion tokens, ``losses.distill.DistillLogits``: GKD) or
+  ``"stepwise"`` (a process reward model's 2-class logits at each labelled step, ``losses.process.StepLogits``);
 * ``runner``: the training loop that trains it (a name of ``alignkit.losses.runners.RUNNERS``);
   default: the view's (``VIEW_RUNNERS``: sft -> sft, pairwise/unpaired/listwise -> preference,
-  scalar -> dro);
+  scalar -> dro, stepwise -> prm);
   a rollout loss must name it (``grpo``, ``ppo``);
 * ``needs_reference``: whether ``ref_logps`` must be filled (a reference model or a cache);
 * ``needs_token_logps``: whether the per-token tensors must be filled (WPO, LD-DPO, ...);
@@ -53,7 +54,7 @@ import torch
 from alignkit.errors import ConfigError
 from alignkit.losses.runners import RUNNERS, VIEW_RUNNERS
 
-VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar", "rollout", "distill")
+VIEWS = ("sft", "pairwise", "unpaired", "listwise", "scalar", "rollout", "distill", "stepwise")
 
 
 @dataclass

@@ -45,10 +45,11 @@ RUNNERS: dict[str, Runner] = {
     "sppo": Runner("alignkit.trainers.sppo", online=True),  # self-play: K samples, win rates, reference = last iterate
     "dro": Runner("alignkit.trainers.dro"),  # offline scalar rewards: policy + a value network (DRO-V)
     "gkd": Runner("alignkit.trainers.gkd"),  # distillation from a frozen teacher; samples, but needs no reward
+    "prm": Runner("alignkit.trainers.prm"),  # process reward model: a correct/incorrect head at each step's end
 }
 # the runner an offline loss needs unless it names one; a rollout loss always names its runner
 VIEW_RUNNERS = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference",
-                "scalar": "dro"}
+                "scalar": "dro", "stepwise": "prm"}
 # a runner that joins any other: sft (slot 0 = the demonstration) rides along with pairwise losses
 JOINS_ANY = "sft"
 

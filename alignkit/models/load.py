@@ -261,13 +261,15 @@ def load_causal_lm(cfg: ModelConfig, *, dtype: str = "fp32") -> tuple[nn.Module,
     return _finish(model, tokenizer, cfg, "CAUSAL_LM"), tokenizer
 
 
-def load_reward_model(cfg: ModelConfig, *, per_token: bool = False, dtype: str = "fp32") -> tuple[nn.Module, Any]:
+def load_reward_model(cfg: ModelConfig, *, per_token: bool = False, dtype: str = "fp32",
+                      num_labels: int = 1) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)``: ``AutoModelForSequenceClassification`` with one label (a scalar reward).
 
     From a causal-LM folder the decoder is reused and the ``score`` head is new (transformers
     reports it as newly initialised). The score is read at the last non-pad token, so the model's
     ``pad_token_id`` is set from the tokenizer. ``per_token=True`` loads the
-    ``AutoModelForTokenClassification`` twin instead (a value per position: an exported PPO critic).
+    ``AutoModelForTokenClassification`` twin instead (a value per position: an exported PPO critic);
+    with ``num_labels=2``, a process reward model's correct/incorrect head (``runner=prm``).
     ``dtype``: the run's ``deepspeed.dtype``, as in ``load_causal_lm``.
     """
     from transformers import (
@@ -287,12 +289,12 @@ def load_reward_model(cfg: ModelConfig, *, per_token: bool = False, dtype: str =
             dtype=_weights_dtype(dtype),
             attn_implementation=cfg.attn_implementation,
             model_class=LlamaForTokenClassification if per_token else LlamaForSequenceClassification,
-            num_labels=1,
+            num_labels=num_labels,
         )
     else:
         auto_class = AutoModelForTokenClassification if per_token else AutoModelForSequenceClassification
         model = _from_pretrained(auto_class, source, cfg, "value model" if per_token else "reward model", dtype,
-                                 num_labels=1, pad_token_id=tokenizer.pad_token_id)
+                                 num_labels=num_labels, pad_token_id=tokenizer.pad_token_id)
     return _finish(model, tokenizer, cfg, "TOKEN_CLS" if per_token else "SEQ_CLS"), tokenizer
 
 

@@ -40,7 +40,8 @@ class SampledBatch:
 
 
 def build_reward_mix(run: common.Run, data: Any = None, tokenizer: Any = None) -> CombinedReward:
-    """Rule rewards by name (``run.reward.fns``) plus, with ``reward.model``, a trained reward model.
+    """Rule rewards by name (``run.reward.fns``) plus, with ``reward.model``, a trained reward model and, with
+    ``reward.prm``, a process reward model (each step scored, aggregated by ``reward.prm_aggregate``).
 
     With ``data`` (prepared prompts) every rule function is called once on the first record before
     the reward model (or anything else) loads, so a function that cannot serve fails here, named.
@@ -58,8 +59,15 @@ def build_reward_mix(run: common.Run, data: Any = None, tokenizer: Any = None) -
 
             mix.dry_run(decode_prompt(first[0], tokenizer), columns, raw_prompt=first[0].extra.get("prompt"),
                         completion_ids=tokenizer.encode(DRY_RUN_COMPLETION, add_special_tokens=False))
-    model = ModelReward(run.model, reward, run.deepspeed, run.data) if reward.model else None
-    return CombinedReward(mix, model, reward.model_weight)
+    model = prm = None
+    if reward.model:
+        model = ModelReward(run.model, reward, run.deepspeed, run.data)
+    if reward.prm:  # a process reward model: steps scored, aggregated (alignkit/rewards/process.py)
+        from alignkit.rewards.process import load_process_reward
+
+        prm = load_process_reward(reward.prm, run.model, run.data, run.deepspeed,
+                                  separator=reward.prm_separator, how=reward.prm_aggregate)
+    return CombinedReward(mix, model, reward.model_weight, prm, reward.prm_weight)
 
 
 class ModelReward:
@@ -90,10 +98,13 @@ class ModelReward:
 
 
 class CombinedReward:
-    """``total = rule mix + model_weight * reward model``; parts reported per source."""
+    """``total = rule mix + model_weight * reward model + prm_weight * process reward model``; parts reported
+    per source (``reward/model``, ``reward/prm``)."""
 
-    def __init__(self, mix: Any, model: ModelReward | None, model_weight: float) -> None:
+    def __init__(self, mix: Any, model: ModelReward | None, model_weight: float, prm: Any = None,
+                 prm_weight: float = 1.0) -> None:
         self.mix, self.model, self.model_weight = mix, model, model_weight
+        self.prm, self.prm_weight = prm, prm_weight
 
     def __call__(self, groups: list[TokenizedGroup], prompt_texts: list[str], texts: list[str],
                  columns: dict[str, list]) -> tuple[list[float], dict[str, list[float]]]:
@@ -106,6 +117,12 @@ class CombinedReward:
             scores = self.model(groups)
             parts["model"] = scores
             total = [t + self.model_weight * s for t, s in zip(total, scores)]
+        if self.prm is not None:  # the prompt as the data has it (a prompt record keeps it), one per completion
+            raw = [g.extra.get("prompt", text) for g, text in zip(
+                (g for g in groups for _ in g.completion_ids), prompt_texts)]
+            scores = self.prm(raw, texts)
+            parts["prm"] = scores
+            total = [t + self.prm_weight * s for t, s in zip(total, scores)]
         return total, parts
 
 

@@ -25,6 +25,11 @@ CASES = {
     "bad_role.jsonl": (1, "chosen[0].role", "expected one of system, user, assistant, tool / found str 'bot'"),
     "bad_label.jsonl": (2, "label", "expected a boolean (true/false or 1/0) / found str 'maybe'"),
     "extra_cell.csv": (3, None, "expected 3 columns / found more cells than header columns"),
+    # stepwise rows (TRL's stepwise supervision): one label per step, non-empty steps, boolean labels
+    "step_labels_short.jsonl": (2, "labels", "expected 2 labels (one per step in completions) / found 1"),
+    "step_labels_long.jsonl": (2, "labels", "expected 1 label (one per step in completions) / found 2"),
+    "step_empty.jsonl": (2, "completions[1]", "expected a non-empty step"),
+    "step_bad_label.jsonl": (2, "labels[0]", "expected a boolean (true/false or 1/0) / found str '+'"),
 }
 
 

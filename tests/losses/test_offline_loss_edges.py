@@ -14,8 +14,10 @@ from offline_loss_cases import for_view, paired, token_level
 
 torch.set_num_threads(1)
 # every registered offline loss, read from the registry (a new loss is checked here without listing it)
-# rollout and distill (GKD, logits in: tests/losses/test_distill.py) losses take no SequenceLogps
-OFFLINE = {name: spec for name, spec in available_losses().items() if spec.view not in ("rollout", "distill")}
+# rollout, distill (GKD, logits in: tests/losses/test_distill.py) and stepwise (PRM step logits:
+# tests/losses/test_process_loss.py) losses take no SequenceLogps
+OFFLINE = {name: spec for name, spec in available_losses().items()
+           if spec.view not in ("rollout", "distill", "stepwise")}
 PAIRED = sorted(name for name, spec in OFFLINE.items() if spec.view == "pairwise")
 SCORE_LOSSES = {"bradley_terry", "pairwise_bce"}  # reward / pairwise models: inputs are a head's scores, not log-probs
 K_OF_VIEW = {"sft": 1, "pairwise": 2, "unpaired": 1, "listwise": 3, "scalar": 1}

@@ -50,6 +50,7 @@ VALUE_TESTS: dict[str, str] = {
     "pairwise_bce": "test_pairwise_loss::test_pairwise_bce_value",
     "dro": "test_dro::test_dro_value",
     "gkd": "test_distill::test_gkd_value",
+    "prm": "test_process_loss::test_prm_value",
 }
 
 

@@ -27,6 +27,8 @@ def test_every_registered_loss_resolves_to_a_known_runner_module(name):
     assert importlib.util.find_spec(RUNNERS[spec.runner].module) is not None
     if spec.view == "distill":  # GKD: the teacher lives in its runner, which samples without a reward (offline)
         assert spec.runner == "gkd" and not RUNNERS["gkd"].online
+    elif spec.view == "stepwise":  # a process reward model's step logits: only the prm runner computes them
+        assert spec.runner == "prm" == VIEW_RUNNERS["stepwise"] and not RUNNERS["prm"].online
     elif spec.view != "rollout":
         # bradley_terry trains a reward model; xpo needs the xpo runner's (policy, reference) sample pairs
         assert spec.runner == VIEW_RUNNERS[spec.view] or (name, spec.runner) in {("bradley_terry", "reward"), ("pairwise_bce", "pm"),
@@ -50,7 +52,8 @@ def test_runner_of_the_registry_declarations():
     assert runner_of([resolve_loss("kto")]) == runner_of([resolve_loss("lipo")]) == "preference"
     with pytest.raises(ConfigError, match="need different runners"):
         runner_of([resolve_loss("grpo"), resolve_loss("ppo")])
-    assert offline_runners() == ("sft", "preference", "reward", "pm", "dro", "gkd")
+    assert offline_runners() == ("sft", "preference", "reward", "pm", "dro", "gkd", "prm")
+    assert runner_of([resolve_loss("prm")]) == "prm"
     assert runner_of([resolve_loss("gkd")]) == "gkd"
     assert {name for name, runner in RUNNERS.items() if runner.online} == {"ppo", "grpo", "online_dpo", "raft", "xpo",
                                                                             "nash_md", "sppo"}

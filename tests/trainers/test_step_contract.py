@@ -13,7 +13,8 @@ from alignkit.run import train_from_overrides
 # one recipe per runner (sft and dpo both run the preference runner: without and with a reference)
 RUNNERS = {"sft_tiny": "preference", "dpo_tiny": "preference", "rm_tiny": "reward", "pm_tiny": "pm", "grpo_tiny": "grpo",
            "ppo_tiny": "ppo", "online_dpo_tiny": "online_dpo", "raft_tiny": "raft", "xpo_tiny": "xpo",
-           "nash_md_tiny": "nash_md", "dro_tiny": "dro", "gkd_tiny": "gkd", "sppo_tiny": "sppo"}
+           "nash_md_tiny": "nash_md", "dro_tiny": "dro", "gkd_tiny": "gkd", "sppo_tiny": "sppo",
+           "prm_tiny": "prm"}
 # 2 micro-batches per step, one update pass: the 3rd training loss is the first micro-batch of step 2
 FAST = ["trainer.batch_size=4", "trainer.micro_batch_size=2", "rl.ppo_epochs=1", "generation.max_new_tokens=4",
         "trainer.eval_every=0", "trainer.max_eval_groups=2", "trainer.export=false", "logger.backends=[jsonl]"]
