@@ -22,7 +22,7 @@ def test_structured_config_round_trip():
 
 
 @pytest.mark.parametrize("field,value,choices", [
-    ("format", "pairs", "auto, sft, paired, unpaired, listwise, prompt"),
+    ("format", "pairs", "auto, sft, paired, unpaired, listwise, prompt, stepwise"),
     ("columns", "axolotl", "trl, openrlhf, llamafactory, nemo, hh_rlhf, ultrafeedback, nectar, orca"),
     ("chat_template", "sometimes", "auto, always, never"),
     ("prompt_truncation", "middle", "keep_end, keep_start"),
