@@ -23,7 +23,7 @@ def test_structured_config_round_trip():
 
 @pytest.mark.parametrize("field,value,choices", [
     ("format", "pairs", "auto, sft, paired, unpaired, listwise, prompt, stepwise"),
-    ("columns", "axolotl", "trl, openrlhf, llamafactory, nemo, hh_rlhf, ultrafeedback, nectar, orca"),
+    ("columns", "axolotl", "trl, openrlhf, llamafactory, nemo, hh_rlhf, ultrafeedback, nectar, orca, math_shepherd"),
     ("chat_template", "sometimes", "auto, always, never"),
     ("prompt_truncation", "middle", "keep_end, keep_start"),
     ("response_truncation", "cut", "truncate, drop"),
