@@ -13,7 +13,7 @@ from alignkit.rewards.judge import INSTRUCTION, MAX_SCORE, score
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "data" / "demo"
 SCRIPT = ROOT / "scripts" / "make_demo_data.py"
-FORMATS = ("sft", "paired", "unpaired", "scalar", "listwise", "prompts")
+FORMATS = ("sft", "paired", "unpaired", "scalar", "listwise", "prompts", "stepwise")
 SIZES = {"train": 1000, "eval": 300}
 THRESHOLD = 1.0  # unpaired label = judge score >= this = the answer is right (README)
 
@@ -68,6 +68,7 @@ def test_every_file_parses_with_the_expected_columns(fmt, split):
         "scalar": {"prompt", "completion", "score", "answer"},
         "listwise": {"prompt", "responses", "scores", "answer"},
         "prompts": {"prompt", "answer", "task", "facts", "position"},
+        "stepwise": {"prompt", "completions", "labels", "answer"},
     }[fmt]
     for row in data:
         assert set(row) == expected
