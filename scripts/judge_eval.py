@@ -57,31 +57,21 @@ def sample(policy: str, n: int, k: int, temperature: float) -> list[dict]:
 
 
 def pick(rows: list[dict], kind: str, path: str | None) -> list[list[float]]:
-    """Each prompt's replies' mean win probability under the judge (all pairs, as ``judges.win_rates``)."""
+    """Each prompt's replies' mean win probability under the judge (``judges.text_win_rates``: all pairs, as
+    online DPO ranks its samples)."""
     from alignkit.config.compose import compose
     from alignkit.rl import judges
     from alignkit.trainers.common import typed_run
 
     overrides = ["recipe=online_dpo_smollm2", f"judge.kind={kind}"] + ([f"judge.path={path}"] if path else [])
     judge = judges.build_judge(typed_run(compose(overrides)))
-    prompts, a, b, index, columns = [], [], [], [], {}
-    for r, row in enumerate(rows):
-        for i in range(len(row["replies"])):
-            for j in range(i + 1, len(row["replies"])):
-                prompts.append(row["prompt"])
-                a.append(row["replies"][i])
-                b.append(row["replies"][j])
-                index.append((r, i, j))
-                for key, value in row["extra"].items():
-                    columns.setdefault(key, []).append(value)
-    wins = [[0.0] * len(row["replies"]) for row in rows]
-    for start in range(0, len(index), 64):
-        part = slice(start, start + 64)
-        probability = judge.compare(prompts[part], a[part], b[part], **{k: v[part] for k, v in columns.items()})
-        for (r, i, j), q in zip(index[part], probability.tolist()):
-            wins[r][i] += q
-            wins[r][j] += 1.0 - q
-    return [[w / max(len(ws) - 1, 1) for w in ws] for ws in wins]
+    flat = judges.text_win_rates(judge, [r["prompt"] for r in rows], [r["replies"] for r in rows],
+                                 [r["extra"] for r in rows]).tolist()
+    rates, offset = [], 0
+    for row in rows:
+        rates.append(flat[offset : offset + len(row["replies"])])
+        offset += len(row["replies"])
+    return rates
 
 
 def summarise(rows: list[dict], rates: list[list[float]]) -> dict:

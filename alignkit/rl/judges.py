@@ -334,25 +334,37 @@ def win_rates(judge: Judge, sampled: Any, tokenizer: Any) -> torch.Tensor:
     """``[S]`` (group-major, as ``sampled.rewards``): each sample's mean P of beating its group's others."""
     from alignkit.data.batch import decode_prompt
 
-    prompts, a_texts, b_texts, index = [], [], [], []
-    columns: dict[str, list] = {key: [] for key in sorted({k for g in sampled.groups for k in g.extra})}
-    offset = 0
     texts = [tokenizer.decode(ids, skip_special_tokens=True) for g in sampled.groups for ids in g.completion_ids]
+    replies, offset = [], 0
     for group in sampled.groups:
-        prompt = decode_prompt(group, tokenizer)
-        for i in range(group.group_size):
-            for j in range(i + 1, group.group_size):
-                prompts.append(prompt)
-                a_texts.append(texts[offset + i])
-                b_texts.append(texts[offset + j])
+        replies.append(texts[offset : offset + group.group_size])
+        offset += group.group_size
+    return text_win_rates(judge, [decode_prompt(g, tokenizer) for g in sampled.groups], replies,
+                          [g.extra for g in sampled.groups])
+
+
+def text_win_rates(judge: Judge, prompts: Sequence[str], replies: Sequence[Sequence[str]],
+                   extras: Sequence[dict]) -> torch.Tensor:
+    """``win_rates`` on text: ``replies[r]`` are prompt ``r``'s replies and ``extras[r]`` its record's columns;
+    every pair of a prompt's replies is compared once and each reply's score is its mean P of beating the others
+    (flat ``[S]``, prompt-major; 0 for a prompt's only reply)."""
+    pair_prompts, a_texts, b_texts, index = [], [], [], []
+    columns: dict[str, list] = {key: [] for key in sorted({k for extra in extras for k in extra})}
+    offset = 0
+    for prompt, texts, extra in zip(prompts, replies, extras):
+        for i in range(len(texts)):
+            for j in range(i + 1, len(texts)):
+                pair_prompts.append(prompt)
+                a_texts.append(texts[i])
+                b_texts.append(texts[j])
                 index.append((offset + i, offset + j))
                 for key in columns:
-                    columns[key].append(group.extra.get(key))
-        offset += group.group_size
+                    columns[key].append(extra.get(key))
+        offset += len(texts)
     wins = torch.zeros(offset)
     counts = torch.zeros(offset)
     if index:
-        probability = _checked(judge.compare(prompts, a_texts, b_texts, **columns), len(index))
+        probability = _checked(judge.compare(pair_prompts, a_texts, b_texts, **columns), len(index))
         for (i, j), p in zip(index, probability.tolist()):
             wins[i] += p
             wins[j] += 1.0 - p
