@@ -47,7 +47,6 @@ from alignkit.models.config import ModelConfig
 
 JUDGE_KINDS = ("rule", "reward_model", "pairwise", "llm")
 JUDGE_RUNNERS = ("online_dpo", "xpo", "nash_md", "sppo")  # the runners that read judge.kind
-RL_DEFAULT_PREFERENCE = "sigmoid"  # RLConfig.preference's default (a test keeps them equal)
 TEMPLATE_FIELDS = ("prompt", "a", "b")
 ANSWERS = ("A", "B")
 
@@ -72,7 +71,9 @@ def check_judge(cfg: Any, runner: str) -> None:
     if runner not in JUDGE_RUNNERS:
         raise ConfigError(f"judge.kind={j.kind} is read by runner={' / '.join(JUDGE_RUNNERS)} only; this run's "
                           f"runner is {runner}. Remove judge.kind.")
-    if runner == "nash_md" and cfg.rl.preference != RL_DEFAULT_PREFERENCE:
+    from alignkit.config.schema import RLConfig
+
+    if runner == "nash_md" and cfg.rl.preference != RLConfig().preference:  # set away from its default
         raise ConfigError(f"rl.preference={cfg.rl.preference} is not read with judge.kind={j.kind}: Nash-MD's "
                           "preference is then the judge's P(policy sample beats mixture sample). Remove one of them.")
     if j.kind in ("reward_model", "pairwise"):

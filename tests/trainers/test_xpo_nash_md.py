@@ -125,10 +125,6 @@ def test_pair_preference_compares_the_j_th_samples_of_each_prompt_with_their_col
 
 
 def test_judge_settings_on_xpo_and_nash_md_compose_and_conflicts_fail():
-    from alignkit.config.schema import RLConfig
-    from alignkit.rl import judges
-
-    assert RLConfig().preference == judges.RL_DEFAULT_PREFERENCE
     for recipe in ("xpo_tiny", "nash_md_tiny", "xpo_smollm2", "nash_md_smollm2"):
         validate(compose([f"recipe={recipe}", "judge.kind=rule", "judge.fns=[reply_length]"]))
     with pytest.raises(ConfigError, match="rl.preference=hard is not read with judge.kind=rule"):
