@@ -3,13 +3,19 @@
 
     python scripts/judge_eval.py --policy MODEL --judge-kind pairwise --judge-path RUN/final [--k 4] [--n 200]
         [--out DIR] [--samples DIR/samples.jsonl]
+    python scripts/judge_eval.py --samples DIR/samples.jsonl --judge-kind prm --judge-path PRM_RUN/final
+        [--prm-aggregate min|prod|last]
 
 For the first ``n`` held-out demo prompts (``data/demo/prompts_eval.jsonl``) the policy samples ``k`` replies
 each (temperature ``--temperature``, the library's generation engine, seed 0); the judge
 (``alignkit.rl.judges``: ``pairwise`` = a ``recipe=pm_*`` folder, ``reward_model`` = ``rm_*``, ``llm`` = a causal
 LM asked A or B, ``rule`` = the demo's reward functions) compares every pair of a prompt's replies and the
 reply with the highest mean win probability is picked (``judges.win_rates``, as online DPO ranks; ties go to
-the earlier sample). Every reply is scored with the same parser as ``answer_eval.py``
+the earlier sample). ``prm`` is pointwise: a ``recipe=prm_*`` folder scores each reply alone
+(``alignkit.rewards.process``, the reward GRPO reads with ``reward.prm``: steps at the separator it was trained
+with, each step's P(correct), aggregated by ``--prm-aggregate``) and the highest score is picked -- the PRM as
+a verifier (best-of-N, Lightman et al. 2023). The demo prompt is one user turn, so the PRM sees it as
+its training data had it: that turn through the chat template. Every reply is scored with the same parser as ``answer_eval.py``
 (``alignkit.rewards.judge.accuracy_score``). Written to ``--out``/judge_summary_<kind>.json and printed:
 
 * the picked replies' answer accuracy (Wilson 95% interval), against the *first* sample's (a pick without a
@@ -56,13 +62,34 @@ def sample(policy: str, n: int, k: int, temperature: float) -> list[dict]:
     return rows
 
 
-def pick(rows: list[dict], kind: str, path: str | None) -> list[list[float]]:
+def prm_scores(rows: list[dict], path: str | None, aggregate: str = "min") -> list[list[float]]:
+    """Each reply's process-reward score (``alignkit.rewards.process``), the prompt as one user turn."""
+    from alignkit.config.compose import compose
+    from alignkit.rewards.process import load_process_reward
+    from alignkit.trainers.common import typed_run
+
+    if not path:
+        raise SystemExit("--judge-kind prm needs --judge-path: a recipe=prm_* run's final/ folder")
+    run = typed_run(compose(["recipe=grpo_smollm2"]))
+    prm = load_process_reward(path, run.model, run.data, run.deepspeed, how=aggregate)
+    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows for _ in r["replies"]]
+    flat = prm(prompts, [reply for r in rows for reply in r["replies"]])
+    scores, offset = [], 0
+    for row in rows:
+        scores.append(flat[offset : offset + len(row["replies"])])
+        offset += len(row["replies"])
+    return scores
+
+
+def pick(rows: list[dict], kind: str, path: str | None, aggregate: str = "min") -> list[list[float]]:
     """Each prompt's replies' mean win probability under the judge (``judges.text_win_rates``: all pairs, as
-    online DPO ranks its samples)."""
+    online DPO ranks its samples); for ``prm`` each reply's process-reward score."""
     from alignkit.config.compose import compose
     from alignkit.rl import judges
     from alignkit.trainers.common import typed_run
 
+    if kind == "prm":
+        return prm_scores(rows, path, aggregate)
     overrides = ["recipe=online_dpo_smollm2", f"judge.kind={kind}"] + ([f"judge.path={path}"] if path else [])
     judge = judges.build_judge(typed_run(compose(overrides)))
     flat = judges.text_win_rates(judge, [r["prompt"] for r in rows], [r["replies"] for r in rows],
@@ -98,7 +125,8 @@ def summarise(rows: list[dict], rates: list[list[float]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", help="the model whose samples are judged (e.g. the SmolLM2 folder)")
-    parser.add_argument("--judge-kind", required=True, choices=["rule", "reward_model", "pairwise", "llm"])
+    parser.add_argument("--judge-kind", required=True, choices=["rule", "reward_model", "pairwise", "llm", "prm"])
+    parser.add_argument("--prm-aggregate", default="min", choices=["min", "prod", "last"])
     parser.add_argument("--judge-path", default=None)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--n", type=int, default=200)
@@ -115,9 +143,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.samples:
         (args.out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    rates = pick(rows, args.judge_kind, args.judge_path)
-    summary = {"judge": {"kind": args.judge_kind, "path": args.judge_path}, **summarise(rows, rates)}
-    (args.out / f"judge_summary_{args.judge_kind}.json").write_text(json.dumps(summary, indent=1))
+    rates = pick(rows, args.judge_kind, args.judge_path, args.prm_aggregate)
+    name = args.judge_kind + (f"_{args.prm_aggregate}" if args.judge_kind == "prm" else "")
+    summary = {"judge": {"kind": args.judge_kind, "path": args.judge_path, **({"aggregate": args.prm_aggregate}
+               if args.judge_kind == "prm" else {})}, **summarise(rows, rates)}
+    (args.out / f"judge_summary_{name}.json").write_text(json.dumps(summary, indent=1))
     p, f, d = summary["picked"], summary["first_sample"], summary["paired_picked_vs_first"]
     print(f"judge {args.judge_kind} {args.judge_path or ''}: best of {summary['k']} on N={summary['n']} held-out prompts: "
           f"picked {p['accuracy']:.3f} [{p['low']:.3f}, {p['high']:.3f}] vs first sample {f['accuracy']:.3f} "

@@ -45,3 +45,32 @@ def test_win_rates_from_pairwise_probabilities(monkeypatch):
     monkeypatch.setattr(judges, "build_judge", lambda run: Judge())
     rows = [{"prompt": "p", "answer": "x", "extra": {"answer": "x"}, "replies": ["a", "b", "c"]}]
     assert judge_eval.pick(rows, "rule", None) == [[0.5, 0.0, 1.0]]
+
+
+def test_prm_scores_each_reply_alone_with_the_prompt_as_one_user_turn(monkeypatch):
+    """--judge-kind prm: pointwise, the PRM sees the prompt as its training data had it (a user turn), the flat
+    scores are split back per prompt, and the pick is the highest score."""
+    seen = {}
+
+    class Prm:
+        def __call__(self, prompts, completions):
+            seen["prompts"], seen["completions"] = prompts, completions
+            return [float(len(c)) for c in completions]  # longer = better, so the pick is visible
+
+    from alignkit.rewards import process
+
+    def load(path, model, data, deepspeed, *, separator=None, how="min"):
+        seen["path"], seen["how"] = path, how
+        return Prm()
+
+    monkeypatch.setattr(process, "load_process_reward", load)
+    rows = [{"prompt": "q1", "answer": "1", "replies": ["Answer: 1", "Answer: 22"]},
+            {"prompt": "q2", "answer": "5", "replies": ["x\nAnswer: 5", "Answer: 3", "Answer: 4"]}]
+    scores = judge_eval.pick(rows, "prm", "some/prm", "prod")
+    assert scores == [[9.0, 10.0], [11.0, 9.0, 9.0]]
+    assert seen["prompts"] == [[{"role": "user", "content": "q1"}]] * 2 + [[{"role": "user", "content": "q2"}]] * 3
+    assert seen["completions"] == rows[0]["replies"] + rows[1]["replies"] and seen["how"] == "prod"
+    s = judge_eval.summarise(rows, scores)
+    assert s["picked"]["accuracy"] == pytest.approx(1 / 2)  # row 0 picks the wrong "22", row 1 the right one
+    with pytest.raises(SystemExit, match="judge-path"):
+        judge_eval.pick(rows, "prm", None)
