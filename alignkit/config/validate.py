@@ -1,7 +1,8 @@
 """Cross-field rules checked at compose time, before anything expensive happens.
 
 Each area's dataclass checks its own enums (``validate()``); this module checks what spans
-areas: the loss exists and takes the given hyper-parameters, the runner fits the loss, the batch
+areas: the loss exists and takes the given hyper-parameters, the runner fits the loss (the pairs the
+runner table declares: ``alignkit.losses.runners.check_exclusive``; each runner's other rules here), the batch
 divides into micro-batches across processes, the reference strategy fits the loss and model.
 ``runner_for`` and ``loss_terms`` are also what the trainers use, so the rules live once.
 """
@@ -20,7 +21,7 @@ from alignkit.config.schema import REFERENCE_STRATEGIES
 from alignkit.config.values import check_loss_weights
 from alignkit.engine.engine import SCHEDULERS  # the one table, next to lr_multiplier that implements it
 from alignkit.errors import ConfigError
-from alignkit.losses.runners import RUNNERS, is_online, offline_runners, runner_of
+from alignkit.losses.runners import RUNNERS, check_exclusive, is_online, offline_runners, runner_of
 
 RESERVED_LOSS_KEYS = ("name", "weights")
 
@@ -131,11 +132,11 @@ def validate(cfg: DictConfig) -> None:
     check_scale_rules(cfg)
     if cfg.deepspeed.get("optimizer_in_backward", False):
         _check_optimizer_in_backward(cfg, runner)
-    _check_second_sampler(cfg, runner, terms)  # before the online rules: it refuses vllm before vllm is looked for
+    check_exclusive(runner, (spec for spec, _, _ in terms), cfg.loss.name)  # the table's loss-runner pairs, both ways
+    _check_second_sampler(cfg, runner)  # before the online rules: it refuses vllm before vllm is looked for
     if is_online(runner):
         _check_online(cfg, runner)
-    _check_pm(cfg, runner, terms)
-    _check_prm(cfg, runner, terms)
+    _check_prm(cfg, runner)
     from alignkit.rl.judges import check_judge
 
     check_judge(cfg, runner)
@@ -150,7 +151,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"data.label_threshold={cfg.data.label_threshold} turns scores into labels, but runner=dro "
                           "trains on the scores themselves as rewards (a label-only row is reward 1.0 / 0.0). "
                           "Remove data.label_threshold.")
-    _check_gkd(cfg, runner, terms)
+    _check_gkd(cfg, runner)
     _check_sppo(cfg, runner, terms)
     needs_ref = any(spec.reference_needed(hp) for spec, _, hp in terms)
     ref = cfg.trainer.reference
@@ -168,27 +169,10 @@ def validate(cfg: DictConfig) -> None:
                           "(e.g. loss=dpo).")
 
 
-def _check_pm(cfg: DictConfig, runner: str, terms: list) -> None:
-    """The pairwise preference model: runner=pm trains loss=pairwise_bce alone, and that loss only there."""
-    names = [spec.name for spec, _, _ in terms]
-    if runner == "pm" and names != ["pairwise_bce"]:
-        raise ConfigError(f"runner=pm trains a pairwise preference model with loss=pairwise_bce alone; loss.name="
-                          f"{cfg.loss.name}. Use loss=pairwise_bce (recipe=pm_tiny).")
-    if runner != "pm" and "pairwise_bce" in names:
-        raise ConfigError(f"loss pairwise_bce scores (prompt, a, b) sequences, which only runner=pm builds; this run's "
-                          f"runner is {runner}. Use runner=auto (recipe=pm_tiny).")
-
-
-def _check_prm(cfg: DictConfig, runner: str, terms: list) -> None:
-    """The process reward model: runner=prm trains loss=prm alone; reward.prm (a trained PRM as a reward) needs
-    an online runner, a model folder and a known aggregate."""
-    names = [spec.name for spec, _, _ in terms]
-    if runner == "prm" and names != ["prm"]:
-        raise ConfigError(f"runner=prm trains a process reward model with loss=prm alone; loss.name={cfg.loss.name}. "
-                          "Use loss=prm (recipe=prm_tiny).")
-    if runner != "prm" and "prm" in names:
-        raise ConfigError(f"loss prm reads a process reward model's step logits, which only runner=prm computes; this "
-                          f"run's runner is {runner}. Use runner=auto (recipe=prm_tiny).")
+def _check_prm(cfg: DictConfig, runner: str) -> None:
+    """The process reward model (loss=prm alone under runner=prm: ``RUNNERS``, ``check_exclusive``): its data
+    knob only there; reward.prm (a trained PRM as a reward) needs an online runner, a model folder and a known
+    aggregate."""
     if cfg.data.train_on_last_step_only and runner != "prm":
         raise ConfigError(f"data.train_on_last_step_only=true is read by runner=prm only; this run's runner is "
                           f"{runner}. Remove it.")
@@ -298,18 +282,14 @@ def _check_online(cfg: DictConfig, runner: str) -> None:
 SECOND_SAMPLER_RUNNERS = ("xpo", "nash_md")  # each pair: a policy sample against a reference / mixture sample
 
 
-def _check_second_sampler(cfg: DictConfig, runner: str, terms: list) -> None:
-    """XPO and Nash-MD: their losses only under their runner (and the reverse), an even number of samples
-    (half policy, half reference / mixture), the HF engine, no rounds; Nash-MD's own knobs only there."""
+def _check_second_sampler(cfg: DictConfig, runner: str) -> None:
+    """XPO and Nash-MD (their losses under their runner only, nash_md alone: ``RUNNERS``, ``check_exclusive``):
+    runner=xpo a pairwise loss, an even number of samples (half policy, half reference / mixture), the HF
+    engine, no rounds; Nash-MD's own knobs only there."""
     from alignkit.config.schema import RLConfig
     from alignkit.trainers.nash_md import PREFERENCES
 
-    rl, names = cfg.rl, [spec.name for spec, _, _ in terms]
-    for spec, _, _ in terms:
-        if spec.runner in SECOND_SAMPLER_RUNNERS and spec.runner != runner:
-            raise ConfigError(f"loss {spec.name} is trained by runner={spec.runner} only (it needs that runner's "
-                              f"samples); this run's runner is {runner}. Use runner=auto (recipe={spec.runner}_tiny).")
-    defaults = RLConfig()
+    rl, defaults = cfg.rl, RLConfig()
     if runner != "nash_md":
         for key in ("mixture_coef", "preference"):
             if rl[key] != getattr(defaults, key):
@@ -320,9 +300,6 @@ def _check_second_sampler(cfg: DictConfig, runner: str, terms: list) -> None:
     if runner == "xpo" and objective_from_cfg(cfg.loss).view != "pairwise":
         raise ConfigError(f"runner=xpo trains a pairwise loss on (policy, reference) sample pairs; loss.name="
                           f"{cfg.loss.name} is not one. Use loss=xpo (recipe=xpo_tiny).")
-    if runner == "nash_md" and names != ["nash_md"]:
-        raise ConfigError(f"runner=nash_md trains loss=nash_md alone; loss.name={cfg.loss.name}. Use loss=nash_md "
-                          "(recipe=nash_md_tiny).")
     if int(rl.num_generations) < 2 or int(rl.num_generations) % 2:
         raise ConfigError(f"rl.num_generations={rl.num_generations}: {runner} samples half of each prompt's "
                           "completions from the policy and half from the " + ("reference" if runner == "xpo" else
@@ -339,23 +316,17 @@ def _check_second_sampler(cfg: DictConfig, runner: str, terms: list) -> None:
 
 
 def _check_sppo(cfg: DictConfig, runner: str, terms: list) -> None:
-    """SPPO: loss=sppo alone under runner=sppo (and the reverse), ``rl.sppo_samples`` a choice read there only,
-    a reference that moves to the last iterate (no ZeRO-3, no fixed reference)."""
+    """SPPO (loss=sppo alone under runner=sppo, and the reverse: ``RUNNERS``, ``check_exclusive``):
+    ``rl.sppo_samples`` a choice read there only, a reference that moves to the last iterate (no ZeRO-3, no
+    fixed reference)."""
     from alignkit.config.schema import RLConfig
     from alignkit.trainers.sppo import SAMPLE_CHOICES
 
-    names = [spec.name for spec, _, _ in terms]
-    if "sppo" in names and runner != "sppo":
-        raise ConfigError(f"loss sppo is trained by runner=sppo only (it needs that runner's self-play samples and "
-                          f"win rates); this run's runner is {runner}. Use runner=auto (recipe=sppo_tiny).")
     if runner != "sppo":
         if cfg.rl.sppo_samples != RLConfig().sppo_samples:
             raise ConfigError(f"rl.sppo_samples={cfg.rl.sppo_samples} is read by runner=sppo only; this run's "
                               f"runner is {runner}. Remove it.")
         return
-    if names != ["sppo"]:
-        raise ConfigError(f"runner=sppo trains loss=sppo alone; loss.name={cfg.loss.name}. Use loss=sppo "
-                          "(recipe=sppo_tiny).")
     from alignkit.losses.common import validate_knobs
 
     spec, _, hp = terms[0]
@@ -372,24 +343,19 @@ def _check_sppo(cfg: DictConfig, runner: str, terms: list) -> None:
 GKD_KNOBS = ("teacher", "teacher_seed", "lmbda", "seq_kd")  # rl.* read by runner=gkd only
 
 
-def _check_gkd(cfg: DictConfig, runner: str, terms: list) -> None:
-    """GKD: loss=gkd under runner=gkd only, its rl knobs only there, lmbda a probability, a teacher that the
-    run can build (teacher_seed: a tiny teacher), ZeRO 0-2 and the HF engine."""
+def _check_gkd(cfg: DictConfig, runner: str) -> None:
+    """GKD (loss=gkd alone under runner=gkd, and the reverse: ``RUNNERS``, ``check_exclusive``): its rl knobs
+    only there, lmbda a probability, a teacher that the run can build (teacher_seed: a tiny teacher), ZeRO 0-2
+    and the HF engine."""
     from alignkit.config.schema import RLConfig
 
-    rl, names, defaults = cfg.rl, [spec.name for spec, _, _ in terms], RLConfig()
+    rl, defaults = cfg.rl, RLConfig()
     if runner != "gkd":
         for key in GKD_KNOBS:
             if rl[key] != getattr(defaults, key):
                 raise ConfigError(f"rl.{key}={rl[key]} is read by runner=gkd only; this run's runner is {runner}. "
                                   "Remove it.")
-        if "gkd" in names:
-            raise ConfigError(f"loss gkd is trained by runner=gkd only (it needs a teacher); this run's runner is "
-                              f"{runner}. Use runner=auto (recipe=gkd_tiny).")
         return
-    if names != ["gkd"]:
-        raise ConfigError(f"runner=gkd trains loss=gkd alone; loss.name={cfg.loss.name}. Use loss=gkd "
-                          "(recipe=gkd_tiny).")
     if not (math.isfinite(float(rl.lmbda)) and 0.0 <= float(rl.lmbda) <= 1.0):
         raise ConfigError(f"rl.lmbda={rl.lmbda} must lie in [0, 1]: the probability that a step trains on the "
                           "student's own samples (0 = never, 1 = every step).")

@@ -14,13 +14,20 @@ default (``VIEW_RUNNERS``) unless it names another (``bradley_terry``: ``reward`
 derives the runner of a weighted sum of losses; an explicit ``runner=`` in the config (e.g.
 ``online_dpo`` for a pairwise loss) overrides it.
 
+Which losses a runner takes is the runner's declaration: ``needs`` (what its own losses need of it,
+e.g. ``gkd``: "a teacher"; ``only_here`` says it in the runner's own words) makes the losses that
+declare it ``exclusive`` to it, and ``alone`` names the one loss it trains with no other term
+(``trains``: what it trains, cited in that refusal). ``check_exclusive`` is the one rule that reads
+both, in both directions, at compose time (``config.validate``); a runner that only restricts its
+losses' kind (``xpo``: any pairwise loss; ``raft``: an SFT loss) keeps that rule in ``config/validate.py``.
+
 Adding a runner is one line here (plus its trainer module); see CONTRIBUTING.md "a runner".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Any, Iterable
 
 from alignkit.errors import ConfigError
 
@@ -29,23 +36,40 @@ from alignkit.errors import ConfigError
 class Runner:
     module: str  # its train(cfg, run_dir) -> dict trains the run
     online: bool = False  # samples completions from the policy (rewards, generation, its own KL reference)
+    alone: str = ""  # the one loss it trains, with no other term (sft does not join); "" = any loss that fits
+    trains: str = ""  # what it trains, cited when it is given another loss ("a process reward model")
+    needs: str = ""  # what its own losses (LossSpec.runner) need of it, so that no other runner trains them
+    only_here: str = ""  # that refusal in its own words, instead of "is trained by runner=R only (it needs ...)"
+
+    @property
+    def exclusive(self) -> bool:
+        """Its own losses are trained by this runner only."""
+        return bool(self.needs or self.only_here)
 
 
 RUNNERS: dict[str, Runner] = {
     "sft": Runner("alignkit.trainers.preference"),
     "preference": Runner("alignkit.trainers.preference"),
     "reward": Runner("alignkit.trainers.reward"),
-    "pm": Runner("alignkit.trainers.pm"),  # pairwise preference model: both responses in, P(a > b) out
+    "pm": Runner("alignkit.trainers.pm",  # pairwise preference model: both responses in, P(a > b) out
+                 alone="pairwise_bce", trains="a pairwise preference model",
+                 only_here="scores (prompt, a, b) sequences, which only runner=pm builds"),
     "ppo": Runner("alignkit.trainers.ppo", online=True),
     "grpo": Runner("alignkit.trainers.grpo", online=True),
     "online_dpo": Runner("alignkit.trainers.online_dpo", online=True),
     "raft": Runner("alignkit.trainers.raft", online=True),  # best-of-K sampling, SFT on the winners
-    "xpo": Runner("alignkit.trainers.xpo", online=True),  # policy vs reference samples, DPO + exploration
-    "nash_md": Runner("alignkit.trainers.nash_md", online=True),  # policy vs geometric-mixture samples
-    "sppo": Runner("alignkit.trainers.sppo", online=True),  # self-play: K samples, win rates, reference = last iterate
+    "xpo": Runner("alignkit.trainers.xpo", online=True,  # policy vs reference samples, DPO + exploration
+                  needs="that runner's samples"),  # not alone: any pairwise loss (config/validate.py)
+    "nash_md": Runner("alignkit.trainers.nash_md", online=True,  # policy vs geometric-mixture samples
+                      alone="nash_md", needs="that runner's samples"),
+    "sppo": Runner("alignkit.trainers.sppo", online=True,  # self-play: K samples, win rates, reference = last iterate
+                   alone="sppo", needs="that runner's self-play samples and win rates"),
     "dro": Runner("alignkit.trainers.dro"),  # offline scalar rewards: policy + a value network (DRO-V)
-    "gkd": Runner("alignkit.trainers.gkd"),  # distillation from a frozen teacher; samples, but needs no reward
-    "prm": Runner("alignkit.trainers.prm"),  # process reward model: a correct/incorrect head at each step's end
+    "gkd": Runner("alignkit.trainers.gkd",  # distillation from a frozen teacher; samples, but needs no reward
+                  alone="gkd", needs="a teacher"),
+    "prm": Runner("alignkit.trainers.prm",  # process reward model: a correct/incorrect head at each step's end
+                  alone="prm", trains="a process reward model",
+                  only_here="reads a process reward model's step logits, which only runner=prm computes"),
 }
 # the runner an offline loss needs unless it names one; a rollout loss always names its runner
 VIEW_RUNNERS = {"sft": "sft", "pairwise": "preference", "unpaired": "preference", "listwise": "preference",
@@ -73,3 +97,21 @@ def runner_of(specs: Iterable) -> str:
         raise ConfigError(f"losses {described} need different runners and cannot be trained together; "
                           "combine losses of one runner (sft joins any).")
     return others.pop() if others else JOINS_ANY
+
+
+def check_exclusive(runner: str, specs: Iterable, loss_name: Any) -> None:
+    """The loss-runner pairs the table declares, both ways: a loss whose runner is ``exclusive`` under no
+    other runner, and a runner with ``alone`` given that loss and nothing else (``ConfigError``).
+    ``loss_name`` is the config's ``loss.name``, cited as given."""
+    specs = list(specs)
+    for spec in specs:
+        owner = RUNNERS[spec.runner]
+        if owner.exclusive and spec.runner != runner:
+            why = owner.only_here or f"is trained by runner={spec.runner} only (it needs {owner.needs})"
+            raise ConfigError(f"loss {spec.name} {why}; this run's runner is {runner}. Use runner=auto "
+                              f"(recipe={spec.runner}_tiny).")
+    alone = RUNNERS[runner].alone
+    if alone and [spec.name for spec in specs] != [alone]:
+        trains = f"{RUNNERS[runner].trains} with " if RUNNERS[runner].trains else ""
+        raise ConfigError(f"runner={runner} trains {trains}loss={alone} alone; loss.name={loss_name}. Use "
+                          f"loss={alone} (recipe={runner}_tiny).")
