@@ -14,8 +14,9 @@ reply with the highest mean win probability is picked (``judges.win_rates``, as 
 the earlier sample). ``prm`` is pointwise: a ``recipe=prm_*`` folder scores each reply alone
 (``alignkit.rewards.process``, the reward GRPO reads with ``reward.prm``: steps at the separator it was trained
 with, each step's P(correct), aggregated by ``--prm-aggregate``) and the highest score is picked -- the PRM as
-a verifier (best-of-N, Lightman et al. 2023). The demo prompt is one user turn, so the PRM sees it as
-its training data had it: that turn through the chat template. Every reply is scored with the same parser as ``answer_eval.py``
+a verifier (best-of-N, Lightman et al. 2023). The PRM sees the prompt as its training data had it: the
+record's messages through the chat template (``extra.prompt`` of samples.jsonl; a samples file without it:
+the prompt text as one user turn). Every reply is scored with the same parser as ``answer_eval.py``
 (``alignkit.rewards.judge.accuracy_score``). Written to ``--out``/judge_summary_<kind>.json and printed:
 
 * the picked replies' answer accuracy (Wilson 95% interval), against the *first* sample's (a pick without a
@@ -63,7 +64,7 @@ def sample(policy: str, n: int, k: int, temperature: float) -> list[dict]:
 
 
 def prm_scores(rows: list[dict], path: str | None, aggregate: str = "min") -> list[list[float]]:
-    """Each reply's process-reward score (``alignkit.rewards.process``), the prompt as one user turn."""
+    """Each reply's process-reward score (``alignkit.rewards.process``), the prompt as the record has it."""
     from alignkit.config.compose import compose
     from alignkit.rewards.process import load_process_reward
     from alignkit.trainers.common import typed_run
@@ -72,7 +73,9 @@ def prm_scores(rows: list[dict], path: str | None, aggregate: str = "min") -> li
         raise SystemExit("--judge-kind prm needs --judge-path: a recipe=prm_* run's final/ folder")
     run = typed_run(compose(["recipe=grpo_smollm2"]))
     prm = load_process_reward(path, run.model, run.data, run.deepspeed, how=aggregate)
-    prompts = [[{"role": "user", "content": r["prompt"]}] for r in rows for _ in r["replies"]]
+    # the prompt as the data has it (the record's messages, kept in "extra"), as GRPO's reward.prm reads it
+    prompts = [r.get("extra", {}).get("prompt") or [{"role": "user", "content": r["prompt"]}]
+               for r in rows for _ in r["replies"]]
     flat = prm(prompts, [reply for r in rows for reply in r["replies"]])
     scores, offset = [], 0
     for row in rows:

@@ -48,7 +48,8 @@ def test_win_rates_from_pairwise_probabilities(monkeypatch):
 
 
 def test_prm_scores_each_reply_alone_with_the_prompt_as_one_user_turn(monkeypatch):
-    """--judge-kind prm: pointwise, the PRM sees the prompt as its training data had it (a user turn), the flat
+    """--judge-kind prm: pointwise, the PRM sees the prompt as its training data had it (the record's messages,
+    else the text as a user turn), the flat
     scores are split back per prompt, and the pick is the highest score."""
     seen = {}
 
@@ -64,11 +65,13 @@ def test_prm_scores_each_reply_alone_with_the_prompt_as_one_user_turn(monkeypatc
         return Prm()
 
     monkeypatch.setattr(process, "load_process_reward", load)
+    q2 = [{"role": "system", "content": "s"}, {"role": "user", "content": "q2"}]
     rows = [{"prompt": "q1", "answer": "1", "replies": ["Answer: 1", "Answer: 22"]},
-            {"prompt": "q2", "answer": "5", "replies": ["x\nAnswer: 5", "Answer: 3", "Answer: 4"]}]
+            {"prompt": "system\ns\nuser\nq2", "answer": "5", "extra": {"prompt": q2},
+             "replies": ["x\nAnswer: 5", "Answer: 3", "Answer: 4"]}]
     scores = judge_eval.pick(rows, "prm", "some/prm", "prod")
     assert scores == [[9.0, 10.0], [11.0, 9.0, 9.0]]
-    assert seen["prompts"] == [[{"role": "user", "content": "q1"}]] * 2 + [[{"role": "user", "content": "q2"}]] * 3
+    assert seen["prompts"] == [[{"role": "user", "content": "q1"}]] * 2 + [q2] * 3  # the record's messages win
     assert seen["completions"] == rows[0]["replies"] + rows[1]["replies"] and seen["how"] == "prod"
     s = judge_eval.summarise(rows, scores)
     assert s["picked"]["accuracy"] == pytest.approx(1 / 2)  # row 0 picks the wrong "22", row 1 the right one
