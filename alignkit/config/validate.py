@@ -2,7 +2,8 @@
 
 Each area's dataclass checks its own enums (``validate()``); this module checks what spans
 areas: the loss exists and takes the given hyper-parameters, the runner fits the loss (the pairs the
-runner table declares: ``alignkit.losses.runners.check_exclusive``; each runner's other rules here), the batch
+runner table declares: ``alignkit.losses.runners.check_exclusive``; each runner's other rules here), a knob
+one runner reads is not set under another (the table's ``knobs``: ``runners.check_knobs``), the batch
 divides into micro-batches across processes, the reference strategy fits the loss and model.
 ``runner_for`` and ``loss_terms`` are also what the trainers use, so the rules live once.
 """
@@ -21,7 +22,7 @@ from alignkit.config.schema import REFERENCE_STRATEGIES
 from alignkit.config.values import check_loss_weights
 from alignkit.engine.engine import SCHEDULERS  # the one table, next to lr_multiplier that implements it
 from alignkit.errors import ConfigError
-from alignkit.losses.runners import RUNNERS, check_exclusive, is_online, offline_runners, runner_of
+from alignkit.losses.runners import RUNNERS, check_exclusive, check_knobs, is_online, offline_runners, runner_of
 
 RESERVED_LOSS_KEYS = ("name", "weights")
 
@@ -133,6 +134,7 @@ def validate(cfg: DictConfig) -> None:
     if cfg.deepspeed.get("optimizer_in_backward", False):
         _check_optimizer_in_backward(cfg, runner)
     check_exclusive(runner, (spec for spec, _, _ in terms), cfg.loss.name)  # the table's loss-runner pairs, both ways
+    check_knobs(runner, cfg)  # the table's runner-only knobs (rl.lmbda: gkd) at their defaults under any other runner
     _check_second_sampler(cfg, runner)  # before the online rules: it refuses vllm before vllm is looked for
     if is_online(runner):
         _check_online(cfg, runner)
@@ -143,10 +145,9 @@ def validate(cfg: DictConfig) -> None:
     if runner == "raft" and {spec.view for spec, _, _ in terms} != {"sft"}:
         raise ConfigError(f"runner=raft fine-tunes on the best sample of each prompt with an SFT loss; loss.name="
                           f"{cfg.loss.name} is not one. Use loss=sft (recipe=raft_tiny).")
-    if cfg.rl.raft_min_reward is not None and (runner != "raft" or not math.isfinite(cfg.rl.raft_min_reward)):
-        raise ConfigError(f"rl.raft_min_reward={cfg.rl.raft_min_reward} " + (
-            "must be a finite number (or null: keep every prompt's best sample)." if runner == "raft" else
-            f"is read by runner=raft only; this run's runner is {runner}. Remove it."))
+    if runner == "raft" and cfg.rl.raft_min_reward is not None and not math.isfinite(cfg.rl.raft_min_reward):
+        raise ConfigError(f"rl.raft_min_reward={cfg.rl.raft_min_reward} must be a finite number (or null: keep every "
+                          "prompt's best sample).")  # under another runner: check_knobs
     if runner == "dro" and cfg.data.label_threshold is not None:
         raise ConfigError(f"data.label_threshold={cfg.data.label_threshold} turns scores into labels, but runner=dro "
                           "trains on the scores themselves as rewards (a label-only row is reward 1.0 / 0.0). "
@@ -170,12 +171,9 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _check_prm(cfg: DictConfig, runner: str) -> None:
-    """The process reward model (loss=prm alone under runner=prm: ``RUNNERS``, ``check_exclusive``): its data
-    knob only there; reward.prm (a trained PRM as a reward) needs an online runner, a model folder and a known
-    aggregate."""
-    if cfg.data.train_on_last_step_only and runner != "prm":
-        raise ConfigError(f"data.train_on_last_step_only=true is read by runner=prm only; this run's runner is "
-                          f"{runner}. Remove it.")
+    """The process reward model (loss=prm alone under runner=prm, its data knob only there: ``RUNNERS``,
+    ``check_exclusive``, ``check_knobs``): reward.prm (a trained PRM as a reward) needs an online runner, a model
+    folder and a known aggregate."""
     reward = cfg.reward
     from alignkit.rewards.process import AGGREGATES
 
@@ -283,18 +281,12 @@ SECOND_SAMPLER_RUNNERS = ("xpo", "nash_md")  # each pair: a policy sample agains
 
 
 def _check_second_sampler(cfg: DictConfig, runner: str) -> None:
-    """XPO and Nash-MD (their losses under their runner only, nash_md alone: ``RUNNERS``, ``check_exclusive``):
-    runner=xpo a pairwise loss, an even number of samples (half policy, half reference / mixture), the HF
-    engine, no rounds; Nash-MD's own knobs only there."""
-    from alignkit.config.schema import RLConfig
+    """XPO and Nash-MD (their losses under their runner only, nash_md alone, Nash-MD's own knobs only there:
+    ``RUNNERS``, ``check_exclusive``, ``check_knobs``): runner=xpo a pairwise loss, an even number of samples
+    (half policy, half reference / mixture), the HF engine, no rounds, Nash-MD's knobs in range."""
     from alignkit.trainers.nash_md import PREFERENCES
 
-    rl, defaults = cfg.rl, RLConfig()
-    if runner != "nash_md":
-        for key in ("mixture_coef", "preference"):
-            if rl[key] != getattr(defaults, key):
-                raise ConfigError(f"rl.{key}={rl[key]} is read by runner=nash_md only; this run's runner is "
-                                  f"{runner}. Remove it.")
+    rl = cfg.rl
     if runner not in SECOND_SAMPLER_RUNNERS:
         return
     if runner == "xpo" and objective_from_cfg(cfg.loss).view != "pairwise":
@@ -316,16 +308,12 @@ def _check_second_sampler(cfg: DictConfig, runner: str) -> None:
 
 
 def _check_sppo(cfg: DictConfig, runner: str, terms: list) -> None:
-    """SPPO (loss=sppo alone under runner=sppo, and the reverse: ``RUNNERS``, ``check_exclusive``):
-    ``rl.sppo_samples`` a choice read there only, a reference that moves to the last iterate (no ZeRO-3, no
-    fixed reference)."""
-    from alignkit.config.schema import RLConfig
+    """SPPO (loss=sppo alone under runner=sppo, and the reverse; ``rl.sppo_samples`` read there only:
+    ``RUNNERS``, ``check_exclusive``, ``check_knobs``): ``rl.sppo_samples`` a choice, a reference that moves to
+    the last iterate (no ZeRO-3, no fixed reference)."""
     from alignkit.trainers.sppo import SAMPLE_CHOICES
 
     if runner != "sppo":
-        if cfg.rl.sppo_samples != RLConfig().sppo_samples:
-            raise ConfigError(f"rl.sppo_samples={cfg.rl.sppo_samples} is read by runner=sppo only; this run's "
-                              f"runner is {runner}. Remove it.")
         return
     from alignkit.losses.common import validate_knobs
 
@@ -340,21 +328,12 @@ def _check_sppo(cfg: DictConfig, runner: str, terms: list) -> None:
                           "supported under deepspeed.zero_stage=3 yet. Use zero_stage 0, 1 or 2.")
 
 
-GKD_KNOBS = ("teacher", "teacher_seed", "lmbda", "seq_kd")  # rl.* read by runner=gkd only
-
-
 def _check_gkd(cfg: DictConfig, runner: str) -> None:
-    """GKD (loss=gkd alone under runner=gkd, and the reverse: ``RUNNERS``, ``check_exclusive``): its rl knobs
-    only there, lmbda a probability, a teacher that the run can build (teacher_seed: a tiny teacher), ZeRO 0-2
-    and the HF engine."""
-    from alignkit.config.schema import RLConfig
-
-    rl, defaults = cfg.rl, RLConfig()
+    """GKD (loss=gkd alone under runner=gkd, and the reverse; its rl knobs only there: ``RUNNERS``,
+    ``check_exclusive``, ``check_knobs``): lmbda a probability, a teacher that the run can build (teacher_seed: a
+    tiny teacher), ZeRO 0-2 and the HF engine."""
+    rl = cfg.rl
     if runner != "gkd":
-        for key in GKD_KNOBS:
-            if rl[key] != getattr(defaults, key):
-                raise ConfigError(f"rl.{key}={rl[key]} is read by runner=gkd only; this run's runner is {runner}. "
-                                  "Remove it.")
         return
     if not (math.isfinite(float(rl.lmbda)) and 0.0 <= float(rl.lmbda) <= 1.0):
         raise ConfigError(f"rl.lmbda={rl.lmbda} must lie in [0, 1]: the probability that a step trains on the "

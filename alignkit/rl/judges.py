@@ -46,7 +46,6 @@ from alignkit.errors import ConfigError
 from alignkit.models.config import ModelConfig
 
 JUDGE_KINDS = ("rule", "reward_model", "pairwise", "llm")
-JUDGE_RUNNERS = ("online_dpo", "xpo", "nash_md", "sppo")  # the runners that read judge.kind
 TEMPLATE_FIELDS = ("prompt", "a", "b")
 ANSWERS = ("A", "B")
 
@@ -57,7 +56,9 @@ class Judge(Protocol):
 
 
 def check_judge(cfg: Any, runner: str) -> None:
-    """Compose-time checks of the ``judge`` section (before any model loads)."""
+    """Compose-time checks of the ``judge`` section (before any model loads). Which runners read ``judge.kind``
+    is their ``knobs`` in ``alignkit.losses.runners.RUNNERS`` (refused under any other by ``check_knobs``,
+    which ``config.validate`` runs first)."""
     j = cfg.judge
     if j.kind is None:
         for key in ("path", "fns"):
@@ -68,9 +69,6 @@ def check_judge(cfg: Any, runner: str) -> None:
     if j.kind not in JUDGE_KINDS:
         raise ConfigError(f"judge.kind={j.kind!r} is not valid. Valid choices: {', '.join(JUDGE_KINDS)} "
                           "(or null: rank by the rewards).")
-    if runner not in JUDGE_RUNNERS:
-        raise ConfigError(f"judge.kind={j.kind} is read by runner={' / '.join(JUDGE_RUNNERS)} only; this run's "
-                          f"runner is {runner}. Remove judge.kind.")
     from alignkit.config.schema import RLConfig
 
     if runner == "nash_md" and cfg.rl.preference != RLConfig().preference:  # set away from its default

@@ -4,23 +4,31 @@ Every registered loss declares a runner of the table, every runner's trainer mod
 ``train``, and the config's ``runner`` choices, ``runner_for`` and ``run.run_in_process`` all read
 the same table, so adding a loss or a runner cannot leave one of them behind. The loss-runner pairs
 the table declares (``Runner.needs`` / ``only_here``: its losses under it only; ``Runner.alone``: that
-one loss and nothing else) are refused both ways at compose time, for every runner that declares them.
+one loss and nothing else) are refused both ways at compose time, for every runner that declares them;
+so is each knob the table declares (``Runner.knobs``) set under a runner that does not read it, and each
+of those knobs is a key of the typed schema.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import re
+import typing
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from alignkit.config.compose import compose
+from alignkit.config.schema import AlignkitConfig
 from alignkit.config.validate import runner_for
 from alignkit.errors import ConfigError
 from alignkit.losses import available_losses, resolve_loss
 from alignkit.losses.registry import register_loss
-from alignkit.losses.runners import JOINS_ANY, RUNNERS, VIEW_RUNNERS, offline_runners, runner_of
+from alignkit.losses.runners import (JOINS_ANY, RUNNERS, VIEW_RUNNERS, check_knobs, knob_readers, offline_runners,
+                                      runner_of)
 
 
 @pytest.mark.parametrize("name", sorted(available_losses()))
@@ -127,3 +135,87 @@ def test_a_runner_that_trains_one_loss_alone_refuses_any_other(runner):
                f"Use loss={declared.alone} (recipe={runner}_tiny).")
     with pytest.raises(ConfigError, match=re.escape(message)):
         compose([f"recipe={runner}_tiny", "loss=sft", f"runner={runner}"])
+
+
+KNOBS = knob_readers()  # each declared knob -> the runners that read it
+
+
+def _schema_type(key: str) -> typing.Any:
+    """The type the schema gives the dotted ``key``, walking its dataclasses (AssertionError where a part of the
+    key is no field: a typo in the table, or a key under a free-form node such as ``loss``)."""
+    cls: typing.Any = AlignkitConfig
+    for part in key.split("."):
+        assert dataclasses.is_dataclass(cls), f"{key}: {part!r} lies under a free-form node, not a schema field"
+        names = [field.name for field in dataclasses.fields(cls)]
+        assert part in names, f"{key}: the schema has no {part!r} here (fields: {', '.join(names)})"
+        cls = typing.get_type_hints(cls)[part]
+    assert not dataclasses.is_dataclass(cls), f"{key} is a whole section, not a knob"
+    return cls
+
+
+def _default(key: str) -> typing.Any:
+    value: typing.Any = AlignkitConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _away_from_default(key: str) -> str:
+    """A value of ``key``'s schema type other than its default, as an override writes it (and the message
+    echoes it)."""
+    hint, default = _schema_type(key), _default(key)
+    kind = ([t for t in typing.get_args(hint) if t is not type(None)] or [hint])[0]  # Optional[float] -> float
+    if kind is bool:
+        return "false" if default else "true"
+    if kind is int:
+        return "3" if default is None else str(default + 1)
+    if kind is float:
+        return "0.75" if default == 0.25 else "0.25"
+    if kind is str:
+        assert default != "other"
+        return "other"
+    raise AssertionError(f"{key}: a knob of type {hint}; teach _away_from_default a value of that type")
+
+
+def _not_reading(readers: tuple[str, ...]) -> list[str]:
+    """Two runners that do not read a knob: an offline and an online one (each has its ``<runner>_tiny``)."""
+    return [next(r for r in RUNNERS if r not in readers and RUNNERS[r].online is online) for online in (False, True)]
+
+
+def test_the_table_declares_the_runner_only_knobs():  # the parametrized cases below are not empty by accident
+    assert {"rl.mixture_coef", "rl.preference", "rl.teacher", "rl.teacher_seed", "rl.lmbda", "rl.seq_kd",
+            "rl.sppo_samples", "rl.raft_min_reward", "data.train_on_last_step_only", "judge.kind"} <= set(KNOBS)
+    assert KNOBS["judge.kind"] == ("online_dpo", "xpo", "nash_md", "sppo")  # one knob, several readers
+    assert KNOBS["rl.lmbda"] == ("gkd",) and KNOBS["rl.mixture_coef"] == ("nash_md",)
+    for key, readers in KNOBS.items():
+        assert len(set(readers)) == len(readers) and set(readers) < set(RUNNERS), (key, readers)
+
+
+@pytest.mark.parametrize("key", sorted(KNOBS))
+def test_every_declared_knob_is_a_key_of_the_schema(key):
+    _schema_type(key)
+    _away_from_default(key)  # and the tests below can set it away from its default
+
+
+@pytest.mark.parametrize("key, runner", [(key, runner) for key, readers in sorted(KNOBS.items())
+                                         for runner in _not_reading(readers)])
+def test_a_knob_set_under_a_runner_that_does_not_read_it_is_refused(key, runner):
+    value, readers = _away_from_default(key), KNOBS[key]
+    message = f"{key}={value} is read by runner={' / '.join(readers)} only; this run's runner is {runner}. Remove it."
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        compose([f"recipe={runner}_tiny", f"{key}={value}"])
+
+
+@pytest.mark.parametrize("key, runner", [(key, runner) for key, readers in sorted(KNOBS.items()) for runner in readers])
+def test_a_knob_is_not_refused_under_a_runner_that_reads_it(key, runner):
+    value = _away_from_default(key)
+    cfg = compose([f"recipe={runner}_tiny"])
+    assert runner_for(cfg) == runner
+    OmegaConf.set_readonly(cfg, False)
+    OmegaConf.update(cfg, key, yaml.safe_load(value))  # the override's value: true, 0.25, 3, other
+    check_knobs(runner, cfg)  # the knob rule itself passes, whatever ran before it in validate
+    assert OmegaConf.select(cfg, key) != _default(key)
+    try:  # composed: a rule on the value under its own runner may refuse it (rl.preference=other), not this one
+        compose([f"recipe={runner}_tiny", f"{key}={value}"])
+    except ConfigError as err:
+        assert "is read by runner" not in str(err), str(err)
