@@ -40,7 +40,7 @@ from alignkit.errors import ConfigError, UserError
 FROZEN = "config.yaml"
 OVERRIDES = "overrides.txt"
 # what a run directory holds before its trainer has trained anything: removable on a failed start
-_START_FILES = {FROZEN, OVERRIDES, runfiles.LOCK, "data_stamp.json"}
+_START_FILES = {FROZEN, OVERRIDES, runfiles.LOCK, "data_stamp.json", "precision.json"}  # precision: the worker's start
 
 
 class RunStopped(UserError):

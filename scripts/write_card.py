@@ -87,7 +87,7 @@ def main() -> None:
              "```bash", command, f"{args.eval_command}   # held-out answer accuracy vs the start",
              "```", "",
              f"Machine: {cpu} ({platform.machine()}, {_vector_unit()}), {os.cpu_count()} CPU cores, "
-             f"{_dtype(cfg)}, 1 process "
+             f"{_dtype(cfg, run)}, 1 process "
              f"(DeepSpeed ZeRO-{cfg['deepspeed']['zero_stage']}); wall time {wall / 60:.1f} min for "
              f"{len(train)} optimizer steps (model load and reference pre-pass included)"
              + (f"; process CPU time {rows[-1]['cpu_time_s'] / 60:.1f} min." if "cpu_time_s" in rows[-1] else "."), ""]
@@ -143,9 +143,17 @@ def _vector_unit() -> str:
     return "AVX-512, no AMX" if "avx512f" in flags else "AVX2, no AMX"
 
 
-def _dtype(cfg: dict) -> str:
+def _dtype(cfg: dict, run: Path) -> str:
+    """The precision the run trained in: its precision.json (what ``auto`` became, per start), else the config's
+    explicit value; a run from before precision.json with ``auto`` is said as such, not guessed."""
+    record = run / "precision.json"
+    if record.exists():
+        history = json.loads(record.read_text()).get("history", [])
+        resolved = list(dict.fromkeys(str(h.get("resolved")) for h in history)) or ["?"]
+        return " then ".join(resolved) + (" (deepspeed.dtype=auto)" if history and history[0].get("requested") == "auto"
+                                          else "")
     dtype = str(cfg.get("deepspeed", {}).get("dtype", "auto"))
-    return "fp32" if dtype == "auto" else dtype  # auto is fp32 on a CPU (engine.precision)
+    return dtype if dtype != "auto" else "deepspeed.dtype=auto (resolved precision not recorded)"
 
 
 if __name__ == "__main__":

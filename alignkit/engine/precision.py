@@ -315,3 +315,35 @@ def check_supported(requested: str, *, has_cuda: Optional[bool] = None) -> None:
     raise ConfigError(f"deepspeed.dtype=fp16 is not possible on {model}: DeepSpeed's CPU backend needs oneDNN fp16 "
                       "support (AVX512-FP16 or AMX-FP16), which this CPU lacks. Use deepspeed.dtype=fp32 (or "
                       "bf16_autocast on a CPU with bf16 instructions), or run fp16 on a GPU.")
+
+
+RUN_PRECISION = "precision.json"  # in the run directory: what deepspeed.dtype became, where, per (re)start
+
+
+def record_run_precision(run_dir: Path, requested: str, resolved: str, cpu_model: str, say=None) -> Optional[str]:
+    """Write what ``deepspeed.dtype`` became in this (re)start of a run into ``run_dir/precision.json``
+    (``{"requested", "resolved", "cpu", "history": [...]}``, rank 0 calls it), so a card or a report reads the
+    precision the run trained in instead of guessing it from ``auto``. A resume whose precision differs from
+    the last start's (``auto`` on another CPU kind, or an allowed ``deepspeed.dtype`` change) is said through
+    ``say`` and returned: the losses after it are not computed as before. Returns None otherwise."""
+    from alignkit import runfiles
+
+    path = Path(run_dir) / RUN_PRECISION
+    history: list = []
+    if runfiles.exists(path):
+        try:
+            history = list(json.loads(path.read_text()).get("history", []))
+        except (OSError, ValueError, AttributeError):
+            history = []
+    entry = {"requested": requested, "resolved": resolved, "cpu": cpu_model}
+    change = None
+    if history and history[-1].get("resolved") != resolved:
+        last = history[-1]
+        change = (f"precision changed on resume: the run trained in {last.get('resolved')} (deepspeed.dtype="
+                  f"{last.get('requested')} on {last.get('cpu') or 'a GPU'}), this start trains in {resolved} "
+                  f"(deepspeed.dtype={requested} on {cpu_model or 'a GPU'}); losses from here on are not computed "
+                  f"as before. Set deepspeed.dtype={last.get('resolved')} with resume_allow=[deepspeed.dtype] to keep it.")
+        (say or (lambda text: print(text, file=__import__("sys").stderr, flush=True)))(change)
+    history.append(entry)
+    runfiles.write_text(path, json.dumps({**entry, "history": history}, indent=1) + "\n")
+    return change

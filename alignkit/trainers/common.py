@@ -117,10 +117,21 @@ def start(cfg: DictConfig, run_dir: Path) -> Run:
 
         raise ConfigError(f"the config asks for {expected} process(es) but {world} were started.")
     typed = typed_sections(cfg)
+    if rank == 0:
+        _record_precision(run_dir, typed["deepspeed"].dtype)
     seed_everything(typed["trainer"].seed + rank)
     torch.manual_seed(typed["trainer"].seed)  # identical model init on every rank
     return Run(cfg=cfg, run_dir=run_dir, rank=rank, world=world, device=device, **typed, resume=cfg.resume,
                stop=StopRequest(at_once=True).install())
+
+
+def _record_precision(run_dir: Path, requested: str) -> None:
+    """``run_dir/precision.json``: what ``deepspeed.dtype`` became on this machine (``engine.precision``)."""
+    from alignkit.engine.config import resolve_dtype
+    from alignkit.engine.precision import read_cpu_info, record_run_precision
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else read_cpu_info().model
+    record_run_precision(run_dir, requested, resolve_dtype(requested), where)
 
 
 def typed_run(cfg: DictConfig, run_dir: Path = Path(".")) -> Run:

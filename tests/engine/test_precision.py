@@ -265,3 +265,31 @@ def test_plan_warns_about_bf16_only_on_a_cpu_without_bf16(monkeypatch):
     assert not [w for w in plan._warnings(cfg, "preference", None) if "slower" in w]
     monkeypatch.setattr(precision, "read_cpu_info", lambda path="/proc/cpuinfo": CpuInfo("AMD EPYC", EPYC_FLAGS))
     assert [w for w in plan._warnings(cfg, "preference", None) if "far slower than fp32" in w]
+
+
+def test_the_run_records_its_precision_and_a_resume_in_another_one_is_said(tmp_path):
+    """precision.json holds what auto became (a card reads it); a resume that trains in another precision (auto
+    on another CPU kind) is said, once, and kept in the history; the same precision again says nothing."""
+    from alignkit.engine.precision import RUN_PRECISION, record_run_precision
+
+    said = []
+    assert record_run_precision(tmp_path, "auto", "bf16_autocast", "AMD EPYC", say=said.append) is None
+    first = json.loads((tmp_path / RUN_PRECISION).read_text())
+    assert first["resolved"] == "bf16_autocast" and first["requested"] == "auto" and first["cpu"] == "AMD EPYC"
+    assert record_run_precision(tmp_path, "auto", "bf16_autocast", "AMD EPYC", say=said.append) is None and not said
+    change = record_run_precision(tmp_path, "auto", "fp32", "Intel Xeon", say=said.append)
+    assert said == [change] and "bf16_autocast" in change and "fp32" in change and "Intel Xeon" in change
+    assert "deepspeed.dtype=bf16_autocast" in change  # how to keep the old one
+    last = json.loads((tmp_path / RUN_PRECISION).read_text())
+    assert last["resolved"] == "fp32" and [h["resolved"] for h in last["history"]] == ["bf16_autocast"] * 2 + ["fp32"]
+
+
+def test_a_tiny_run_writes_precision_json(tmp_path):
+    """The worker's start writes it (rank 0), with the requested and the resolved precision."""
+    from alignkit.run import train_from_overrides
+
+    code = train_from_overrides(["recipe=sft_tiny", f"output_dir={tmp_path}", "run_name=r", "trainer.max_steps=1",
+                                 "deepspeed.dtype=fp32", "trainer.eval_every=0"])
+    assert code == 0
+    record = json.loads((tmp_path / "r" / "precision.json").read_text())
+    assert record["requested"] == "fp32" and record["resolved"] == "fp32"
