@@ -22,9 +22,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYS_EVAL = ["rewards/accuracy", "rewards/margin", "loss", "reward/mean", "reward/accuracy", "reward/format",
-             "reward/concise", "response_length"]
+             "reward/concise", "reward/prm", "response_length", "prm/step_accuracy", "prm/first_error_accuracy",
+             "prm/positive_rate", "prm/prob_correct"]  # prm/*: a process reward model's held-out steps
 KEYS_TRAIN = ["loss", "rewards/accuracy", "rewards/margin", "reward/mean", "reward/winners", "kept_fraction", "kl",
-              "response_length", "clip_fraction"]  # reward/winners, kept_fraction: raft
+              "response_length", "clip_fraction", "reward/prm", "prm/step_accuracy"]  # reward/winners, kept_fraction: raft
 
 
 def spread(values: list[float]) -> str:
