@@ -18,9 +18,20 @@ def test_required_presets_exist():
     assert not missing, missing
 
 
+# presets that need a value only the user has (a model folder); without it they fail with this message
+NEEDS = {"grpo_prm_smollm2": ("reward.prm", "no reward source")}
+
+
 @pytest.mark.parametrize("name", RECIPES)
-def test_every_preset_composes(name):
-    cfg = compose([f"recipe={name}"])
+def test_every_preset_composes(name, tmp_path):
+    extra = []
+    if name in NEEDS:
+        key, message = NEEDS[name]
+        with pytest.raises(ConfigError, match=message):
+            compose([f"recipe={name}"])
+        (tmp_path / "config.json").write_text('{"id2label": {"0": "incorrect", "1": "correct"}}')  # a PRM folder
+        extra = [f"{key}={tmp_path}"]
+    cfg = compose([f"recipe={name}", *extra])
     assert cfg.recipe == name
     assert cfg.description
     runner_for(cfg)  # the loss resolves and picks a runner
