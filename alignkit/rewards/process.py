@@ -15,7 +15,10 @@ at its last token, then aggregated (``reward.prm_aggregate``, ``aggregate``):
   step is correct);
 * ``last``: the last step's probability.
 
-A completion with no step (empty, or only separators) scores 0.0 and is counted (``empty``). The
+A completion with no step (empty, or only separators) scores 0.0 and is counted (``empty``). Consecutive
+completions of one prompt (GRPO's G samples) are scored in one prefix-shared unit (``data.collate``'s
+``prefix_shared`` layout: the prompt encoded once, each completion attending to it and to itself), about
+``batch_size`` completions per forward; ``layout="padded"`` scores each alone (the same probabilities). The
 total reward is ``rule mix + model_weight * reward model + prm_weight * this`` (``trainers.rollout.
 CombinedReward``), logged as ``reward/prm``. Left out: step-level (per-token) advantages -- the
 aggregate is one sequence-level reward, as the online runners' advantages take -- and the weighted
@@ -61,22 +64,28 @@ class ProcessReward:
     """Frozen PRM scoring (prompt, completion text) pairs; see the module docstring."""
 
     def __init__(self, scorer: torch.nn.Module, tokenizer: Any, data: Any, *, separator: str | None = None,
-                 how: str = "min", device: Any = "cpu", batch_size: int = 4) -> None:
+                 how: str = "min", device: Any = "cpu", batch_size: int = 8, layout: str = "prefix_shared") -> None:
         from alignkit.models.step_head import StepScorer
 
         if how not in AGGREGATES:
             raise ValueError(f"unknown PRM aggregate {how!r}; valid: {', '.join(AGGREGATES)}")
         self.scorer = StepScorer(scorer.eval().requires_grad_(False)).to(device)
+        if layout not in ("prefix_shared", "padded"):
+            raise ValueError(f"unknown PRM scoring layout {layout!r}; valid: prefix_shared, padded")
         self.tokenizer, self.data, self.how, self.device, self.batch_size = tokenizer, data, how, device, batch_size
+        self.layout = layout
         self.separator = separator if separator is not None else DEFAULT_SEPARATOR
         self.empty = 0  # completions without a step (scored 0.0)
 
-    def groups(self, prompts: Sequence[Any], completions: Sequence[str]) -> tuple[list, list[int]]:
-        """One stepwise group per completion that has steps (labelled at every step end), and their indices."""
+    def groups(self, prompts: Sequence[Any], completions: Sequence[str]) -> tuple[list, list[list[int]]]:
+        """Stepwise groups (labelled at every step end) of the completions that have steps, and per group the
+        indices of its completions: under ``prefix_shared`` consecutive completions of one prompt (GRPO's G
+        samples, a best-of-K's K) share one group, so the prompt is encoded once; ``padded``: one each."""
         from alignkit.data.batch import TokenizedGroup
         from alignkit.data.stepwise import prompt_ids, split_steps, step_ids
 
-        groups, kept = [], []
+        members: list[list[int]] = []
+        parts: list[tuple[list[int], list[list[int]], list[list[bool]]]] = []
         for i, (prompt, text) in enumerate(zip(prompts, completions)):
             steps = split_steps(str(text or ""), self.separator)
             if not steps:
@@ -84,12 +93,17 @@ class ProcessReward:
                 continue
             ids, ends = step_ids(self.tokenizer, steps, self.separator)
             mask = [False] * len(ids)
-            for end in ends:
-                mask[end] = True
-            groups.append(TokenizedGroup(prompt_ids=prompt_ids(self.tokenizer, prompt, self.data),
-                                         completion_ids=[ids], completion_train_mask=[mask]))
-            kept.append(i)
-        return groups, kept
+            for end in ends:  # >= 1: a step is a non-empty piece plus the separator, so no target is a
+                mask[end] = True  # completion's first token (whose predecessor a shared prefix moves away)
+            if self.layout == "prefix_shared" and members and members[-1][-1] == i - 1 and prompts[i - 1] == prompt:
+                members[-1].append(i)
+                parts[-1][1].append(ids)
+                parts[-1][2].append(mask)
+                continue
+            members.append([i])
+            parts.append((prompt_ids(self.tokenizer, prompt, self.data), [ids], [mask]))
+        groups = [TokenizedGroup(prompt_ids=p, completion_ids=c, completion_train_mask=m) for p, c, m in parts]
+        return groups, members
 
     @torch.no_grad()
     def step_probs(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[list[float]]:
@@ -97,16 +111,23 @@ class ProcessReward:
         from alignkit.data.collate import collate
         from alignkit.models.step_head import step_logits
 
-        groups, kept = self.groups(prompts, completions)
+        groups, members = self.groups(prompts, completions)
         out: list[list[float]] = [[] for _ in completions]
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(groups), self.batch_size):
-            chunk = groups[start : start + self.batch_size]
-            batch = collate(chunk, layout="padded", pad_token_id=pad).to(self.device)
+        start = 0
+        while start < len(groups):  # forwards of about batch_size completions (at least one group)
+            stop, count = start, 0
+            while stop < len(groups) and (stop == start or count + groups[stop].group_size <= self.batch_size):
+                count += groups[stop].group_size
+                stop += 1
+            chunk = groups[start:stop]
+            batch = collate(chunk, layout=self.layout, pad_token_id=pad).to(self.device)
             probs = torch.softmax(step_logits(self.scorer, batch), -1)[:, 1].cpu()
             slots = batch.target_slot.cpu()
             for g in range(len(chunk)):
-                out[kept[start + g]] = probs[slots == g].tolist()
+                for k, index in enumerate(members[start + g]):
+                    out[index] = probs[slots == g * batch.group_size + k].tolist()
+            start = stop
         return out
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[str]) -> list[float]:
