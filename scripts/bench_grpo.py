@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """GRPO throughput, alignkit vs TRL's GRPOTrainer, on the same model, prompts, G, lengths and batch.
 
-    python scripts/bench_grpo.py --steps 3 --repeats 2     # SmolLM2-135M-Instruct, fp32, CPU, HF generate
+    python scripts/bench_grpo.py --steps 3 --repeats 2     # SmolLM2-135M-Instruct, each tool's fastest precision
+    python scripts/bench_grpo.py --precision fp32          # both tools in fp32
     .venv-vllm/bin/python scripts/bench_grpo.py --engine hf,vllm   # alignkit's two engines (no TRL there)
 
 ``--engine`` picks alignkit's generation engine(s) (``generation.engine``: ``hf``, ``hf-bf16`` = hf with
@@ -13,7 +14,10 @@ over its ``gen_seconds``).
 Each repetition runs both in fresh subprocesses, alternating: ``--prompts`` prompts per step x
 ``--generations`` samples (G) each, completions of up to ``--max-new-tokens`` tokens, the demo judge
 as the only reward, no KL term (beta 0, no reference model), one optimizer step per generation
-batch, temperature 1. It prints seconds/step (median over repetitions, the first step of each run
+batch, temperature 1, both tools in one precision (``--precision``, as bench_dpo.py: by default the fastest for
+this CPU, TRL ``bf16=True`` and alignkit ``deepspeed.dtype=bf16_autocast`` where bf16 is faster, else fp32;
+the header prints the CPU, its flags and both matmul peaks). Before this option alignkit ran its preset's
+``deepspeed.dtype=auto`` while TRL ran fp32, which on a bf16 CPU compared mixed precision against fp32. It prints seconds/step (median over repetitions, the first step of each run
 left out as warm-up, the spread shown), completions/s, and the ratio. Both sample, so their
 completions differ; the per-step work is the same by construction (same counts and limits).
 Needs TRL (``bash scripts/setup.sh --bench``).
@@ -75,7 +79,7 @@ def worker_trl(args) -> dict:
         config = GRPOConfig(output_dir=out, per_device_train_batch_size=completions, gradient_accumulation_steps=1,
                             num_generations=args.generations, max_completion_length=args.max_new_tokens,
                             max_steps=args.steps, learning_rate=1e-5, beta=0.0, temperature=1.0, logging_steps=1,
-                            report_to=[], use_cpu=True, bf16=False, save_strategy="no", gradient_checkpointing=False,
+                            report_to=[], use_cpu=True, bf16=args.precision == "bf16", save_strategy="no", gradient_checkpointing=False,
                             dataloader_num_workers=0, seed=0, log_completions=False)
         trainer = GRPOTrainer(model=model, reward_funcs=judge_reward, args=config, train_dataset=data,
                               processing_class=tokenizer, callbacks=[Timer()])
@@ -100,6 +104,7 @@ def worker_alignkit(args) -> dict:
             f"output_dir={out}", "run_name=bench", "logger.backends=[jsonl]",
             f"generation.engine={args.engine.removesuffix('-bf16')}",
             f"generation.decode_dtype={'bf16' if args.engine.endswith('-bf16') else 'auto'}",
+            f"deepspeed.dtype={bench_common.ALIGNKIT_DTYPE[args.precision]}",  # the same precision as TRL's
         ])
         assert code == 0
         times, train = bench_common.step_times(marks["loop_start"], Path(out) / "bench" / "metrics.jsonl")
@@ -115,7 +120,7 @@ def worker_alignkit(args) -> dict:
 
 def run_worker(tool: str, args) -> dict:
     worker, _, engine = tool.partition(":")  # "alignkit:vllm" -> the alignkit worker with that engine
-    return bench_common.run_worker(__file__, worker, ["--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--layout", args.layout, "--engine", engine or "hf"])
+    return bench_common.run_worker(__file__, worker, ["--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations), "--max-new-tokens", str(args.max_new_tokens), "--layout", args.layout, "--engine", engine or "hf", "--precision", args.precision])
 
 
 def main() -> None:
@@ -132,9 +137,14 @@ def main() -> None:
     parser.add_argument("--tools", default=None,
                         help="trl,alignkit or alignkit (default: both where TRL is installed, else alignkit)")
     bench_common.add_threads_argument(parser)
+    bench_common.add_precision_argument(parser)
     args = parser.parse_args()
     if not args.worker:
         bench_common.pin_threads(args.threads)
+        args.precision, why = bench_common.bench_precision(args.precision)  # resolved once; workers get fp32|bf16
+        print(bench_common.describe_machine(bench_common.matmul_peaks()))
+        print(f"precision: {args.precision} ({why}): TRL bf16={args.precision == 'bf16'}, alignkit "
+              f"deepspeed.dtype={bench_common.ALIGNKIT_DTYPE[args.precision]}")
     if args.worker:
         result = (worker_trl if args.worker == "trl" else worker_alignkit)(args)
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
