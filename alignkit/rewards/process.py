@@ -18,7 +18,9 @@ at its last token, then aggregated (``reward.prm_aggregate``, ``aggregate``):
 A completion with no step (empty, or only separators) scores 0.0 and is counted (``empty``). Consecutive
 completions of one prompt (GRPO's G samples) are scored in one prefix-shared unit (``data.collate``'s
 ``prefix_shared`` layout: the prompt encoded once, each completion attending to it and to itself), about
-``batch_size`` completions per forward; ``layout="padded"`` scores each alone (the same probabilities). The
+``batch_size`` completions per forward; ``layout="padded"`` scores each alone (the same probabilities).
+Under ``deepspeed.dtype=bf16_autocast`` (fp32 weights) the PRM's forward runs under ``torch.autocast(bf16)`` as
+the policy's does. The
 total reward is ``rule mix + model_weight * reward model + prm_weight * this`` (``trainers.rollout.
 CombinedReward``), logged as ``reward/prm``. Left out: step-level (per-token) advantages -- the
 aggregate is one sequence-level reward, as the online runners' advantages take -- and the weighted
@@ -64,7 +66,8 @@ class ProcessReward:
     """Frozen PRM scoring (prompt, completion text) pairs; see the module docstring."""
 
     def __init__(self, scorer: torch.nn.Module, tokenizer: Any, data: Any, *, separator: str | None = None,
-                 how: str = "min", device: Any = "cpu", batch_size: int = 8, layout: str = "prefix_shared") -> None:
+                 how: str = "min", device: Any = "cpu", batch_size: int = 8, layout: str = "prefix_shared",
+                 autocast: torch.dtype | None = None) -> None:
         from alignkit.models.step_head import StepScorer
 
         if how not in AGGREGATES:
@@ -73,7 +76,7 @@ class ProcessReward:
         if layout not in ("prefix_shared", "padded"):
             raise ValueError(f"unknown PRM scoring layout {layout!r}; valid: prefix_shared, padded")
         self.tokenizer, self.data, self.how, self.device, self.batch_size = tokenizer, data, how, device, batch_size
-        self.layout = layout
+        self.layout, self.autocast = layout, autocast  # autocast: the matmul dtype under torch.autocast, or None
         self.separator = separator if separator is not None else DEFAULT_SEPARATOR
         self.empty = 0  # completions without a step (scored 0.0)
 
@@ -122,7 +125,9 @@ class ProcessReward:
                 stop += 1
             chunk = groups[start:stop]
             batch = collate(chunk, layout=self.layout, pad_token_id=pad).to(self.device)
-            probs = torch.softmax(step_logits(self.scorer, batch), -1)[:, 1].cpu()
+            kind = torch.device(self.device).type
+            with torch.autocast(kind, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+                probs = torch.softmax(step_logits(self.scorer, batch).float(), -1)[:, 1].cpu()
             slots = batch.target_slot.cpu()
             for g in range(len(chunk)):
                 for k, index in enumerate(members[start + g]):
@@ -145,5 +150,9 @@ def load_process_reward(folder: str, model: Any, data: Any, deepspeed: Any, *, s
 
     cfg = replace(model, name_or_path=folder, lora=replace(model.lora, r=0))
     scorer, tokenizer = load_reward_model(cfg, per_token=True, num_labels=2, dtype=deepspeed.dtype)
+    from alignkit.engine.config import resolve_dtype
+
     chosen = separator if separator is not None else trained_separator(folder)
-    return ProcessReward(scorer, tokenizer, data, separator=chosen, how=how, device=accelerator_device())
+    autocast = torch.bfloat16 if resolve_dtype(deepspeed.dtype) == "bf16_autocast" else None  # as the policy computes
+    return ProcessReward(scorer, tokenizer, data, separator=chosen, how=how, device=accelerator_device(),
+                         autocast=autocast)

@@ -64,3 +64,32 @@ def test_one_prompt_is_encoded_once_for_its_consecutive_completions(scorer_and_t
 def test_an_unknown_layout_is_refused(scorer_and_tokenizer):
     with pytest.raises(ValueError, match="prefix_shared, padded"):
         _reward(scorer_and_tokenizer, "packed")
+
+
+def test_bf16_autocast_scores_under_autocast_and_close_to_fp32(scorer_and_tokenizer, monkeypatch):
+    """deepspeed.dtype=bf16_autocast: the PRM's forward runs under torch.autocast(bf16) (as the policy's), the
+    probabilities stay within bf16 rounding of fp32's; load_process_reward turns it on only for that dtype."""
+    reward = _reward(scorer_and_tokenizer, "prefix_shared")
+    fp32 = reward.step_probs(PROMPTS, TEXTS)
+    reward.autocast = torch.bfloat16
+    active = []
+    inner = reward.scorer.forward
+    monkeypatch.setattr(reward.scorer, "forward", lambda **kw: active.append(torch.is_autocast_enabled("cpu"))
+                        or inner(**kw))
+    bf16 = reward.step_probs(PROMPTS, TEXTS)
+    assert active and all(active)
+    for a, b in zip(bf16, fp32):
+        assert a == pytest.approx(b, abs=0.02)
+    assert any(x != y for a, b in zip(bf16, fp32) for x, y in zip(a, b))  # bf16 really ran
+
+    from alignkit.models.config import ModelConfig
+    from alignkit.rewards import process
+    from alignkit.data.config import DataConfig
+    from alignkit.engine.config import DeepSpeedConfig
+
+    scorer, tokenizer = scorer_and_tokenizer
+    monkeypatch.setattr("alignkit.models.load.load_reward_model", lambda *a, **k: (scorer, tokenizer))
+    for dtype, expected in (("bf16_autocast", torch.bfloat16), ("fp32", None)):
+        loaded = process.load_process_reward("some/prm", ModelConfig(name_or_path="tiny"), DataConfig(),
+                                             DeepSpeedConfig(dtype=dtype))
+        assert loaded.autocast == expected
