@@ -34,13 +34,15 @@ from omegaconf import DictConfig
 
 from alignkit import runfiles
 from alignkit.config.compose import compose, freeze, load_frozen
+from alignkit.config.resume import DATA_STAMP
 from alignkit.config.validate import runner_for, world_size
+from alignkit.engine.precision import RUN_PRECISION
 from alignkit.errors import ConfigError, UserError
 
 FROZEN = "config.yaml"
 OVERRIDES = "overrides.txt"
 # what a run directory holds before its trainer has trained anything: removable on a failed start
-_START_FILES = {FROZEN, OVERRIDES, runfiles.LOCK, "data_stamp.json", "precision.json"}  # precision: the worker's start
+_START_FILES = {FROZEN, OVERRIDES, runfiles.LOCK, DATA_STAMP, RUN_PRECISION}  # RUN_PRECISION: the worker's start
 
 
 class RunStopped(UserError):

@@ -63,25 +63,34 @@ def sample(policy: str, n: int, k: int, temperature: float) -> list[dict]:
     return rows
 
 
-def prm_scores(rows: list[dict], path: str | None, aggregate: str = "min") -> list[list[float]]:
-    """Each reply's process-reward score (``alignkit.rewards.process``), the prompt as the record has it."""
+def demo_prm(path: str, aggregate: str = "min"):
+    """A ``recipe=prm_*`` folder as GRPO's ``reward.prm`` loads it on the SmolLM2 demo presets."""
     from alignkit.config.compose import compose
     from alignkit.rewards.process import load_process_reward
     from alignkit.trainers.common import typed_run
 
+    run = typed_run(compose(["recipe=grpo_smollm2"]))
+    return load_process_reward(path, run.model, run.data, run.deepspeed, how=aggregate)
+
+
+def per_row(rows: list[dict], flat: list[float]) -> list[list[float]]:
+    """One flat score per reply, in row order, back into one list per row."""
+    out, offset = [], 0
+    for row in rows:
+        out.append(flat[offset : offset + len(row["replies"])])
+        offset += len(row["replies"])
+    return out
+
+
+def prm_scores(rows: list[dict], path: str | None, aggregate: str = "min") -> list[list[float]]:
+    """Each reply's process-reward score (``alignkit.rewards.process``), the prompt as the record has it."""
     if not path:
         raise SystemExit("--judge-kind prm needs --judge-path: a recipe=prm_* run's final/ folder")
-    run = typed_run(compose(["recipe=grpo_smollm2"]))
-    prm = load_process_reward(path, run.model, run.data, run.deepspeed, how=aggregate)
+    prm = demo_prm(path, aggregate)
     # the prompt as the data has it (the record's messages, kept in "extra"), as GRPO's reward.prm reads it
     prompts = [r.get("extra", {}).get("prompt") or [{"role": "user", "content": r["prompt"]}]
                for r in rows for _ in r["replies"]]
-    flat = prm(prompts, [reply for r in rows for reply in r["replies"]])
-    scores, offset = [], 0
-    for row in rows:
-        scores.append(flat[offset : offset + len(row["replies"])])
-        offset += len(row["replies"])
-    return scores
+    return per_row(rows, prm(prompts, [reply for r in rows for reply in r["replies"]]))
 
 
 def pick(rows: list[dict], kind: str, path: str | None, aggregate: str = "min") -> list[list[float]]:
@@ -95,13 +104,8 @@ def pick(rows: list[dict], kind: str, path: str | None, aggregate: str = "min") 
         return prm_scores(rows, path, aggregate)
     overrides = ["recipe=online_dpo_smollm2", f"judge.kind={kind}"] + ([f"judge.path={path}"] if path else [])
     judge = judges.build_judge(typed_run(compose(overrides)))
-    flat = judges.text_win_rates(judge, [r["prompt"] for r in rows], [r["replies"] for r in rows],
-                                 [r["extra"] for r in rows]).tolist()
-    rates, offset = [], 0
-    for row in rows:
-        rates.append(flat[offset : offset + len(row["replies"])])
-        offset += len(row["replies"])
-    return rates
+    return per_row(rows, judges.text_win_rates(judge, [r["prompt"] for r in rows], [r["replies"] for r in rows],
+                                               [r["extra"] for r in rows]).tolist())
 
 
 def summarise(rows: list[dict], rates: list[list[float]]) -> dict:

@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
 
 
 def fact_kind(prompt_text: str, quote: str, right: bool) -> str:
@@ -59,12 +61,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--samples", type=Path, default=None)
     args = parser.parse_args()
-    from alignkit.config.compose import compose
-    from alignkit.rewards.process import load_process_reward
-    from alignkit.trainers.common import typed_run
+    from judge_eval import demo_prm
 
-    run = typed_run(compose(["recipe=grpo_smollm2"]))
-    prm = load_process_reward(args.prm, run.model, run.data, run.deepspeed)
+    prm = demo_prm(args.prm)
     rows = [json.loads(line) for line in (ROOT / "data/demo/stepwise_eval.jsonl").read_text().splitlines()][: args.n]
     probs = prm.step_probs([r["prompt"] for r in rows], ["\n".join(r["completions"]) for r in rows])
     kinds = [fact_kind(r["prompt"][-1]["content"], r["completions"][0], r["labels"][0]) for r in rows]

@@ -147,7 +147,9 @@ def _vector_unit() -> str:
 def _dtype(cfg: dict, run: Path) -> str:
     """The precision the run trained in: its precision.json (what ``auto`` became, per start), else the config's
     explicit value; a run from before precision.json with ``auto`` is said as such, not guessed."""
-    record = run / "precision.json"
+    from alignkit.engine.precision import RUN_PRECISION
+
+    record = run / RUN_PRECISION
     if record.exists():
         history = json.loads(record.read_text()).get("history", [])
         resolved = list(dict.fromkeys(str(h.get("resolved")) for h in history)) or ["?"]

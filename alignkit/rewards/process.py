@@ -77,6 +77,7 @@ class ProcessReward:
             raise ValueError(f"unknown PRM scoring layout {layout!r}; valid: prefix_shared, padded")
         self.tokenizer, self.data, self.how, self.device, self.batch_size = tokenizer, data, how, device, batch_size
         self.layout, self.autocast = layout, autocast  # autocast: the matmul dtype under torch.autocast, or None
+        self.device_type = torch.device(device).type
         self.separator = separator if separator is not None else DEFAULT_SEPARATOR
         self.empty = 0  # completions without a step (scored 0.0)
 
@@ -125,8 +126,7 @@ class ProcessReward:
                 stop += 1
             chunk = groups[start:stop]
             batch = collate(chunk, layout=self.layout, pad_token_id=pad).to(self.device)
-            kind = torch.device(self.device).type
-            with torch.autocast(kind, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            with torch.autocast(self.device_type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
                 probs = torch.softmax(step_logits(self.scorer, batch).float(), -1)[:, 1].cpu()
             slots = batch.target_slot.cpu()
             for g in range(len(chunk)):
