@@ -328,13 +328,15 @@ def record_run_precision(run_dir: Path, requested: str, resolved: str, cpu_model
     ``say`` and returned: the losses after it are not computed as before. Returns None otherwise."""
     from alignkit import runfiles
 
+    say = say or (lambda text: print(text, file=__import__("sys").stderr, flush=True))
     path = Path(run_dir) / RUN_PRECISION
     history: list = []
     if runfiles.exists(path):
         try:
-            history = list(json.loads(path.read_text()).get("history", []))
-        except (OSError, ValueError, AttributeError):
-            history = []
+            history = [h for h in json.loads(path.read_text()).get("history", []) if isinstance(h, dict)]
+        except (OSError, ValueError, AttributeError) as exc:
+            say(f"{path} is unreadable ({exc}); its precision history starts again with this start, so a change of "
+                "precision since the earlier starts cannot be told.")
     entry = {"requested": requested, "resolved": resolved, "cpu": cpu_model}
     change = None
     if history and history[-1].get("resolved") != resolved:
@@ -343,7 +345,7 @@ def record_run_precision(run_dir: Path, requested: str, resolved: str, cpu_model
                   f"{last.get('requested')} on {last.get('cpu') or 'a GPU'}), this start trains in {resolved} "
                   f"(deepspeed.dtype={requested} on {cpu_model or 'a GPU'}); losses from here on are not computed "
                   f"as before. Set deepspeed.dtype={last.get('resolved')} with resume_allow=[deepspeed.dtype] to keep it.")
-        (say or (lambda text: print(text, file=__import__("sys").stderr, flush=True)))(change)
+        say(change)
     history.append(entry)
     runfiles.write_text(path, json.dumps({**entry, "history": history}, indent=1) + "\n")
     return change

@@ -282,6 +282,11 @@ def test_the_run_records_its_precision_and_a_resume_in_another_one_is_said(tmp_p
     assert "deepspeed.dtype=bf16_autocast" in change  # how to keep the old one
     last = json.loads((tmp_path / RUN_PRECISION).read_text())
     assert last["resolved"] == "fp32" and [h["resolved"] for h in last["history"]] == ["bf16_autocast"] * 2 + ["fp32"]
+    (tmp_path / RUN_PRECISION).write_text("{not json")  # a damaged file: said, and the history starts again
+    said.clear()
+    assert record_run_precision(tmp_path, "auto", "fp32", "Intel Xeon", say=said.append) is None
+    assert len(said) == 1 and "unreadable" in said[0] and RUN_PRECISION in said[0]
+    assert [h["resolved"] for h in json.loads((tmp_path / RUN_PRECISION).read_text())["history"]] == ["fp32"]
 
 
 def test_a_tiny_run_writes_precision_json(tmp_path):
